@@ -1,0 +1,107 @@
+"""CLI for the text layer, snapshots and splits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from models import text as T
+
+text_app = typer.Typer(help="N'Ko / Latin text tools.", no_args_is_help=True)
+snapshot_app = typer.Typer(help="Inspect canonical corpus snapshots.", no_args_is_help=True)
+split_app = typer.Typer(help="Deterministic train/val/test splits.", no_args_is_help=True)
+
+
+@text_app.command("to-nko")
+def to_nko(text: str, native_g: bool = typer.Option(False, help="Write native g as plain ߜ.")) -> None:
+    """Latin Bambara -> toneless N'Ko."""
+    typer.echo(T.latin_to_nko(text, native_g=native_g))
+
+
+@text_app.command("to-latin")
+def to_latin(text: str) -> None:
+    """N'Ko -> Latin Bambara (tone dropped)."""
+    typer.echo(T.nko_to_latin(text))
+
+
+@text_app.command("normalize")
+def normalize_cmd(text: str, script: str = typer.Option("nko", help="nko or latin"),
+                  target: bool = typer.Option(False, help="Apply the ASR target policy (punctuation removed).")) -> None:
+    """Normalise text the way references and hypotheses are normalised."""
+    if target:
+        typer.echo(T.target_text(text, script))
+    elif script == "latin":
+        typer.echo(T.normalize_latin(text))
+    else:
+        typer.echo(T.normalize_nko(text))
+
+
+@text_app.command("check")
+def check(text: str, punctuation: bool = typer.Option(True, help="Allow punctuation.")) -> None:
+    """Is TEXT valid N'Ko? Lists offending characters with positions; exit 1 if not."""
+    bad = T.nko_offences(T.normalize(text), allow_punctuation=punctuation)
+    if not bad:
+        typer.echo("valid N'Ko")
+        return
+    for b in bad:
+        typer.echo(str(b))
+    raise typer.Exit(1)
+
+
+@text_app.command("cer")
+def cer(ref: str = typer.Option(..., "--ref"), hyp: str = typer.Option(..., "--hyp"),
+        toneless: bool = typer.Option(False, "--toneless", help="Score the toneless projection."),
+        as_json: bool = typer.Option(False, "--json")) -> None:
+    """CER of one hypothesis against one reference (both NFC-normalised)."""
+    result = T.corpus_cer([T.normalize(ref)], [T.normalize(hyp)], tone_free=toneless)
+    if as_json:
+        typer.echo(json.dumps(result.as_dict()))
+    else:
+        typer.echo(f"{result.value:.6f}")
+
+
+@snapshot_app.command("describe")
+def describe(path: Path, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Rows, sha256, duplicates, empty texts, invalid N'Ko rows, lengths. Exit 1 if broken."""
+    from models.snapshot import SnapshotError, describe as describe_snapshot
+
+    try:
+        info = describe_snapshot(path)
+    except SnapshotError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2)
+    if as_json:
+        typer.echo(json.dumps(info, ensure_ascii=False, indent=1))
+    else:
+        typer.echo(f"snapshot   {info['path']}")
+        typer.echo(f"sha256     {info['sha256']}")
+        typer.echo(f"rows       {info['rows']}")
+        typer.echo(f"nko        {info['nko']}")
+        typer.echo(f"latin      {info['latin']}")
+        typer.echo(f"duplicates {len(info['duplicate_feat_ids'])}  empty {len(info['empty_texts'])}  "
+                   f"invalid N'Ko {len(info['invalid_nko_rows'])}")
+        for line in info["bad_lines"][:20]:
+            typer.echo(f"  bad: {line}")
+        for fid in info["duplicate_feat_ids"][:20]:
+            typer.echo(f"  duplicate feat_id: {fid}")
+        for fid in info["empty_texts"][:20]:
+            typer.echo(f"  empty text: {fid}")
+        for row in info["invalid_nko_rows"][:20]:
+            typer.echo(f"  invalid N'Ko: {row['feat_id']}: {'; '.join(row['offences'])}")
+    if not info["ok"]:
+        raise typer.Exit(1)
+
+
+@split_app.command("make")
+def make(snapshot: Path, out: Path = typer.Option(..., help="split.json to write"),
+         seed: int = 42, val_fraction: float = 0.1, test_fraction: float = 0.1) -> None:
+    """Write split.json for SNAPSHOT (ordered feat_id lists and their sha256)."""
+    from models.snapshot import load
+    from models.split import make_split
+
+    snap = load(snapshot)
+    split = make_split(snap.feat_ids, seed, val_fraction, test_fraction, snap.sha256)
+    split.save(out)
+    typer.echo(f"{out}: {split.sizes()} sha256 {split.sha256}")

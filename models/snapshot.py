@@ -1,0 +1,145 @@
+"""Snapshot: the canonical corpus file (``pairs.jsonl`` rows ``{"feat_id","nko","latin"}``)
+identified by its sha256 (CONTRACTS §5). A snapshot directory holds ``pairs.jsonl`` and,
+for audio, ``audio/<feat_id>.<ext>`` (or a row field ``"audio"`` relative to the dir)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from models.text import nko_offences
+
+PAIRS_FILE = "pairs.jsonl"
+AUDIO_EXTS = (".ogg", ".opus", ".flac", ".wav")
+
+
+class SnapshotError(ValueError):
+    pass
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pairs_path(path: Path) -> Path:
+    path = Path(path)
+    return path / PAIRS_FILE if path.is_dir() else path
+
+
+@dataclass
+class Problem:
+    line: int
+    feat_id: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"line {self.line}" + (f" ({self.feat_id})" if self.feat_id else "")
+        return f"{where}: {self.message}"
+
+
+@dataclass
+class Snapshot:
+    path: Path  # the pairs.jsonl file
+    sha256: str
+    rows: list[dict]
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    @property
+    def feat_ids(self) -> list[str]:
+        return [r["feat_id"] for r in self.rows]
+
+    def by_id(self) -> dict[str, dict]:
+        return {r["feat_id"]: r for r in self.rows}
+
+    def audio_path(self, row: dict) -> Path:
+        if row.get("audio"):
+            return self.root / row["audio"]
+        for ext in AUDIO_EXTS:
+            p = self.root / "audio" / f"{row['feat_id']}{ext}"
+            if p.exists():
+                return p
+        raise SnapshotError(f"{row['feat_id']}: no audio file under {self.root / 'audio'}")
+
+
+def load(path: Path, strict: bool = True) -> Snapshot:
+    """Read and check a snapshot. With ``strict``, any problem raises SnapshotError listing
+    the offending lines; otherwise problems are collected on the result."""
+    file = pairs_path(path)
+    if not file.exists():
+        raise SnapshotError(f"snapshot file not found: {file}")
+    rows, problems, seen = [], [], {}
+    with open(file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(Problem(lineno, None, f"not JSON ({e.msg})"))
+                continue
+            if not isinstance(row, dict):
+                problems.append(Problem(lineno, None, "not a JSON object"))
+                continue
+            fid = row.get("feat_id")
+            if not isinstance(fid, str) or not fid:
+                problems.append(Problem(lineno, None, "field 'feat_id' missing or not a string"))
+                continue
+            for key in ("nko", "latin"):
+                if not isinstance(row.get(key), str):
+                    problems.append(Problem(lineno, fid, f"field '{key}' missing or not a string"))
+                elif not row[key].strip():
+                    problems.append(Problem(lineno, fid, f"field '{key}' is empty"))
+            if fid in seen:
+                problems.append(Problem(lineno, fid, f"duplicate feat_id (first on line {seen[fid]})"))
+                continue
+            seen[fid] = lineno
+            rows.append(row)
+    snap = Snapshot(file, sha256_file(file), rows, problems)
+    if strict and problems:
+        shown = "\n".join(f"  {p}" for p in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise SnapshotError(f"{file}: {len(problems)} problem(s)\n{shown}{more}")
+    return snap
+
+
+def describe(path: Path) -> dict:
+    """Rows, sha256, duplicates, empty texts, invalid N'Ko rows, length stats."""
+    snap = load(path, strict=False)
+    invalid_nko = []
+    for r in snap.rows:
+        if isinstance(r.get("nko"), str) and r["nko"].strip():
+            bad = nko_offences(r["nko"])
+            if bad:
+                invalid_nko.append({"feat_id": r["feat_id"], "offences": [str(b) for b in bad[:5]]})
+
+    def stats(key: str) -> dict:
+        lens = [len(r[key]) for r in snap.rows if isinstance(r.get(key), str)]
+        words = [len(r[key].split()) for r in snap.rows if isinstance(r.get(key), str)]
+        if not lens:
+            return {}
+        return {"chars_min": min(lens), "chars_mean": round(statistics.fmean(lens), 2), "chars_max": max(lens),
+                "words_mean": round(statistics.fmean(words), 2)}
+
+    return {
+        "path": str(snap.path),
+        "sha256": snap.sha256,
+        "rows": len(snap.rows),
+        "duplicate_feat_ids": [p.feat_id for p in snap.problems if "duplicate" in p.message],
+        "empty_texts": [p.feat_id for p in snap.problems if "is empty" in p.message],
+        "bad_lines": [str(p) for p in snap.problems if "duplicate" not in p.message and "is empty" not in p.message],
+        "invalid_nko_rows": invalid_nko,
+        "nko": stats("nko"),
+        "latin": stats("latin"),
+        "ok": not snap.problems and not invalid_nko,
+    }

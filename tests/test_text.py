@@ -1,0 +1,116 @@
+import json
+import unicodedata
+
+import jiwer
+import pytest
+from hypothesis import given, settings, strategies as st
+from typer.testing import CliRunner
+
+from backend.cli import app
+from models import text as T
+from models.vocab import Vocab
+
+LATIN = "i ye san joli ye"
+NKO = "ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ"
+
+
+def test_contract_sentence_both_directions():
+    assert T.latin_to_nko(LATIN) == NKO
+    assert T.nko_to_latin(NKO) == LATIN
+
+
+@pytest.mark.parametrize("latin,nko", [
+    ("sanu", "ߛߊߣߎ"),            # n before a vowel starts the next syllable
+    ("san", "ߛߊ߲"),              # nasal vowel at word end
+    ("fanga", "ߝߊ߲ߜ߭ߊ"),          # nasal vowel before a consonant (ng is not a digraph)
+    ("n ka", "ߒ ߞߊ"),            # syllabic n
+    ("ɲɛ", "ߢߍ"), ("nyɛ", "ߢߍ"),  # ny digraph
+    ("gbɛ", "ߜߍ"), ("barra", "ߓߊߚߊ"),
+    ("shi", "ߛ߭ߌ"), ("vi", "ߝ߭ߌ"), ("zi", "ߖ߭ߌ"),
+    ("e ɛ o ɔ", "ߋ ߍ ߏ ߐ"),      # letter-name traps
+    ("san 1893", "ߛߊ߲ ߁߈߉߃"),
+])
+def test_latin_to_nko_rules(latin, nko):
+    assert T.latin_to_nko(latin) == nko
+
+
+def test_nko_to_latin_drops_tone_and_reads_loans():
+    assert T.nko_to_latin("ߜ߭ߌߛ߭ ߛߊ߲߭ ߞߊ߬") == "gish san ka"
+    assert T.nko_to_latin("ߋ ߍ ߏ ߐ") == "e ɛ o ɔ"
+
+
+def test_latin_normalisation():
+    assert T.normalize_latin("NYƐ  Ɔkutɔburu K’a") == "ɲɛ ɔkutɔburu k'a"
+    assert T.normalize_latin("sƐgƐ, fanga!", remove_punctuation=True) == "sɛgɛ fanga"
+
+
+def test_normalize_strips_bidi_and_folds_space():
+    assert T.normalize("\u200fߛߊ߲\u202e  \t ߞߊ \u2066") == "ߛߊ߲ ߞߊ"
+
+
+def test_nfc_reorders_nasal_before_tone():
+    typed_badly = "ߛߊ\u07eb\u07f2"
+    assert T.row_edits(typed_badly, "ߛߊ\u07f2\u07eb")[0] == 0
+    assert unicodedata.normalize("NFC", typed_badly) == "ߛߊ\u07f2\u07eb"
+
+
+def test_toneless_keeps_loan_dot_on_consonants_and_nasal():
+    assert T.toneless("ߜ߭ߊ߲߬") == "ߜ߭ߊ߲"
+    assert T.toneless("ߒ߬ ߞߵߊ") == "ߒ ߞߴߊ"
+
+
+def test_script_validity_reports_positions():
+    bad = T.nko_offences("ߛߊ߲ abc")
+    assert [(b.position, b.char) for b in bad] == [(4, "a"), (5, "b"), (6, "c")]
+    assert "U+0061 LATIN SMALL LETTER A at position 4" == str(bad[0])
+    assert T.is_valid_nko(NKO)
+    assert not T.is_valid_nko("ߛߊ߲.", allow_punctuation=False)
+
+
+def test_vocab_sizes_and_unknown_reported(tmp_path):
+    nko = Vocab.for_script("nko")
+    assert len(nko) == 66 and nko.blank == 0
+    assert nko.decode(nko.encode(NKO)) == NKO
+    with pytest.raises(ValueError, match=r"U\+0061"):
+        nko.encode("ߛa")
+    nko.save(tmp_path / "vocab.json")
+    data = json.loads((tmp_path / "vocab.json").read_text())
+    assert data["blank_index"] == 0 and data["script"] == "nko" and data["normalization_version"]
+    assert Vocab.load(tmp_path / "vocab.json") == nko
+    latin = Vocab.for_script("latin")
+    assert latin.decode(latin.encode(LATIN)) == LATIN
+
+
+def test_corpus_cer_is_total_edits_over_total_chars():
+    result = T.corpus_cer(["abcd", "ef"], ["abed", "e"])
+    assert (result.edits, result.reference_chars) == (2, 6)
+    assert result.value == pytest.approx(2 / 6)
+
+
+def test_toneless_cer():
+    assert T.corpus_cer(["ߛߊ߲߭"], ["ߛߊ߲"]).value == pytest.approx(0.25)
+    assert T.corpus_cer(["ߛߊ߲߭"], ["ߛߊ߲"], tone_free=True).value == 0
+
+
+nko_text = st.text(alphabet=st.sampled_from(list("ߊߋߌߍߎߏߐߒߓߔߕߖߗߘߙߛߝߞߟߡߢߣߤߥߦ\u07eb\u07ec\u07f2 ")), min_size=1, max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(nko_text, nko_text), min_size=1, max_size=5))
+def test_cer_matches_jiwer(pairs):
+    refs = [T.normalize(r) for r, _ in pairs]
+    hyps = [T.normalize(h) for _, h in pairs]
+    if any(not r for r in refs):
+        return
+    assert T.corpus_cer(refs, hyps).value == pytest.approx(jiwer.cer(refs, hyps))
+
+
+def test_cli_text_commands():
+    runner = CliRunner()
+    assert runner.invoke(app, ["text", "to-nko", LATIN]).output.strip() == NKO
+    assert runner.invoke(app, ["text", "to-latin", NKO]).output.strip() == LATIN
+    out = runner.invoke(app, ["text", "cer", "--ref", "ߛߊ߲߭", "--hyp", "ߛߊ߲", "--json"]).output
+    assert json.loads(out)["cer"] == pytest.approx(0.25)
+    assert runner.invoke(app, ["text", "cer", "--ref", "ߛߊ߲߭", "--hyp", "ߛߊ߲", "--toneless"]).output.strip() == "0.000000"
+    checked = runner.invoke(app, ["text", "check", "ߛߊ߲ x"])
+    assert checked.exit_code == 1 and "U+0078" in checked.output
