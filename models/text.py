@@ -68,13 +68,12 @@ def is_nko_char(ch: str) -> bool:
 # --------------------------------------------------------------------------- normalisation
 
 _WS = re.compile(r"\s+")
+_DROP = str.maketrans({ch: None for ch in BIDI_CONTROLS | INVISIBLES})
 
 
 def normalize(text: str) -> str:
     """NFC, bidi controls and invisibles removed, whitespace folded to single spaces."""
-    text = unicodedata.normalize("NFC", text)
-    text = "".join(ch for ch in text if ch not in BIDI_CONTROLS and ch not in INVISIBLES)
-    return _WS.sub(" ", text).strip()
+    return _WS.sub(" ", unicodedata.normalize("NFC", text).translate(_DROP)).strip()
 
 
 # bambara-text-normalizer does apostrophes, variant letters, tone stripping, punctuation

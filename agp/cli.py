@@ -1,0 +1,275 @@
+"""``nko-ops agp ...``: the AGP corrective lane from the command line."""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+agp_app = typer.Typer(help="AGP corrective lane: partitions, corpus, proposals, gate, eval, reviews.",
+                      no_args_is_help=True)
+
+_PARTITION_POLICY = typer.Option(None, "--partition-policy", help="Partition policy TOML (default configs/agp/partition.toml).")
+_PARTITION_SOURCE = typer.Option(None, "--partition-source", help="model (keep the run's partition) or policy (re-partition); overrides the policy file.")
+
+
+def _errors_exit(fn: Callable) -> Callable:
+    """Bad input or a down service: one clear line on stderr, exit 2, nothing half-written."""
+    from agp.corpus import CorpusError
+    from agp.evaluate import EvalError
+    from agp.gate import GateError
+    from agp.partition import PartitionError
+    from agp.proposers import LaneDown, ProposerError
+    from agp.records import ReviewError
+    from agp.rows import RowError
+
+    known = (RowError, PartitionError, GateError, CorpusError, EvalError, ReviewError, LaneDown, ProposerError,
+             FileNotFoundError, ValueError)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except known as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _default_run_id(rows: Path) -> str:
+    return rows.resolve().parent.name
+
+
+@agp_app.command("partition")
+@_errors_exit
+def partition_cmd(
+    rows: Path = typer.Option(..., "--rows", help="Prediction rows (test_predictions.jsonl)."),
+    out: Path = typer.Option(..., "--out", help="Where to write the rows with their effective partition."),
+    policy: Optional[Path] = _PARTITION_POLICY,
+    source: Optional[str] = _PARTITION_SOURCE,
+) -> None:
+    """Keep or re-partition rows; each row records model_partition and partition_source."""
+    from agp.partition import load_partition_policy, partition_counts
+    from agp.rows import load_rows, write_rows
+
+    p = load_partition_policy(policy, source)
+    new = p.apply(load_rows(rows))
+    write_rows(out, new)
+    typer.echo(json.dumps({"partition_source": p.identity, **partition_counts(new)}, ensure_ascii=False))
+
+
+@agp_app.command("lexicon")
+@_errors_exit
+def lexicon_cmd(
+    out: Path = typer.Option(..., "--out", help="Lexicon TSV to write (word<TAB>count)."),
+    snapshot: Optional[Path] = typer.Option(None, "--snapshot", help="Snapshot dir or pairs.jsonl (with --split)."),
+    split: Optional[Path] = typer.Option(None, "--split", help="split.json: only its *train* feat_ids are read."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Or: a text file of training references, one per line."),
+) -> None:
+    """Build the lexicon from training references only."""
+    from agp.lexicon import Lexicon
+
+    if (snapshot is None) == (text is None) or (snapshot is not None and split is None):
+        raise typer.BadParameter("give either --snapshot with --split, or --text")
+    if text is not None:
+        refs = [line for line in text.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        from agp.pipeline import train_references
+
+        refs = train_references(snapshot, split)
+    lex = Lexicon.from_references(refs)
+    lex.save(out)
+    typer.echo(f"{len(lex)} words from {len(refs)} training references -> {out} (sha256 {lex.sha256[:16]})")
+
+
+@agp_app.command("build-corpus")
+@_errors_exit
+def build_corpus_cmd(
+    rows: Path = typer.Option(..., "--rows", help="Prediction rows (test_predictions.jsonl)."),
+    out: Path = typer.Option(..., "--out", help="Directory for train/valid/test.jsonl and corpus.json."),
+    seed: int = typer.Option(42, help="Split and perturbation seed."),
+    valid_fraction: float = typer.Option(0.1, help="Share of error pairs for valid.jsonl."),
+    test_fraction: float = typer.Option(0.1, help="Share of error pairs for test.jsonl."),
+    synthetic: int = typer.Option(0, "--synthetic", help="Add N synthetic N'Ko-aware perturbations per train reference (labelled synthetic). Off by default."),
+    policy: Optional[Path] = _PARTITION_POLICY,
+    source: Optional[str] = _PARTITION_SOURCE,
+) -> None:
+    """mlx-lm chat corpus from real ASR error pairs."""
+    from agp.corpus import build_corpus
+    from agp.pipeline import lane_rows
+    from models.snapshot import sha256_file
+
+    rs, _ = lane_rows(rows, policy, source)
+    manifest = build_corpus(rs, out, seed=seed, valid_fraction=valid_fraction, test_fraction=test_fraction,
+                            synthetic_per_row=synthetic, rows_sha256=sha256_file(rows))
+    counts = manifest["counts"]
+    typer.echo(f"{manifest['error_pairs']} error pairs ({manifest['skipped_correct_rows']} correct rows skipped): "
+               + ", ".join(f"{k} {v['lines']}" + (f" ({v['synthetic']} synthetic)" if v["synthetic"] else "")
+                           for k, v in counts.items()) + f" -> {out}")
+
+
+@agp_app.command("propose")
+@_errors_exit
+def propose_cmd(
+    rows: Path = typer.Option(..., "--rows", help="Prediction rows (test_predictions.jsonl)."),
+    out: Path = typer.Option(..., "--out", help="Proposals JSONL to write ({feat_id, proposal, proposer})."),
+    proposer: str = typer.Option("lexicon", help="lexicon | http (AGP lane /propose) | chat (OpenAI-compatible, e.g. mlx_lm.server)."),
+    lexicon: Optional[Path] = typer.Option(None, help="Lexicon TSV (lexicon proposer)."),
+    max_distance: int = typer.Option(1, help="Lexicon proposer: largest edit distance to a lexicon word."),
+    url: str = typer.Option("http://127.0.0.1:8080", help="Service URL (http / chat proposers)."),
+    model: str = typer.Option("default_model", help="Chat proposer: model name the server knows."),
+    adapter: Optional[str] = typer.Option(None, help="Chat proposer: LoRA adapter path sent to mlx_lm.server."),
+    max_tokens: int = typer.Option(256, help="Chat proposer: longest answer in tokens."),
+    timeout: float = typer.Option(60.0, help="Per-request timeout in seconds."),
+    retries: int = typer.Option(3, help="Retries (with exponential backoff) on timeouts, connection errors and 5xx."),
+    policy: Optional[Path] = _PARTITION_POLICY,
+    source: Optional[str] = _PARTITION_SOURCE,
+) -> None:
+    """Propose repairs for every row (the proposer never sees references)."""
+    from agp.lexicon import Lexicon
+    from agp.pipeline import lane_rows
+    from agp.proposers import ChatProposer, HttpProposer, LexiconProposer, propose_all
+    from agp.rows import write_jsonl
+
+    rs, _ = lane_rows(rows, policy, source)
+    if proposer == "lexicon":
+        if lexicon is None:
+            raise typer.BadParameter("the lexicon proposer needs --lexicon (see `nko-ops agp lexicon`)")
+        p = LexiconProposer(Lexicon.load(lexicon), max_distance=max_distance)
+    elif proposer == "http":
+        p = HttpProposer(url, timeout=timeout, retries=retries)
+        p.health()
+    elif proposer == "chat":
+        p = ChatProposer(url, model=model, adapter=adapter, max_tokens=max_tokens, timeout=timeout, retries=retries)
+    else:
+        raise typer.BadParameter(f"--proposer must be lexicon, http or chat; got {proposer!r}")
+    n = write_jsonl(out, propose_all(p, rs))
+    typer.echo(f"{n} proposals ({p.name}) -> {out}")
+
+
+@agp_app.command("gate")
+@_errors_exit
+def gate_cmd(
+    rows: Path = typer.Option(..., "--rows", help="Prediction rows (test_predictions.jsonl)."),
+    proposals: Path = typer.Option(..., "--proposals", help="Proposals JSONL: {feat_id, proposal[, proposer]} per line."),
+    out: Path = typer.Option(..., "--out", help="Decisions JSONL to write."),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="Gate policy TOML (default configs/agp/gate.toml)."),
+    lexicon: Optional[Path] = typer.Option(None, help="Lexicon TSV from training references (without it, every new word on a lexicon-checked row is rejected)."),
+    partition_policy: Optional[Path] = _PARTITION_POLICY,
+    partition_source: Optional[str] = _PARTITION_SOURCE,
+    db: Optional[Path] = typer.Option(Path("state.db"), help="State store for proposals and decisions."),
+    no_db: bool = typer.Option(False, "--no-db", help="Do not record in the state store."),
+    run_id: Optional[str] = typer.Option(None, help="Run id to record (default: the rows file's directory name)."),
+) -> None:
+    """Decide every proposal; write decisions and record them in state.db."""
+    from agp.gate import Gate, load_gate_policy
+    from agp.lexicon import Lexicon
+    from agp.pipeline import gate_all, lane_rows, load_proposals
+    from agp.rows import write_jsonl
+
+    rs, ppolicy = lane_rows(rows, partition_policy, partition_source)
+    props = load_proposals(proposals, rs)
+    gate = Gate(load_gate_policy(policy), Lexicon.load(lexicon) if lexicon else None, ppolicy.identity)
+    decisions = gate_all(gate, rs, props)
+    write_jsonl(out, (d.as_dict() for d in decisions))
+    accepted = sum(d.accepted for d in decisions)
+    where = ""
+    if not no_db:
+        from agp.records import record_decisions
+        from backend.store import open_db
+
+        conn = open_db(db)
+        try:
+            record_decisions(conn, run_id or _default_run_id(rows), props, decisions,
+                             {r.feat_id: r.reference_text for r in rs})
+        finally:
+            conn.close()
+        where = f", recorded in {db}"
+    typer.echo(f"{len(decisions)} decisions, {accepted} accepted (policy {gate.policy_hash[:16]}) -> {out}{where}")
+
+
+@agp_app.command("eval")
+@_errors_exit
+def eval_cmd(
+    rows: Path = typer.Option(..., "--rows", help="Prediction rows (test_predictions.jsonl), with references."),
+    decisions: Path = typer.Option(..., "--decisions", help="Decisions JSONL from `nko-ops agp gate`."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the summary as JSON here."),
+    verify: bool = typer.Option(True, help="Check every decision's witness with this install's key."),
+    partition_policy: Optional[Path] = _PARTITION_POLICY,
+    partition_source: Optional[str] = _PARTITION_SOURCE,
+) -> None:
+    """CER before -> after (accepted edits only), per partition and overall."""
+    from agp.evaluate import evaluate, format_table
+    from agp.gate import load_witness_key
+    from agp.pipeline import lane_rows, load_decisions
+    from agp.rows import write_json
+
+    ds = load_decisions(decisions)
+    used = sorted({d.get("partition_source", "model") for d in ds})
+    if partition_source is None and used:  # evaluate with the partitions the gate saw
+        partition_source = "model" if used == ["model"] else "policy"
+    rs, ppolicy = lane_rows(rows, partition_policy, partition_source)
+    if used and used != [ppolicy.identity]:
+        raise typer.BadParameter(f"the decisions were made with partition source {', '.join(used)}; "
+                                 f"this policy gives {ppolicy.identity} (pass the gate's --partition-policy)")
+    summary = evaluate(rs, ds, key=load_witness_key() if verify else None)
+    typer.echo(format_table(summary))
+    if json_out:
+        write_json(json_out, summary)
+        typer.echo(f"-> {json_out}")
+
+
+@agp_app.command("review")
+@_errors_exit
+def review_cmd(
+    decision: Optional[int] = typer.Option(None, "--decision", help="Gate decision id (see --pending)."),
+    verdict: Optional[str] = typer.Option(None, "--verdict", help="agree | override"),
+    note: str = typer.Option("", "--note", help="Why (required for override)."),
+    reviewer: Optional[str] = typer.Option(None, "--reviewer", help="Who (default: the login name)."),
+    pending: bool = typer.Option(False, "--pending", help="List decisions nobody has reviewed."),
+    limit: int = typer.Option(20, help="With --pending: how many."),
+    run_id: Optional[str] = typer.Option(None, help="With --pending: only this run."),
+    db: Path = typer.Option(Path("state.db"), help="State store."),
+) -> None:
+    """Record a human verdict on a gate decision, or list pending ones."""
+    from agp.records import add_review, pending_reviews
+    from backend.store import open_db
+
+    conn = open_db(db)
+    try:
+        if pending:
+            for d in pending_reviews(conn, run_id, limit):
+                state = "ACCEPT" if d["accepted"] else "reject " + ",".join(json.loads(d["rules"]))
+                typer.echo(f"#{d['id']}  {d['feat_id']}  [{d['partition']}]  {state}  d={d['edit_distance']}\n"
+                           f"    asr:      {d['asr_text']}\n    proposal: {d['proposal']}")
+            return
+        if decision is None or verdict is None:
+            raise typer.BadParameter("give --decision and --verdict (or --pending)")
+        rid = add_review(conn, decision, verdict, note, reviewer or getpass.getuser())
+        typer.echo(f"review {rid}: decision {decision} -> {verdict}")
+    finally:
+        conn.close()
+
+
+@agp_app.command("export-reviews")
+@_errors_exit
+def export_reviews_cmd(
+    out: Path = typer.Option(..., "--out", help="JSONL to write (one review with its decision per line)."),
+    db: Path = typer.Option(Path("state.db"), help="State store."),
+    run_id: Optional[str] = typer.Option(None, help="Only this run."),
+) -> None:
+    """Write review verdicts with their decisions, for tuning the gate policy."""
+    from agp.records import export_reviews
+    from backend.store import open_db
+
+    conn = open_db(db)
+    try:
+        n = export_reviews(conn, out, run_id)
+    finally:
+        conn.close()
+    typer.echo(f"{n} reviews -> {out}")

@@ -1,0 +1,133 @@
+"""AGP evaluation: CER before -> after with only *accepted* edits applied, and how the
+accepted edits moved each row (improved / neutral / worse), per partition and overall.
+
+References are used here and only here, for scoring. Each row's text after the lane is its
+accepted proposal if there is one, else its ASR text. A row with no decision counts as
+``not_proposed``; a proposal identical to the ASR text as ``no_op`` (the proposer abstained);
+any other refused proposal as ``rejected``, with the rules that refused it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Sequence
+
+from agp.gate import verify_witness
+from agp.rows import PARTITIONS, Row, normalize
+from models.text import row_edits, toneless
+
+
+class EvalError(ValueError):
+    pass
+
+
+def _empty() -> dict:
+    return {"rows": 0, "reference_chars": 0, "edits_before": 0, "edits_after": 0,
+            "toneless_edits_before": 0, "toneless_edits_after": 0, "proposed": 0, "accepted": 0,
+            "improved": 0, "neutral": 0, "worse": 0, "rejected": 0, "no_op": 0, "not_proposed": 0,
+            "rejected_by_rule": Counter()}
+
+
+def _finish(g: dict) -> dict:
+    n = g["reference_chars"]
+    g["cer_before"] = g["edits_before"] / n if n else 0.0
+    g["cer_after"] = g["edits_after"] / n if n else 0.0
+    g["delta_cer"] = g["cer_after"] - g["cer_before"]
+    g["toneless_cer_before"] = g["toneless_edits_before"] / n if n else 0.0
+    g["toneless_cer_after"] = g["toneless_edits_after"] / n if n else 0.0
+    g["rejected_by_rule"] = dict(sorted(g["rejected_by_rule"].items()))
+    return g
+
+
+def check_decisions(rows: Sequence[Row], decisions: Sequence[dict], key: bytes | None = None) -> None:
+    """Refuse decisions that do not belong to these rows: unknown or duplicate feat_ids, a
+    different ASR text or partition, mixed policy hashes, or (with ``key``) a bad witness."""
+    by_id = {r.feat_id: r for r in rows}
+    problems, seen, hashes = [], {}, set()
+    for i, d in enumerate(decisions, 1):
+        where = f"decision line {d.get('_line', i)}"
+        fid = d["feat_id"]
+        row = by_id.get(fid)
+        if row is None:
+            problems.append(f"{where}: field 'feat_id': {fid!r} is not in the rows")
+            continue
+        if fid in seen:
+            problems.append(f"{where}: field 'feat_id': duplicate {fid!r} (first on line {seen[fid]})")
+            continue
+        seen[fid] = d.get("_line", i)
+        if normalize(d["asr_text"]) != row.asr_text:
+            problems.append(f"{where}: field 'asr_text': differs from the row's ASR text for {fid!r}")
+        if d["partition"] != row.partition:
+            problems.append(f"{where}: field 'partition': {d['partition']!r} but the row is {row.partition!r} "
+                            "(evaluate with the partition policy the gate used)")
+        if key is not None and not verify_witness(key, d):
+            problems.append(f"{where}: field 'witness': does not verify for {fid!r} with this install's key")
+        hashes.add(d["policy_hash"])
+    if len(hashes) > 1:
+        problems.append(f"decisions come from {len(hashes)} different gate policies: {sorted(hashes)}")
+    if problems:
+        shown = "\n".join(f"  {p}" for p in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise EvalError(f"{len(problems)} problem(s) with the decisions\n{shown}{more}")
+
+
+def evaluate(rows: Sequence[Row], decisions: Sequence[dict], key: bytes | None = None) -> dict:
+    """Summary with ``overall`` and ``partitions`` (each: rows, reference_chars, cer_before,
+    cer_after, delta_cer, toneless CERs, proposed, accepted, improved, neutral, worse,
+    rejected, no_op, not_proposed, rejected_by_rule)."""
+    check_decisions(rows, decisions, key)
+    by_id = {d["feat_id"]: d for d in decisions}
+    groups = {p: _empty() for p in PARTITIONS}
+    overall = _empty()
+    for row in rows:
+        d = by_id.get(row.feat_id)
+        after = d["proposal"] if d is not None and d["accepted"] else row.asr_text
+        before_edits, chars = row_edits(row.reference_text, row.asr_text)
+        after_edits, _ = row_edits(row.reference_text, after)
+        tl_ref = toneless(row.reference_text)
+        tl_before, _ = row_edits(tl_ref, toneless(row.asr_text))
+        tl_after, _ = row_edits(tl_ref, toneless(after))
+        for g in (groups[row.partition], overall):
+            g["rows"] += 1
+            g["reference_chars"] += chars
+            g["edits_before"] += before_edits
+            g["edits_after"] += after_edits
+            g["toneless_edits_before"] += tl_before
+            g["toneless_edits_after"] += tl_after
+            if d is None:
+                g["not_proposed"] += 1
+                continue
+            g["proposed"] += 1
+            if not d["accepted"] and list(d.get("rules") or []) == ["no_op"]:
+                g["no_op"] += 1
+                continue
+            if not d["accepted"]:
+                g["rejected"] += 1
+                g["rejected_by_rule"].update(d.get("rules") or ["unspecified"])
+                continue
+            g["accepted"] += 1
+            outcome = "improved" if after_edits < before_edits else "worse" if after_edits > before_edits else "neutral"
+            g[outcome] += 1
+    policy = sorted({d["policy_hash"] for d in decisions})
+    return {"overall": _finish(overall), "partitions": {p: _finish(g) for p, g in groups.items()},
+            "policy_hash": policy[0] if policy else None}
+
+
+def format_table(summary: dict) -> str:
+    """A plain-text table of the summary (one line per partition with rows, then overall)."""
+    cols = ["partition", "rows", "ref chars", "CER before", "CER after", "ΔCER", "accepted", "improved",
+            "neutral", "worse", "rejected", "no-op", "not proposed"]
+    lines = []
+    groups = [(p, g) for p, g in summary["partitions"].items() if g["rows"]] + [("overall", summary["overall"])]
+    for name, g in groups:
+        lines.append([name, str(g["rows"]), str(g["reference_chars"]), f"{g['cer_before']:.4f}",
+                      f"{g['cer_after']:.4f}", f"{g['delta_cer']:+.4f}", str(g["accepted"]), str(g["improved"]),
+                      str(g["neutral"]), str(g["worse"]), str(g["rejected"]), str(g["no_op"]),
+                      str(g["not_proposed"])])
+    widths = [max(len(c), *(len(l[i]) for l in lines)) for i, c in enumerate(cols)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [fmt(cols), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines]
+    rules = summary["overall"]["rejected_by_rule"]
+    if rules:
+        out.append("rejections by rule: " + ", ".join(f"{k} {v}" for k, v in rules.items()))
+    return "\n".join(out)

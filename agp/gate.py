@@ -1,0 +1,271 @@
+"""The admissibility gate: decides, deterministically, which proposed N'Ko repairs may be
+applied. The program's ungated corrector made CER worse (0.3106 -> 0.4701 on 500 rows);
+this is the safety. Rules and their ids are documented in ``configs/agp/gate.toml``.
+
+The gate sees the row's ASR text, partition and the lexicon (training references only),
+never the reference text. Each decision carries the rule ids that fired (empty iff
+accepted), the edit distance, the policy hash and a witness: HMAC-SHA256 over
+(feat_id, policy_hash, normalised proposal) with a per-install key kept outside the
+repository with mode 0600 (``witness_key_path``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import stat
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from rapidfuzz.distance import Levenshtein
+
+from agp.lexicon import Lexicon
+from agp.rows import PARTITIONS, Row, normalize
+
+DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "configs" / "agp" / "gate.toml"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RULE_IDS = ("empty", "no_op", "script", "orphan_mark", "frozen", "quarantine", "budget", "length_ratio", "new_word")
+NKO_MARKS = "\u07eb-\u07f3\u07fd"  # the block's combining marks (tone, nasal, dantayalan)
+
+
+class GateError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Budget:
+    relative: float
+    floor: int
+
+    def allowed(self, asr_chars: int) -> int:
+        return max(self.floor, int(self.relative * asr_chars))
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    version: int
+    allowed_punctuation: str
+    frozen: tuple[str, ...]
+    quarantine: tuple[str, ...]
+    lexicon_checked: tuple[str, ...]
+    length_min: float
+    length_max: float
+    budgets: dict[str, Budget]
+    path: str = ""
+
+    def as_dict(self) -> dict:
+        return {
+            "version": self.version, "allowed_punctuation": "".join(sorted(set(self.allowed_punctuation))),
+            "frozen": sorted(self.frozen), "quarantine": sorted(self.quarantine),
+            "lexicon_checked": sorted(self.lexicon_checked),
+            "length_ratio": {"min": self.length_min, "max": self.length_max},
+            "budget": {p: {"relative": b.relative, "floor": b.floor} for p, b in sorted(self.budgets.items())},
+        }
+
+
+def parse_gate_policy(data: dict, path: str = "") -> GatePolicy:
+    def fail(key: str, message: str) -> GateError:
+        return GateError(f"{path}: key '{key}': {message}")
+
+    known = {"version", "allowed_punctuation", "frozen", "quarantine", "lexicon_checked", "length_ratio", "budget"}
+    for key in data:
+        if key not in known:
+            raise fail(key, "unknown key")
+    for key in known:
+        if key not in data:
+            raise fail(key, "missing")
+    if data["version"] != 1:
+        raise fail("version", f"this gate understands version 1; got {data['version']!r}")
+    punct = data["allowed_punctuation"]
+    if not isinstance(punct, str) or any(ch.isspace() or ch.isalnum() for ch in punct):
+        raise fail("allowed_punctuation", "must be a string of punctuation characters (no letters, digits, spaces)")
+    lists = {}
+    for key in ("frozen", "quarantine", "lexicon_checked"):
+        v = data[key]
+        if not isinstance(v, list) or any(p not in PARTITIONS for p in v):
+            raise fail(key, f"must be a list of partitions from {', '.join(PARTITIONS)}")
+        lists[key] = tuple(v)
+    lr = data["length_ratio"]
+    if (not isinstance(lr, dict) or set(lr) != {"min", "max"}
+            or not all(isinstance(lr[k], (int, float)) and not isinstance(lr[k], bool) for k in lr)
+            or not 0 < lr["min"] <= 1 <= lr["max"]):
+        raise fail("length_ratio", "must be {min, max} with 0 < min <= 1 <= max")
+    budgets = {}
+    raw_budgets = data["budget"]
+    if not isinstance(raw_budgets, dict):
+        raise fail("budget", "must be a table of partition -> {relative, floor}")
+    for part, b in raw_budgets.items():
+        if part not in PARTITIONS:
+            raise fail(f"budget.{part}", "not a partition")
+        if (not isinstance(b, dict) or set(b) != {"relative", "floor"}
+                or not isinstance(b["relative"], (int, float)) or isinstance(b["relative"], bool)
+                or not 0 <= b["relative"] <= 1 or not isinstance(b["floor"], int) or isinstance(b["floor"], bool)
+                or b["floor"] < 0):
+            raise fail(f"budget.{part}", "must be {relative: 0..1, floor: integer >= 0}")
+        budgets[part] = Budget(float(b["relative"]), b["floor"])
+    editable = [p for p in PARTITIONS if p not in lists["frozen"] and p not in lists["quarantine"]]
+    for p in editable:
+        if p not in budgets:
+            raise fail(f"budget.{p}", f"partition {p!r} may be edited, so it needs an edit budget")
+    return GatePolicy(1, punct, lists["frozen"], lists["quarantine"], lists["lexicon_checked"],
+                      float(lr["min"]), float(lr["max"]), budgets, path)
+
+
+def load_gate_policy(path: Path | str | None = None) -> GatePolicy:
+    path = Path(path) if path else DEFAULT_POLICY
+    if not path.exists():
+        raise FileNotFoundError(f"gate policy not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise GateError(f"{path}: not valid TOML ({e})") from None
+    return parse_gate_policy(data, str(path))
+
+
+# --------------------------------------------------------------------------- witness key
+
+
+def witness_key_path() -> Path:
+    """$NKO_OPS_HOME/agp_witness.key, else $XDG_CONFIG_HOME (or ~/.config)/nko-ops/agp_witness.key."""
+    home = os.environ.get("NKO_OPS_HOME")
+    if home:
+        return Path(home).expanduser() / "agp_witness.key"
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config).expanduser() / "nko-ops" / "agp_witness.key"
+
+
+def load_witness_key(path: Path | None = None) -> bytes:
+    """The per-install witness key, created (32 random bytes, hex, mode 0600) on first use.
+    Refuses a key inside the repository or one readable by group/others."""
+    path = Path(path) if path else witness_key_path()
+    resolved = path.expanduser().resolve()
+    if resolved == REPO_ROOT or REPO_ROOT in resolved.parents:
+        raise GateError(f"witness key {resolved} is inside the repository {REPO_ROOT}; "
+                        "set NKO_OPS_HOME to a directory outside it")
+    if not resolved.exists():
+        resolved.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = resolved.with_name(f".{resolved.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+        try:
+            os.link(tmp, resolved)  # atomic; loses cleanly to a concurrent creator
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    mode = stat.S_IMODE(resolved.stat().st_mode)
+    if mode & 0o077:
+        raise GateError(f"witness key {resolved} has mode {mode:o}; it must be 0600 (chmod 600 {resolved})")
+    text = resolved.read_text().strip()
+    if not re.fullmatch(r"[0-9a-f]{64}", text):
+        raise GateError(f"witness key {resolved} is not 64 hex characters")
+    return bytes.fromhex(text)
+
+
+def witness(key: bytes, feat_id: str, policy_hash: str, proposal: str) -> str:
+    """HMAC-SHA256 over the (feat_id, policy_hash, proposal) triple, hex."""
+    msg = json.dumps([feat_id, policy_hash, proposal], ensure_ascii=False).encode()
+    return hmac.digest(key, msg, "sha256").hex()
+
+
+def verify_witness(key: bytes, decision: dict) -> bool:
+    """Was this decision (its feat_id, policy hash and proposal) made with ``key``?"""
+    try:
+        expected = witness(key, decision["feat_id"], decision["policy_hash"], decision["proposal"])
+    except (KeyError, TypeError):
+        return False
+    return hmac.compare_digest(str(decision.get("witness", "")), expected)
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    feat_id: str
+    accepted: bool
+    rules: tuple[str, ...]
+    edit_distance: int
+    policy_hash: str
+    witness: str
+    partition: str
+    partition_source: str
+    asr_text: str
+    proposal: str  # normalised; what would be applied
+    normalized: bool  # normalisation changed the proposal as submitted
+
+    def as_dict(self) -> dict:
+        return {"feat_id": self.feat_id, "accepted": self.accepted, "rules": list(self.rules),
+                "edit_distance": self.edit_distance, "policy_hash": self.policy_hash, "witness": self.witness,
+                "partition": self.partition, "partition_source": self.partition_source,
+                "asr_text": self.asr_text, "proposal": self.proposal, "normalized": self.normalized}
+
+
+class Gate:
+    def __init__(self, policy: GatePolicy, lexicon: Lexicon | None = None, partition_source: str = "model",
+                 key: bytes | None = None):
+        self.policy = policy
+        self.lexicon = lexicon
+        self.partition_source = partition_source
+        self.key = key if key is not None else load_witness_key()
+        ident = {"gate": policy.as_dict(), "lexicon": lexicon.sha256 if lexicon is not None else None,
+                 "partition_source": partition_source}
+        self.policy_hash = hashlib.sha256(json.dumps(ident, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+        punct = "".join(re.escape(ch) for ch in sorted(set(policy.allowed_punctuation)))
+        allowed = "\u07c0-\u07fa\u07fd-\u07ff " + punct  # N'Ko block minus unassigned U+07FB/U+07FC
+        self._bad_char = re.compile(f"[^{allowed}]")
+        self._orphan = re.compile(f"(?:^| )[{NKO_MARKS}]")
+        self._strip = policy.allowed_punctuation
+        self._frozen = set(policy.frozen)
+        self._quarantine = set(policy.quarantine)
+        self._lexicon_checked = set(policy.lexicon_checked)
+
+    def witness(self, feat_id: str, proposal: str) -> str:
+        return witness(self.key, feat_id, self.policy_hash, proposal)
+
+    def _words(self, text: str) -> set[str]:
+        return {w.strip(self._strip) for w in text.split(" ")} - {""}
+
+    def decide(self, row: Row, proposal: str) -> Decision:
+        if row.partition_source and row.partition_source != self.partition_source:
+            raise GateError(f"{row.feat_id}: row partition source {row.partition_source!r} is not the gate's "
+                            f"{self.partition_source!r}")
+        asr = normalize(row.asr_text)
+        p = normalize(proposal)
+        rules: list[str] = []
+        dist = 0
+        part = row.partition
+        if not p:
+            rules.append("empty")
+            dist = len(asr)
+        elif p == asr:
+            rules.append("no_op")
+        else:
+            dist = Levenshtein.distance(asr, p)
+            if self._bad_char.search(p):
+                rules.append("script")
+            # a mark with no base letter; one the ASR text already had is not the proposal's doing
+            if len(self._orphan.findall(p)) > len(self._orphan.findall(asr)):
+                rules.append("orphan_mark")
+            if part in self._frozen:
+                rules.append("frozen")
+            if part in self._quarantine:
+                rules.append("quarantine")
+            budget = self.policy.budgets.get(part)
+            if budget is not None and dist > budget.allowed(len(asr)):
+                rules.append("budget")
+            ratio = len(p) / max(len(asr), 1)
+            if not self.policy.length_min <= ratio <= self.policy.length_max:
+                rules.append("length_ratio")
+            if part in self._lexicon_checked:
+                new = self._words(p) - self._words(asr)
+                if any(self.lexicon is None or w not in self.lexicon for w in new):
+                    rules.append("new_word")
+        return Decision(row.feat_id, not rules, tuple(rules), dist, self.policy_hash, self.witness(row.feat_id, p),
+                        part, self.partition_source, asr, p, p != proposal)

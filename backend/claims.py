@@ -1,0 +1,196 @@
+"""Claims checked against measured CER (`nko-ops claims check`).
+
+``configs/claims.toml`` lists claims of the form "runs selected by ``better`` have lower test
+CER than runs selected by ``than``" (a selector is a script and a mode, optionally seeds or
+run ids). Each claim gets one verdict, with the numbers behind it:
+
+* INSUFFICIENT EVIDENCE: a side has no run with a verified bundle, fewer than ``min_seeds``
+  seeds, or its runs are on another snapshot / split / feature recipe or test set.
+* SUPPORTED: the 95% paired bootstrap CI of ΔCER = CER(better) − CER(than) (means over
+  seeds, resampling test utterances) lies entirely below 0, and every seed of ``better``
+  scores below every seed of ``than`` (the seed spread does not overlap).
+* NOT SUPPORTED: otherwise (the CI includes 0, the difference goes the other way, or the
+  seeds overlap), with the reason.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from backend import stats
+from backend.matrix import load_matrix
+from backend.tables import SCRIPT_NAMES, RunData, load_runs
+
+SUPPORTED, NOT_SUPPORTED, INSUFFICIENT = "SUPPORTED", "NOT SUPPORTED", "INSUFFICIENT EVIDENCE"
+
+
+class ClaimsError(ValueError):
+    pass
+
+
+class Selector(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    script: Literal["nko", "latin"]
+    mode: Literal["baseline", "trajectory", "tar", "ttt"]
+    seeds: list[int] | None = None
+    runs: list[str] | None = None
+
+    def label(self) -> str:
+        return f"{SCRIPT_NAMES[self.script]} {self.mode}"
+
+    def matches_spec(self, spec) -> bool:
+        return (spec.script == self.script and spec.mode == self.mode
+                and (self.seeds is None or spec.seed in self.seeds)
+                and (self.runs is None or spec.run_id in self.runs))
+
+    def matches(self, r: RunData) -> bool:
+        return self.matches_spec(r.spec)
+
+
+class Claim(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    text: str
+    better: Selector
+    than: Selector
+    metric: Literal["cer", "toneless_cer"] = "cer"
+    min_seeds: int = Field(2, ge=1)
+
+
+class ClaimsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    claim: list[Claim] = Field(min_length=1)
+
+
+@dataclass
+class Verdict:
+    id: str
+    text: str
+    verdict: str
+    reasons: list[str] = field(default_factory=list)
+    numbers: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        n = self.numbers
+        lines = [f"{self.verdict:<21}  {self.id}: {self.text}"]
+        for side in ("better", "than"):
+            if side in n:
+                s = n[side]
+                sd = f", sd {100 * s['sd']:.2f}" if s.get("sd") is not None else ""
+                lines.append(f"    {s['label']}: {n['metric']} {100 * s['mean']:.2f}% over {len(s['seeds'])} "
+                             f"seed(s) {s['seeds']}{sd}")
+        if "delta" in n:
+            lines.append(f"    Δ{n['metric']} {100 * n['delta']:+.2f} pp, 95% CI [{100 * n['ci_lo']:+.2f}, "
+                         f"{100 * n['ci_hi']:+.2f}], P(improvement) {n['p_improvement']:.3f} "
+                         f"({n['resamples']:,} paired resamples over {n['rows']:,} test utterances)")
+        lines += [f"    {r}" for r in self.reasons]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "text": self.text, "verdict": self.verdict, "reasons": self.reasons,
+                "numbers": self.numbers}
+
+
+def load_claims(path: str | Path) -> list[Claim]:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ClaimsError(f"claims file not found: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ClaimsError(f"{path}: not valid TOML ({e})") from None
+    try:
+        claims = ClaimsFile.model_validate(raw).claim
+    except ValidationError as e:
+        lines = []
+        items = raw.get("claim") if isinstance(raw.get("claim"), list) else []
+        for err in e.errors():
+            loc = err["loc"]
+            if len(loc) >= 2 and loc[0] == "claim" and isinstance(loc[1], int):
+                item = items[loc[1]] if loc[1] < len(items) and isinstance(items[loc[1]], dict) else {}
+                where = f"claim[{loc[1]}]" + (f" ({item['id']!r})" if isinstance(item.get("id"), str) else "")
+                fld = ".".join(map(str, loc[2:])) or "(the claim)"
+            else:
+                where, fld = "file", ".".join(map(str, loc)) or "(top level)"
+            msg = "is not a known setting" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"{where}: field '{fld}': {msg}")
+        raise ClaimsError(f"{path}: invalid claims\n  " + "\n  ".join(lines)) from None
+    ids = [c.id for c in claims]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ClaimsError(f"{path}: duplicate claim id(s) {', '.join(dup)}")
+    return claims
+
+
+def _side(sel: Selector, runs: list[RunData], metric: str) -> dict:
+    chosen = [r for r in runs if sel.matches(r)]
+    vals = [r.cer if metric == "cer" else r.toneless_cer for r in chosen]
+    return {"label": sel.label(), "runs": [r.run_id for r in chosen], "seeds": sorted({r.spec.seed for r in chosen}),
+            "values": vals, "mean": statistics.fmean(vals) if vals else None,
+            "sd": statistics.stdev(vals) if len(vals) > 1 else None}
+
+
+def judge(claim: Claim, runs: list[RunData], missing: list[tuple[str, str]], matrix_specs: dict,
+          resamples: int = stats.RESAMPLES, seed: int = stats.SEED) -> Verdict:
+    """The verdict on one claim from the loaded runs (``missing``: runs left out, with why)."""
+    v = Verdict(claim.id, claim.text, INSUFFICIENT)
+    v.numbers["metric"] = "CER" if claim.metric == "cer" else "toneless CER"
+    sides = {"better": _side(claim.better, runs, claim.metric), "than": _side(claim.than, runs, claim.metric)}
+    insufficient = []
+    for name, sel in (("better", claim.better), ("than", claim.than)):
+        s = sides[name]
+        for rid, why in missing:
+            if rid in matrix_specs and sel.matches_spec(matrix_specs[rid]):
+                v.reasons.append(f"{rid} left out: {why}")
+        if not s["runs"]:
+            insufficient.append(f"no completed run for {s['label']}")
+            continue
+        if len(s["seeds"]) < claim.min_seeds:
+            insufficient.append(f"{len(s['seeds'])} seed(s) for {s['label']}; this claim needs {claim.min_seeds}")
+        v.numbers[name] = {k: s[k] for k in ("label", "runs", "seeds", "mean", "sd")}
+    if sides["better"]["runs"] and sides["than"]["runs"]:
+        a = [i for i, r in enumerate(runs) if claim.better.matches(r)]
+        b = [i for i, r in enumerate(runs) if claim.than.matches(r)]
+        arrays = ("edits", "chars") if claim.metric == "cer" else ("tl_edits", "tl_chars")
+        e = np.stack([getattr(runs[i], arrays[0]) for i in a + b])
+        c = np.stack([getattr(runs[i], arrays[1]) for i in a + b])
+        cer_b = stats.resampled_cer(e, c, resamples, seed)
+        point = e.sum(axis=1) / c.sum(axis=1)
+        na = len(a)
+        d = stats.delta_from_samples(point[:na].mean() - point[na:].mean(),
+                                     cer_b[:, :na].mean(axis=1) - cer_b[:, na:].mean(axis=1))
+        v.numbers.update({**d.as_dict(), "rows": len(runs[0].ids)})
+    if insufficient:
+        v.reasons = insufficient + v.reasons
+        return v
+    better, than = sides["better"], sides["than"]
+    if d.hi < 0 and max(better["values"]) < min(than["values"]):
+        v.verdict = SUPPORTED
+        return v
+    v.verdict = NOT_SUPPORTED
+    if d.lo > 0:
+        why = f"the difference goes the other way: {than['label']} has the lower CER"
+    elif d.hi >= 0:
+        why = "the 95% CI of ΔCER includes 0"
+    else:
+        why = (f"seeds overlap: the best {than['label']} seed ({100 * min(than['values']):.2f}%) is not above "
+               f"the worst {better['label']} seed ({100 * max(better['values']):.2f}%)")
+    v.reasons.insert(0, why)
+    return v
+
+
+def check_claims(claims_path: str | Path = "configs/claims.toml", matrix_path: str | Path = "configs/matrix/paper4.json",
+                 db_path: str | Path | None = "state.db") -> list[Verdict]:
+    """One Verdict per claim of ``claims_path`` on the runs of ``matrix_path``."""
+    claims = load_claims(claims_path)
+    m = load_matrix(matrix_path)
+    runs, missing = load_runs(m, db_path)
+    specs = {s.run_id: s for s in m.runs}
+    return [judge(c, runs, missing, specs) for c in claims]

@@ -1,0 +1,200 @@
+"""CLI for the backend core: `matrix plan|run|validate`, `runs import|list`, `tables`,
+`claims check`, `promote`. Errors in the input are printed as one clear message (exit 2),
+never as a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+matrix_app = typer.Typer(help="Run matrices: validate, plan, run.", no_args_is_help=True)
+runs_app = typer.Typer(help="Run directories in the state store.", no_args_is_help=True)
+claims_app = typer.Typer(help="Claims backed by measured CER.", no_args_is_help=True)
+
+DB = typer.Option("state.db", "--db", help="State store path.")
+
+
+def _fail(e: Exception, code: int = 2) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(code)
+
+
+def _user_errors() -> tuple:
+    from backend.claims import ClaimsError
+    from backend.executor_local import ExecutorError
+    from backend.matrix import MatrixError
+    from backend.promote import PromoteError
+    from backend.runs import BundleError
+    from backend.store import StoreError
+    from backend.tables import TablesError
+
+    return MatrixError, ExecutorError, BundleError, TablesError, ClaimsError, PromoteError, StoreError
+
+
+@matrix_app.command("validate")
+def validate_cmd(file: Path) -> None:
+    """Check a matrix file against the schema (no files hashed, nothing written)."""
+    from backend.matrix import MatrixError, load_matrix
+
+    try:
+        m = load_matrix(file)
+    except MatrixError as e:
+        _fail(e)
+    typer.echo(f"{file}: valid matrix {m.matrix_id!r} with {len(m.runs)} runs")
+
+
+@matrix_app.command("plan")
+def plan_cmd(file: Path, db: str = DB,
+             with_optional: bool = typer.Option(False, "--with-optional", help="Count optional runs in the totals."),
+             parallel: int = typer.Option(1, "--parallel", help="Local runs at a time (for the wall-time forecast)."),
+             as_json: bool = typer.Option(False, "--json")) -> None:
+    """The runs, what already exists for each, and a time/cost forecast."""
+    from backend.plan import format_plan, plan_matrix
+
+    try:
+        p = plan_matrix(file, db)
+    except _user_errors() as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps({"matrix_id": p.matrix.matrix_id, "identity_problems": p.identity.problems,
+                               "epoch_seconds": p.epoch_seconds, "epoch_seconds_source": p.epoch_seconds_source,
+                               "runs": [vars(r) for r in p.runs], "totals": p.totals(with_optional, parallel)},
+                              indent=1))
+    else:
+        typer.echo(format_plan(p, with_optional, parallel))
+
+
+@matrix_app.command("run")
+def run_cmd(file: Path,
+            executor: str = typer.Option("local", "--executor", help="Where runs execute: local | vast."),
+            parallel: int = typer.Option(1, "--parallel", help="Runs at a time."),
+            skip_sanity: bool = typer.Option(False, "--skip-sanity",
+                                             help="Skip the sanity step (recorded in state.db)."),
+            with_optional: bool = typer.Option(False, "--with-optional", help="Also run the optional runs."),
+            only: Optional[List[str]] = typer.Option(None, "--only", help="Run only this run id (repeatable)."),
+            db: str = DB) -> None:
+    """Run a matrix: sanity step, then every run not complete yet (resuming interrupted ones)."""
+    from backend.executor_local import run_matrix
+
+    try:
+        results = run_matrix(file, db, executor=executor, parallel=parallel, skip_sanity=skip_sanity,
+                             with_optional=with_optional, only=only or None,
+                             log=lambda s: typer.echo(s, err=True))
+    except _user_errors() as e:
+        _fail(e)
+    for r in results:
+        typer.echo(str(r))
+    statuses = {r.status for r in results}
+    if "interrupted" in statuses:
+        raise typer.Exit(130)
+    if statuses - {"completed"}:
+        raise typer.Exit(1)
+
+
+@runs_app.command("import")
+def import_cmd(run_dir: Path, run_id: Optional[str] = typer.Option(None, "--run-id", help="Default: results.json's."),
+               matrix: Optional[Path] = typer.Option(None, "--matrix",
+                                                     help="Check against this matrix's snapshot/split/recipe."),
+               allow_no_manifest: bool = typer.Option(False, "--allow-no-manifest",
+                                                      help="Accept a bundle without manifest.json (hashes are "
+                                                           "recorded now, not verified)."),
+               db: str = DB) -> None:
+    """Register an existing run directory after checking its files, hashes, snapshot and split."""
+    from backend.runs import import_run
+    from backend.store import open_db
+
+    try:
+        m = ident = None
+        if matrix is not None:
+            from backend.executor_local import load_and_resolve
+
+            m, ident = load_and_resolve(matrix)
+        handle = open_db(db)
+        try:
+            b = import_run(handle, run_dir, run_id, m, ident, allow_no_manifest)
+        finally:
+            handle.close()
+    except _user_errors() as e:
+        _fail(e)
+    typer.echo(f"imported {run_id or b.run_id} from {run_dir}: test CER {b.results.get('test_cer')}, "
+               f"snapshot {b.snapshot_sha256[:12]}, split {b.split_sha256[:12]}, {len(b.files)} files "
+               + ("verified against manifest.json" if b.manifest == "verified" else "hashed (no manifest)"))
+
+
+@runs_app.command("list")
+def list_cmd(matrix_id: Optional[str] = typer.Option(None, "--matrix-id"), db: str = DB,
+             as_json: bool = typer.Option(False, "--json")) -> None:
+    """Runs in the state store with status, heartbeat and test CER."""
+    from backend.store import open_db
+
+    if not Path(db).exists():
+        _fail(FileNotFoundError(f"state store not found: {db}"))
+    handle = open_db(db)
+    sql = "SELECT id, matrix_id, script, mode, seed, status, executor, epoch, heartbeat_at, test_cer, out_dir FROM runs"
+    rows = list(handle.query(sql + (" WHERE matrix_id = ?" if matrix_id else "") + " ORDER BY id",
+                             [matrix_id] if matrix_id else []))
+    handle.close()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        cer = f"{r['test_cer']:.4f}" if r["test_cer"] is not None else "—"
+        typer.echo(f"{r['id']:<32} {r['matrix_id'] or '':<14} {r['script'] or '':<6} {r['mode'] or '':<10} "
+                   f"{r['status']:<11} {r['executor'] or '':<7} epoch {r['epoch'] if r['epoch'] is not None else '—':<4}"
+                   f" CER {cer}")
+
+
+def tables_cmd(matrix: Path = typer.Option(..., "--matrix", help="Matrix file."),
+               out: Path = typer.Option(Path("reports"), "--out", help="Output directory."),
+               reference: Optional[str] = typer.Option(None, "--reference",
+                                                       help="Reference run for ΔCER (default: the matrix's)."),
+               db: str = DB) -> None:
+    """Markdown, LaTeX and CSV tables and PNG figures of a matrix, from its artifacts."""
+    from backend.tables import write_tables
+
+    try:
+        paths = write_tables(matrix, out, db, reference)
+    except _user_errors() as e:
+        _fail(e)
+    for p in paths:
+        typer.echo(str(p))
+
+
+@claims_app.command("check")
+def claims_check_cmd(claims: Path = typer.Option(Path("configs/claims.toml"), "--claims"),
+                     matrix: Path = typer.Option(Path("configs/matrix/paper4.json"), "--matrix"),
+                     db: str = DB, as_json: bool = typer.Option(False, "--json")) -> None:
+    """SUPPORTED / NOT SUPPORTED / INSUFFICIENT EVIDENCE for each claim, with the numbers."""
+    from backend.claims import check_claims
+
+    try:
+        verdicts = check_claims(claims, matrix, db)
+    except _user_errors() as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps([v.as_dict() for v in verdicts], indent=1, ensure_ascii=False))
+    else:
+        typer.echo("\n".join(str(v) for v in verdicts))
+
+
+def promote_cmd(run: str = typer.Argument(..., help="Run id."), db: str = DB,
+                out: Path = typer.Option(Path("reports/promotions"), "--out")) -> None:
+    """Write a promotion record: hashes, metrics, manifest, reproduction commands."""
+    from backend.promote import promote
+
+    try:
+        path = promote(run, db, out)
+    except _user_errors() as e:
+        _fail(e)
+    typer.echo(str(path))
+
+
+def register_backend(app: typer.Typer) -> None:
+    app.add_typer(matrix_app, name="matrix")
+    app.add_typer(runs_app, name="runs")
+    app.add_typer(claims_app, name="claims")
+    app.command("tables")(tables_cmd)
+    app.command("promote")(promote_cmd)

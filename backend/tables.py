@@ -1,0 +1,474 @@
+"""Tables and figures of a matrix, from its run artifacts only (`nko-ops tables`).
+
+Every number comes from a verified bundle (backend/runs.py): per-utterance edits and
+reference characters from ``test_predictions.jsonl`` (re-scored here and checked against the
+row's own ``cer_edits`` and against ``results.json``), best validation loss and epoch from
+``results.json``, learning curves from ``metrics.jsonl``. Outputs (``<out>/<matrix_id>-*``):
+Markdown, LaTeX (booktabs) and CSV tables and two PNG figures, byte-identical on rerun.
+
+ΔCER of a group (script × mode, mean over its seeds) or of a run is against the matrix's
+``reference_run``, with a 95% paired bootstrap CI over test utterances (backend/stats.py,
+10,000 resamples, fixed seed) and P(improvement) = share of resamples in which the CER is
+lower than the reference's.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from backend import stats
+from backend.matrix import Matrix, RunSpec, load_matrix
+from backend.runs import PARTITIONS, verify_bundle
+
+SCRIPTS = ("nko", "latin")
+MODES = ("baseline", "trajectory", "tar", "ttt")
+SCRIPT_NAMES = {"nko": "N'Ko", "latin": "Latin"}
+
+
+class TablesError(ValueError):
+    pass
+
+
+@dataclass
+class RunData:
+    spec: RunSpec
+    dir: Path
+    results: dict
+    ids: list[str]  # sorted test feat_ids
+    edits: np.ndarray
+    chars: np.ndarray
+    tl_edits: np.ndarray
+    tl_chars: np.ndarray
+    partitions: np.ndarray
+    curve: list[dict] = field(default_factory=list)
+
+    @property
+    def run_id(self) -> str:
+        return self.spec.run_id
+
+    @property
+    def cer(self) -> float:
+        return float(self.edits.sum() / self.chars.sum())
+
+    @property
+    def toneless_cer(self) -> float:
+        return float(self.tl_edits.sum() / self.tl_chars.sum())
+
+    @property
+    def identity(self) -> tuple:
+        return (self.results.get("snapshot_sha256"), self.results.get("split_sha256"),
+                self.results.get("feature_recipe_hash"))
+
+
+def _run_dir(m: Matrix, spec: RunSpec, db) -> Path:
+    if db is not None:
+        row = next(iter(db.query("SELECT out_dir, status FROM runs WHERE id = ?", [spec.run_id])), None)
+        if row and row["status"] == "completed" and row["out_dir"]:
+            return Path(row["out_dir"])
+    return m.out_dir(spec)
+
+
+def _load_run(spec: RunSpec, d: Path, m: Matrix) -> RunData:
+    from models.text import row_edits, toneless
+
+    b = verify_bundle(d, m.snapshot_sha256, m.split_sha256, m.recipe_hash)
+    if not b.ok:
+        raise TablesError(b.problems[0] + (f" (and {len(b.problems) - 1} more)" if len(b.problems) > 1 else ""))
+    for key, want in (("script", spec.script), ("mode", spec.mode), ("seed", spec.seed)):
+        if b.results.get(key) != want:
+            raise TablesError(f"results.json {key} is {b.results.get(key)!r}, the matrix says {want!r}")
+    rows = {}
+    with open(d / "test_predictions.jsonl", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                rows[r["feat_id"]] = r
+    ids = sorted(rows)
+    n = len(ids)
+    e, c, te, tc = (np.zeros(n, dtype=np.int64) for _ in range(4))
+    parts = np.empty(n, dtype=object)
+    for i, fid in enumerate(ids):
+        r = rows[fid]
+        e[i], c[i] = row_edits(r["reference_text"], r["asr_text"])
+        if (e[i], c[i]) != (r["cer_edits"], r["reference_chars"]):
+            raise TablesError(f"test_predictions.jsonl {fid}: cer_edits/reference_chars {r['cer_edits']}/"
+                              f"{r['reference_chars']} but the texts score {e[i]}/{c[i]}")
+        te[i], tc[i] = row_edits(toneless(r["reference_text"]), toneless(r["asr_text"]))
+        parts[i] = r["partition"]
+    if not c.sum():
+        raise TablesError("test references are empty")
+    measured = e.sum() / c.sum()
+    if abs(measured - float(b.results["test_cer"])) > 1e-9:
+        raise TablesError(f"results.json test_cer {b.results['test_cer']} disagrees with its rows ({measured})")
+    curve = []
+    if (d / "metrics.jsonl").is_file():
+        with open(d / "metrics.jsonl", encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict) and rec.get("kind") == "epoch":
+                    curve.append(rec)
+    return RunData(spec, d, b.results, ids, e, c, te, tc, parts, curve)
+
+
+def load_runs(m: Matrix, db_path: str | Path | None = None) -> tuple[list[RunData], list[tuple[str, str]]]:
+    """Runs of ``m`` with verified bundles (matrix order), and (run_id, reason) for the rest.
+    Runs on another snapshot/split/recipe or test set than the first loaded one are left out."""
+    db = None
+    if db_path is not None and Path(db_path).exists():
+        from backend.store import open_db
+
+        db = open_db(db_path)
+    loaded, missing = [], []
+    for spec in m.runs:
+        d = _run_dir(m, spec, db)
+        if not (d / "manifest.json").exists() and not (d / "results.json").exists():
+            missing.append((spec.run_id, "not run yet" + (" (optional)" if spec.optional else "")))
+            continue
+        try:
+            rd = _load_run(spec, d, m)
+        except (TablesError, ValueError, OSError, KeyError) as e:
+            missing.append((spec.run_id, str(e)))
+            continue
+        if loaded and (rd.identity != loaded[0].identity or rd.ids != loaded[0].ids):
+            missing.append((spec.run_id, f"different snapshot/split/recipe or test set than {loaded[0].run_id}"))
+            continue
+        loaded.append(rd)
+    if db is not None:
+        db.close()
+    return loaded, missing
+
+
+# --------------------------------------------------------------------------- computation
+
+@dataclass
+class Summary:
+    matrix: Matrix
+    runs: list[RunData]
+    missing: list[tuple[str, str]]
+    reference: str | None
+    groups: list[dict]
+    per_run: list[dict]
+    partitions: list[dict]
+    pairs: list[dict]
+
+
+def _group_key(r: RunData) -> tuple[int, int]:
+    return SCRIPTS.index(r.spec.script), MODES.index(r.spec.mode)
+
+
+def summarise(m: Matrix, runs: list[RunData], missing: list[tuple[str, str]], reference: str | None = None,
+              resamples: int = stats.RESAMPLES, seed: int = stats.SEED) -> Summary:
+    reference = reference if reference is not None else m.reference_run
+    by_id = {r.run_id: i for i, r in enumerate(runs)}
+    ref = by_id.get(reference) if reference else None
+    cer_b = None
+    if runs:
+        cer_b = stats.resampled_cer(np.stack([r.edits for r in runs]), np.stack([r.chars for r in runs]),
+                                    resamples, seed)
+    point = np.array([r.cer for r in runs])
+
+    def delta(cols: list[int]) -> dict:
+        if ref is None:
+            return {}
+        d = stats.delta_from_samples(point[cols].mean() - point[ref], cer_b[:, cols].mean(axis=1) - cer_b[:, ref])
+        return d.as_dict()
+
+    groups = []
+    keys = sorted({_group_key(r) for r in runs})
+    for key in keys:
+        cols = [i for i, r in enumerate(runs) if _group_key(r) == key]
+        members = [runs[i] for i in cols]
+        cers = [r.cer for r in members]
+        lo, hi = stats.ci_from_samples(cer_b[:, cols].mean(axis=1))
+        groups.append({
+            "script": SCRIPTS[key[0]], "mode": MODES[key[1]], "runs": [r.run_id for r in members],
+            "seeds": [r.spec.seed for r in members], "cer_mean": statistics.fmean(cers),
+            "cer_sd": statistics.stdev(cers) if len(cers) > 1 else None, "cer_ci": (lo, hi),
+            "toneless_cer_mean": statistics.fmean(r.toneless_cer for r in members),
+            "best_val_loss_mean": statistics.fmean(float(r.results["best_val_loss"]) for r in members),
+            "best_epochs": [int(r.results["best_epoch"]) for r in members],
+            "reference_chars": sorted({int(r.chars.sum()) for r in members}),
+            "is_reference": reference in [r.run_id for r in members],
+            **{f"d_{k}": v for k, v in delta(cols).items()},
+        })
+    per_run = []
+    for i, r in enumerate(runs):
+        per_run.append({
+            "run_id": r.run_id, "script": r.spec.script, "mode": r.spec.mode, "seed": r.spec.seed,
+            "cer": r.cer, "toneless_cer": r.toneless_cer, "best_val_loss": float(r.results["best_val_loss"]),
+            "best_epoch": int(r.results["best_epoch"]), "reference_chars": int(r.chars.sum()),
+            "rows": len(r.ids), "source": "imported" if r.dir.resolve() != m.out_dir(r.spec).resolve() else "trained",
+            **{f"d_{k}": v for k, v in (delta([i]) if i != ref else {}).items()},
+        })
+    partitions = []
+    for r in runs:
+        row = {"run_id": r.run_id}
+        for p in (*PARTITIONS, "overall"):
+            sel = np.ones(len(r.ids), bool) if p == "overall" else (r.partitions == p)
+            chars = int(r.chars[sel].sum())
+            row[p] = {"rows": int(sel.sum()), "cer": (float(r.edits[sel].sum() / chars) if chars else None),
+                      "toneless_cer": (float(r.tl_edits[sel].sum() / r.tl_chars[sel].sum())
+                                       if r.tl_chars[sel].sum() else None)}
+        partitions.append(row)
+    pairs = []
+    for i in range(len(runs)):
+        for j in range(i + 1, len(runs)):
+            d = stats.delta_from_samples(point[j] - point[i], cer_b[:, j] - cer_b[:, i])
+            pairs.append({"a": runs[i].run_id, "b": runs[j].run_id, **d.as_dict()})
+    return Summary(m, runs, missing, reference if ref is not None else None, groups, per_run, partitions, pairs)
+
+
+# --------------------------------------------------------------------------- formatting
+
+def _pct(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "—"
+    return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
+
+
+def _ci(d: dict, prefix: str = "d_") -> str:
+    if f"{prefix}ci_lo" not in d:
+        return "—"
+    return f"[{100 * d[prefix + 'ci_lo']:+.2f}, {100 * d[prefix + 'ci_hi']:+.2f}]"
+
+
+def _num(x: float | None, fmt: str = ".6f") -> str:
+    return "" if x is None else format(x, fmt)
+
+
+def _group_rows(s: Summary) -> list[list[str]]:
+    out = []
+    for g in s.groups:
+        cer = _pct(g["cer_mean"]) + (f" ± {100 * g['cer_sd']:.2f}" if g["cer_sd"] is not None else "")
+        ref_mark = " (ref)" if g["is_reference"] and len(g["runs"]) == 1 else ""
+        out.append([SCRIPT_NAMES[g["script"]], g["mode"], ", ".join(map(str, g["seeds"])), cer,
+                    _pct(g["toneless_cer_mean"]), f"{g['best_val_loss_mean']:.4f}",
+                    ", ".join(map(str, g["best_epochs"])), ", ".join(map(str, g["reference_chars"])),
+                    (_pct(g.get("d_delta"), True) + ref_mark) if "d_delta" in g else "—", _ci(g),
+                    f"{g['d_p_improvement']:.3f}" if "d_p_improvement" in g else "—"])
+    return out
+
+
+GROUP_HEAD = ["script", "mode", "seeds", "CER % (mean ± sd)", "toneless CER %", "best val loss",
+              "best epoch", "ref chars", "ΔCER pp", "95% CI", "P(improvement)"]
+RUN_HEAD = ["run", "script", "mode", "seed", "CER %", "toneless CER %", "best val loss", "best epoch",
+            "ref chars", "ΔCER pp", "95% CI", "P(improvement)", "source"]
+
+
+def _run_rows(s: Summary) -> list[list[str]]:
+    return [[r["run_id"], SCRIPT_NAMES[r["script"]], r["mode"], str(r["seed"]), _pct(r["cer"]),
+             _pct(r["toneless_cer"]), f"{r['best_val_loss']:.4f}", str(r["best_epoch"]), str(r["reference_chars"]),
+             ("reference" if r["run_id"] == s.reference else _pct(r.get("d_delta"), True) if "d_delta" in r else "—"),
+             _ci(r), f"{r['d_p_improvement']:.3f}" if "d_p_improvement" in r else "—", r["source"]]
+            for r in s.per_run]
+
+
+def _partition_rows(s: Summary) -> list[list[str]]:
+    return [[p["run_id"]] + [f"{_pct(p[k]['cer'])} ({p[k]['rows']})" for k in (*PARTITIONS, "overall")]
+            for p in s.partitions]
+
+
+def _pair_rows(s: Summary) -> list[list[str]]:
+    return [[p["b"], p["a"], _pct(p["delta"], True), _ci(p, ""), f"{p['p_improvement']:.3f}"] for p in s.pairs]
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _header(s: Summary) -> list[str]:
+    r0 = s.runs[0] if s.runs else None
+    ident = ("snapshot `{}`, split `{}`, feature recipe `{}`, {} test utterances".format(
+        r0.results["snapshot_sha256"][:12], r0.results["split_sha256"][:12], r0.results["feature_recipe_hash"][:12],
+        len(r0.ids)) if r0 else "no completed runs")
+    return [ident, f"reference run `{s.reference}`" if s.reference else "no reference run with a bundle: no ΔCER"]
+
+
+def markdown(s: Summary) -> str:
+    m = s.matrix
+    out = [f"# Matrix `{m.matrix_id}`", ""]
+    out += [f"{line}." for line in _header(s)]
+    out += ["", f"ΔCER = CER − reference CER in percentage points (negative is better); 95% CI and "
+            f"P(improvement) from a paired bootstrap over test utterances ({stats.RESAMPLES:,} resamples, "
+            f"seed {stats.SEED}). Groups use the mean CER over their seeds.", ""]
+    out += ["## By script × mode", "", _md_table(GROUP_HEAD, _group_rows(s)), ""]
+    out += ["## By run", "", _md_table(RUN_HEAD, _run_rows(s)), ""]
+    out += ["## CER % by partition (rows)", "",
+            _md_table(["run", *PARTITIONS, "overall"], _partition_rows(s)), ""]
+    if s.pairs:
+        out += ["## Pairwise ΔCER (run − other run)", "",
+                _md_table(["run", "vs", "ΔCER pp", "95% CI", "P(improvement)"], _pair_rows(s)), ""]
+    if s.missing:
+        out += ["## Not included", ""] + [f"- `{rid}`: {why}" for rid, why in s.missing] + [""]
+    out += [f"Figures: `{m.matrix_id}-cer.png` (CER by mode × script, 95% CIs), "
+            f"`{m.matrix_id}-curves.png` (learning curves).", ""]
+    return "\n".join(out)
+
+
+def _tex_escape(text: str) -> str:
+    out = []
+    for ch in text:
+        out.append({"\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "_": "\\_", "#": "\\#", "$": "\\$",
+                    "{": "\\{", "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}",
+                    "±": "$\\pm$", "—": "--", "Δ": "$\\Delta$", "×": "$\\times$"}.get(ch, ch))
+    return "".join(out)
+
+
+def _tex_table(caption: str, label: str, head: list[str], rows: list[list[str]], align: str) -> str:
+    lines = ["\\begin{table}[t]", "\\centering", "\\small", f"\\caption{{{_tex_escape(caption)}}}",
+             f"\\label{{{label}}}", f"\\begin{{tabular}}{{{align}}}", "\\toprule",
+             " & ".join(_tex_escape(h) for h in head) + " \\\\", "\\midrule"]
+    lines += [" & ".join(_tex_escape(c) for c in r) + " \\\\" for r in rows]
+    lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+    return "\n".join(lines)
+
+
+def latex(s: Summary) -> str:
+    m = s.matrix
+    note = (f"ΔCER vs {s.reference} in pp; 95% paired bootstrap CI over test utterances "
+            f"({stats.RESAMPLES} resamples)." if s.reference else "No reference run.")
+    parts = [f"% generated by `nko-ops tables` from the run artifacts of matrix {m.matrix_id}; do not edit",
+             "% needs \\usepackage{booktabs}",
+             _tex_table(f"Test CER by script and mode. {note}", f"tab:{m.matrix_id}-groups", GROUP_HEAD,
+                        _group_rows(s), "llllrrlrlrr"),
+             _tex_table(f"Test CER by run. {note}", f"tab:{m.matrix_id}-runs", RUN_HEAD, _run_rows(s),
+                        "llllrrrrrlrrl"),
+             _tex_table("Test CER (%) by partition, with rows.", f"tab:{m.matrix_id}-partitions",
+                        ["run", *PARTITIONS, "overall"], _partition_rows(s), "lrrrrr")]
+    return "\n\n".join(parts) + "\n"
+
+
+def _csv(head: list[str], rows: list[list]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(head)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def csvs(s: Summary) -> dict[str, str]:
+    d_cols = ["delta_vs_reference", "ci_lo", "ci_hi", "p_improvement"]
+
+    def dvals(d: dict) -> list[str]:
+        return [_num(d.get("d_delta")), _num(d.get("d_ci_lo")), _num(d.get("d_ci_hi")),
+                _num(d.get("d_p_improvement"), ".4f")]
+
+    groups = _csv(["script", "mode", "runs", "seeds", "cer_mean", "cer_sd", "cer_ci_lo", "cer_ci_hi",
+                   "toneless_cer_mean", "best_val_loss_mean", "best_epochs", "reference_chars", "reference_run",
+                   *d_cols],
+                  [[g["script"], g["mode"], " ".join(g["runs"]), " ".join(map(str, g["seeds"])), _num(g["cer_mean"]),
+                    _num(g["cer_sd"]), _num(g["cer_ci"][0]), _num(g["cer_ci"][1]), _num(g["toneless_cer_mean"]),
+                    _num(g["best_val_loss_mean"]), " ".join(map(str, g["best_epochs"])),
+                    " ".join(map(str, g["reference_chars"])), s.reference or "", *dvals(g)] for g in s.groups])
+    runs = _csv(["run_id", "script", "mode", "seed", "cer", "toneless_cer", "best_val_loss", "best_epoch",
+                 "reference_chars", "rows", "source", "reference_run", *d_cols],
+                [[r["run_id"], r["script"], r["mode"], r["seed"], _num(r["cer"]), _num(r["toneless_cer"]),
+                  _num(r["best_val_loss"]), r["best_epoch"], r["reference_chars"], r["rows"], r["source"],
+                  s.reference or "", *dvals(r)] for r in s.per_run])
+    parts = _csv(["run_id", "partition", "rows", "cer", "toneless_cer"],
+                 [[p["run_id"], k, p[k]["rows"], _num(p[k]["cer"]), _num(p[k]["toneless_cer"])]
+                  for p in s.partitions for k in (*PARTITIONS, "overall")])
+    pairs = _csv(["run", "vs", "delta", "ci_lo", "ci_hi", "p_improvement"],
+                 [[p["b"], p["a"], _num(p["delta"]), _num(p["ci_lo"]), _num(p["ci_hi"]), _num(p["p_improvement"], ".4f")]
+                  for p in s.pairs])
+    missing = _csv(["run_id", "reason"], [[rid, why] for rid, why in s.missing])
+    return {"groups.csv": groups, "runs.csv": runs, "partitions.csv": parts, "pairwise.csv": pairs,
+            "missing.csv": missing}
+
+
+# --------------------------------------------------------------------------- figures
+
+def _figures(s: Summary, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = s.matrix
+    meta = {"Software": None}  # keep the PNG bytes independent of the matplotlib version
+    paths = []
+    with plt.rc_context({"font.size": 9, "axes.spines.top": False, "axes.spines.right": False}):
+        fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+        width = 0.38
+        for k, script in enumerate(SCRIPTS):
+            gs = {g["mode"]: g for g in s.groups if g["script"] == script}
+            xs = [MODES.index(mo) + (k - 0.5) * width for mo in MODES if mo in gs]
+            ys = [100 * gs[mo]["cer_mean"] for mo in MODES if mo in gs]
+            lo = [100 * (gs[mo]["cer_mean"] - gs[mo]["cer_ci"][0]) for mo in MODES if mo in gs]
+            hi = [100 * (gs[mo]["cer_ci"][1] - gs[mo]["cer_mean"]) for mo in MODES if mo in gs]
+            if xs:
+                ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=SCRIPT_NAMES[script],
+                       color=("#1f77b4" if script == "nko" else "#ff7f0e"))
+                for x, mo in zip(xs, [mo for mo in MODES if mo in gs]):
+                    ax.annotate(f"n={len(gs[mo]['runs'])}", (x, 0), xytext=(0, 2), textcoords="offset points",
+                                ha="center", va="bottom", fontsize=7, color="white")
+        ax.set_xticks(range(len(MODES)), MODES)
+        ax.set_ylabel("test CER (%)")
+        ax.set_title(f"{m.matrix_id}: CER by mode × script (95% bootstrap CI)")
+        if s.groups:
+            ax.legend(frameon=False)
+        fig.tight_layout()
+        p = out / f"{m.matrix_id}-cer.png"
+        fig.savefig(p, metadata=meta)
+        plt.close(fig)
+        paths.append(p)
+
+        fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.4), dpi=120, sharey=True)
+        for ax, script in zip(axes, SCRIPTS):
+            for r in [r for r in s.runs if r.spec.script == script]:
+                ep = [c["epoch"] for c in r.curve if "val_loss" in c]
+                if ep:
+                    line, = ax.plot(ep, [c["val_loss"] for c in r.curve if "val_loss" in c], label=f"{r.run_id} val")
+                    ax.plot([c["epoch"] for c in r.curve if "train_loss" in c],
+                            [c["train_loss"] for c in r.curve if "train_loss" in c], ls="--", lw=0.8,
+                            color=line.get_color())
+            ax.set_title(f"{SCRIPT_NAMES[script]} (dashed: train)")
+            ax.set_xlabel("epoch")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(frameon=False, fontsize=6)
+        axes[0].set_ylabel("CTC loss")
+        fig.tight_layout()
+        p = out / f"{m.matrix_id}-curves.png"
+        fig.savefig(p, metadata=meta)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+# --------------------------------------------------------------------------- entry points
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8", newline="\n")
+    tmp.replace(path)
+
+
+def write_tables(matrix_path: str | Path, out_dir: str | Path = "reports", db_path: str | Path | None = "state.db",
+                 reference: str | None = None) -> list[Path]:
+    """Write the matrix's tables and figures under ``out_dir``; returns the paths written."""
+    m = load_matrix(matrix_path)
+    if reference is not None and reference not in {r.run_id for r in m.runs}:
+        raise TablesError(f"--reference {reference!r} is not a run of matrix {m.matrix_id}")
+    runs, missing = load_runs(m, db_path)
+    s = summarise(m, runs, missing, reference)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in [("tables.md", markdown(s)), ("tables.tex", latex(s)), *csvs(s).items()]:
+        p = out / f"{m.matrix_id}-{name}"
+        _write(p, text)
+        written.append(p)
+    written += _figures(s, out)
+    return written

@@ -1,0 +1,111 @@
+"""Thunder runs in the state store: ``adapter_runs`` (one row per run), ``adapter_metrics``
+(one row per rank, iteration and metric), status changes as ``events`` and the run's files
+in ``artifacts`` (owner_kind ``adapter_run``)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+import sqlite_utils
+
+from backend.store import StoreError, add_events, now, transaction
+
+STATUSES = ("planned", "running", "completed", "failed", "hung", "cancelled")
+TERMINAL = ("completed", "failed", "hung", "cancelled")
+OWNER_KIND = "adapter_run"
+# metrics-line fields that are bookkeeping, not metrics
+_NOT_METRICS = {"kind", "rank", "attempt", "time", "iteration", "pid", "world_size"}
+
+
+def _encode(v: Any) -> Any:
+    return json.dumps(v, sort_keys=True, ensure_ascii=False) if isinstance(v, (dict, list)) else v
+
+
+def get_adapter_run(db: sqlite_utils.Database, run_id: str) -> dict | None:
+    rows = list(db.query("SELECT * FROM adapter_runs WHERE id = ?", [run_id]))
+    return rows[0] if rows else None
+
+
+def update_adapter_run(db: sqlite_utils.Database, run_id: str, **fields: Any) -> None:
+    """Create the row if absent, then set ``fields`` (dict/list values stored as JSON)."""
+    if "status" in fields and fields["status"] not in STATUSES:
+        raise StoreError(f"adapter run {run_id}: unknown status {fields['status']!r} (one of {', '.join(STATUSES)})")
+    values = {k: _encode(v) for k, v in fields.items()}
+    values["updated_at"] = now()
+    cols = ", ".join(f"{k} = ?" for k in values)
+    with transaction(db):
+        db.conn.execute("INSERT OR IGNORE INTO adapter_runs(id) VALUES (?)", (run_id,))
+        db.conn.execute(f"UPDATE adapter_runs SET {cols} WHERE id = ?", (*values.values(), run_id))
+
+
+def set_status(db: sqlite_utils.Database, run_id: str, status: str, message: str = "", level: str | None = None,
+               **fields: Any) -> None:
+    """Change a run's status and record the change as an event, in one transaction."""
+    with transaction(db):
+        old = get_adapter_run(db, run_id)
+        before = old["status"] if old else None
+        if status in TERMINAL and "finished_at" not in fields:
+            fields["finished_at"] = now()
+        update_adapter_run(db, run_id, status=status, **fields)
+        text = f"{before or 'new'} -> {status}" + (f": {message}" if message else "")
+        add_events(db, [{"adapter_run_id": run_id, "kind": "status", "source": "thunder", "message": text,
+                         "level": level or ("error" if status in ("failed", "hung") else "info"),
+                         "data": {"from": before, "to": status}}])
+
+
+def log_event(db: sqlite_utils.Database, run_id: str, message: str, level: str = "info", kind: str = "log",
+              data: dict | None = None) -> None:
+    add_events(db, [{"adapter_run_id": run_id, "source": "thunder", "kind": kind, "level": level,
+                     "message": message, "data": data}])
+
+
+def metric_rows(run_id: str, line: dict) -> list[tuple]:
+    """(adapter_run_id, rank, iteration, name, value, ts) for each numeric field of a train or
+    val line."""
+    if line.get("kind") not in ("train", "val"):
+        return []
+    t = line.get("time")
+    ts = now()
+    if isinstance(t, (int, float)):
+        ts = datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    rows = []
+    for name, value in line.items():
+        if name in _NOT_METRICS or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        rows.append((run_id, int(line.get("rank", 0)), int(line.get("iteration", -1)), name, float(value), ts))
+    return rows
+
+
+def add_metric_lines(db: sqlite_utils.Database, run_id: str, lines: Iterable[dict], **run_fields: Any) -> int:
+    """Upsert the metrics of many lines and update the run row, in one transaction (so the
+    stored tail offsets never run ahead of the stored metrics)."""
+    rows = [r for line in lines for r in metric_rows(run_id, line)]
+    with transaction(db):
+        if rows:
+            db.conn.executemany(
+                "INSERT INTO adapter_metrics(adapter_run_id, rank, iteration, name, value, ts) VALUES (?,?,?,?,?,?) "
+                "ON CONFLICT(adapter_run_id, rank, iteration, name) DO UPDATE SET value = excluded.value, "
+                "ts = excluded.ts", rows)
+        if run_fields:
+            update_adapter_run(db, run_id, **run_fields)
+    return len(rows)
+
+
+def latest_metrics(db: sqlite_utils.Database, run_id: str) -> dict[int, dict]:
+    """{rank: {name: (iteration, value)}} with each metric's latest value."""
+    out: dict[int, dict] = {}
+    for r in db.query(
+            "SELECT m.rank, m.name, m.iteration, m.value FROM adapter_metrics m JOIN ("
+            "  SELECT rank, name, MAX(iteration) AS it FROM adapter_metrics WHERE adapter_run_id = ? "
+            "  GROUP BY rank, name) last ON m.rank = last.rank AND m.name = last.name AND m.iteration = last.it "
+            "WHERE m.adapter_run_id = ? ORDER BY m.rank, m.name", [run_id, run_id]):
+        out.setdefault(r["rank"], {})[r["name"]] = (r["iteration"], r["value"])
+    return out
+
+
+def series(db: sqlite_utils.Database, run_id: str, name: str, rank: int = 0) -> list[tuple[int, float]]:
+    return [(r["iteration"], r["value"]) for r in db.query(
+        "SELECT iteration, value FROM adapter_metrics WHERE adapter_run_id = ? AND name = ? AND rank = ? "
+        "ORDER BY iteration", [run_id, name, rank])]

@@ -1,0 +1,296 @@
+"""`nko-ops vast ...`: offers, launch, instances, logs, sync, kill-idle, destroy, sweep,
+emulator. Listing commands take ``--json``. Errors are one clear line (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+vast_app = typer.Typer(help="Vast.ai lane: rent GPUs for runs without losing data or money.", no_args_is_help=True)
+
+DB = typer.Option("state.db", "--db", help="State store path.")
+CONFIG = typer.Option(Path("configs/vast.toml"), "--settings", help="Vast settings (launch, SSH, idle, mirror).")
+BUDGET = typer.Option(Path("configs/budget.toml"), "--budget", help="Budget: cap, warn level, poll interval.")
+JSON = typer.Option(False, "--json", help="Machine-readable output.")
+
+
+def _fail(e: Exception, code: int = 2) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(code)
+
+
+def _errors() -> tuple:
+    from backend.executor_local import ExecutorError
+    from backend.matrix import MatrixError
+    from backend.store import StoreError
+    from backend.vast.config import VastConfigError
+    from backend.vast.executor import LaunchError
+    from backend.vast.provider import ProviderError
+    from backend.vast.remote import StageError
+    from backend.vast.ssh import SSHError
+    from backend.vast.sync import SyncError
+    from models.config import ConfigError
+
+    return (VastConfigError, ProviderError, SSHError, SyncError, StageError, LaunchError, StoreError, MatrixError,
+            ExecutorError, ConfigError)
+
+
+def _fleet(db: str, config: Path, budget: Path):
+    from backend.store import open_db
+    from backend.vast.config import load_budget, load_settings, state_dir_for
+    from backend.vast.fleet import Fleet
+    from backend.vast.provider import provider_from_settings
+
+    settings = load_settings(config, state_dir=state_dir_for(db))
+    provider = provider_from_settings(settings)
+    return Fleet(open_db(db), settings, load_budget(budget), provider, log=lambda s: typer.echo(s, err=True))
+
+
+def _echo_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=1, ensure_ascii=False, default=str))
+
+
+@vast_app.command("offers")
+def offers_cmd(query: Optional[str] = typer.Argument(None, help="Vast query, e.g. 'gpu_name=RTX_4090 "
+                                                                 "reliability>0.98'. Default: configs/vast.toml's."),
+               order: Optional[str] = typer.Option(None, "--order", help="Sort fields (default: dph_total)."),
+               limit: int = typer.Option(10, "--limit"), disk: Optional[float] = typer.Option(None, "--disk",
+                                                                                              help="GB of disk to price."),
+               config: Path = CONFIG, as_json: bool = JSON) -> None:
+    """Offers matching a query, with live prices."""
+    from backend.vast.config import load_settings
+    from backend.vast.provider import provider_from_settings
+
+    try:
+        s = load_settings(config)
+        rows = provider_from_settings(s).offers(query or s.query, order or s.order, limit, disk or s.disk_gb)
+    except _errors() as e:
+        _fail(e)
+    if as_json:
+        return _echo_json([o.raw for o in rows])
+    if not rows:
+        typer.echo("no offers match")
+    for o in rows:
+        typer.echo(f"{o.id:>9}  {o.num_gpus}x {o.gpu_name:<12} ${o.dph_total:.3f}/h  reliability {o.reliability:.3f}  "
+                   f"down {o.inet_down:.0f} Mb/s  disk {o.disk_space:.0f} GB")
+
+
+@vast_app.command("launch")
+def launch_cmd(run_config: Path = typer.Option(..., "--config", help="Run config JSON (models/config.py)."),
+               detach: bool = typer.Option(False, "--detach", help="Return once the trainer runs on the instance."),
+               db: str = DB, config: Path = CONFIG, budget: Path = BUDGET) -> None:
+    """Train one run on a rented instance: launch, follow, sync, verify, auto-destroy."""
+    from backend.vast.config import load_budget, load_settings, state_dir_for
+    from backend.vast.executor import launch_config
+
+    try:
+        r = launch_config(run_config, db, detach=detach, settings=load_settings(config, state_dir=state_dir_for(db)),
+                          budget=load_budget(budget), log=lambda s: typer.echo(s, err=True))
+    except _errors() as e:
+        _fail(e)
+    typer.echo(str(r))
+    if r.status not in ("completed", "running"):
+        raise typer.Exit(1)
+
+
+@vast_app.command("instances")
+def instances_cmd(db: str = DB, config: Path = CONFIG, budget: Path = BUDGET, as_json: bool = JSON) -> None:
+    """The account's instances (polled now: cost ledger and idle tracking updated) and the budget."""
+    from backend.vast import idle
+
+    try:
+        fleet = _fleet(db, config, budget)
+        rows, state = fleet.poll()
+    except _errors() as e:
+        _fail(e)
+    now = fleet.clock()
+    out = []
+    for r in rows:
+        rec = next(iter(fleet.db.query("SELECT run_id, data FROM instances WHERE id = ?", [str(r["id"])])), {})
+        data = json.loads(rec.get("data") or "{}")
+        v = idle.verdict(fleet.db, str(r["id"]), fleet.settings.idle, now)
+        out.append({"id": r["id"], "label": r.get("label"), "run_id": rec.get("run_id"), "status": r.get("actual_status"),
+                    "gpu": f"{r.get('num_gpus')}x {r.get('gpu_name')}", "dph_total": r.get("dph_total"),
+                    "gpu_util": r.get("gpu_util"), "spent_usd": round(data.get("compute_usd", 0.0)
+                                                                      + data.get("storage_usd", 0.0), 6),
+                    "ssh": f"{r.get('ssh_host')}:{r.get('ssh_port')}", "idle": v.idle, "idle_reason": v.reason})
+    fleet.close()
+    if as_json:
+        return _echo_json({"instances": out, "budget": {"spent_usd": state.spent_usd, "cap_usd": state.cap_usd,
+                                                        "warn_usd": state.warn_usd,
+                                                        "fleet_usd_per_h": state.fleet_usd_per_h, "over": state.over}})
+    for r in out:
+        typer.echo(f"{r['id']:>10} {r['status'] or '?':<9} {r['gpu']:<16} ${r['dph_total'] or 0:.3f}/h  "
+                   f"spent ${r['spent_usd']:.4f}  util {r['gpu_util'] if r['gpu_util'] is not None else '?'}  "
+                   f"{r['label'] or ''}" + ("  IDLE" if r["idle"] else ""))
+    typer.echo(f"budget: {state}")
+
+
+@vast_app.command("logs")
+def logs_cmd(run: str = typer.Argument(..., help="Run id."), follow: bool = typer.Option(False, "--follow", "-f"),
+             interval: float = typer.Option(2.0, "--interval"), db: str = DB, config: Path = CONFIG,
+             budget: Path = BUDGET) -> None:
+    """Print a run's new train.log lines (stored in state.db as well); --follow keeps going,
+    reconnecting after drops, until the trainer exits."""
+    from backend import store
+    from backend.vast import remote as rmt
+    from backend.vast.logs import LogFollower
+
+    try:
+        fleet = _fleet(db, config, budget)
+        r = store.get_run(fleet.db, run)
+        if not r or not r["instance_id"]:
+            raise FileNotFoundError(f"run {run!r} has no Vast instance in {db}")
+        iid = r["instance_id"]
+        layout = fleet.layout(iid)
+
+        def connect():
+            row = fleet.provider.instance(iid)
+            if row is None:
+                raise typer.Exit(_gone(iid))
+            return fleet.remote(row).connect()
+
+        def done() -> bool:
+            if not follow:
+                return True
+            row = fleet.provider.instance(iid)
+            if row is None:
+                return True
+            st = rmt.status(fleet.remote(row), layout, run, fleet.settings.remote_python)
+            return st.get("exit") is not None
+
+        LogFollower(fleet.db, run, layout.run_dir(run), iid, echo=typer.echo).follow(
+            connect, done, interval, on_error=lambda m: typer.echo(m, err=True))
+    except (FileNotFoundError, *_errors()) as e:
+        _fail(e)
+
+
+def _gone(iid) -> int:
+    typer.echo(f"instance {iid} is gone", err=True)
+    return 1
+
+
+@vast_app.command("sync")
+def sync_cmd(run: Optional[str] = typer.Argument(None, help="Run id (default: every live instance)."),
+             instance: Optional[str] = typer.Option(None, "--instance"), db: str = DB, config: Path = CONFIG,
+             budget: Path = BUDGET, as_json: bool = JSON) -> None:
+    """Pull new artifacts into the verified local store now."""
+    from backend import store
+
+    try:
+        fleet = _fleet(db, config, budget)
+        rows, _ = fleet.poll()
+        if run:
+            r = store.get_run(fleet.db, run)
+            if not r or not r["instance_id"]:
+                raise FileNotFoundError(f"run {run!r} has no Vast instance in {db}")
+            instance = r["instance_id"]
+        targets = [r for r in rows if instance is None or str(r["id"]) == str(instance)]
+        reports = []
+        for row in targets:
+            if row.get("actual_status") != "running":
+                continue
+            reports += fleet.sync_instance(row, [run] if run else None)
+    except (FileNotFoundError, *_errors()) as e:
+        _fail(e)
+    if as_json:
+        _echo_json([{"run_id": r.run_id, "ok": r.ok, "verified": [e.name for e in r.verified],
+                     "pulled": [e.name for e in r.pulled], "bytes": r.bytes,
+                     "failed": [{"name": e.name, "why": w} for e, w in r.failed]} for r in reports])
+    else:
+        for r in reports:
+            typer.echo(str(r))
+    if any(not r.ok for r in reports):
+        raise typer.Exit(1)
+
+
+def _confirmations(force: List[str], confirm: List[str]) -> dict[str, str]:
+    """id -> the id typed again, for each --force ID (asking on the terminal when no --confirm)."""
+    out = {}
+    for iid in force:
+        typed = next((c for c in confirm if c == iid), None)
+        if typed is None:
+            typed = typer.prompt(f"Destroy instance {iid} even if files on it have no verified copy? "
+                                 "Type its id again to confirm")
+        out[iid] = typed.strip()
+    return out
+
+
+@vast_app.command("kill-idle")
+def kill_idle_cmd(force: List[str] = typer.Option([], "--force", help="Instance id to destroy even without "
+                                                                        "verified copies (repeatable)."),
+                  confirm: List[str] = typer.Option([], "--confirm", help="The forced instance id typed again."),
+                  db: str = DB, config: Path = CONFIG, budget: Path = BUDGET, as_json: bool = JSON) -> None:
+    """Destroy idle instances, only once every file they hold is verified locally (sync first)."""
+    try:
+        fleet = _fleet(db, config, budget)
+        outcomes = fleet.kill_idle(_confirmations(force, confirm))
+    except _errors() as e:
+        _fail(e)
+    _report(outcomes, as_json)
+
+
+@vast_app.command("destroy")
+def destroy_cmd(instance: str = typer.Argument(...), force: bool = typer.Option(False, "--force"),
+                confirm: Optional[str] = typer.Option(None, "--confirm", help="With --force: the id typed again."),
+                db: str = DB, config: Path = CONFIG, budget: Path = BUDGET, as_json: bool = JSON) -> None:
+    """Destroy one instance (sync and verify first; --force needs the id typed again)."""
+    try:
+        fleet = _fleet(db, config, budget)
+        fleet.poll()
+        typed = _confirmations([instance], [confirm] if confirm else [])[instance] if force else None
+        outcome = fleet.destroy(instance, force=force, confirm=typed)
+    except _errors() as e:
+        _fail(e)
+    _report([outcome], as_json)
+
+
+def _report(outcomes, as_json: bool) -> None:
+    if as_json:
+        _echo_json([{"instance_id": o.instance_id, "destroyed": o.destroyed, "reason": o.reason,
+                     "would_lose": o.would_lose, "forced": o.forced} for o in outcomes])
+    else:
+        for o in outcomes:
+            typer.echo(str(o))
+        if not outcomes:
+            typer.echo("no idle instances")
+    if any(not o.destroyed for o in outcomes):
+        raise typer.Exit(1)
+
+
+@vast_app.command("sweep")
+def sweep_cmd(db: str = DB, config: Path = CONFIG, budget: Path = BUDGET, as_json: bool = JSON) -> None:
+    """Instances on the account that the state store does not know about (orphans)."""
+    try:
+        fleet = _fleet(db, config, budget)
+        orphans = fleet.sweep()
+    except _errors() as e:
+        _fail(e)
+    if as_json:
+        return _echo_json([{k: o.get(k) for k in ("id", "label", "actual_status", "gpu_name", "dph_total",
+                                                  "start_date")} for o in orphans])
+    for o in orphans:
+        typer.echo(f"ORPHAN {o['id']}: {o.get('label') or '(no label)'} {o.get('actual_status')} "
+                   f"{o.get('gpu_name')} ${o.get('dph_total') or 0:.3f}/h since "
+                   f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(o.get('start_date') or 0))} UTC")
+    if not orphans:
+        typer.echo("no orphans: every instance on the account belongs to a known run")
+
+
+@vast_app.command("emulator")
+def emulator_cmd(port: int = typer.Option(8765, "--port"),
+                 ssh_port: int = typer.Option(22, "--ssh-port", help="Local sshd the instances map to."),
+                 workspace: Optional[Path] = typer.Option(None, "--workspace",
+                                                          help="Directory holding each instance's disk."),
+                 boot_s: float = typer.Option(5.0, "--boot-s", help="Seconds an instance spends loading.")) -> None:
+    """Run the Vast API emulator in the foreground (key: VAST_API_KEY; any key when unset)."""
+    from backend.vast.emulator import serve
+
+    serve(port, os.environ.get("VAST_API_KEY"), ssh_port=ssh_port,
+          workspace_base=str(workspace.resolve()) if workspace else None, boot_s=boot_s,
+          log=lambda s: typer.echo(s, err=True))

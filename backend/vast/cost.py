@@ -1,0 +1,223 @@
+"""Cost ledger and budget, from polling the instance list.
+
+Each poll charges every instance for the time since it was last charged, at the higher of
+the rates seen at the two ends of the interval (``dph_total`` while running, which includes
+its disk; the disk's ``storage_total_cost`` otherwise). The ledger therefore never charges
+less than Vast bills, only up to one poll interval more for a state change it did not see.
+An instance that disappears between polls is charged up to the poll that notices it; one we
+destroy ourselves is charged up to the moment the destroy returned.
+
+Per-instance totals are cumulative in ``cost_samples`` (one row per poll) and mirrored in the
+instance's ``data`` JSON; ``budgets.spent_usd`` is the total over all instances.
+
+Budget (``configs/budget.toml``): at ``warn_usd`` a warning event; when the spend plus what
+the fleet will cost until the next poll reaches ``cap_usd``, no new launch is allowed and
+the policy stops spend (sync, then destroy; ``Fleet.stop_spend``). So the money spent never
+exceeds the cap by more than one poll interval of the fleet's hourly rate.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+from backend import store
+from backend.vast.config import BudgetSettings
+
+INSTANCE_FIELDS = ("label", "gpu_name", "num_gpus", "dph_total", "storage_cost", "actual_status",
+                   "intended_status", "cur_state", "status_msg", "ssh_host", "ssh_port", "gpu_util", "start_date")
+
+
+def ts(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def rate(row: dict) -> float:
+    """USD per hour an instance costs in the state ``row`` shows."""
+    storage = storage_rate(row)
+    if row.get("actual_status") in ("running", "loading", "created", None) and \
+            row.get("intended_status", "running") == "running":
+        return max(float(row.get("dph_total") or 0.0), storage)
+    return storage
+
+
+def storage_rate(row: dict) -> float:
+    if row.get("storage_total_cost") is not None:
+        return float(row["storage_total_cost"])
+    # storage_cost is $/GB/month
+    return float(row.get("storage_cost") or 0.0) * float(row.get("disk_space") or 0.0) / (30 * 24)
+
+
+@dataclass
+class BudgetState:
+    spent_usd: float
+    fleet_usd_per_h: float
+    cap_usd: float
+    warn_usd: float
+    poll_interval_s: float
+
+    @property
+    def projected_usd(self) -> float:
+        return self.spent_usd + self.fleet_usd_per_h * self.poll_interval_s / 3600.0
+
+    @property
+    def over(self) -> bool:
+        return self.projected_usd >= self.cap_usd
+
+    @property
+    def warn(self) -> bool:
+        return self.spent_usd >= self.warn_usd
+
+    def __str__(self) -> str:
+        return (f"${self.spent_usd:.4f} spent of ${self.cap_usd:.2f} (warn at ${self.warn_usd:.2f}); fleet "
+                f"${self.fleet_usd_per_h:.3f}/h" + ("; OVER CAP: no launches, spend stopped" if self.over else ""))
+
+
+class Ledger:
+    def __init__(self, db, budget: BudgetSettings, clock: Callable[[], float] = time.time):
+        self.db, self.budget, self.clock = db, budget, clock
+        self.unpolled_usd_per_h = 0.0  # instances launched since the last poll
+        with store.transaction(db):
+            db.conn.execute(
+                "INSERT INTO budgets(name, cap_usd, warn_usd, poll_interval_s, source, updated_at) "
+                "VALUES (?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET cap_usd = excluded.cap_usd, "
+                "warn_usd = excluded.warn_usd, poll_interval_s = excluded.poll_interval_s, "
+                "source = excluded.source, updated_at = excluded.updated_at",
+                (budget.name, budget.cap_usd, budget.warn_usd, budget.poll_interval_s, budget.source, store.now()))
+
+    # ------------------------------------------------------------------ instances table
+
+    def _data(self, iid: str) -> tuple[dict | None, dict]:
+        row = next(iter(self.db.query("SELECT * FROM instances WHERE id = ?", [iid])), None)
+        return row, (json.loads(row["data"]) if row and row["data"] else {})
+
+    def _charge(self, iid: str, data: dict, until: float, usd_per_h: float, storage_per_h: float,
+                running: bool, run_id: str | None) -> None:
+        since = data.get("billed_until")
+        if since is None or until <= since:
+            data.setdefault("billed_until", until)
+            return
+        dt = until - since
+        total = usd_per_h * dt / 3600.0
+        storage = min(total, storage_per_h * dt / 3600.0)
+        data["compute_usd"] = data.get("compute_usd", 0.0) + (total - storage)
+        data["storage_usd"] = data.get("storage_usd", 0.0) + storage
+        data["running_s"] = data.get("running_s", 0.0) + (dt if running else 0.0)
+        data["billed_until"] = until
+        self.db.conn.execute(
+            "INSERT INTO cost_samples(instance_id, run_id, ts, dph_total, storage_cost, running_s, compute_usd, "
+            "storage_usd, total_usd) VALUES (?,?,?,?,?,?,?,?,?)",
+            (iid, run_id, ts(until), usd_per_h, storage_per_h, data["running_s"], data["compute_usd"],
+             data["storage_usd"], data["compute_usd"] + data["storage_usd"]))
+        self.db.conn.execute("UPDATE budgets SET spent_usd = spent_usd + ?, updated_at = ? WHERE name = ?",
+                             (total, store.now(), self.budget.name))
+
+    def observe(self, rows: list[dict], now: float | None = None) -> BudgetState:
+        """Record one poll of the provider's instance list: instance rows, charges, and the
+        instances that disappeared."""
+        now = self.clock() if now is None else now
+        seen = set()
+        with store.transaction(self.db):
+            for r in rows:
+                iid = str(r["id"])
+                seen.add(iid)
+                old, data = self._data(iid)
+                cur_rate, st_rate = rate(r), storage_rate(r)
+                if old is None or data.get("billed_until") is None:
+                    start = float(r.get("start_date") or now)
+                    data["billed_until"] = min(start, now)
+                    prev_rate = cur_rate
+                else:
+                    prev_rate = data.get("rate", cur_rate)
+                run_id = old["run_id"] if old else None
+                self._charge(iid, data, now, max(prev_rate, cur_rate), st_rate,
+                             r.get("actual_status") == "running", run_id)
+                data.update(rate=cur_rate, storage_rate=st_rate)
+                values = {k: r.get(k) for k in INSTANCE_FIELDS}
+                values.update(last_seen_at=ts(now), data=json.dumps(data), updated_at=store.now())
+                if old is None:
+                    self.db.conn.execute("INSERT INTO instances(id, provider) VALUES (?, 'vast')", (iid,))
+                cols = ", ".join(f"{k} = ?" for k in values)
+                self.db.conn.execute(f"UPDATE instances SET {cols} WHERE id = ?", (*values.values(), iid))
+            for old in list(self.db.query("SELECT * FROM instances WHERE destroyed_at IS NULL AND provider = 'vast'")):
+                if old["id"] in seen:
+                    continue
+                data = json.loads(old["data"] or "{}")
+                self._charge(old["id"], data, now, data.get("rate", 0.0), data.get("storage_rate", 0.0),
+                             old["actual_status"] == "running", old["run_id"])
+                data["gone"] = "vanished"
+                self.db.conn.execute("UPDATE instances SET destroyed_at = ?, actual_status = 'gone', data = ?, "
+                                     "updated_at = ? WHERE id = ?", (ts(now), json.dumps(data), store.now(), old["id"]))
+                store.add_event(self.db, f"instance {old['id']} is gone: Vast no longer lists it "
+                                f"(lost, preempted or destroyed elsewhere)", instance_id=old["id"],
+                                run_id=old["run_id"], kind="instance-lost", level="error", source="vast")
+        self.unpolled_usd_per_h = 0.0
+        state = self.state(rows)
+        self._warn(state)
+        return state
+
+    def destroyed(self, iid: str, now: float | None = None) -> None:
+        """Final charge for an instance we destroyed (up to now) and its destroyed_at."""
+        now = self.clock() if now is None else now
+        with store.transaction(self.db):
+            old, data = self._data(str(iid))
+            if old is None or old["destroyed_at"]:
+                return
+            self._charge(str(iid), data, now, data.get("rate", 0.0), data.get("storage_rate", 0.0),
+                         old["actual_status"] == "running", old["run_id"])
+            data["gone"] = "destroyed"
+            self.db.conn.execute("UPDATE instances SET destroyed_at = ?, actual_status = 'destroyed', data = ?, "
+                                 "updated_at = ? WHERE id = ?", (ts(now), json.dumps(data), store.now(), str(iid)))
+
+    # ------------------------------------------------------------------ budget
+
+    def spent(self) -> float:
+        row = next(iter(self.db.query("SELECT spent_usd FROM budgets WHERE name = ?", [self.budget.name])), None)
+        return float(row["spent_usd"]) if row else 0.0
+
+    def state(self, rows: list[dict]) -> BudgetState:
+        fleet = sum(rate(r) for r in rows) + self.unpolled_usd_per_h
+        return BudgetState(self.spent(), fleet, self.budget.cap_usd, self.budget.warn_usd,
+                           self.budget.poll_interval_s)
+
+    def can_launch(self, rows: list[dict], usd_per_h: float) -> tuple[bool, str]:
+        """Whether one more instance at ``usd_per_h`` keeps the projection under the cap."""
+        s = self.state(rows)
+        after = s.projected_usd + usd_per_h * s.poll_interval_s / 3600.0
+        if after >= s.cap_usd:
+            return False, (f"budget: ${s.spent_usd:.2f} spent, fleet ${s.fleet_usd_per_h:.3f}/h; launching "
+                           f"${usd_per_h:.3f}/h more would reach the ${s.cap_usd:.2f} cap before the next poll")
+        return True, ""
+
+    def launched(self, usd_per_h: float) -> None:
+        """Count a new instance in the fleet's rate until the next poll lists it."""
+        self.unpolled_usd_per_h += usd_per_h
+
+    def _warn(self, s: BudgetState) -> None:
+        if not s.warn:
+            return
+        kind = "budget-over" if s.over else "budget-warn"
+        seen = next(iter(self.db.query("SELECT 1 FROM events WHERE kind = ? AND data LIKE ? LIMIT 1",
+                                       [kind, f'%"budget": "{self.budget.name}"%'])), None)
+        if seen is None:
+            store.add_event(self.db, f"budget {self.budget.name}: {s}", kind=kind,
+                            level="error" if s.over else "warning", source="vast",
+                            data={"budget": self.budget.name, "spent_usd": s.spent_usd, "cap_usd": s.cap_usd})
+
+    def run_spend(self, run_id: str) -> float:
+        """USD charged to instances that ran ``run_id`` (latest cumulative total per instance)."""
+        return sum(r[0] or 0.0 for r in self.db.execute(
+            "SELECT c.total_usd FROM cost_samples c WHERE c.run_id = ? AND c.id = (SELECT max(id) FROM "
+            "cost_samples d WHERE d.instance_id = c.instance_id)", [run_id]).fetchall())
+
+
+def police(ledger: Ledger, rows: list[dict], stop_spend: Callable[[list[dict]], object]) -> BudgetState:
+    """One budget poll: charge the instances, and stop spend when the projection reaches
+    the cap (``stop_spend`` gets the live instances)."""
+    state = ledger.observe(rows)
+    if state.over and rows:
+        stop_spend(rows)
+    return state

@@ -1,0 +1,576 @@
+"""`nko-ops matrix run FILE --executor vast`: each run on its own rented instance.
+
+Per run: pick the cheapest offer matching ``query`` (configs/vast.toml) that the budget
+allows, create the instance (label = run id), wait for SSH, stage the project wheel and the
+run's inputs (each file checked by sha256 on the instance), start the trainer detached, then
+at every poll: follow train.log / metrics.jsonl into state.db, read the runner's heartbeat,
+sync checkpoints every ``sync_every_s``. When the trainer exits: a last sync, the run
+directory is rebuilt locally from the verified store, its bundle is verified and registered
+exactly as the local executor does, and the instance is destroyed (only if every file on it
+is verified locally). If the instance is lost mid-run, the run is relaunched on a new offer
+with its last verified checkpoint and resumes (up to ``max_recoveries`` times).
+
+The sanity step runs locally (a short CPU run per (script, mode) costs nothing) before any
+instance is rented. Interrupting the executor leaves the instances running their trainers;
+running the matrix again re-attaches to them.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+from backend import store
+from backend.executor_local import (LocalExecutor, RunResult, _Job, _lock, load_and_resolve,
+                                    register_matrix, threading_main, write_agp_dumps)
+from backend.matrix import config_sha256
+from backend.runs import register_bundle
+from backend.vast import remote as rmt
+from backend.vast.config import (BudgetSettings, VastSettings, load_budget, load_settings, state_dir_for)
+from backend.vast.fleet import Fleet
+from backend.vast.logs import LogFollower
+from backend.vast.provider import ProviderError, VastProvider, provider_from_settings
+from backend.vast.ssh import HostKeyChanged, SSHError
+from backend.vast.sync import Entry, SyncError
+
+RESUME_FILES = ("last.pt", "best.pt", "train.log", "run.log", "metrics.jsonl")
+POLL_S = 10.0
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+class BudgetBlocked(LaunchError):
+    pass
+
+
+class VastRun:
+    """One run on one instance at a time (a new one after a loss)."""
+
+    def __init__(self, fleet: Fleet, job: _Job, ex: LocalExecutor, matrix_id: str, wheel: Path,
+                 log: Callable[[str], None]):
+        self.fleet, self.job, self.ex, self.matrix_id, self.wheel, self.log = fleet, job, ex, matrix_id, wheel, log
+        self.db, self.s = fleet.db, fleet.settings
+        self.run_id = job.db_id
+        self.iid: str | None = None
+        self.follower: LogFollower | None = None
+        self.tried_machines: set[int] = set()
+        self.recoveries = 0
+        self.ssh_failures = 0
+        self.restarts = 0
+        self.last_sync = 0.0
+        self.started = time.time()
+
+    # ------------------------------------------------------------------ launching
+
+    def launch(self, rows: list[dict], resume: bool = False) -> None:
+        offers = self.fleet.provider.offers(self.s.query, self.s.order, limit=20, storage_gb=self.s.disk_gb)
+        offers = [o for o in offers if o.machine_id not in self.tried_machines]
+        if not offers:
+            raise LaunchError(f"no offer matches {self.s.query!r}" + (" on a machine not tried before"
+                                                                      if self.tried_machines else ""))
+        offer = offers[0]
+        ok, why = self.fleet.ledger.can_launch(rows, offer.dph_total)
+        if not ok:
+            raise BudgetBlocked(why)
+        self.tried_machines.add(offer.machine_id)
+        iid = str(self.fleet.provider.create(offer.id, self.s.image, self.s.disk_gb, label=self.run_id))
+        self.fleet.ledger.launched(offer.dph_total)
+        self.iid = iid
+        if not resume:
+            store.upsert_run(self.db, self.run_id, log_offset=0, metrics_offset=0)
+        self.fleet.register(iid, self.run_id, self.run_id, {k: offer.raw.get(k) for k in (
+            "id", "machine_id", "gpu_name", "num_gpus", "dph_total", "reliability", "inet_down", "geolocation")})
+        self.log(f"{self.run_id}: instance {iid} ({offer.gpu_name}, ${offer.dph_total:.3f}/h) created; waiting for SSH")
+        store.set_run_status(self.db, self.run_id, "running", f"{'relaunched' if resume else self.job.how} on "
+                             f"Vast instance {iid}", source="vast", executor="vast", instance_id=iid,
+                             host=None, pid=None, matrix_id=self.matrix_id, script=self.job.spec.script,
+                             mode=self.job.spec.mode, seed=self.job.spec.seed, config=self.job.cfg,
+                             config_sha256=config_sha256(self.job.cfg), out_dir=str(self.job.out_dir.resolve()),
+                             started_at=store.now(), error=None,
+                             snapshot_sha256=self.ex.ident.snapshot_sha256, split_sha256=self.ex.ident.split_sha256,
+                             recipe_hash=self.ex.ident.recipe_hash)
+        try:
+            row = self._wait_running(iid)
+            self._start_on(row, resume)
+        except (LaunchError, SSHError, rmt.StageError, ProviderError) as e:
+            if isinstance(e, HostKeyChanged):
+                raise
+            self.log(f"{self.run_id}: bringing up instance {iid} failed ({e}); destroying it")
+            o = self.fleet.destroy(iid, reason=f"launch failed: {e}")
+            if not o.destroyed:
+                self.log(str(o))
+            raise LaunchError(f"instance {iid}: {e}") from None
+
+    def _wait_running(self, iid: str) -> dict:
+        deadline = time.monotonic() + self.s.boot_timeout_s
+        while time.monotonic() < deadline:
+            row = self.fleet.provider.instance(iid)
+            if row is None:
+                raise LaunchError("the instance disappeared while starting")
+            if row.get("actual_status") == "running" and row.get("ssh_host") and row.get("ssh_port"):
+                return row
+            time.sleep(1.0)
+        raise LaunchError(f"not running with SSH after {self.s.boot_timeout_s:.0f} s")
+
+    def _resume_files(self) -> list[rmt.StagedFile]:
+        """The run's last verified checkpoint and logs, from the local store."""
+        rows = {r["name"]: r for r in self.db.query(
+            "SELECT name, sha256, size FROM artifacts WHERE owner_kind = 'run' AND run_id = ? "
+            "AND sync_state IN ('verified', 'mirrored')", [self.run_id])}
+        if "last.pt" not in rows:
+            return []
+        files = [rmt.StagedFile(self.fleet.cas.path(rows[n]["sha256"]), f"runs/{self.run_id}/{n}",
+                                rows[n]["sha256"], rows[n]["size"]) for n in RESUME_FILES if n in rows]
+        offsets = _log_offsets(files[0].local)
+        for f in files:
+            name = f.path.rsplit("/", 1)[-1]
+            if name in offsets and f.size < offsets[name]:
+                self.log(f"{self.run_id}: verified {name} is shorter than last.pt expects; starting fresh")
+                return []
+        return files
+
+    def _start_on(self, row: dict, resume: bool) -> None:
+        iid = str(row["id"])
+        st = self.fleet.stager(row)
+        app = st.install_wheel(self.wheel)
+        inputs, fields = rmt.run_inputs(self.job.cfg)
+        sent = st.stage("inputs", inputs)
+        if resume:
+            files = self._resume_files()
+            if files:
+                st.stage("resume", files)
+                logs = {f.path.rsplit("/", 1)[-1]: f.size for f in files}
+                store.upsert_run(self.db, self.run_id, log_offset=logs.get("train.log", 0), metrics_offset=0)
+                self.log(f"{self.run_id}: uploaded the last verified checkpoint ({len(files)} files) to instance {iid}")
+        self.log(f"{self.run_id}: staged project and {len(inputs)} input files ({sent} sent) on instance {iid}, "
+                 "all verified there")
+        status = rmt.status(st.remote, st.layout, self.run_id, st.python)
+        if status.get("runner_alive"):
+            self.log(f"{self.run_id}: trainer already running on instance {iid}; attaching")
+        else:
+            cfg_remote = rmt.remote_config(self.job.cfg, fields)
+            rmt.start_trainer(st.remote, st.layout, self.run_id, cfg_remote, st.python, app,
+                              self.s.remote_env, self.s.heartbeat_s)
+        self.follower = LogFollower(self.db, self.run_id, st.layout.run_dir(self.run_id), iid)
+        store.upsert_run(self.db, self.run_id, host=f"{row['ssh_host']}:{row['ssh_port']}", instance_id=iid)
+        store.add_event(self.db, f"trainer started on instance {iid}" + (" (resuming)" if resume else ""),
+                        run_id=self.run_id, instance_id=iid, kind="remote-start", source="vast")
+        self.last_sync = time.time()
+
+    def attach(self, row: dict) -> None:
+        """Take over a run whose trainer is already running on ``row`` (executor restarted)."""
+        self.iid = str(row["id"])
+        self.tried_machines.add(int(row.get("machine_id") or 0))
+        self._start_on(row, resume=False)
+
+    # ------------------------------------------------------------------ each poll
+
+    def step(self, rows: dict[str, dict]) -> RunResult | None:
+        row = rows.get(self.iid)
+        if row is None or row.get("actual_status") in ("exited", "offline", "gone"):
+            return self.recover(f"instance {self.iid} lost ({'gone' if row is None else row.get('actual_status')})")
+        try:
+            st = self.fleet.stager(row)
+            if self.follower is not None:
+                self.follower.poll(st.remote)
+            status = rmt.status(st.remote, st.layout, self.run_id, st.python)
+            self.ssh_failures = 0
+        except HostKeyChanged as e:
+            return self.fail(str(e), destroy=False)
+        except SSHError as e:
+            self.ssh_failures += 1
+            self.log(f"{self.run_id}: instance {self.iid} unreachable ({e}); attempt {self.ssh_failures}")
+            if self.ssh_failures >= 5:
+                fresh = self.fleet.provider.instance(self.iid)
+                if fresh is None or fresh.get("actual_status") != "running":
+                    return self.recover(f"instance {self.iid} unreachable and not running")
+            return None
+        beat = (status.get("heartbeat") or {}).get("time")
+        if beat:
+            store.upsert_run(self.db, self.run_id, heartbeat_at=_ts(beat))
+        if status.get("exit") is not None:
+            return self.finish(row, int(status["exit"]["rc"]))
+        if not status.get("runner_alive"):
+            self.restarts += 1
+            if self.restarts > 3:
+                return self.fail("the trainer's runner keeps dying without an exit status", row=row)
+            self.log(f"{self.run_id}: runner gone without an exit status; restarting (resumes from last.pt)")
+            self._start_on(row, resume=False)
+            return None
+        if time.time() - self.last_sync >= self.s.sync_every_s:
+            self.last_sync = time.time()
+            try:
+                for rep in self.fleet.sync_instance(row, [self.run_id]):
+                    self.log(f"checkpoint sync {rep}")
+            except (SSHError, SyncError) as e:
+                self.log(f"{self.run_id}: checkpoint sync failed ({e}); retrying at the next interval")
+        return None
+
+    # ------------------------------------------------------------------ the end
+
+    def finish(self, row: dict, rc: int) -> RunResult:
+        if self.follower is not None:
+            try:
+                self.follower.poll(self.fleet.stager(row).remote)
+            except SSHError:
+                pass
+        reports = []
+        for attempt in range(3):
+            try:
+                reports = self.fleet.sync_instance(row, [self.run_id])
+                if all(r.ok for r in reports):
+                    break
+            except (SSHError, SyncError) as e:
+                self.log(f"{self.run_id}: final sync attempt {attempt + 1} failed: {e}")
+            time.sleep(1.0 * (attempt + 1))
+        entries = [e for rep in reports for e in rep.verified]
+        local = self.materialize(entries)
+        wall = time.time() - self.started
+        if rc == 0:
+            b = self.ex.verify(self.job.out_dir)
+            if b.ok:
+                flags = json.loads((store.get_run(self.db, self.run_id) or {}).get("flags") or "{}")
+                flags.update(instance_id=self.iid, recoveries=self.recoveries)
+                register_bundle(self.db, b, self.run_id, "vast", self.matrix_id, flags=flags,
+                                message=f"bundle verified (trained on Vast instance {self.iid}, {wall:.0f} s)")
+                self._record_local(entries, local)
+                result = RunResult(self.run_id, "completed", self.job.how, str(self.job.out_dir),
+                                   b.results.get("test_cer"), wall_s=wall)
+            else:
+                result = self._failed("bundle check failed: " + "; ".join(b.problems[:3]), wall)
+        else:
+            error = f"trainer exited with status {rc}"
+            ej = self.job.out_dir / "error.json"
+            if ej.exists():
+                try:
+                    info = json.loads(ej.read_text(encoding="utf-8"))
+                    error += f" in {info.get('stage')}: {info.get('error_type')}: {info.get('message')}"
+                except (ValueError, OSError):
+                    pass
+            self._record_local(entries, local)
+            result = self._failed(error, wall)
+        o = self.fleet.destroy(self.iid, reason=f"run {self.run_id} finished ({result.status}), files verified")
+        self.log(str(o))
+        if not o.destroyed:
+            result.error = ((result.error + "; ") if result.error else "") + f"instance {self.iid} kept: {o.reason}"
+        cost = self.fleet.ledger.run_spend(self.run_id)
+        store.add_event(self.db, f"run {self.run_id}: {result.status}; Vast spend ${cost:.4f}", run_id=self.run_id,
+                        kind="run-cost", source="vast", data={"usd": cost})
+        return result
+
+    def adopt_from_store(self) -> RunResult | None:
+        """A run whose instance is gone but whose whole bundle was synced (e.g. kill-idle
+        saved it after the executor stopped): rebuild it from the store, rent nothing."""
+        rows = list(self.db.query("SELECT name, sha256, size FROM artifacts WHERE owner_kind = 'run' AND run_id = ? "
+                                  "AND sync_state IN ('verified', 'mirrored')", [self.run_id]))
+        if not any(r["name"] == "manifest.json" for r in rows):
+            return None
+        entries = [Entry(r["name"], r["size"], r["sha256"]) for r in rows if self.fleet.cas.has(r["sha256"])]
+        local = self.materialize(entries)
+        b = self.ex.verify(self.job.out_dir)
+        if not b.ok:
+            self.log(f"{self.run_id}: the synced bundle does not verify ({b.problems[0]}); training again")
+            return None
+        flags = json.loads((store.get_run(self.db, self.run_id) or {}).get("flags") or "{}")
+        register_bundle(self.db, b, self.run_id, "vast", self.matrix_id, flags=flags,
+                        message="bundle rebuilt from the verified local store (its instance is gone)")
+        self._record_local(entries, local)
+        return RunResult(self.run_id, "completed", "synced", str(self.job.out_dir), b.results.get("test_cer"))
+
+    def materialize(self, entries: list[Entry]) -> dict[str, Path]:
+        """Copy the verified files from the store into the local run directory."""
+        out = self.job.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        placed = {}
+        for e in entries:
+            dest = out / e.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.vast-tmp")
+            shutil.copyfile(self.fleet.cas.path(e.sha256), tmp)
+            tmp.replace(dest)
+            placed[e.name] = dest
+        return placed
+
+    def _record_local(self, entries: list[Entry], local: dict[str, Path]) -> None:
+        """Artifacts: verified, with the local run directory as their path (register_bundle
+        has just recorded them as plain local files)."""
+        rdir = self.fleet.layout(self.iid).run_dir(self.run_id) if self.iid else None
+        for e in entries:
+            p = local.get(e.name)
+            self.fleet.syncer._record(self.run_id, e, "verified", self.iid,
+                                      posixpath.join(rdir, e.name) if rdir else None,
+                                      [{"kind": "local", "path": str(p.resolve())}] if p else [],
+                                      path=str(p.resolve()) if p else None)
+
+    def _failed(self, error: str, wall: float) -> RunResult:
+        store.set_run_status(self.db, self.run_id, "failed", error, source="vast", finished_at=store.now(),
+                             error=error)
+        return RunResult(self.run_id, "failed", self.job.how, str(self.job.out_dir), error=error, wall_s=wall)
+
+    def fail(self, error: str, row: dict | None = None, destroy: bool = True) -> RunResult:
+        if destroy and self.iid:
+            o = self.fleet.destroy(self.iid, reason=f"run {self.run_id} failed")
+            self.log(str(o))
+            if not o.destroyed:
+                error += f"; instance {self.iid} kept: {o.reason}"
+        return self._failed(error, time.time() - self.started)
+
+    def recover(self, why: str) -> RunResult | None:
+        self.log(f"{self.run_id}: {why}")
+        store.add_event(self.db, f"{why}; " + ("relaunching from the last verified checkpoint"
+                                               if self.recoveries < self.s.max_recoveries else "giving up"),
+                        run_id=self.run_id, instance_id=self.iid, kind="recovery", level="error", source="vast")
+        self.fleet.ledger.destroyed(self.iid)
+        self.fleet.forget_remote(self.iid)
+        if self.recoveries >= self.s.max_recoveries:
+            return self._failed(f"{why}; {self.recoveries} recoveries already, giving up", time.time() - self.started)
+        self.recoveries += 1
+        try:
+            rows, _ = self.fleet.poll()
+            self.launch(rows, resume=True)
+        except (LaunchError, ProviderError, SSHError) as e:
+            return self._failed(f"{why}; relaunch failed: {e}", time.time() - self.started)
+        return None
+
+
+def _ts(t: float) -> str:
+    from backend.vast.cost import ts
+
+    return ts(t)
+
+
+def _log_offsets(last_pt: Path) -> dict:
+    import torch
+
+    ckpt = torch.load(last_pt, map_location="cpu", weights_only=False)
+    return dict(ckpt.get("log_offsets") or {})
+
+
+def run_matrix_vast(matrix_path: str | Path, db_path: str | Path = "state.db", parallel: int = 1,
+                    skip_sanity: bool = False, with_optional: bool = False, only: list[str] | None = None,
+                    poll_s: float = POLL_S, log: Callable[[str], None] = print,
+                    settings: VastSettings | None = None, budget: BudgetSettings | None = None,
+                    provider: VastProvider | None = None) -> list[RunResult]:
+    """Run a matrix on Vast (module docstring). Raises MatrixError / ExecutorError before
+    anything is rented when it cannot."""
+    m, ident = load_and_resolve(matrix_path)
+    specs = m.selected(with_optional, only)
+    settings = settings or load_settings(state_dir=state_dir_for(db_path))
+    budget = budget or load_budget()
+    provider = provider or provider_from_settings(settings)
+    lock = _lock(Path(m.out_root), m.matrix_id)
+    db = store.open_db(db_path)
+    fleet = Fleet(db, settings, budget, provider, log=log)
+    try:
+        register_matrix(db, m, ident)
+        ex = LocalExecutor(m, ident, db, 1, log=log)
+        done, specs_left = _reuse_vast_bundles(ex, db, m, specs, log)
+        more, jobs, imports = ex.classify(specs_left)
+        done += more
+        for spec in imports:
+            r = ex.try_import(spec)
+            if r is not None:
+                done.append(r)
+            else:
+                jobs.append(_Job(spec, ex.config(spec), m.out_dir(spec), spec.run_id))
+        for r in done:
+            log(f"{r.run_id}: {r.how} ({r.out_dir})")
+        if not jobs:
+            return _ordered(done, specs)
+        if skip_sanity:
+            store.add_event(db, f"sanity step skipped by request for {len(jobs)} run(s)", kind="sanity",
+                            level="warning", source="executor",
+                            data={"matrix_id": m.matrix_id, "runs": [j.spec.run_id for j in jobs]})
+            log("sanity step SKIPPED (recorded in state.db)")
+        else:
+            ok, notes = ex.sanity(jobs)
+            store.add_event(db, "sanity step (local) " + ("passed" if ok else "FAILED") + ": " + "; ".join(notes),
+                            kind="sanity", level="info" if ok else "error", source="executor",
+                            data={"matrix_id": m.matrix_id, "ok": ok, "notes": notes})
+            if not ok:
+                return _ordered(done + [RunResult(j.spec.run_id, "blocked", "not started", str(j.out_dir),
+                                                  error="sanity step failed; nothing rented") for j in jobs], specs)
+        for job in jobs:
+            row = store.get_run(db, job.db_id)
+            flags = json.loads(row["flags"]) if row and row["flags"] else {}
+            flags["sanity"] = "skipped" if skip_sanity else "passed"
+            store.upsert_run(db, job.db_id, flags=flags)
+        wheel = rmt.build_wheel(settings.dist_dir)
+        runs = [VastRun(fleet, job, ex, m.matrix_id, wheel, log) for job in jobs]
+        done += _drive(fleet, runs, parallel, min(poll_s, budget.poll_interval_s), log)
+        write_agp_dumps(m, db)
+        return _ordered(done, specs)
+    finally:
+        fleet.close()
+        db.close()
+        lock.close()
+
+
+def _reuse_vast_bundles(ex: LocalExecutor, db, m, specs, log) -> tuple[list[RunResult], list]:
+    """Completed runs trained on Vast: their results.json holds the config as the instance
+    saw it (relative paths), so they match the matrix up to the path fields; the snapshot,
+    split and recipe hashes are checked by the bundle verification instead."""
+    done, left = [], []
+    for spec in specs:
+        d = m.out_dir(spec)
+        row = store.get_run(db, spec.run_id)
+        if (d / "manifest.json").exists() and row and row["executor"] == "vast":
+            b = ex.verify(d)
+            have = {k: v for k, v in (b.results.get("config") or {}).items() if k not in rmt.PATH_FIELDS}
+            want = {k: v for k, v in ex.config(spec).items() if k not in rmt.PATH_FIELDS}
+            if b.ok and have == want:
+                done.append(RunResult(spec.run_id, "completed", "reused", str(d), b.results.get("test_cer")))
+                continue
+        left.append(spec)
+    return done, left
+
+
+def _ordered(results: list[RunResult], specs) -> list[RunResult]:
+    order = {s.run_id: i for i, s in enumerate(specs)}
+    return sorted(results, key=lambda r: order.get(r.run_id, len(order)))
+
+
+def _drive(fleet: Fleet, runs: list[VastRun], parallel: int, poll_s: float, log: Callable[[str], None],
+           detach: bool = False) -> list[RunResult]:
+    """Launch, poll and finish ``runs`` (at most ``parallel`` instances at a time). With
+    ``detach``, return once every run is started (their trainers keep running)."""
+    stop: list[int] = []
+    previous = {}
+    if threading_main():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda s, f: stop.append(s))
+    results: dict[str, RunResult] = {}
+    pending, active = [], []
+    try:
+        rows, state = fleet.poll()
+        by_id = {str(r["id"]): r for r in rows}
+        for run in runs:  # re-attach to trainers still running from an earlier executor
+            row_db = store.get_run(fleet.db, run.run_id) or {}
+            live = by_id.get(str(row_db.get("instance_id"))) if row_db.get("executor") == "vast" else None
+            if row_db.get("status") == "running" and live and live.get("actual_status") == "running":
+                try:
+                    run.attach(live)
+                    active.append(run)
+                    log(f"{run.run_id}: re-attached to instance {run.iid}")
+                    continue
+                except (SSHError, rmt.StageError) as e:
+                    log(f"{run.run_id}: cannot re-attach to instance {live['id']} ({e})")
+            if row_db.get("executor") == "vast" and row_db.get("status") in ("running", "failed", "interrupted"):
+                r = run.adopt_from_store()
+                if r is not None:
+                    results[run.run_id] = r
+                    log(str(r))
+                    continue
+            pending.append(run)
+        while pending or active:
+            if stop:
+                break
+            if state.over:  # fleet.poll has already stopped the spend (synced, destroyed or stopped)
+                log(f"budget: {state}")
+                for run in active:
+                    results[run.run_id] = run._failed(f"stopped: budget cap reached ({state})", 0.0)
+                for run in pending:
+                    results[run.run_id] = RunResult(run.run_id, "blocked", "not started", str(run.job.out_dir),
+                                                    error=f"budget cap reached ({state})")
+                active, pending = [], []
+                break
+            while pending and len(active) < parallel:
+                run = pending.pop(0)
+                try:
+                    run.launch(rows)
+                    active.append(run)
+                except BudgetBlocked as e:
+                    results[run.run_id] = RunResult(run.run_id, "blocked", "not started", str(run.job.out_dir),
+                                                    error=str(e))
+                    store.set_run_status(fleet.db, run.run_id, "planned", f"not launched: {e}", source="vast")
+                except (LaunchError, ProviderError, SSHError) as e:
+                    results[run.run_id] = run._failed(f"launch failed: {e}", 0.0)
+            if detach and not pending:
+                for run in active:
+                    results[run.run_id] = RunResult(run.run_id, "running", run.job.how, str(run.job.out_dir),
+                                                    error=f"detached: training on instance {run.iid}")
+                return [results[r.run_id] for r in runs if r.run_id in results]
+            time.sleep(poll_s)
+            rows, state = fleet.poll()
+            by_id = {str(r["id"]): r for r in rows}
+            for run in list(active):
+                r = run.step(by_id)
+                if r is not None:
+                    active.remove(run)
+                    results[run.run_id] = r
+                    log(str(r))
+        if stop:
+            for run in active:
+                store.set_run_status(fleet.db, run.run_id, "running", f"executor stopped by signal {stop[0]}; the "
+                                     f"trainer keeps running on instance {run.iid}: run the matrix again to "
+                                     "re-attach, or `nko-ops vast kill-idle` once it is done", source="vast")
+                results[run.run_id] = RunResult(run.run_id, "interrupted", run.job.how, str(run.job.out_dir),
+                                                error=f"executor stopped; instance {run.iid} still running")
+            for run in pending:
+                results[run.run_id] = RunResult(run.run_id, "interrupted", "not started", str(run.job.out_dir))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return [results[r.run_id] for r in runs if r.run_id in results]
+
+
+# --------------------------------------------------------------------------- one run, no matrix
+
+class _Spec:
+    def __init__(self, cfg: dict):
+        self.run_id, self.script, self.mode, self.seed = cfg["run_id"], cfg["script"], cfg["mode"], cfg["seed"]
+        self.import_from = None
+
+
+class SingleRun:
+    """What VastRun needs from an executor, for one run config outside a matrix."""
+
+    def __init__(self, cfg: dict):
+        from backend.matrix import Identity, _recipe_hash, _snapshot_sha, _split_sha
+        from models.split import Split
+
+        snap, _ = _snapshot_sha(cfg["snapshot"])
+        split_sha, sizes, _ = _split_sha(cfg["split"])
+        self.ident = Identity(snap, split_sha, _recipe_hash(cfg["features"]), split_sizes=sizes)
+        self.test_ids = Split.load(Path(cfg["split"])).test
+
+    def verify(self, d: Path, subset: bool = False):
+        from backend.runs import verify_bundle
+
+        return verify_bundle(d, self.ident.snapshot_sha256, self.ident.split_sha256, self.ident.recipe_hash,
+                             self.test_ids, subset=subset)
+
+
+def launch_config(config_path: str | Path, db_path: str | Path = "state.db", detach: bool = False,
+                  poll_s: float = POLL_S, log: Callable[[str], None] = print,
+                  settings: VastSettings | None = None, budget: BudgetSettings | None = None,
+                  provider: VastProvider | None = None) -> RunResult:
+    """Train one run config on Vast (`nko-ops vast launch --config run.json`)."""
+    from models.config import load_config
+
+    cfg = load_config(config_path).to_json()
+    settings = settings or load_settings(state_dir=state_dir_for(db_path))
+    budget = budget or load_budget()
+    provider = provider or provider_from_settings(settings)
+    db = store.open_db(db_path)
+    fleet = Fleet(db, settings, budget, provider, log=log)
+    try:
+        ex = SingleRun(cfg)
+        out = Path(cfg["out_dir"])
+        if (out / "manifest.json").exists():
+            raise LaunchError(f"{out} already holds a completed run (runs are immutable)")
+        job = _Job(_Spec(cfg), cfg, out, cfg["run_id"], how="resumed" if (out / "last.pt").exists() else "trained")
+        run = VastRun(fleet, job, ex, None, rmt.build_wheel(settings.dist_dir), log)
+        results = _drive(fleet, [run], 1, min(poll_s, budget.poll_interval_s), log, detach=detach)
+        return results[0]
+    finally:
+        fleet.close()
+        db.close()
+

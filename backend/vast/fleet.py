@@ -1,0 +1,289 @@
+"""The instances of the account as one fleet: poll (ledger, idle tracking), sync, and the
+only ways this project destroys an instance.
+
+Destroy rule: an instance is destroyed only when every file under its runs directory is in
+the local store with the exact sha256 it has on the instance, checked at that moment (a sync
+runs first). If the sync fails or the instance cannot be reached, the destroy is refused and
+the refusal names the files that would be lost. ``force`` skips the check only when the
+instance id is typed a second time (``confirm``); the forced destroy is recorded as an event
+with the files it gave up, and those artifacts are marked ``missing``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import posixpath
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from backend import store
+from backend.vast import idle
+from backend.vast.config import BudgetSettings, VastSettings
+from backend.vast.cost import BudgetState, Ledger, police
+from backend.vast.provider import ProviderError, VastProvider
+from backend.vast.remote import Layout, Stager
+from backend.vast.ssh import HostKeyChanged, KnownHosts, Remote, SSHError, SSHTarget
+from backend.vast.sync import CAS, Entry, Mirror, SyncError, SyncReport, Syncer, remote_entries
+
+
+@dataclass
+class DestroyOutcome:
+    instance_id: str
+    destroyed: bool
+    reason: str
+    would_lose: list[str] = field(default_factory=list)
+    reports: list[SyncReport] = field(default_factory=list)
+    forced: bool = False
+
+    def __str__(self) -> str:
+        if self.destroyed:
+            return f"instance {self.instance_id}: destroyed ({self.reason})"
+        s = f"instance {self.instance_id}: NOT destroyed: {self.reason}"
+        if self.would_lose:
+            s += "\n  files that would be lost:\n    " + "\n    ".join(self.would_lose)
+        return s
+
+
+class Fleet:
+    def __init__(self, db, settings: VastSettings, budget: BudgetSettings, provider: VastProvider,
+                 clock: Callable[[], float] = time.time, log: Callable[[str], None] = print):
+        self.db, self.settings, self.provider, self.clock, self.log = db, settings, provider, clock, log
+        self.known = KnownHosts(settings.known_hosts)
+        self.cas = CAS(settings.cas_dir)
+        mirror = None
+        if settings.mirror is not None:
+            m = settings.mirror
+            mirror = Mirror(SSHTarget(m.host, m.port, m.user, m.key), m.path, self.known)
+        self.syncer = Syncer(db, self.cas, log=log, mirror=mirror)
+        self.ledger = Ledger(db, budget, clock)
+        self._remotes: dict[str, Remote] = {}
+        self._helpers: set[str] = set()
+
+    # ------------------------------------------------------------------ polling
+
+    def poll(self, enforce: bool = True) -> tuple[list[dict], BudgetState]:
+        """One look at the account: instance rows, cost ledger, idle tracking; over the
+        budget cap (and ``enforce``), spend is stopped at once (``stop_spend``)."""
+        rows = self.provider.instances()
+        state = police(self.ledger, rows, self.stop_spend) if enforce else self.ledger.observe(rows)
+        idle.track(self.db, rows, self.settings.idle, self.clock())
+        return rows, state
+
+    def register(self, iid: int | str, run_id: str | None, label: str, offer: dict | None = None) -> None:
+        """Record an instance we just created, with the run it is for."""
+        with store.transaction(self.db):
+            self.db.conn.execute(
+                "INSERT INTO instances(id, provider, label, run_id, data, updated_at) VALUES (?, 'vast', ?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET run_id = excluded.run_id, label = excluded.label",
+                (str(iid), label, run_id, json.dumps({"offer": offer or {}}), store.now()))
+            store.add_event(self.db, f"instance {iid} created for {run_id!r}" + (
+                f" on offer {offer.get('id')} ({offer.get('gpu_name')}, ${offer.get('dph_total', 0):.3f}/h)"
+                if offer else ""), instance_id=str(iid), run_id=run_id, kind="instance-created", source="vast")
+
+    # ------------------------------------------------------------------ SSH
+
+    def target(self, row: dict) -> SSHTarget:
+        if not row.get("ssh_host") or not row.get("ssh_port"):
+            raise SSHError(f"instance {row.get('id')} has no SSH address yet (status {row.get('actual_status')})")
+        return SSHTarget(str(row["ssh_host"]), int(row["ssh_port"]), self.settings.ssh_user, self.settings.ssh_key)
+
+    def remote(self, row: dict) -> Remote:
+        iid = str(row["id"])
+        t = self.target(row)
+        r = self._remotes.get(iid)
+        if r is None or r.target != t:
+            if r is not None:
+                r.close()
+            r = Remote(t, self.known, timeout=self.settings.ssh_timeout_s, on_trust=self._trusted(iid))
+            self._remotes[iid] = r
+        return r
+
+    def _trusted(self, iid: str):
+        def note(hostport, key):
+            from backend.vast.ssh import fingerprint
+
+            store.add_event(self.db, f"trusted the host key of {hostport} on first use: {key.get_name()} "
+                            f"{fingerprint(key)}", instance_id=iid, kind="host-key", source="vast")
+        return note
+
+    def forget_remote(self, iid: str, row: dict | None = None) -> None:
+        self._helpers.discard(str(iid))
+        r = self._remotes.pop(str(iid), None)
+        if r is not None:
+            r.close()
+            self.known.forget(r.target.hostport)
+        elif row and row.get("ssh_host") and row.get("ssh_port"):
+            self.known.forget(self.target(row).hostport)
+
+    def layout(self, iid: int | str) -> Layout:
+        return Layout.for_instance(self.settings.remote_base, iid)
+
+    def stager(self, row: dict) -> Stager:
+        """A Stager for the instance, its helper installed (checked once per session)."""
+        st = Stager(self.remote(row), self.layout(row["id"]), self.settings.remote_python)
+        if str(row["id"]) not in self._helpers:
+            st.install_helper()
+            self._helpers.add(str(row["id"]))
+        return st
+
+    # ------------------------------------------------------------------ sync
+
+    def _listing(self, st: Stager) -> dict[str, list[Entry]]:
+        """run id -> its files on the instance (one hash pass over the runs directory)."""
+        by_run: dict[str, list[Entry]] = {}
+        for e in remote_entries(st.remote, st.python, st.layout.helper, st.layout.runs):
+            rid, _, name = e.name.partition("/")
+            if name:
+                by_run.setdefault(rid, []).append(Entry(name, e.size, e.sha256))
+        return by_run
+
+    def run_ids_on(self, row: dict) -> list[str]:
+        return sorted(self._listing(self.stager(row)))
+
+    def sync_instance(self, row: dict, run_ids: list[str] | None = None) -> list[SyncReport]:
+        """Pull every run directory on the instance (or only ``run_ids``) into the store."""
+        st = self.stager(row)
+        listing = self._listing(st)
+        reports = []
+        for rid in (run_ids if run_ids is not None else sorted(listing)):
+            rep = self.syncer.sync_dir(st.remote, st.python, st.layout.helper, rid, st.layout.run_dir(rid),
+                                       str(row["id"]), entries=listing.get(rid, []))
+            reports.append(rep)
+            store.add_event(self.db, f"sync from instance {row['id']}: {rep}", run_id=rid,
+                            instance_id=str(row["id"]), kind="sync", level="info" if rep.ok else "error",
+                            source="vast", data={"verified": len(rep.verified), "pulled": len(rep.pulled),
+                                                 "bytes": rep.bytes,
+                                                 "failed": [[e.name, why] for e, why in rep.failed]})
+        return reports
+
+    def unsynced(self, row: dict) -> list[str]:
+        """``run_id/file`` of every file on the instance whose content is not in the store."""
+        st = self.stager(row)
+        return [e.name for e in self.syncer.unverified(st.remote, st.python, st.layout.helper, st.layout.runs)]
+
+    def _known_unverified(self, iid: str) -> list[str]:
+        """What state.db says the instance holds that is not verified locally."""
+        rows = self.db.execute(
+            "SELECT a.run_id, a.name FROM artifacts a WHERE a.owner_kind = 'run' AND a.sync_state IN "
+            "('remote-only', 'transferring') AND a.locations LIKE ?", [f'%"instance_id": "{iid}"%']).fetchall()
+        return [f"{rid}/{name}" for rid, name in rows]
+
+    # ------------------------------------------------------------------ destroy
+
+    def destroy(self, iid: int | str, force: bool = False, confirm: str | None = None,
+                reason: str = "requested") -> DestroyOutcome:
+        """Destroy one instance under the destroy rule (module docstring)."""
+        iid = str(iid)
+        if force and confirm != iid:
+            return DestroyOutcome(iid, False, "--force needs the instance id typed again (confirm) and it "
+                                              f"did not match ({confirm!r})")
+        try:
+            row = self.provider.instance(iid)
+        except ProviderError as e:
+            return DestroyOutcome(iid, False, f"cannot look the instance up: {e}")
+        if row is None:
+            self.ledger.destroyed(iid)
+            self.forget_remote(iid)
+            return DestroyOutcome(iid, True, "already gone")
+        lose: list[str] = []
+        reports: list[SyncReport] = []
+        if not force:
+            try:
+                reports = self.sync_instance(row)
+                lose = self.unsynced(row)
+            except HostKeyChanged as e:
+                return DestroyOutcome(iid, False, str(e), self._known_unverified(iid))
+            except (SSHError, SyncError) as e:
+                return DestroyOutcome(iid, False, f"cannot reach the instance to verify its files ({e}); "
+                                                  "use --force to destroy anyway", self._known_unverified(iid))
+            if lose:
+                why = "; ".join(f"{e.name}: {w}" for rep in reports for e, w in rep.failed) or "not in the local store"
+                return DestroyOutcome(iid, False, f"sync failed, destroying would lose data ({why})", lose, reports)
+        else:
+            try:
+                lose = self.unsynced(row)
+            except (SSHError, SyncError):
+                lose = self._known_unverified(iid)
+            store.add_event(self.db, f"FORCED destroy of instance {iid} by {getpass.getuser()} ({reason}); "
+                            f"{len(lose)} file(s) without a verified local copy given up",
+                            instance_id=iid, kind="force-destroy", level="warning", source="vast",
+                            data={"instance_id": iid, "files": lose, "user": getpass.getuser(), "reason": reason})
+        try:
+            self.provider.destroy(iid)
+        except ProviderError as e:
+            store.add_event(self.db, f"destroy of instance {iid} failed: {e}; it is still running (and billing)",
+                            instance_id=iid, kind="destroy-failed", level="error", source="vast")
+            return DestroyOutcome(iid, False, f"the provider refused the destroy: {e}", [], reports, force)
+        self.ledger.destroyed(iid)
+        self.forget_remote(iid, row)
+        if force and lose:
+            with store.transaction(self.db):
+                for item in lose:
+                    rid, _, name = item.partition("/")
+                    self.db.conn.execute("UPDATE artifacts SET sync_state = 'missing', updated_at = ? WHERE "
+                                         "owner_kind = 'run' AND run_id = ? AND name = ? AND sync_state IN "
+                                         "('remote-only', 'transferring')", (store.now(), rid, name))
+        store.add_event(self.db, f"instance {iid} destroyed ({reason})" + (" with --force" if force else
+                        ", every file verified locally"), instance_id=iid, run_id=row.get("label"),
+                        kind="instance-destroyed", source="vast")
+        return DestroyOutcome(iid, True, reason, lose if force else [], reports, force)
+
+    def kill_idle(self, force_ids: dict[str, str] | None = None) -> list[DestroyOutcome]:
+        """Destroy the idle instances (module docstring's rule; ``force_ids``: id -> the id
+        typed again, for instances to destroy even without verified copies)."""
+        rows, _ = self.poll()
+        now = self.clock()
+        out = []
+        for row in rows:
+            iid = str(row["id"])
+            beat = self._remote_heartbeat(row)
+            v = idle.verdict(self.db, iid, self.settings.idle, now, beat)
+            if not v.idle:
+                self.log(f"instance {iid}: not idle ({v.reason})")
+                continue
+            self.log(f"instance {iid}: idle ({v.reason})")
+            confirm = (force_ids or {}).get(iid)
+            out.append(self.destroy(iid, force=confirm is not None, confirm=confirm, reason=f"idle: {v.reason}"))
+        return out
+
+    def _remote_heartbeat(self, row: dict) -> float | None:
+        """Newest heartbeat of a live trainer on the instance (None if none or unreachable)."""
+        try:
+            st = self.stager(row)
+            r = st.helper("heartbeats", posixpath.join(st.layout.root, "ctl"), timeout=60)
+            times = [float(t) for t in json.loads(r.out).values() if t is not None]
+        except (SSHError, ValueError, TypeError, AttributeError):
+            return None
+        return max(times) if times else None
+
+    def stop_spend(self, rows: list[dict]) -> list[DestroyOutcome]:
+        """Over the budget cap: destroy every instance whose files are verified (after a
+        sync); stop the others (compute stops billing; their disk is kept, and still bills
+        storage, until their files are saved)."""
+        out = []
+        for row in rows:
+            iid = str(row["id"])
+            o = self.destroy(iid, reason="budget cap reached")
+            if not o.destroyed and row.get("actual_status") == "running":
+                try:
+                    self.provider.stop(iid)
+                    o.reason += "; stopped instead (its disk is kept and bills storage until its files are saved)"
+                except ProviderError as e:
+                    o.reason += f"; stopping it failed too: {e}"
+                store.add_event(self.db, f"budget cap: instance {iid} NOT destroyed: {o.reason}", instance_id=iid,
+                                kind="budget-stop", level="error", source="vast", data={"files": o.would_lose})
+            out.append(o)
+        return out
+
+    def sweep(self) -> list[dict]:
+        """Instances the account has that the state store does not know (orphans)."""
+        rows = self.provider.instances()
+        known = {r[0] for r in self.db.execute("SELECT id FROM instances WHERE run_id IS NOT NULL").fetchall()}
+        return [r for r in rows if str(r["id"]) not in known]
+
+    def close(self) -> None:
+        for r in self._remotes.values():
+            r.close()
+        self._remotes.clear()

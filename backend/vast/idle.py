@@ -1,0 +1,72 @@
+"""Idle instances: GPU utilisation below a threshold for a whole window AND no trainer
+heartbeat for a while (``[idle]`` in configs/vast.toml). Either signal alone is not enough:
+a trainer decoding on the CPU has a low GPU load but a heartbeat; a hung trainer may hold
+the GPU busy without a heartbeat.
+
+The low-utilisation start is kept in the instance's ``data`` JSON (``low_util_since``), updated
+at every poll of the instance list.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from backend import store
+from backend.vast.config import IdleSettings
+
+
+@dataclass
+class IdleVerdict:
+    instance_id: str
+    idle: bool
+    reason: str
+
+
+def track(db, rows: list[dict], settings: IdleSettings, now: float) -> None:
+    """Update each live instance's ``low_util_since`` from one poll."""
+    with store.transaction(db):
+        for r in rows:
+            iid = str(r["id"])
+            old = next(iter(db.query("SELECT data FROM instances WHERE id = ?", [iid])), None)
+            if old is None:
+                continue
+            data = json.loads(old["data"] or "{}")
+            util = r.get("gpu_util")
+            low = util is None or float(util) < settings.gpu_util_below
+            if low and r.get("actual_status") == "running":
+                data.setdefault("low_util_since", now)
+                if data["low_util_since"] is None:
+                    data["low_util_since"] = now
+            else:
+                data["low_util_since"] = None
+            db.conn.execute("UPDATE instances SET data = ? WHERE id = ?", (json.dumps(data), iid))
+
+
+def last_heartbeat(db, iid: str) -> float | None:
+    """Unix time of the newest trainer heartbeat of any run on the instance."""
+    row = db.execute("SELECT max(heartbeat_at) FROM runs WHERE instance_id = ?", [iid]).fetchone()
+    if not row or not row[0]:
+        return None
+    return store.parse_ts(row[0]).timestamp()
+
+
+def verdict(db, iid: str, settings: IdleSettings, now: float, remote_heartbeat: float | None = None) -> IdleVerdict:
+    row = next(iter(db.query("SELECT actual_status, data FROM instances WHERE id = ?", [iid])), None)
+    if row is None:
+        return IdleVerdict(iid, False, "unknown to the state store")
+    data = json.loads(row["data"] or "{}")
+    since = data.get("low_util_since")
+    if since is None:
+        return IdleVerdict(iid, False, "GPU busy" if row["actual_status"] == "running" else
+                           f"not running ({row['actual_status']})")
+    low_for = now - since
+    if low_for < settings.window_s:
+        return IdleVerdict(iid, False, f"GPU low for {low_for:.0f} s only (window {settings.window_s:.0f} s)")
+    beats = [b for b in (last_heartbeat(db, iid), remote_heartbeat) if b is not None]
+    if beats and now - max(beats) < settings.heartbeat_timeout_s:
+        return IdleVerdict(iid, False, f"GPU low for {low_for:.0f} s but the trainer's heartbeat is "
+                                       f"{now - max(beats):.0f} s old")
+    beat = f"last heartbeat {now - max(beats):.0f} s ago" if beats else "no heartbeat"
+    return IdleVerdict(iid, True, f"GPU below {settings.gpu_util_below:g}% for {low_for:.0f} s and {beat}")
+

@@ -1,0 +1,382 @@
+"""Checkpoint and artifact sync: pull every file of a run directory on an instance over
+SFTP into a content-addressed local store, and optionally push the verified blobs to a
+second SSH remote.
+
+The store (``.nko-ops/vast/cas/sha256/ab/<sha256>``) never trusts a transfer: the sha256 is
+computed on the instance, the bytes are hashed again while they arrive, and a blob enters
+the store only when the two agree. Blobs are read-only and an existing hash is never
+overwritten. A transfer that breaks off (SSH drop) resumes from the bytes already received;
+one whose bytes disagree (file changed or truncated on the instance, corruption) is
+discarded and retried from a fresh hash; a local write error (disk full) removes the
+partial file. In every failure the artifact stays ``remote-only``, so kill-idle refuses
+to destroy the instance holding it.
+
+Per-artifact state in state.db ``artifacts`` (owner_kind 'run', name = path in the run dir):
+remote-only -> transferring -> verified (-> mirrored), with its locations.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import posixpath
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import paramiko
+
+from backend import store
+from backend.vast.ssh import KnownHosts, Remote, SSHError, SSHTarget
+
+CHUNK = 1 << 20
+
+
+class SyncError(RuntimeError):
+    pass
+
+
+class IntegrityError(SyncError):
+    """The bytes received do not hash to what the instance reported."""
+
+
+class LocalStoreError(SyncError):
+    """The local store cannot take the file (disk full, quota, read-only)."""
+
+
+class _Dropped(Exception):
+    def __init__(self, err: BaseException):
+        self.err = err
+
+
+class CAS:
+    """Content-addressed store: ``root/sha256/<2 hex>/<sha256>``, blobs read-only."""
+
+    def __init__(self, root: str | Path, reserve_bytes: int = 0):
+        self.root = Path(root)
+        self.reserve_bytes = reserve_bytes
+        self.tmp = self.root / "tmp"
+
+    def path(self, sha: str) -> Path:
+        return self.root / "sha256" / sha[:2] / sha
+
+    def has(self, sha: str, verify: bool = False) -> bool:
+        p = self.path(sha)
+        if not p.is_file():
+            return False
+        return not verify or _sha256_file(p) == sha
+
+    def partial(self, sha: str) -> Path:
+        return self.tmp / f"{sha}.part"
+
+    def check_space(self, need: int) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        free = os.statvfs(self.root)
+        avail = free.f_bavail * free.f_frsize
+        if avail - need < self.reserve_bytes:
+            raise OSError(errno.ENOSPC, f"not enough space in {self.root}: {avail} bytes free, "
+                                        f"{need} needed + {self.reserve_bytes} reserve")
+
+    def commit(self, part: Path, sha: str) -> Path:
+        """Move a fully received, already verified partial file into place (never over an
+        existing blob) and make it read-only."""
+        dest = self.path(sha)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            part.unlink()
+            return dest
+        os.chmod(part, 0o444)
+        try:
+            os.link(part, dest)  # fails if dest appeared meanwhile: the existing blob wins
+        except FileExistsError:
+            pass
+        part.unlink()
+        dirfd = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+        return dest
+
+    def put_file(self, src: Path) -> tuple[str, Path]:
+        """Add a local file (used for inputs and tests); returns (sha256, blob path)."""
+        sha = _sha256_file(src)
+        if not self.has(sha):
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            part = self.tmp / f"{sha}.local.part"
+            with open(src, "rb") as a, open(part, "wb") as b:
+                for block in iter(lambda: a.read(CHUNK), b""):
+                    b.write(block)
+                b.flush()
+                os.fsync(b.fileno())
+            self.commit(part, sha)
+        return sha, self.path(sha)
+
+
+def _sha256_file(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Entry:
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass
+class SyncReport:
+    run_id: str
+    verified: list[Entry] = field(default_factory=list)
+    pulled: list[Entry] = field(default_factory=list)
+    failed: list[tuple[Entry, str]] = field(default_factory=list)
+    mirrored: list[Entry] = field(default_factory=list)
+    bytes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def __str__(self) -> str:
+        s = (f"{self.run_id}: {len(self.verified)} file(s) verified locally ({len(self.pulled)} pulled, "
+             f"{self.bytes} bytes)")
+        if self.mirrored:
+            s += f", {len(self.mirrored)} mirrored"
+        if self.failed:
+            s += f"; {len(self.failed)} NOT synced: " + "; ".join(f"{e.name} ({why})" for e, why in self.failed)
+        return s
+
+
+def remote_entries(remote: Remote, python: str, helper: str, directory: str) -> list[Entry]:
+    """Files under ``directory`` on the instance with their sizes and sha256 (computed there)."""
+    r = remote.run([python, helper, "hash", directory], timeout=1800)
+    if r.rc != 0:
+        if "No such file" in r.err or "FileNotFoundError" in r.err:
+            return []
+        r.check("hashing on the instance")
+    try:
+        return [Entry(e["name"], int(e["size"]), e["sha256"]) for e in json.loads(r.out or "[]")]
+    except (ValueError, KeyError, TypeError):
+        raise SyncError(f"{remote.target}: unreadable hash listing of {directory}") from None
+
+
+class Syncer:
+    def __init__(self, db, cas: CAS, log: Callable[[str], None] = lambda s: None,
+                 attempts: int = 3, mirror: "Mirror | None" = None):
+        self.db, self.cas, self.log, self.attempts, self.mirror = db, cas, log, attempts, mirror
+        # Test seams: how a block is read from the instance and written locally.
+        self.read_block: Callable[[paramiko.SFTPFile, int], bytes] = lambda f, n: f.read(n)
+        self.write_block: Callable[[object, bytes], None] = lambda f, b: f.write(b)
+
+    # ------------------------------------------------------------------ state.db
+
+    def _row(self, run_id: str, name: str) -> dict | None:
+        return next(iter(self.db.query("SELECT * FROM artifacts WHERE owner_kind = 'run' AND run_id = ? AND name = ?",
+                                       [run_id, name])), None)
+
+    def _record(self, run_id: str, e: Entry, state: str, instance_id: str | None, remote_path: str | None,
+                extra_locations: list[dict] = (), path: str | None = None) -> None:
+        row = self._row(run_id, e.name)
+        locations = []
+        if row and row["sha256"] == e.sha256:
+            locations = [loc for loc in json.loads(row["locations"] or "[]")
+                         if loc.get("kind") != "instance" or loc.get("instance_id") != str(instance_id)]
+        if instance_id is not None and remote_path is not None:
+            locations.append({"kind": "instance", "instance_id": str(instance_id), "path": remote_path})
+        if state in ("verified", "mirrored"):
+            blob = str(self.cas.path(e.sha256))
+            if not any(loc.get("kind") == "cas" for loc in locations):
+                locations.append({"kind": "cas", "path": blob})
+        for loc in extra_locations:
+            if loc not in locations:
+                locations.append(loc)
+        if path is None and row and row["sha256"] == e.sha256 and row["path"]:
+            path = row["path"]
+        stamp = store.now()
+        verified_at = stamp if state in ("verified", "mirrored") else None
+        if row and row["sha256"] == e.sha256 and state == "verified" and row["sync_state"] == "mirrored":
+            state = "mirrored"
+        store.record_artifacts(self.db, run_id, [{
+            "name": e.name, "path": path or (str(self.cas.path(e.sha256)) if verified_at else None), "sha256": e.sha256,
+            "size": e.size, "locations": locations, "sync_state": state, "verified_at": verified_at}])
+
+    # ------------------------------------------------------------------ pulling
+
+    def pull(self, remote: Remote, remote_path: str, e: Entry) -> int:
+        """Bring one file into the store; returns bytes transferred. Resumes a partial
+        transfer after an SSH drop (reconnecting); raises IntegrityError (bytes differ),
+        LocalStoreError (cannot write here: the partial file is removed) or SyncError."""
+        self.cas.tmp.mkdir(parents=True, exist_ok=True)
+        part = self.cas.partial(e.sha256)
+        sent, drops = 0, 0
+        while True:
+            have = part.stat().st_size if part.exists() else 0
+            if have > e.size:
+                part.unlink()
+                have = 0
+            try:
+                self.cas.check_space(e.size - have)
+                f_remote = remote.sftp().open(remote_path, "rb")
+            except OSError as err:
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    part.unlink(missing_ok=True)
+                    raise LocalStoreError(f"{e.name}: {err.strerror or err}") from None
+                if err.errno == errno.ENOENT:
+                    raise SyncError(f"{e.name}: gone from the instance") from None
+                drops = self._dropped(remote, e, part, drops, err)
+                continue
+            except (SSHError, paramiko.SSHException, EOFError) as err:
+                drops = self._dropped(remote, e, part, drops, err)
+                continue
+            try:
+                with open(part, "ab") as out:
+                    f_remote.seek(have)
+                    if e.size - have > 4 * CHUNK:
+                        f_remote.prefetch(e.size)  # pipelined reads: latency, not bandwidth, bounds SFTP
+                    left = e.size - have
+                    while left > 0:
+                        try:
+                            block = self.read_block(f_remote, min(CHUNK, left))
+                        except (paramiko.SSHException, EOFError, OSError) as err:
+                            raise _Dropped(err) from None
+                        if not block:
+                            part.unlink()
+                            raise IntegrityError(f"{e.name}: the file on the instance is shorter than the "
+                                                 f"{e.size} bytes it was hashed at (truncated or replaced)")
+                        try:
+                            self.write_block(out, block)
+                        except OSError as err:
+                            raise LocalStoreError(f"{e.name}: cannot write to {self.cas.root}: "
+                                                  f"{err.strerror or err}") from None
+                        left -= len(block)
+                        sent += len(block)
+                    try:
+                        out.flush()
+                        os.fsync(out.fileno())
+                    except OSError as err:
+                        raise LocalStoreError(f"{e.name}: cannot write to {self.cas.root}: "
+                                              f"{err.strerror or err}") from None
+            except _Dropped as d:
+                drops = self._dropped(remote, e, part, drops, d.err)
+                continue
+            except LocalStoreError:
+                part.unlink(missing_ok=True)
+                raise
+            finally:
+                try:
+                    f_remote.close()
+                except Exception:
+                    pass
+            break
+        got = _sha256_file(part)
+        if got != e.sha256:
+            part.unlink()
+            raise IntegrityError(f"{e.name}: received bytes hash to {got[:12]}…, the instance reported "
+                                 f"{e.sha256[:12]}…")
+        self.cas.commit(part, e.sha256)
+        return sent
+
+    def _dropped(self, remote: Remote, e: Entry, part: Path, drops: int, err: BaseException) -> int:
+        drops += 1
+        kept = part.stat().st_size if part.exists() else 0
+        if drops > self.attempts:
+            raise SyncError(f"{e.name}: connection kept dropping ({type(err).__name__}: {err}); {kept} of "
+                            f"{e.size} bytes kept for resuming") from None
+        self.log(f"{e.name}: transfer interrupted ({type(err).__name__}); reconnecting to resume at {kept} bytes")
+        remote.close()
+        time.sleep(min(0.5 * drops, 5))
+        return drops
+
+    def sync_dir(self, remote: Remote, python: str, helper: str, run_id: str, remote_dir: str,
+                 instance_id: str | None, entries: list[Entry] | None = None) -> SyncReport:
+        """Pull every file of ``remote_dir`` (a run directory on the instance); ``entries``:
+        its listing when the caller just hashed it."""
+        rep = SyncReport(run_id)
+        if entries is None:
+            try:
+                entries = remote_entries(remote, python, helper, remote_dir)
+            except SSHError as err:
+                raise SyncError(f"{run_id}: cannot list {remote_dir} on {remote.target}: {err}") from None
+        for e in entries:
+            rpath = posixpath.join(remote_dir, e.name)
+            if self.cas.has(e.sha256):
+                self._record(run_id, e, "verified", instance_id, rpath)
+                rep.verified.append(e)
+                continue
+            self._record(run_id, e, "remote-only", instance_id, rpath)
+            cur = e
+            for attempt in range(1, self.attempts + 1):
+                self._record(run_id, cur, "transferring", instance_id, rpath)
+                try:
+                    rep.bytes += self.pull(remote, rpath, cur)
+                except IntegrityError as err:
+                    self._record(run_id, cur, "remote-only", instance_id, rpath)
+                    if attempt == self.attempts:
+                        rep.failed.append((cur, str(err)))
+                        break
+                    self.log(f"{err}; hashing it again")
+                    fresh = {x.name: x for x in remote_entries(remote, python, helper, remote_dir)}
+                    if cur.name not in fresh:
+                        rep.failed.append((cur, "gone from the instance"))
+                        break
+                    cur = fresh[cur.name]
+                    if self.cas.has(cur.sha256):
+                        break
+                    continue
+                except SyncError as err:
+                    self._record(run_id, cur, "remote-only", instance_id, rpath)
+                    rep.failed.append((cur, str(err)))
+                    break
+                rep.pulled.append(cur)
+                break
+            if self.cas.has(cur.sha256):
+                self._record(run_id, cur, "verified", instance_id, rpath)
+                rep.verified.append(cur)
+        if self.mirror is not None:
+            for e in rep.verified:
+                try:
+                    if self.mirror.push(self.cas, e.sha256):
+                        self._record(run_id, e, "mirrored", None, None,
+                                     [{"kind": "mirror", "path": self.mirror.blob_path(e.sha256),
+                                       "host": str(self.mirror.remote.target)}])
+                        rep.mirrored.append(e)
+                except (SSHError, SyncError, OSError) as err:
+                    self.log(f"mirror push of {e.name} failed: {err}")
+        return rep
+
+    def unverified(self, remote: Remote, python: str, helper: str, remote_dir: str) -> list[Entry]:
+        """Files on the instance (under ``remote_dir``) whose exact content is not in the store."""
+        return [e for e in remote_entries(remote, python, helper, remote_dir) if not self.cas.has(e.sha256)]
+
+
+class Mirror:
+    """A second SSH remote holding a copy of the store's blobs (checked with sha256sum there)."""
+
+    def __init__(self, target: SSHTarget, path: str, known: KnownHosts):
+        self.remote = Remote(target, known)
+        self.path = path
+
+    def blob_path(self, sha: str) -> str:
+        return posixpath.join(self.path, "sha256", sha[:2], sha)
+
+    def push(self, cas: CAS, sha: str) -> bool:
+        dest = self.blob_path(sha)
+        r = self.remote.run(["sha256sum", dest], timeout=600)
+        if r.rc == 0 and r.out.split()[:1] == [sha]:
+            return True
+        self.remote.run(["mkdir", "-p", posixpath.dirname(dest)], timeout=60).check("mkdir on the mirror")
+        self.remote.put(cas.path(sha), dest + ".part")
+        r = self.remote.run(["sha256sum", dest + ".part"], timeout=600).check("sha256sum on the mirror")
+        if r.out.split()[:1] != [sha]:
+            self.remote.run(["rm", "-f", dest + ".part"], timeout=60)
+            raise SyncError(f"mirror copy of {sha[:12]}… arrived corrupted")
+        self.remote.run(["mv", "-f", dest + ".part", dest], timeout=60).check("mv on the mirror")
+        self.remote.run(["chmod", "0444", dest], timeout=60)
+        return True

@@ -1,0 +1,212 @@
+"""``nko-ops console``: the operations console (Textual).
+
+Tabs: Matrix, Gate, Instances, Adapters; a status bar (budget, running instances, alerts);
+a footer of bindings and a help screen. All database work happens in thread workers: a
+poll every ``interval`` seconds reloads the status bar and the visible tab, and the panes
+start their own workers for detail views and review writes. One connection is shared by
+those workers under a lock, so the UI thread never waits on SQLite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
+
+import sqlite_utils
+from rich.text import Text
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Footer, Markdown, Static, TabbedContent, TabPane
+
+from backend.store import open_db
+from console import queries
+from console.panes.adapters import AdaptersPane
+from console.panes.gate import GatePane
+from console.panes.instances import InstancesPane
+from console.panes.matrix import MatrixPane
+from console.queries import Status
+from console.widgets import Pane, usd
+
+T = TypeVar("T")
+
+PANES: tuple[tuple[str, type[Pane]], ...] = (
+    ("matrix", MatrixPane), ("gate", GatePane), ("instances", InstancesPane), ("adapters", AdaptersPane))
+
+
+def status_text(s: Status | None, error: str = "") -> Text:
+    if error:
+        return Text.assemble(("state.db error: ", "bold red"), error)
+    if s is None:
+        return Text("loading…", style="dim")
+    b = s.budget
+    if b is None:
+        budget = Text("budget —", style="dim")
+    else:
+        over = b.cap_usd is not None and b.spent_usd >= b.cap_usd
+        budget = Text.assemble("budget ", (usd(b.spent_usd), "bold red" if over else "bold"),
+                               " / ", usd(b.cap_usd) if b.cap_usd else "no cap")
+    runs = " ".join(f"{n} {st}" for st, n in s.runs_by_status) or "none"
+    alerts = Text("⚠ " + "; ".join(s.alerts), style="bold red") if s.alerts else Text("no alerts", style="green")
+    sep = ("  │  ", "dim")
+    return Text.assemble(budget, sep, f"{s.running_instances} running instance{'s' * (s.running_instances != 1)}",
+                         sep, alerts, sep, ("runs ", "dim"), runs)
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,q,question_mark", "app.pop_screen", "Close")]
+
+    def __init__(self, panes: Iterable[Pane]) -> None:
+        super().__init__()
+        self.panes = list(panes)
+
+    def compose(self) -> ComposeResult:
+        parts = ["# nko-ops console", "",
+                 "Keys everywhere: `1`–`4` switch tabs, `r` reloads now, `?` this help, `q` quits; "
+                 "arrows/PgUp/PgDn move in tables. The status bar shows budget spend/cap, running "
+                 "instances, run counts and alerts (over budget, hung adapter, missing artifacts, "
+                 "failed runs, stale heartbeats). Data refreshes every few seconds.", ""]
+        for pane in self.panes:
+            parts += [f"## {pane.title}", "", pane.help, ""]
+            keys = [f"`{b.key}` {b.description}" for b in getattr(pane, "BINDINGS", []) if isinstance(b, Binding)]
+            if keys:
+                parts += ["Keys: " + " · ".join(keys), ""]
+        with VerticalScroll(id="help-dialog"):
+            yield Markdown("\n".join(parts))
+
+
+class ConsoleApp(App):
+    CSS_PATH = Path(__file__).with_name("console.tcss")  # absolute: subclasses live elsewhere
+    TITLE = "nko-ops console"
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("question_mark", "help", "Help"),
+        Binding("r", "reload", "Reload"),
+        *[Binding(str(i + 1), f"show_tab('{name}')", name.title(), show=False) for i, (name, _) in enumerate(PANES)],
+    ]
+
+    def __init__(self, db_path: str | Path = "state.db", interval: float = 2.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        super().__init__()
+        self.db_path = str(db_path)
+        self.interval = interval
+        self.clock = clock
+        self._db: sqlite_utils.Database | None = None
+        self._lock = threading.Lock()
+        self.status: Status | None = None
+        self.error = ""
+        self._polling = False
+        self._pending: dict[Pane, None] = {}
+
+    # ---------------------------------------------------------------- layout
+
+    def compose(self) -> ComposeResult:
+        with TabbedContent(id="tabs"):
+            for name, cls in PANES:
+                with TabPane(cls.title, id=f"tab-{name}"):
+                    yield cls(id=name)
+        yield Static(status_text(None), id="status-bar")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = Path(self.db_path).name
+        self.refresh_panes()
+        self.set_interval(self.interval, self.refresh_panes)
+
+    def panes(self) -> list[Pane]:
+        return [self.query_one(f"#{name}", Pane) for name, _ in PANES]
+
+    def active_pane(self) -> Pane:
+        active = self.query_one("#tabs", TabbedContent).active or f"tab-{PANES[0][0]}"
+        return self.query_one(f"#{active.removeprefix('tab-')}", Pane)
+
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        pane = self.active_pane()
+        pane.query_one("DataTable").focus()
+        self.refresh_panes([pane])
+
+    # ---------------------------------------------------------------- database
+
+    def read(self, fn: Callable[[sqlite_utils.Database, float], T]) -> T | None:
+        """Run ``fn(db, now)`` in the calling (worker) thread; on a database error show it in
+        the status bar and return None instead of taking the console down."""
+        try:
+            with self._lock:
+                if self._db is None:
+                    self._db = open_db(self.db_path)
+                return fn(self._db, self.clock())
+        except Exception as exc:  # noqa: BLE001 - any failure is shown, the console keeps running
+            self.call_from_thread(self._show_error, f"{type(exc).__name__}: {exc}")
+            return None
+
+    def write(self, fn: Callable[[sqlite_utils.Database], T]) -> T | None:
+        return self.read(lambda db, now: fn(db))
+
+    def _show_error(self, message: str) -> None:
+        self.error = message
+        self.query_one("#status-bar", Static).update(status_text(self.status, message))
+        self.notify(message, severity="error", timeout=6)
+
+    def load_all(self, db: sqlite_utils.Database, now: float, panes: list[Pane]) -> tuple[Status, list[Any]]:
+        """Everything one refresh reads (also what the refresh benchmark times)."""
+        return queries.status(db, now), [p.load(db, now) for p in panes]
+
+    def apply(self, status: Status, panes: list[Pane], results: list[Any]) -> None:
+        self.status, self.error = status, ""
+        self.query_one("#status-bar", Static).update(status_text(status))
+        for pane, data in zip(panes, results):
+            pane.show(data)
+
+    def refresh_panes(self, panes: list[Pane] | None = None) -> None:
+        """Reload the status bar and ``panes`` (default: the visible one) in a worker.
+
+        One poll at a time: a request while one runs is queued and served right after it,
+        so a slow database delays updates instead of cancelling every poll in turn."""
+        panes = panes if panes is not None else [self.active_pane()]
+        if self._polling:
+            self._pending.update(dict.fromkeys(panes))
+            return
+        self._polling = True
+        self._poll(panes)
+
+    @work(thread=True, group="poll")
+    def _poll(self, panes: list[Pane]) -> None:
+        try:
+            loaded = self.read(lambda db, now: self.load_all(db, now, panes))
+            if loaded is not None:
+                self.call_from_thread(self.apply, loaded[0], panes, loaded[1])
+        finally:
+            with contextlib.suppress(RuntimeError):  # the app may be closing
+                self.call_from_thread(self._poll_done)
+
+    def _poll_done(self) -> None:
+        self._polling = False
+        if self._pending:
+            panes, self._pending = list(self._pending), {}
+            self.refresh_panes(panes)
+
+    # ---------------------------------------------------------------- actions
+
+    def action_show_tab(self, name: str) -> None:
+        self.query_one("#tabs", TabbedContent).active = f"tab-{name}"
+
+    def action_reload(self) -> None:
+        self.refresh_panes()
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen(self.panes()))
+
+    def on_unmount(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.conn.close()
+                self._db = None
+
+
+def run(db: str = "state.db", interval: float = 2.0) -> None:
+    ConsoleApp(db, interval).run()

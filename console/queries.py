@@ -1,0 +1,427 @@
+"""Everything the console reads from (and the one thing it writes to) ``state.db``.
+
+Plain functions over a ``sqlite_utils.Database`` from ``backend.store.open_db``; they run in
+Textual thread workers, never on the UI thread. Each returns small frozen dataclasses so a
+pane can compare a new result with the one on screen and skip redrawing when nothing changed.
+Times are passed in (``now``, unix seconds) so tests and snapshots are deterministic.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shlex
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import sqlite_utils
+
+from backend.store import transaction
+
+# The nine files of a complete run bundle (CONTRACTS §3).
+BUNDLE = ("results.json", "train.log", "run.log", "split.json", "vocab.json", "best.pt",
+          "test_predictions.jsonl", "test_references.jsonl", "test_metrics_by_partition.json")
+# Worst first: a run's sync column leads with the state that needs attention.
+SYNC_ORDER = ("missing", "remote-only", "transferring", "local", "verified", "mirrored")
+PARTITIONS = ("stable", "boundary", "uncertain", "novelty")
+IDLE_UTIL = 5.0  # GPU utilisation (%) below which an instance counts as not working
+STALE_HEARTBEAT_S = 600.0
+
+
+# --------------------------------------------------------------------------- matrix
+
+@dataclass(frozen=True)
+class RunRow:
+    id: str
+    matrix_id: str
+    script: str
+    mode: str
+    seed: int | None
+    status: str
+    epoch: int | None
+    val_loss: float | None
+    best_val_loss: float | None
+    best_epoch: int | None
+    test_cer: float | None
+    artifacts: int
+    sync: str
+
+
+def matrix(db: sqlite_utils.Database) -> list[RunRow]:
+    """All runs, grouped by matrix, with artifact counts and a sync summary."""
+    marks = ",".join("?" * len(BUNDLE))
+    artifacts = {run_id: (n, states) for run_id, n, states in db.execute(
+        f"""SELECT run_id, sum(name IN ({marks}) AND sync_state != 'missing'), group_concat(sync_state)
+            FROM artifacts WHERE owner_kind = 'run' GROUP BY run_id""", BUNDLE).fetchall()}
+    out = []
+    for row in db.execute("""
+            SELECT id, matrix_id, script, mode, seed, status, epoch, val_loss, best_val_loss, best_epoch, test_cer
+            FROM runs ORDER BY coalesce(matrix_id, ''), created_at, id""").fetchall():
+        n, states = artifacts.get(row[0], (0, None))
+        out.append(RunRow(row[0], row[1] or "", row[2] or "", row[3] or "", *row[4:], n, sync_summary(states)))
+    return out
+
+
+@functools.lru_cache(maxsize=4096)  # a handful of distinct patterns across a whole matrix
+def sync_summary(states: str | None) -> str:
+    """'verified' when every artifact agrees, else counts worst first: '2 remote-only, 7 verified'."""
+    if not states:
+        return "—"
+    counts = Counter(states.split(","))
+    if len(counts) == 1:
+        return next(iter(counts))
+    rank = {s: i for i, s in enumerate(SYNC_ORDER)}
+    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: rank.get(kv[0], -1)))
+
+
+@dataclass(frozen=True)
+class RunDetail:
+    id: str
+    status: str
+    train_curve: tuple[tuple[int, float], ...]
+    val_curve: tuple[tuple[int, float], ...]
+    best_val_loss: float | None
+    best_epoch: int | None
+    test_cer: float | None
+    test_cer_toneless: float | None
+    out_dir: str
+    error: str
+    command: str
+
+
+def run_detail(db: sqlite_utils.Database, run_id: str) -> RunDetail | None:
+    rows = list(db.query("""
+        SELECT r.*, m.path AS matrix_path,
+               (SELECT p.path FROM promotions p WHERE p.run_id = r.id ORDER BY p.id DESC LIMIT 1) AS promotion
+        FROM runs r LEFT JOIN matrices m ON m.id = r.matrix_id WHERE r.id = ?""", [run_id]))
+    if not rows:
+        return None
+    r = rows[0]
+
+    def points(name: str) -> tuple[tuple[int, float], ...]:
+        return tuple((e, v) for e, v in db.execute(
+            "SELECT epoch, value FROM metrics WHERE run_id = ? AND name = ? AND kind = 'epoch' "
+            "AND value IS NOT NULL ORDER BY epoch", [run_id, name]).fetchall())
+
+    return RunDetail(r["id"], r["status"], points("train_loss"), points("val_loss"),
+                     r["best_val_loss"], r["best_epoch"], r["test_cer"], r["test_cer_toneless"],
+                     r["out_dir"] or "", r["error"] or "", reproduction_command(r))
+
+
+def reproduction_command(run: dict) -> str:
+    """The shell command(s) that re-run this run, one per line.
+
+    A promoted run has its config written next to its promotion record (backend/promote.py),
+    so training it again is one command; a completed run is promoted first; a run that has
+    not completed is run (or resumed) through its matrix. Completed runs also get the
+    command that re-decodes their predictions byte for byte.
+    """
+    rid, q = run["id"], shlex.quote
+    config = (run.get("config") or "").strip()
+    retrain_dir = q(f"runs/reproduce/{rid}")
+    if run.get("promotion"):
+        cfg = Path(run["promotion"]).with_name(f"{rid}.config.json")
+        lines = [f"nko-ops train --config {q(str(cfg))} --out-dir {retrain_dir}"]
+    elif config and not config.startswith("{"):  # a path to the run's config file
+        lines = [f"nko-ops train --config {q(config)}"]
+    elif run.get("status") == "completed":
+        lines = [f"nko-ops promote {q(rid)}",
+                 f"nko-ops train --config {q(f'reports/promotions/{rid}.config.json')} --out-dir {retrain_dir}"]
+    elif run.get("matrix_path"):
+        lines = [f"nko-ops matrix run {q(run['matrix_path'])} --executor {q(run.get('executor') or 'local')} "
+                 f"--only {q(rid)}"]
+    else:
+        return "(no config, promotion or matrix recorded for this run)"
+    if run.get("status") == "completed" and run.get("out_dir"):
+        lines.append(f"nko-ops evaluate --run {q(run['out_dir'])}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- gate
+
+@dataclass(frozen=True)
+class GateFilter:
+    partition: str | None = None  # one of PARTITIONS, or None for all
+    accepted: bool | None = None  # True accepted, False rejected, None both
+    unreviewed: bool = False
+    offset: int = 0
+    limit: int = 500
+
+    def where(self) -> tuple[str, list]:
+        clauses, args = [], []
+        if self.partition is not None:
+            clauses.append("d.partition = ?")
+            args.append(self.partition)
+        if self.accepted is not None:
+            clauses.append("d.accepted = ?")
+            args.append(1 if self.accepted else 0)
+        if self.unreviewed:
+            clauses.append("NOT EXISTS (SELECT 1 FROM reviews v WHERE v.decision_id = d.id)")
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+
+@dataclass(frozen=True)
+class DecisionRow:
+    id: int
+    feat_id: str
+    run_id: str
+    partition: str
+    accepted: bool
+    rules: tuple[str, ...]
+    edit_distance: int | None
+    asr_text: str
+    proposal: str
+    reference_text: str
+    policy_hash: str
+    witness: str
+    verdict: str  # latest review verdict, '' when none
+    note: str
+
+
+@dataclass(frozen=True)
+class GatePage:
+    filter: GateFilter
+    total: int  # decisions matching the filter
+    rows: tuple[DecisionRow, ...] = field(default_factory=tuple)
+
+
+def _rules(text: str | None) -> tuple[str, ...]:
+    try:
+        value = json.loads(text or "[]")
+    except json.JSONDecodeError:
+        return (str(text),)
+    return tuple(str(x) for x in value) if isinstance(value, list) else (str(value),)
+
+
+def gate_decisions(db: sqlite_utils.Database, flt: GateFilter = GateFilter()) -> GatePage:
+    """One page of decisions (newest first) matching ``flt``, with each one's latest review."""
+    where, args = flt.where()
+    total = db.execute(f"SELECT count(*) FROM gate_decisions d{where}", args).fetchone()[0]
+    sql = f"""
+        SELECT d.id, d.feat_id, d.run_id, d.partition, d.accepted, d.rules, d.edit_distance,
+               d.asr_text, d.proposal, d.reference_text, d.policy_hash, d.witness,
+               v.verdict, v.note
+        FROM (SELECT * FROM gate_decisions d{where} ORDER BY d.id DESC LIMIT ? OFFSET ?) d
+        LEFT JOIN reviews v ON v.id = (SELECT max(id) FROM reviews WHERE decision_id = d.id)
+        ORDER BY d.id DESC"""
+    rows = tuple(
+        DecisionRow(r[0], r[1] or "", r[2] or "", r[3] or "", bool(r[4]), _rules(r[5]), r[6],
+                    r[7] or "", r[8] or "", r[9] or "", r[10] or "", r[11] or "", r[12] or "", r[13] or "")
+        for r in db.execute(sql, [*args, flt.limit, flt.offset]).fetchall())
+    return GatePage(flt, total, rows)
+
+
+def record_review(db: sqlite_utils.Database, decision_id: int, verdict: str, note: str = "",
+                  reviewer: str = "") -> int:
+    """Store a human verdict on a gate decision; returns the review id.
+
+    An override needs a note saying why (that note is what tunes the policy later)."""
+    if verdict not in ("agree", "override"):
+        raise ValueError(f"verdict: expected 'agree' or 'override', got {verdict!r}")
+    if verdict == "override" and not note.strip():
+        raise ValueError("note: an override needs a note saying why")
+    with transaction(db):
+        if db.execute("SELECT 1 FROM gate_decisions WHERE id = ?", [decision_id]).fetchone() is None:
+            raise ValueError(f"decision_id: no gate decision {decision_id}")
+        cur = db.execute("INSERT INTO reviews(decision_id, verdict, note, reviewer) VALUES (?, ?, ?, ?)",
+                         [decision_id, verdict, note.strip() or None, reviewer or None])
+        return int(cur.lastrowid)
+
+
+# --------------------------------------------------------------------------- instances, cost
+
+@dataclass(frozen=True)
+class InstanceRow:
+    id: str
+    label: str
+    run_id: str
+    gpu: str
+    dph: float | None
+    status: str
+    uptime_s: float | None
+    spend_usd: float | None
+    gpu_util: float | None
+    idle_s: float | None  # None when working (or unknown)
+
+
+@dataclass(frozen=True)
+class Budget:
+    name: str
+    cap_usd: float | None
+    warn_usd: float | None
+    spent_usd: float
+
+    @property
+    def fraction(self) -> float | None:
+        return self.spent_usd / self.cap_usd if self.cap_usd else None
+
+
+def _ts(text: str | None) -> float | None:
+    """Unix time of a store timestamp (``2025-01-02T03:04:05.678Z``), None if absent or bad."""
+    if not text:
+        return None
+    try:  # fromisoformat is ~10x faster than strptime; the spend curve parses thousands
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def instances(db: sqlite_utils.Database, now: float) -> list[InstanceRow]:
+    """Instances the store knows, live ones first.
+
+    Spend is the instance's latest cost sample (the ledger is cumulative). Idle time counts
+    from the last trainer heartbeat on the instance (or its start), and only while GPU
+    utilisation is below ``IDLE_UTIL``: the same two signals the Vast lane's kill-idle uses.
+    """
+    sql = """
+        SELECT i.id, i.label, i.run_id, i.gpu_name, i.num_gpus, i.dph_total, i.actual_status,
+               i.cur_state, i.destroyed_at, i.start_date, i.gpu_util,
+               (SELECT c.total_usd FROM cost_samples c WHERE c.instance_id = i.id
+                  ORDER BY c.ts DESC, c.id DESC LIMIT 1) AS spend,
+               (SELECT r.heartbeat_at FROM runs r WHERE r.id = i.run_id) AS heartbeat
+        FROM instances i
+        ORDER BY (i.destroyed_at IS NOT NULL), i.created_at, i.id"""
+    beats = dict(db.execute("SELECT instance_id, max(heartbeat_at) FROM runs "
+                            "WHERE instance_id IS NOT NULL GROUP BY instance_id").fetchall())
+    out = []
+    for (iid, label, run_id, gpu, n_gpus, dph, actual, cur, destroyed, start, util, spend,
+         beat) in db.execute(sql).fetchall():
+        beat = max((b for b in (beat, beats.get(iid)) if b), default=None)
+        status = "destroyed" if destroyed else (actual or cur or "?")
+        live = not destroyed
+        uptime = now - start if (start and live) else None
+        idle = None
+        if live and status == "running" and util is not None and util < IDLE_UTIL:
+            since = max(x for x in (_ts(beat), start, 0.0) if x is not None)
+            idle = max(0.0, now - since) if since else None
+        gpu_label = f"{n_gpus}× {gpu}" if gpu and n_gpus and n_gpus > 1 else (gpu or "?")
+        out.append(InstanceRow(str(iid), label or "", run_id or "", gpu_label, dph, status, uptime,
+                               spend, util, idle))
+    return out
+
+
+def budget(db: sqlite_utils.Database) -> Budget | None:
+    """The budget row (the first by name when there are several) with the spend so far.
+
+    Spend is the larger of the budget row's ledger and the sum of each instance's latest
+    cost sample: both only grow, and whichever was written last is the fresher one."""
+    rows = db.execute("SELECT name, cap_usd, warn_usd, spent_usd FROM budgets ORDER BY name LIMIT 1").fetchall()
+    sampled = total_spend(db)
+    if not rows:
+        return Budget("", None, None, sampled) if sampled else None
+    name, cap, warn, spent = rows[0]
+    return Budget(name, cap, warn, max(spent or 0.0, sampled))
+
+
+def total_spend(db: sqlite_utils.Database) -> float:
+    # SQLite takes the bare column (total_usd) from the row that holds max(ts).
+    return sum(usd or 0.0 for usd, _ in db.execute(
+        "SELECT total_usd, max(ts) FROM cost_samples GROUP BY instance_id").fetchall())
+
+
+def spend_curve(db: sqlite_utils.Database, limit: int = 500) -> tuple[tuple[float, float], ...]:
+    """(unix time, total spend across instances) after each cost sample, the last ``limit``."""
+    latest: dict[str | None, float] = {}
+    total = 0.0
+    points = []
+    for iid, ts, usd in db.execute("SELECT instance_id, ts, total_usd FROM cost_samples "
+                                   "WHERE total_usd IS NOT NULL ORDER BY ts, id").fetchall():
+        total += usd - latest.get(iid, 0.0)
+        latest[iid] = usd
+        points.append((ts, total))
+    return tuple((t, v) for ts, v in points[-limit:] if (t := _ts(ts)) is not None)
+
+
+# --------------------------------------------------------------------------- adapters
+
+# Metric names as mlx-lm's TrainingCallback reports them (issue 7 stores them unchanged).
+TRAIN_LOSS, VAL_LOSS, TOKENS_PER_S = "train_loss", "val_loss", "tokens_per_second"
+
+
+@dataclass(frozen=True)
+class AdapterRow:
+    id: str
+    name: str
+    status: str
+    hosts: str
+    world_size: int | None
+    iteration: int | None
+    train_loss: float | None
+    val_loss: float | None
+    tokens_per_s: float | None
+    heartbeat_age_s: float | None
+    error: str
+
+
+def _hosts(text: str | None) -> str:
+    if not text:
+        return ""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    if isinstance(value, list):
+        return ", ".join(str(h.get("host") or h.get("name") or h) if isinstance(h, dict) else str(h)
+                         for h in value)
+    return str(value)
+
+
+def adapters(db: sqlite_utils.Database, now: float) -> list[AdapterRow]:
+    def last(name: str) -> str:
+        return (f"(SELECT m.value FROM adapter_metrics m WHERE m.adapter_run_id = a.id AND m.name = '{name}' "
+                f"AND m.rank = 0 ORDER BY m.iteration DESC LIMIT 1)")
+
+    sql = f"""SELECT a.id, a.name, a.status, a.hosts, a.world_size, a.iteration, a.heartbeat_at, a.error,
+                     {last(TRAIN_LOSS)}, {last(VAL_LOSS)}, {last(TOKENS_PER_S)}
+              FROM adapter_runs a ORDER BY a.created_at DESC, a.id"""
+    out = []
+    for (aid, name, status, hosts, world, it, beat, error, tl, vl, tps) in db.execute(sql).fetchall():
+        b = _ts(beat)
+        out.append(AdapterRow(aid, name or "", status, _hosts(hosts), world, it, tl, vl, tps,
+                              (now - b) if b is not None else None, error or ""))
+    return out
+
+
+def adapter_curve(db: sqlite_utils.Database, adapter_run_id: str, name: str) -> tuple[tuple[int, float], ...]:
+    """Rank 0's (iteration, value) points of one adapter metric."""
+    return tuple(db.execute("SELECT iteration, value FROM adapter_metrics WHERE adapter_run_id = ? "
+                            "AND name = ? AND rank = 0 AND value IS NOT NULL ORDER BY iteration",
+                            [adapter_run_id, name]).fetchall())
+
+
+# --------------------------------------------------------------------------- status bar
+
+@dataclass(frozen=True)
+class Status:
+    budget: Budget | None
+    running_instances: int
+    runs_by_status: tuple[tuple[str, int], ...]
+    alerts: tuple[str, ...]
+
+
+def status(db: sqlite_utils.Database, now: float) -> Status:
+    b = budget(db)
+    running = db.execute("SELECT count(*) FROM instances WHERE destroyed_at IS NULL "
+                         "AND actual_status = 'running'").fetchone()[0]
+    by_status = tuple(db.execute("SELECT status, count(*) FROM runs GROUP BY status ORDER BY status").fetchall())
+    alerts = []
+    if b and b.cap_usd and b.spent_usd >= b.cap_usd:
+        alerts.append(f"over budget (${b.spent_usd:.2f} ≥ ${b.cap_usd:.2f})")
+    elif b and b.warn_usd and b.spent_usd >= b.warn_usd:
+        alerts.append(f"budget warning (${b.spent_usd:.2f} ≥ ${b.warn_usd:.2f})")
+    hung = db.execute("SELECT count(*) FROM adapter_runs WHERE status = 'hung'").fetchone()[0]
+    if hung:
+        alerts.append(f"{hung} hung adapter run{'s' * (hung > 1)}")
+    missing = db.execute("SELECT count(DISTINCT run_id) FROM artifacts WHERE sync_state = 'missing'").fetchone()[0]
+    if missing:
+        alerts.append(f"sync failure: {missing} run{'s' * (missing > 1)} with missing artifacts")
+    failed = dict(by_status).get("failed", 0)
+    if failed:
+        alerts.append(f"{failed} failed run{'s' * (failed > 1)}")
+    stale = sum(1 for (beat,) in db.execute("SELECT heartbeat_at FROM runs WHERE status = 'running'").fetchall()
+                if (t := _ts(beat)) is not None and now - t > STALE_HEARTBEAT_S)
+    if stale:
+        alerts.append(f"{stale} running run{'s' * (stale > 1)} without a heartbeat for {STALE_HEARTBEAT_S / 60:.0f} min")
+    return Status(b, running, by_status, tuple(alerts))

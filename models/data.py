@@ -1,0 +1,199 @@
+"""What a run trains and tests on: snapshot + split + feature store, checked against each
+other, turned into utterances with CTC labels, and length-bucketed batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import text as T
+from models.config import RunConfig
+from models.model import Dims, ctc_min_frames, make_dims, output_lengths
+from models.snapshot import load as load_snapshot
+from models.split import PARTS, Split
+from models.vocab import Vocab
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class Utterance:
+    feat_id: str
+    audio_id: str
+    labels: list[int]
+    reference_text: str
+    nko: str
+    latin: str
+    frames: int
+    out_frames: int
+
+    @property
+    def feasible(self) -> bool:
+        return self.out_frames >= ctc_min_frames(self.labels)
+
+
+@dataclass
+class RunData:
+    snapshot_path: Path
+    snapshot_sha256: str
+    split: Split
+    split_path: Path
+    store: object  # models.features.FeatureStore
+    vocab: Vocab
+    dims: Dims
+    parts: dict[str, list[Utterance]]
+    skipped: dict[str, dict] = field(default_factory=dict)  # part -> {"unknown_chars": n, "empty": n}
+
+    def infeasible(self) -> dict[str, int]:
+        return {p: sum(not u.feasible for u in us) for p, us in self.parts.items()}
+
+
+def _show(ids: list[str], n: int = 5) -> str:
+    return ", ".join(ids[:n]) + (f" and {len(ids) - n} more" if len(ids) > n else "")
+
+
+def audio_id(row: dict) -> str:
+    if row.get("audio_id"):
+        return str(row["audio_id"])
+    if row.get("audio"):
+        return Path(row["audio"]).stem
+    return row["feat_id"]
+
+
+def prepare(cfg: RunConfig, split_path: str | Path | None = None, log=print) -> RunData:
+    """Load and cross-check everything a run reads; DataError names what does not match."""
+    from models.features import FeatureStore
+
+    snap = load_snapshot(Path(cfg.snapshot))
+    if cfg.snapshot_sha256 and cfg.snapshot_sha256 != snap.sha256:
+        raise DataError(f"snapshot_sha256 mismatch: config says {cfg.snapshot_sha256}, "
+                        f"{snap.path} has {snap.sha256}")
+    split_path = Path(split_path or cfg.split)
+    if not split_path.exists():
+        raise DataError(f"split file not found: {split_path} (config field 'split')")
+    split = Split.load(split_path)
+    if split.snapshot_sha256 and split.snapshot_sha256 != snap.sha256:
+        raise DataError(f"split/snapshot mismatch: {split_path} was made for snapshot {split.snapshot_sha256[:12]}, "
+                        f"but {snap.path} is {snap.sha256[:12]}")
+    by_id = snap.by_id()
+    for part in PARTS:
+        missing = [f for f in getattr(split, part) if f not in by_id]
+        if missing:
+            raise DataError(f"split/snapshot mismatch: {len(missing)} {part} feat_id(s) of {split_path} are not in "
+                            f"{snap.path}: {_show(missing)}")
+    try:
+        store = FeatureStore.open(Path(cfg.features))
+    except FileNotFoundError as e:
+        raise DataError(f"features: {e}") from None
+    overrides = cfg.model.overrides()
+    if "n_input" in overrides and overrides["n_input"] != store.dim:
+        raise DataError(f"model.n_input={overrides['n_input']} but the feature store {cfg.features} has dim {store.dim}")
+    vocab = Vocab.for_script(cfg.script)
+    overrides.update(n_input=store.dim, n_vocab=len(vocab))
+    try:
+        dims = make_dims(cfg.model.preset, **overrides)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+    limits = {"train": cfg.subset.train, "val": cfg.subset.val, "test": cfg.subset.test}
+    parts: dict[str, list[Utterance]] = {}
+    skipped: dict[str, dict] = {}
+    for part in PARTS:
+        ids = getattr(split, part)[: limits[part]] if limits[part] else getattr(split, part)
+        absent = [f for f in ids if f not in store]
+        if absent:
+            raise DataError(f"features: {len(absent)} {part} feat_id(s) are not in the feature store "
+                            f"{cfg.features}: {_show(absent)}")
+        frames = [store.frames(f) for f in ids]
+        outs = output_lengths(torch.tensor(frames, dtype=torch.long), dims).tolist() if ids else []
+        utts, unknown, empty = [], [], []
+        for fid, n, n_out in zip(ids, frames, outs):
+            row = by_id[fid]
+            ref = T.target_text(row[cfg.script], cfg.script)
+            if not ref:
+                empty.append(fid)
+                continue
+            if vocab.unknown([ref]):
+                unknown.append(fid)
+                continue
+            utts.append(Utterance(fid, audio_id(row), vocab.encode(ref), ref, row["nko"], row["latin"], n, n_out))
+        skipped[part] = {"unknown_chars": len(unknown), "empty": len(empty)}
+        if unknown:
+            log(f"WARNING {part}: {len(unknown)} utterance(s) skipped, characters outside the {cfg.script} "
+                f"vocabulary: {_show(unknown)}")
+        if empty:
+            log(f"WARNING {part}: {len(empty)} utterance(s) skipped, empty {cfg.script} target: {_show(empty)}")
+        parts[part] = utts
+    data = RunData(snap.path, snap.sha256, split, split_path, store, vocab, dims, parts, skipped)
+    for part, n in data.infeasible().items():
+        if n:
+            log(f"WARNING {part}: {n} of {len(parts[part])} utterance(s) are CTC-infeasible (fewer encoder frames "
+                f"than labels + repeats at conv stride {dims.conv_stride}); "
+                + ("they are left out of the loss" if part != "test" else "they are still decoded and scored"))
+    for part in ("train", "val", "test"):
+        usable = [u for u in parts[part] if u.feasible or part == "test"]
+        if not usable:
+            raise DataError(f"split part '{part}' has no usable utterances (after subset, vocabulary and CTC checks)")
+    return data
+
+
+def make_batches(utts: list[Utterance], batch_size: int, max_batch_frames: int | None = None) -> list[list[int]]:
+    """Indices into ``utts`` sorted by length (ties by feat_id) and cut into batches of at most
+    ``batch_size`` utterances and, if set, ``max_batch_frames`` padded frames."""
+    order = sorted(range(len(utts)), key=lambda i: (utts[i].frames, utts[i].feat_id))
+    batches, cur = [], []
+    for i in order:
+        longest = utts[i].frames  # sorted ascending: the newcomer is the longest
+        if cur and (len(cur) == batch_size or (max_batch_frames and longest * (len(cur) + 1) > max_batch_frames)):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def padding_waste(utts: list[Utterance], batches: list[list[int]]) -> float:
+    """Fraction of padded frames in ``batches``: 1 − real frames / (batch size × longest)."""
+    real = sum(utts[i].frames for b in batches for i in b)
+    padded = sum(len(b) * max(utts[i].frames for i in b) for b in batches)
+    return 1 - real / padded if padded else 0.0
+
+
+def collate(store, utts: list[Utterance], idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(features [B, T, F] float32, lengths [B], concatenated labels, label lengths)."""
+    arrays = [store.get(utts[i].feat_id) for i in idx]
+    T_max = max(a.shape[0] for a in arrays)
+    x = np.zeros((len(arrays), T_max, arrays[0].shape[1]), dtype=np.float32)
+    for j, a in enumerate(arrays):
+        x[j, : a.shape[0]] = a
+    lengths = torch.tensor([a.shape[0] for a in arrays], dtype=torch.long)
+    labels = torch.tensor([t for i in idx for t in utts[i].labels], dtype=torch.long)
+    label_lengths = torch.tensor([len(utts[i].labels) for i in idx], dtype=torch.long)
+    return torch.from_numpy(x), lengths, labels, label_lengths
+
+
+def spec_augment(x: torch.Tensor, lengths: torch.Tensor, cfg, generator: torch.Generator) -> torch.Tensor:
+    """Zero ``freq_masks`` channel bands and ``time_masks`` frame spans per utterance; mask
+    positions come from ``generator`` (CPU) so they are part of the resumable state."""
+    if not cfg.enabled:
+        return x
+    B, _, F_ = x.shape
+    x = x.clone()
+    for b in range(B):
+        n = int(lengths[b])
+        for _ in range(cfg.freq_masks):
+            w = int(torch.randint(0, cfg.freq_width + 1, (1,), generator=generator))
+            f0 = int(torch.randint(0, max(1, F_ - w + 1), (1,), generator=generator))
+            x[b, :n, f0:f0 + w] = 0
+        t_cap = min(cfg.time_width, int(cfg.time_max_fraction * n))
+        for _ in range(cfg.time_masks):
+            w = int(torch.randint(0, t_cap + 1, (1,), generator=generator))
+            t0 = int(torch.randint(0, max(1, n - w + 1), (1,), generator=generator))
+            x[b, t0:t0 + w] = 0
+    return x

@@ -1,0 +1,75 @@
+"""``nko-ops features``: build and inspect Whisper feature stores (models/features.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+features_app = typer.Typer(help="Whisper feature stores: extract from a snapshot's audio, describe.",
+                           no_args_is_help=True)
+
+
+@features_app.command("extract")
+def extract_cmd(
+    snapshot: Path = typer.Option(..., "--snapshot", help="Snapshot dir (pairs.jsonl + audio/)."),
+    out: Path = typer.Option(..., "--out", help="Feature store dir (created, or resumed when it exists)."),
+    whisper: str = typer.Option(..., "--whisper", help="Recipe: large-v3 | tiny-random | log-mel."),
+    mode: str = typer.Option(None, "--mode", help="padded (30 s window, default for encoders) | trimmed."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    limit: int = typer.Option(None, "--limit", min=0, help="Only the first N rows of the snapshot."),
+    subsample: int = typer.Option(None, "--subsample", min=1, help="Mean-pool factor (default 4)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Encoder compute dtype: auto (fp16 on CUDA, else fp32) | "
+                                                       "float32 | float16 | bfloat16."),
+    weights_dir: Path = typer.Option(None, "--weights-dir", help="Where large-v3.pt is (default: Whisper's cache dir)."),
+    workers: int = typer.Option(4, "--workers", min=1, help="Audio decoding threads."),
+    threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads (0: torch's default). On a "
+                                                            "busy shared machine 1 can be much faster."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Compute features for every row of SNAPSHOT into OUT; skips ids already stored."""
+    from models.audio import AudioError
+    from models.features import FeatureError, extract
+    from models.snapshot import SnapshotError
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        summary = extract(snapshot, out, whisper, mode=mode, batch_size=batch_size, device=device, limit=limit,
+                          subsample=subsample, compute_dtype=dtype, weights_dir=weights_dir, workers=workers,
+                          progress=progress)
+    except (AudioError, FeatureError, SnapshotError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(json.dumps(summary))
+
+
+@features_app.command("describe")
+def describe_cmd(path: Path, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Recipe, hash, utterances, frame counts and shards of the store at PATH."""
+    from models.features import FeatureError, FeatureStore
+
+    try:
+        info = FeatureStore.open(path).describe()
+    except (FeatureError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    if as_json:
+        typer.echo(json.dumps(info, ensure_ascii=False, indent=1))
+        return
+    r = info["recipe"]
+    typer.echo(f"store       {info['path']}")
+    typer.echo(f"recipe      {r['name']} ({r.get('model', '?')}), mode {r.get('mode', '?')}, "
+               f"subsample {r.get('subsample', '?')} ({r.get('pool', '?')}), compute {r.get('compute_dtype', '?')}, "
+               f"stored float16")
+    typer.echo(f"hash        {info['recipe_hash']}")
+    typer.echo(f"dim         {info['dim']}   frame rate {r.get('frame_rate', '?')}/s   n_mels {r.get('n_mels', '?')}")
+    typer.echo(f"utterances  {info['utterances']}   frames {info['frames_total']} "
+               f"(min {info['frames_min']}, mean {info['frames_mean']}, max {info['frames_max']})")
+    typer.echo(f"shards      {info['shards']}   {info['bytes'] / 2**20:.1f} MiB")
+    for s in info["sources"]:
+        typer.echo(f"source      {s}")

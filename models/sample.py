@@ -1,0 +1,250 @@
+"""Build the embedded sample corpus (``data/sample``): short Bambara utterances in the
+canonical snapshot format, with audio spoken by espeak-ng.
+
+Text. Source sentences are the Latin-script FLORES-200 dev and devtest files copied in
+``data/source/`` (CC BY-SA 4.0, see ``data/README.md``). Each line is normalised with
+``normalize_latin``, cut at clause punctuation, punctuation is removed, and every run of
+3-8 consecutive words inside one clause is a candidate. A candidate is kept only if all its
+characters are in the Latin vocabulary, it has no digits, it is already in target form,
+and its transliteration is valid N'Ko inside the N'Ko vocabulary. Utterances are drawn
+with a seeded ``random.Random``: sentences in shuffled order, one window per sentence per
+pass (length uniform over those the sentence offers), duplicates skipped. Rows are
+``{"feat_id": "bam_sample_000000", "nko": latin_to_nko(latin), "latin": latin}``.
+
+Audio. espeak-ng has no Bambara voice; its Swahili voice (``-v sw``) reads Latin Bambara
+letters with close sounds once the letters it does not know are rewritten. The
+speakable mapping, applied to the text espeak reads only (never to the stored rows), is
+
+    ɛ -> e    ɔ -> o    ɲ -> ny    ŋ -> ng
+
+so open and close e/o merge in the audio. Rate (words per minute) and pitch vary per
+utterance, drawn from ``random.Random(f"{seed}/{feat_id}")``, and are recorded with the
+source line in ``audio_meta.jsonl``. espeak's 22,050 Hz output is resampled to 16 kHz
+(``models.audio.resample``) and written as mono OGG/Opus (Vorbis where libsndfile has no
+Opus) to ``audio/<feat_id>.ogg``, read back at 16 kHz by soundfile. Only generation needs
+espeak-ng; the result is committed, so the demo does not.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import random
+import re
+import shutil
+import subprocess
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import typer
+
+from models.audio import resample
+from models.text import is_valid_nko, latin_to_nko, normalize_latin, target_text
+from models.vocab import Vocab
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE_DIR = REPO / "data" / "source"
+SOURCE_FILES = ("flores-200-dev.bam_Latn.dev", "flores-200-devtest.bam_Latn.devtest")
+SAMPLE_RATE = 16_000
+MIN_WORDS, MAX_WORDS = 3, 8
+RATE_WPM = (135, 195)  # espeak-ng default is 175
+PITCH = (25, 75)  # espeak-ng range 0-99, default 50
+OPUS_COMPRESSION = 0.98  # about 14 kbit/s at 16 kHz mono: keeps data/ well under 10 MB
+SPEAKABLE = str.maketrans({"ɛ": "e", "ɔ": "o", "ɲ": "ny", "ŋ": "ng"})
+_CLAUSE_BREAK = re.compile(r"[.,;:!?()\[\]{}\"«»“”…/]| - | – | — ")
+
+
+@dataclass(frozen=True)
+class Utterance:
+    feat_id: str
+    latin: str
+    nko: str
+    source: str  # "<file>:<line>"
+
+
+def speakable(latin: str) -> str:
+    """The text espeak-ng reads for a Latin row (see the module docstring)."""
+    return latin.translate(SPEAKABLE)
+
+
+def voice_params(seed: int, feat_id: str) -> tuple[int, int]:
+    """(rate in words per minute, pitch 0-99) for one utterance, seeded by id."""
+    rng = random.Random(f"{seed}/{feat_id}")
+    return rng.randint(*RATE_WPM), rng.randint(*PITCH)
+
+
+def _word_nko(word: str, allowed: frozenset[str], nko_vocab: Vocab) -> str | None:
+    """The N'Ko of one normalised Latin word, or None if the word is not usable."""
+    if any(ch not in allowed for ch in word) or target_text(word, "latin") != word:
+        return None
+    nko = latin_to_nko(word)
+    if not is_valid_nko(nko, allow_punctuation=False) or nko_vocab.unknown([target_text(nko, "nko")]):
+        return None
+    return nko
+
+
+def candidate_windows(source_dir: Path = SOURCE_DIR) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Per source sentence ("file:line"), its usable (latin, nko) windows of 3-8 words.
+    Transliteration is word by word, so words are checked once and windows are joins."""
+    latin_vocab, nko_vocab = Vocab.for_script("latin"), Vocab.for_script("nko")
+    allowed = frozenset(s for s in latin_vocab.symbols[1:] if not s.isdigit())
+    words_nko: dict[str, str | None] = {}
+    out = []
+    for name in SOURCE_FILES:
+        path = Path(source_dir) / name
+        if not path.exists():
+            raise FileNotFoundError(f"sample source text not found: {path}")
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            windows, seen = [], set()
+            for clause in _CLAUSE_BREAK.split(normalize_latin(line)):
+                words = normalize_latin(clause, remove_punctuation=True).split()
+                for w in words:
+                    if w not in words_nko:
+                        words_nko[w] = _word_nko(w, allowed, nko_vocab)
+                nkos = [words_nko[w] for w in words]
+                for size in range(MIN_WORDS, min(MAX_WORDS, len(words)) + 1):
+                    for start in range(len(words) - size + 1):
+                        span = nkos[start : start + size]
+                        latin = " ".join(words[start : start + size])
+                        if None in span or latin in seen:
+                            continue
+                        seen.add(latin)
+                        windows.append((latin, " ".join(span)))  # type: ignore[arg-type]
+            if windows:
+                out.append((f"{name}:{lineno}", windows))
+    return out
+
+
+def choose_utterances(candidates: list[tuple[str, list[tuple[str, str]]]], n: int, seed: int) -> list[Utterance]:
+    """Draw ``n`` distinct utterances, spreading them over sentences and lengths."""
+    rng = random.Random(seed)
+    pools = []
+    for source, windows in candidates:
+        by_len: dict[int, list[tuple[str, str]]] = {}
+        for w in windows:
+            by_len.setdefault(len(w[0].split()), []).append(w)
+        pools.append((source, by_len))
+    rng.shuffle(pools)
+    chosen: list[tuple[str, str, str]] = []
+    taken: set[str] = set()
+    while len(chosen) < n and pools:
+        remaining = []
+        for source, by_len in pools:
+            if len(chosen) == n:
+                break
+            size = rng.choice(sorted(by_len))
+            latin, nko = by_len[size].pop(rng.randrange(len(by_len[size])))
+            if not by_len[size]:
+                del by_len[size]
+            if latin not in taken:
+                taken.add(latin)
+                chosen.append((latin, nko, source))
+            if by_len:
+                remaining.append((source, by_len))
+        pools = remaining
+    if len(chosen) < n:
+        raise ValueError(f"only {len(chosen)} distinct usable windows in the sources, asked for {n}")
+    return [Utterance(f"bam_sample_{i:06d}", latin, nko, src) for i, (latin, nko, src) in enumerate(chosen)]
+
+
+def synthesize(text: str, rate: int, pitch: int, voice: str = "sw") -> tuple[np.ndarray, int]:
+    """espeak-ng speech for ``text`` as float32 mono and its sample rate."""
+    proc = subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "--stdout", "--stdin"],
+                          input=text.encode("utf-8"), capture_output=True, check=False)
+    if proc.returncode != 0 or not proc.stdout:
+        raise RuntimeError(f"espeak-ng failed on {text!r}: {proc.stderr.decode(errors='replace').strip()}")
+    audio, sr = sf.read(io.BytesIO(proc.stdout), dtype="float32")
+    return (audio if audio.ndim == 1 else audio.mean(axis=1)), sr
+
+
+def ogg_subtype() -> str:
+    return "OPUS" if "OPUS" in sf.available_subtypes("OGG") else "VORBIS"
+
+
+def _render(job: tuple[str, str, int, int, str]) -> float:
+    feat_id, text, rate, pitch, audio_dir = job
+    audio, sr = synthesize(text, rate, pitch)
+    audio = resample(audio, sr, SAMPLE_RATE)
+    peak = float(np.abs(audio).max())
+    if peak > 0.99:  # the resampler's ripple can overshoot full scale
+        audio *= 0.99 / peak
+    subtype = ogg_subtype()
+    kwargs = {"compression_level": OPUS_COMPRESSION} if subtype == "OPUS" else {}
+    sf.write(Path(audio_dir) / f"{feat_id}.ogg", audio, SAMPLE_RATE, format="OGG", subtype=subtype, **kwargs)
+    return len(audio) / SAMPLE_RATE
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def build(out: Path, n: int = 1500, seed: int = 0, source_dir: Path = SOURCE_DIR, workers: int = 2,
+          progress: bool = True) -> dict:
+    """Generate ``out`` (pairs.jsonl, audio_meta.jsonl, audio/). It is written next to
+    ``out`` first and swapped in only when complete, so a failure leaves ``out`` as it was."""
+    if shutil.which("espeak-ng") is None:
+        raise RuntimeError("espeak-ng is not installed; it is needed to generate the sample audio")
+    if n < 1:
+        raise ValueError(f"--n must be at least 1, got {n}")
+    out = Path(out)
+    utterances = choose_utterances(candidate_windows(source_dir), n, seed)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / "audio").mkdir(parents=True)
+    try:
+        params = [voice_params(seed, u.feat_id) for u in utterances]
+        jobs = [(u.feat_id, speakable(u.latin), r, p, str(partial / "audio")) for u, (r, p) in zip(utterances, params)]
+        t0, durations = time.monotonic(), []
+        # spawn, not fork: forking a process that already runs threads (pytest, torch) can
+        # copy a held lock into the child and hang it
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for i, seconds in enumerate(pool.map(_render, jobs, chunksize=8), 1):
+                durations.append(seconds)
+                if progress and (i % 100 == 0 or i == len(jobs)):
+                    elapsed = time.monotonic() - t0
+                    typer.echo(f"  {i}/{len(jobs)} clips, {elapsed:.0f}s elapsed, "
+                               f"eta {elapsed / i * (len(jobs) - i):.0f}s", err=True)
+        _write_jsonl(partial / "pairs.jsonl",
+                     [{"feat_id": u.feat_id, "nko": u.nko, "latin": u.latin} for u in utterances])
+        _write_jsonl(partial / "audio_meta.jsonl", [
+            {"feat_id": u.feat_id, "voice": "sw", "rate": r, "pitch": p, "speakable": speakable(u.latin),
+             "seconds": round(d, 3), "source": u.source}
+            for u, (r, p), d in zip(utterances, params, durations)])
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            out.rename(old)
+        partial.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    audio_bytes = sum(f.stat().st_size for f in (out / "audio").iterdir())
+    return {"out": str(out), "rows": len(utterances), "seed": seed, "subtype": ogg_subtype(),
+            "seconds_total": round(sum(durations), 1), "seconds_mean": round(sum(durations) / len(durations), 3),
+            "audio_bytes": audio_bytes}
+
+
+sample_app = typer.Typer(help="The embedded sample corpus.", no_args_is_help=True)
+
+
+@sample_app.command("build")
+def build_cmd(out: Path = typer.Option(REPO / "data" / "sample", help="Snapshot directory to write."),
+              n: int = typer.Option(1500, help="Number of utterances."),
+              seed: int = typer.Option(0, help="Seed for text choice, rate and pitch."),
+              source: Path = typer.Option(SOURCE_DIR, help="Folder with the Latin source files."),
+              workers: int = typer.Option(2, help="espeak-ng processes in parallel.")) -> None:
+    """Build the sample corpus (needs espeak-ng): pairs.jsonl, audio_meta.jsonl, audio/."""
+    try:
+        stats = build(out, n, seed, source, workers)
+    except (RuntimeError, ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    typer.echo(json.dumps(stats))

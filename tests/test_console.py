@@ -1,0 +1,463 @@
+"""The operations console (console/): queries, N'Ko display order and headless pilot tests
+of every pane on a small, fixed state.db built through backend.store like the real lanes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import unicodedata
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from textual.widgets import DataTable, Input, Static
+
+from console import bidi, queries
+from console.app import ConsoleApp, HelpScreen
+from console.panes.gate import GatePane, OverrideScreen
+
+from backend.store import add_metrics, open_db, record_artifacts, transaction, upsert_run
+
+# 2025-01-02T12:00:00Z: the console's clock in the tests, so uptimes and ages are fixed.
+NOW = 1735819200.0
+BUNDLE = ("results.json", "train.log", "run.log", "split.json", "vocab.json", "best.pt",
+          "test_predictions.jsonl", "test_references.jsonl", "test_metrics_by_partition.json")
+
+# (asr, proposal, reference, partition, accepted, rules, edit distance)
+DECISIONS = [
+    ("ߌ ߦߋ ߛߊ ߖߏߟߌ ߦߋ", "ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ", "ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ", "boundary", True, [], 1),
+    ("ߒ ߓߊ߯ ߕߊ߯", "ߒ ߓߊ ߕߊ߯", "ߒ ߓߊ߯ ߕߊ߯", "uncertain", False, ["new_word"], 1),
+    ("ߊ߬ ߦߋ߫ ߣߊ߬", "ߊ߬ ߦߋ߫ ߣߊ߬", "ߊ߬ ߦߋ߫ ߣߊ߬", "stable", False, ["frozen", "no_op"], 0),
+    ("ߞߏ ߓߍ ߘߌ", "ߞߏ ߓߍ߯ ߘߌ߫", "ߞߏ ߓߍ߯ ߘߌ", "boundary", True, [], 2),
+    ("ߛߏ߫ ߞߊ߲", "ߛߏ߫ ߞߊ߲ ߞߊ߲ ߞߊ߲", "ߛߏ߫ ߞߊ߲", "novelty", False, ["quarantine", "length_ratio"], 10),
+]
+
+
+def build(path: Path, *, runs: bool = True, gate: bool = True, cloud: bool = True, adapters: bool = True):
+    db = open_db(path)
+    if runs:
+        with transaction(db):
+            db.execute("INSERT INTO matrices(id, path) VALUES ('demo', 'configs/matrix/demo.json')")
+        specs = [("demo-nko-baseline", "nko", "baseline", "completed", 9, "verified"),
+                 ("demo-nko-trajectory", "nko", "trajectory", "completed", 9, "mixed"),
+                 ("demo-latin-baseline", "latin", "baseline", "running", 4, "remote-only"),
+                 ("demo-nko-tar", "nko", "tar", "failed", 0, None)]
+        for i, (rid, script, mode, status, n_art, sync) in enumerate(specs):
+            epochs = 12 if status == "completed" else 5
+            upsert_run(db, rid, matrix_id="demo", script=script, mode=mode, seed=42, status=status,
+                       executor="local", out_dir=f"work/demo/runs/{rid}",
+                       config=(f"work/demo/configs/{rid}.json" if status == "failed"
+                               else {"run_id": rid, "script": script, "mode": mode, "seed": 42}),
+                       epoch=epochs, val_loss=1.5 - 0.05 * epochs - 0.01 * i,
+                       best_val_loss=1.45 - 0.05 * epochs - 0.01 * i, best_epoch=epochs - 1,
+                       test_cer=(0.2057 + 0.03 * i) if status == "completed" else None,
+                       test_cer_toneless=(0.15 + 0.03 * i) if status == "completed" else None,
+                       heartbeat_at="2025-01-02T11:59:30.000Z",
+                       error="CUDA out of memory" if status == "failed" else None,
+                       created_at=f"2025-01-02T10:0{i}:00.000Z")
+            add_metrics(db, rid, [{"kind": "epoch", "epoch": e, "train_loss": 3.0 / (e + 1) + 0.2,
+                                   "val_loss": 3.2 / (e + 1) + 0.4, "time": NOW - 3600 + 60 * e}
+                                  for e in range(epochs)])
+            files = []
+            for j, name in enumerate(BUNDLE[:n_art]):
+                state = sync if sync != "mixed" else ("verified" if j < 6 else "remote-only")
+                files.append({"name": name, "path": f"work/demo/runs/{rid}/{name}", "sha256": f"{j:064x}",
+                              "size": 100 + j, "sync_state": state, "verified_at": "2025-01-02T11:00:00.000Z"})
+            record_artifacts(db, rid, files)
+        with transaction(db):
+            db.execute("INSERT INTO promotions(run_id, path, record_sha256) VALUES (?, ?, ?)",
+                       ["demo-nko-baseline", "reports/promotions/demo-nko-baseline.json", "0" * 64])
+    if gate:
+        with transaction(db):
+            for i, (asr, prop, ref, part, acc, rules, dist) in enumerate(DECISIONS):
+                db.execute("INSERT INTO gate_decisions(feat_id, run_id, partition, accepted, rules, edit_distance, "
+                           "policy_hash, witness, asr_text, proposal, reference_text, created_at) "
+                           "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                           [f"bam_test_{i:04d}", "demo-nko-trajectory", part, int(acc), json.dumps(rules), dist,
+                            "a1b2c3d4e5f60718" * 4, f"{i:016x}" * 4, asr, prop, ref, "2025-01-02T11:30:00.000Z"])
+    if cloud:
+        with transaction(db):
+            db.execute("INSERT INTO budgets(name, cap_usd, warn_usd, spent_usd) VALUES ('bundle', 100, 80, 12.5)")
+            for i, (status, util, dph, destroyed) in enumerate([("running", 97.0, 1.25, None),
+                                                                ("running", 0.0, 0.85, None),
+                                                                ("exited", None, 0.40, "2025-01-02T09:00:00.000Z")]):
+                iid = str(1000 + i)
+                db.execute("INSERT INTO instances(id, label, run_id, gpu_name, num_gpus, dph_total, actual_status, "
+                           "gpu_util, start_date, destroyed_at, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                           [iid, f"demo-run-{i}", f"demo-run-{i}", "RTX_4090" if i else "A100_SXM4", 1, dph,
+                            status, util, NOW - 7200 * (i + 1), destroyed, f"2025-01-02T0{i}:00:00.000Z"])
+                for k in range(4):
+                    db.execute("INSERT INTO cost_samples(instance_id, ts, dph_total, running_s, total_usd) "
+                               "VALUES (?,?,?,?,?)",
+                               [iid, f"2025-01-02T1{k}:00:00.000Z", dph, 3600.0 * k, round(dph * (k + 1), 4)])
+    if adapters:
+        with transaction(db):
+            for aid, status, beat in [("tt-001", "completed", "2025-01-02T11:00:00.000Z"),
+                                      ("tt-002", "hung", "2025-01-02T11:40:00.000Z")]:
+                db.execute("INSERT INTO adapter_runs(id, name, status, hosts, world_size, iteration, heartbeat_at, "
+                           "error, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                           [aid, f"gemma-lora-{aid}", status, json.dumps(["mac-a", "mac-b"]), 2, 200,
+                            beat, "no report for 300 s: ranks stopped" if status == "hung" else None,
+                            f"2025-01-02T0{int(aid[-1])}:00:00.000Z"])
+                for rank in (0, 1):
+                    for it in range(10, 210, 10):
+                        db.execute("INSERT INTO adapter_metrics(adapter_run_id, rank, iteration, name, value) "
+                                   "VALUES (?,?,?,?,?)", [aid, rank, it, "train_loss", 2.0 / (1 + it / 50)])
+                        db.execute("INSERT INTO adapter_metrics(adapter_run_id, rank, iteration, name, value) "
+                                   "VALUES (?,?,?,?,?)", [aid, rank, it, "tokens_per_second", 900.0 + it])
+                        if it % 50 == 0:
+                            db.execute("INSERT INTO adapter_metrics(adapter_run_id, rank, iteration, name, value) "
+                                       "VALUES (?,?,?,?,?)", [aid, rank, it, "val_loss", 2.2 / (1 + it / 60)])
+    db.conn.close()
+    return path
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    return build(tmp_path / "state.db")
+
+
+def make_app(path: Path) -> ConsoleApp:
+    return ConsoleApp(path, interval=3600, clock=lambda: NOW)  # polls only when asked
+
+
+async def settle(pilot) -> None:
+    """Wait until every worker (polls, detail loads, review writes) has finished."""
+    for _ in range(500):
+        await pilot.pause()
+        if all(w.is_finished for w in pilot.app.workers):
+            break
+        await asyncio.sleep(0.01)
+    await pilot.pause()
+
+
+def rows(app: ConsoleApp, table_id: str) -> list[list[str]]:
+    table = app.query_one(table_id, DataTable)
+    return [[str(c) for c in table.get_row(k)] for k in table.rows]
+
+
+def text_of(app: ConsoleApp, widget_id: str) -> str:
+    return str(app.query_one(widget_id, Static).render())
+
+
+# --------------------------------------------------------------------------- N'Ko display order
+
+def test_visual_reverses_nko_and_keeps_marks_on_their_letters():
+    s = "ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ"  # "i ye san joli ye"; ߊ߲ = a + nasal mark U+07F2
+    v = bidi.visual(s)
+    assert v == "ߋߦ ߌߟߏߖ ߊ߲ߛ ߋߦ ߌ"
+    assert "ߊ߲" in v and "߲ߊ" not in v  # the mark still follows its base letter
+    assert bidi.visual("ߓߊ߯ߙߊ߫") == "ߊ߫ߙߊ߯ߓ"
+
+
+def test_visual_keeps_latin_and_digits_left_to_right():
+    assert bidi.visual("i ye san joli ye") == "i ye san joli ye"
+    assert bidi.visual("ߛߊ߲ 2024 ߦߋ") == "ߋߦ 2024 ߊ߲ߛ"
+    assert bidi.visual("ߛߊ߲ (abc) ߦߋ") == "ߋߦ (abc) ߊ߲ߛ"  # parentheses mirrored in RTL text
+    assert bidi.visual("run ߛߊ߲ ߦߋ ok") == "run ߋߦ ߊ߲ߛ ok"
+
+
+def test_visual_strips_bidi_controls_and_applies_nfc():
+    # U+07F2 (ccc 220) typed after a tone mark (ccc 230): NFC puts it first.
+    assert bidi.visual("\u200fߛߊ\u07eb\u07f2") == bidi.visual("ߛߊ\u07f2\u07eb") == "ߊ\u07f2\u07ebߛ"
+
+
+nko_letters = st.sampled_from([chr(c) for c in range(0x07CA, 0x07EB)] + [" ", "ߒ", "1", "a"])
+nko_marks = st.lists(st.sampled_from([chr(c) for c in range(0x07EB, 0x07F4)]), max_size=2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(nko_letters, nko_marks), max_size=30))
+def test_reordering_moves_whole_clusters(parts):
+    text = "".join(base + "".join(marks) for base, marks in parts)
+    logical = bidi.units(text)
+    shown = [c for c, _ in bidi.visual_clusters(text)]
+    assert sorted(shown) == sorted(logical)  # a permutation of clusters: no mark moved off its base
+    is_mark = [unicodedata.category(ch).startswith("M") for ch in "".join(shown)]
+    for cluster in shown:  # a base followed by its marks; only a leading orphan mark starts one
+        assert all(unicodedata.category(ch).startswith("M") for ch in cluster[1:])
+        assert not unicodedata.category(cluster[0]).startswith("M") or cluster == logical[0]
+    assert sum(is_mark) == sum(unicodedata.category(ch).startswith("M") for ch in "".join(logical))
+    if bidi.paragraph_is_rtl(text) and not any(ch in "1a" for ch in text):
+        assert shown == logical[::-1]
+
+
+# --------------------------------------------------------------------------- queries
+
+def test_matrix_query_counts_bundle_and_summarises_sync(state):
+    from backend.store import open_db
+
+    db = open_db(state)
+    runs = {r.id: r for r in queries.matrix(db)}
+    assert runs["demo-nko-baseline"].artifacts == 9 and runs["demo-nko-baseline"].sync == "verified"
+    assert runs["demo-nko-trajectory"].sync == "3 remote-only, 6 verified"
+    assert runs["demo-latin-baseline"].artifacts == 4 and runs["demo-nko-tar"].sync == "—"
+    detail = queries.run_detail(db, "demo-nko-baseline")
+    assert len(detail.val_curve) == 12 and detail.val_curve[0] == (0, pytest.approx(3.6))
+    assert detail.command.splitlines() == [  # promoted: its config sits next to the record
+        "nko-ops train --config reports/promotions/demo-nko-baseline.config.json "
+        "--out-dir runs/reproduce/demo-nko-baseline",
+        "nko-ops evaluate --run work/demo/runs/demo-nko-baseline"]
+    assert queries.run_detail(db, "demo-nko-trajectory").command.splitlines() == [  # completed, not promoted
+        "nko-ops promote demo-nko-trajectory",
+        "nko-ops train --config reports/promotions/demo-nko-trajectory.config.json "
+        "--out-dir runs/reproduce/demo-nko-trajectory",
+        "nko-ops evaluate --run work/demo/runs/demo-nko-trajectory"]
+    assert queries.run_detail(db, "demo-latin-baseline").command == (  # not complete: through its matrix
+        "nko-ops matrix run configs/matrix/demo.json --executor local --only demo-latin-baseline")
+    assert queries.run_detail(db, "demo-nko-tar").command == (
+        "nko-ops train --config work/demo/configs/demo-nko-tar.json")
+
+
+def test_gate_filters(state):
+    from backend.store import open_db
+
+    db = open_db(state)
+    assert queries.gate_decisions(db).total == 5
+    boundary = queries.gate_decisions(db, queries.GateFilter(partition="boundary"))
+    assert [d.feat_id for d in boundary.rows] == ["bam_test_0003", "bam_test_0000"]
+    rejected = queries.gate_decisions(db, queries.GateFilter(accepted=False))
+    assert rejected.total == 3 and not any(d.accepted for d in rejected.rows)
+    assert rejected.rows[0].rules == ("quarantine", "length_ratio")
+    page = queries.gate_decisions(db, queries.GateFilter(limit=2, offset=2))
+    assert page.total == 5 and [d.id for d in page.rows] == [3, 2]
+
+
+def test_record_review_validates_and_stores(state):
+    from backend.store import open_db
+
+    db = open_db(state)
+    with pytest.raises(ValueError, match="note"):
+        queries.record_review(db, 1, "override", "  ")
+    with pytest.raises(ValueError, match="verdict"):
+        queries.record_review(db, 1, "maybe")
+    with pytest.raises(ValueError, match="decision_id"):
+        queries.record_review(db, 999, "agree")
+    assert db.execute("SELECT count(*) FROM reviews").fetchone()[0] == 0
+    queries.record_review(db, 1, "override", "tone mark was right", "ana")
+    unreviewed = queries.gate_decisions(db, queries.GateFilter(unreviewed=True))
+    assert unreviewed.total == 4 and 1 not in [d.id for d in unreviewed.rows]
+
+
+def test_instances_budget_and_status(state):
+    from backend.store import open_db
+
+    db = open_db(state)
+    inst = {i.id: i for i in queries.instances(db, NOW)}
+    assert inst["1000"].idle_s is None and inst["1000"].spend_usd == 5.0  # busy GPU: not idle
+    assert inst["1001"].idle_s == 14400 and inst["1001"].uptime_s == 14400  # 0% util, no heartbeat
+    assert inst["1002"].status == "destroyed" and inst["1002"].uptime_s is None
+    b = queries.budget(db)
+    assert (b.cap_usd, b.spent_usd) == (100, 12.5)  # ledger 12.50 > samples 5.00 + 3.40 + 1.60
+    s = queries.status(db, NOW)
+    assert s.running_instances == 2
+    assert "1 hung adapter run" in s.alerts and "1 failed run" in s.alerts
+
+
+# --------------------------------------------------------------------------- pilot: panes
+
+@pytest.mark.asyncio
+async def test_every_pane_renders_on_a_populated_db(state):
+    app = make_app(state)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await settle(pilot)
+        matrix = rows(app, "#matrix-table")
+        assert [r[0] for r in matrix] == ["demo-nko-baseline", "demo-nko-trajectory", "demo-latin-baseline",
+                                          "demo-nko-tar"]
+        assert matrix[0][1:] == ["nko", "baseline", "42", "completed", "12", "0.9000", "0.8500 (11)", "20.57%",
+                                 "9/9", "verified"]
+        assert "nko-ops evaluate --run work/demo/runs/demo-nko-baseline" in text_of(app, "#matrix-command")
+        status = text_of(app, "#status-bar")
+        assert "$12.50 / $100.00" in status and "2 running instances" in status and "1 hung adapter run" in status
+
+        await pilot.press("down", "down")  # detail follows the cursor
+        await settle(pilot)
+        assert "demo-latin-baseline" in text_of(app, "#matrix-summary")
+        assert app.query_one("#matrix-curve").display
+
+        await pilot.press("2")
+        await settle(pilot)
+        assert [r[0] for r in rows(app, "#gate-table")] == ["5", "4", "3", "2", "1"]
+        diff = text_of(app, "#gate-diff")
+        assert bidi.visual(DECISIONS[4][0]) in diff and bidi.visual(DECISIONS[4][1]) in diff
+        assert "quarantine, length_ratio" in text_of(app, "#gate-info")
+
+        await pilot.press("3")
+        await settle(pilot)
+        inst = rows(app, "#instances-table")
+        assert [r[0] for r in inst] == ["1000", "1001", "1002"]
+        assert inst[1][5:] == ["4h00m", "$3.40", "0%", "4h00m"]
+        assert "$12.50 / $100.00 (12%)" in text_of(app, "#instances-budget")
+
+        await pilot.press("4")
+        await settle(pilot)
+        adapters = rows(app, "#adapters-table")
+        assert [(r[0], r[2]) for r in adapters] == [("tt-002", "hung"), ("tt-001", "completed")]
+        assert adapters[0][3:] == ["mac-a, mac-b", "2", "200", "0.4000", "0.5077", "1,100", "20m00s ago"]
+        assert "ranks stopped" in text_of(app, "#adapters-error")
+
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, HelpScreen)
+
+
+@pytest.mark.asyncio
+async def test_empty_db_shows_empty_states(tmp_path):
+    app = make_app(build(tmp_path / "state.db", runs=False, gate=False, cloud=False, adapters=False))
+    async with app.run_test(size=(120, 30)) as pilot:
+        for key, pane in (("1", "matrix"), ("2", "gate"), ("3", "instances"), ("4", "adapters")):
+            await pilot.press(key)
+            await settle(pilot)
+            assert app.query_one(f"#{pane}-empty").display
+            assert not app.query_one(f"#{pane}-table").display
+        assert "no alerts" in text_of(app, "#status-bar")
+
+
+@pytest.mark.asyncio
+async def test_gate_filter_keys(state):
+    app = make_app(state)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await pilot.press("2")
+        await settle(pilot)
+        await pilot.press("p")  # all -> stable
+        await settle(pilot)
+        assert [r[0] for r in rows(app, "#gate-table")] == ["3"]
+        await pilot.press("p")  # -> boundary
+        await settle(pilot)
+        assert [r[0] for r in rows(app, "#gate-table")] == ["4", "1"]
+        await pilot.press("d", "d")  # all -> accepted -> rejected
+        await settle(pilot)
+        assert rows(app, "#gate-table") == []
+        assert "partition boundary" in text_of(app, "#gate-filter") and "rejected" in text_of(app, "#gate-filter")
+        await pilot.press("p", "p", "p", "d")  # -> uncertain, novelty, all; rejected -> all
+        await settle(pilot)
+        assert len(rows(app, "#gate-table")) == 5
+
+
+@pytest.mark.asyncio
+async def test_review_keys_store_verdicts(state):
+    app = make_app(state)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await pilot.press("2")
+        await settle(pilot)
+        await pilot.press("a")  # agree with decision 5 (cursor moves on to 4)
+        await settle(pilot)
+        await pilot.press("o")  # override decision 4: the modal asks for a note
+        await pilot.pause()
+        assert isinstance(app.screen, OverrideScreen)
+        await pilot.press("enter")  # empty note refused
+        await pilot.pause()
+        assert isinstance(app.screen, OverrideScreen)
+        app.screen.query_one("#override-note", Input).value = "ߓߍ߯ is right but ߘߌ߫ is a new tone"
+        await pilot.press("enter")
+        await settle(pilot)
+        assert not isinstance(app.screen, OverrideScreen)
+        await pilot.press("o", "escape")  # cancelled: nothing stored for decision 3
+        await settle(pilot)
+
+    from backend.store import open_db
+
+    db = open_db(state)
+    got = [(r["decision_id"], r["verdict"], r["note"]) for r in db.query("SELECT * FROM reviews ORDER BY id")]
+    assert got == [(5, "agree", None), (4, "override", "ߓߍ߯ is right but ߘߌ߫ is a new tone")]
+    assert all(r["reviewer"] for r in db.query("SELECT reviewer FROM reviews"))
+
+
+@pytest.mark.asyncio
+async def test_review_shows_in_table_after_refresh(state):
+    app = make_app(state)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await pilot.press("2")
+        await settle(pilot)
+        await pilot.press("a")
+        await settle(pilot)
+        assert rows(app, "#gate-table")[0][-1] == "agree"
+        await pilot.press("u")  # unreviewed only
+        await settle(pilot)
+        assert [r[0] for r in rows(app, "#gate-table")] == ["4", "3", "2", "1"]
+
+
+@pytest.mark.asyncio
+async def test_poll_picks_up_new_rows_without_blocking(state):
+    from backend.store import open_db, upsert_run
+
+    app = ConsoleApp(state, interval=0.2, clock=lambda: NOW)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await settle(pilot)
+        upsert_run(open_db(state), "demo-latin-tar", matrix_id="demo", script="latin", mode="tar", seed=7,
+                   status="queued")
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            await pilot.pause()
+            if "demo-latin-tar" in [r[0] for r in rows(app, "#matrix-table")]:
+                break
+        assert rows(app, "#matrix-table")[-1][:5] == ["demo-latin-tar", "latin", "tar", "7", "queued"]
+
+        table = app.query_one("#matrix-table", DataTable)
+        table.move_cursor(row=2)
+        upsert_run(open_db(state), "demo-latin-baseline", status="completed", epoch=6, test_cer=0.3166)
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            await pilot.pause()
+            if rows(app, "#matrix-table")[2][4] == "completed":
+                break
+        assert rows(app, "#matrix-table")[2][4:6] == ["completed", "6"]
+        assert rows(app, "#matrix-table")[2][8] == "31.66%"
+        assert table.cursor_row == 2 and len(rows(app, "#matrix-table")) == 5  # updated in place
+
+
+@pytest.mark.asyncio
+async def test_gate_paging(state):
+    app = make_app(state)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await pilot.press("2")
+        gate = app.query_one("#gate", GatePane)
+        gate.filter = queries.GateFilter(limit=2)
+        await settle(pilot)
+        await pilot.press("r")
+        await settle(pilot)
+        assert [r[0] for r in rows(app, "#gate-table")] == ["5", "4"]
+        await pilot.press("right_square_bracket")
+        await settle(pilot)
+        assert [r[0] for r in rows(app, "#gate-table")] == ["3", "2"]
+        assert "showing 3–4 of 5" in text_of(app, "#gate-filter")
+        await pilot.press("right_square_bracket", "right_square_bracket")  # past the end: stays on the last page
+        await settle(pilot)
+        assert [r[0] for r in rows(app, "#gate-table")] == ["1"]
+        await pilot.press("left_square_bracket")
+        await settle(pilot)
+        assert [r[0] for r in rows(app, "#gate-table")] == ["3", "2"]
+
+
+@pytest.mark.asyncio
+async def test_database_error_is_shown_not_fatal(tmp_path):
+    bad = tmp_path / "state.db"
+    bad.write_bytes(b"this is not a database" * 100)
+    app = make_app(bad)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await settle(pilot)
+        assert "state.db error" in text_of(app, "#status-bar")
+        assert app.is_running
+
+
+# --------------------------------------------------------------------------- snapshots
+
+def _snapshot_run_before(keys: tuple[str, ...]):
+    async def run_before(pilot) -> None:
+        await settle(pilot)
+        for k in keys:
+            await pilot.press(k)
+            await settle(pilot)
+    return run_before
+
+
+def test_snapshot_matrix(state, snap_compare):
+    assert snap_compare(make_app(state), terminal_size=(130, 36), run_before=_snapshot_run_before(("down",)))
+
+
+def test_snapshot_gate(state, snap_compare):
+    assert snap_compare(make_app(state), terminal_size=(130, 36), run_before=_snapshot_run_before(("2", "down")))

@@ -1,0 +1,151 @@
+"""End to end on the emulated cloud: a one-run tiny matrix trains over SSH (real sshd, the
+real trainer), syncs into the verified store, is auto-destroyed, and its cost is recorded;
+the API key appears in no file. The recovery run (instance lost mid-run) is marked slow."""
+
+from __future__ import annotations
+
+import json
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from train_helpers import build
+from vast_helpers import sshd, tree_contains, vast_env  # noqa: F401
+
+pytestmark = pytest.mark.sshd
+
+
+def _matrix(tmp: Path, run_id: str, epochs: int) -> Path:
+    cfg = build(tmp / "data", n=40)
+    m = {"matrix_id": "vast-e2e", "snapshot": cfg["snapshot"], "split": cfg["split"], "features": cfg["features"],
+         "out_root": str(tmp / "runs"),
+         "defaults": {"model": {"preset": "tiny"}, "device": "cpu",
+                      "train": {**cfg["train"], "epochs": epochs}, "ttt": cfg["ttt"]},
+         "sanity": {"subset": {"train": 8, "val": 4, "test": 4}, "epochs": 1},
+         "runs": [{"run_id": run_id, "script": "nko", "mode": "baseline", "seed": 7}]}
+    path = tmp / "matrix.json"
+    path.write_text(json.dumps(m, indent=1))
+    return path
+
+
+def _check_completed(env, run_id: str, out: Path) -> dict:
+    from backend.runs import BUNDLE_FILES, verify_bundle
+
+    row = env.db.execute("SELECT status, executor, instance_id, test_cer FROM runs WHERE id = ?", [run_id]).fetchone()
+    assert row[0] == "completed" and row[1] == "vast" and row[2] and row[3] is not None
+    b = verify_bundle(out)
+    assert b.ok, b.problems
+    arts = {a["name"]: a for a in env.db.query("SELECT * FROM artifacts WHERE run_id = ?", [run_id])}
+    for name in (*BUNDLE_FILES, "manifest.json", "metrics.jsonl", "last.pt"):
+        a = arts[name]
+        assert a["sync_state"] in ("verified", "mirrored"), (name, a["sync_state"])
+        blob = env.fleet.cas.path(a["sha256"])
+        assert not stat.S_IMODE(blob.stat().st_mode) & 0o222
+        assert {loc["kind"] for loc in json.loads(a["locations"])} >= {"cas", "local", "instance"}
+        assert (out / name).read_bytes() == blob.read_bytes()
+    return arts
+
+
+def test_matrix_on_emulated_cloud_end_to_end(vast_env, tmp_path):
+    from backend.vast.cost import Ledger
+    from backend.vast.executor import run_matrix_vast
+
+    from backend.vast.emulator import _processes_in
+
+    run_id = "e2e-nko-baseline"
+    matrix = _matrix(tmp_path, run_id, epochs=2)
+    lines: list[str] = []
+    key = vast_env.api_key.encode()
+    in_flight: list = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if "checkpoint sync" in line and not in_flight:  # while it trains: the remote side holds no key
+            in_flight.append(tree_contains(vast_env.remote_base, key))
+            for pid, cmd in _processes_in(vast_env.remote_base):
+                try:
+                    env = Path(f"/proc/{pid}/environ").read_bytes()
+                except OSError:
+                    continue
+                in_flight.append([cmd] if key in env or key in cmd.encode() else [])
+
+    t0 = time.monotonic()
+    results = run_matrix_vast(matrix, vast_env.tmp / "state" / "state.db", skip_sanity=True, poll_s=0.5,
+                              log=log, settings=vast_env.settings, budget=vast_env.budget,
+                              provider=vast_env.provider)
+    assert [r.status for r in results] == ["completed"], "\n".join(lines[-20:]) + str(results)
+    assert time.monotonic() - t0 < 120
+    out = tmp_path / "runs" / run_id
+    _check_completed(vast_env, run_id, out)
+
+    # auto-destroyed, and nothing else left running on the account
+    assert vast_env.provider.instances() == []
+    iid = vast_env.db.execute("SELECT instance_id FROM runs WHERE id = ?", [run_id]).fetchone()[0]
+    assert vast_env.cloud.gone[int(iid)] == "destroyed"
+    assert vast_env.db.execute("SELECT destroyed_at FROM instances WHERE id = ?", [iid]).fetchone()[0]
+
+    # cost recorded, never less than the cloud billed
+    ledger = Ledger(vast_env.db, vast_env.budget)
+    assert ledger.run_spend(run_id) > 0
+    assert ledger.spent() >= vast_env.cloud.billed() - 1e-9 > 0
+    assert vast_env.db.execute("SELECT count(*) FROM cost_samples WHERE run_id = ?", [run_id]).fetchone()[0] >= 2
+
+    # live logs and metrics reached state.db while it trained
+    assert vast_env.db.execute("SELECT count(*) FROM events WHERE run_id = ? AND kind = 'log'", [run_id]).fetchone()[0]
+    assert vast_env.db.execute("SELECT count(*) FROM metrics WHERE run_id = ? AND kind = 'epoch'",
+                               [run_id]).fetchone()[0]
+    kinds = {k for (k,) in vast_env.db.execute("SELECT DISTINCT kind FROM events WHERE run_id = ?", [run_id])}
+    assert {"remote-start", "sync", "instance-destroyed", "run-cost"} <= kinds
+
+    # the API key is in no file: state dir, state.db (+WAL), run dirs, logs, the remote disks,
+    # nor in the environment or command line of anything running on the instance
+    assert in_flight and all(hit == [] for hit in in_flight), in_flight
+    assert tree_contains(tmp_path, key) == []
+    assert tree_contains(vast_env.settings.state_dir, key) == []
+
+    # running the matrix again reuses the verified bundle and rents nothing
+    before = len(vast_env.cloud.gone)
+    again = run_matrix_vast(matrix, vast_env.tmp / "state" / "state.db", skip_sanity=True, poll_s=0.5,
+                            log=lines.append, settings=vast_env.settings, budget=vast_env.budget,
+                            provider=vast_env.provider)
+    assert [(r.status, r.how) for r in again] == [("completed", "reused")]
+    assert len(vast_env.cloud.gone) == before and vast_env.provider.instances() == []
+
+
+@pytest.mark.slow
+def test_lost_instance_is_relaunched_and_resumes(vast_env, tmp_path):
+    """The instance vanishes after a checkpoint was synced: the run relaunches on another
+    offer with its last verified checkpoint, resumes, and finishes with the same bundle."""
+    from backend.vast.executor import run_matrix_vast
+
+    run_id = "e2e-recover"
+    matrix = _matrix(tmp_path, run_id, epochs=8)
+    vast_env.settings.sync_every_s = 1.0
+    cloud = vast_env.cloud
+    vanished: list[int] = []
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        # once a checkpoint is verified locally, the host dies
+        if not vanished and "checkpoint sync" in line and "last.pt" in json.dumps(
+                [a["name"] for a in vast_env.db.query("SELECT name FROM artifacts WHERE run_id = ? AND "
+                                                      "sync_state = 'verified'", [run_id])]):
+            iid = next(iter(cloud.instances))
+            vanished.append(iid)
+            cloud.vanish(iid)
+
+    results = run_matrix_vast(matrix, vast_env.tmp / "state" / "state.db", skip_sanity=False, poll_s=0.5, log=log,
+                              settings=vast_env.settings, budget=vast_env.budget, provider=vast_env.provider)
+    assert vanished, "\n".join(lines[-30:])
+    assert [r.status for r in results] == ["completed"], "\n".join(lines[-30:]) + str(results)
+    _check_completed(vast_env, run_id, tmp_path / "runs" / run_id)
+    events = [m for (m,) in vast_env.db.execute("SELECT message FROM events WHERE run_id = ? AND kind IN "
+                                                "('recovery', 'trainer-status')", [run_id])]
+    assert any("lost" in m for m in events) and "resumed" in events
+    assert vast_env.provider.instances() == []
+    flags = json.loads(vast_env.db.execute("SELECT flags FROM runs WHERE id = ?", [run_id]).fetchone()[0])
+    assert flags["recoveries"] == 1 and flags["sanity"] == "passed"
+    assert tree_contains(tmp_path, vast_env.api_key.encode()) == []

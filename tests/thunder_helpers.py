@@ -1,0 +1,64 @@
+"""Builders for the Thunder tests: a tiny llama-style model and an AGP corpus made here (no
+hub), and cluster configs whose hosts are this machine (``kind = "local"``; in the ring
+hostfile they are 127.0.0.1, which mlx.launch starts without ssh)."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+from agp.corpus import SYSTEM_PROMPT, build_corpus, prompt_messages
+from agp.rows import load_rows
+from agp.tiny_model import build_tiny_llama
+from agp_helpers import sample_rows, write_rows_file
+from backend.thunder.config import ClusterConfig, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_fixture(root: Path) -> dict:
+    """rows.jsonl, corpus/ (train/valid/test.jsonl + corpus.json) and model/ under ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows_path = write_rows_file(root / "rows.jsonl", sample_rows(40))
+    rows = load_rows(rows_path)
+    build_corpus(rows, root / "corpus", seed=42)
+    texts = [SYSTEM_PROMPT] + [m["content"] for r in rows for m in prompt_messages(r)] + [r.reference_text for r in rows]
+    model = build_tiny_llama(root / "model", texts * 3, vocab_size=300, hidden_size=32, layers=2)
+    return {"rows": rows_path, "corpus": root / "corpus", "model": model}
+
+
+def free_port_pair() -> int:
+    """A port p with p and p+1 free on 127.0.0.1 (rank 0 and rank 1 of a local ring)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = s.getsockname()[1]
+        if p > 64000:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", p))
+                b.bind(("127.0.0.1", p + 1))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError("no free pair of ports")
+
+
+def local_cluster(fx: dict, run_root: Path, local_root: Path, hosts: list[dict] | None = None, **over) -> ClusterConfig:
+    train = {"iters": 6, "steps_per_report": 2, "steps_per_eval": 3, "save_every": 3, "val_batches": -1,
+             "num_layers": 2, "lora_rank": 4, "learning_rate": 1e-3, "max_seq_length": 256}
+    train.update(over.pop("train", {}))
+    data = {
+        "name": "test", "python": sys.executable, "workdir": str(REPO), "model": str(fx["model"]),
+        "data": str(fx["corpus"]), "run_root": str(run_root), "local_root": str(local_root),
+        "starting_port": free_port_pair(),
+        "hosts": hosts or [{"name": "a", "kind": "local", "ip": "127.0.0.1"},
+                           {"name": "b", "kind": "local", "ip": "127.0.0.1"}],
+        "train": train,
+        "watchdog": {"window_s": 60, "poll_s": 0.5, "stop_grace_s": 3},
+        "eval": {"rows": str(fx["rows"]), "max_tokens": 16, "timeout_s": 300},
+    }
+    data.update(over)
+    return parse_config(data, "test cluster")

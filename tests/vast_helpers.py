@@ -1,0 +1,209 @@
+"""Fixtures for the Vast lane tests: a real OpenSSH sshd on 127.0.0.1 (its own host and
+client keys under a temp dir, running as the current user), and the Vast API emulator
+whose instances map to it, driven through the real ``vastai`` SDK.
+
+The "remote" side of every instance is this machine: each instance's disk is
+``<tmp>/remote/<instance id>`` and its trainer runs with this checkout's .venv Python.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+SSHD_BIN = shutil.which("sshd") or "/usr/sbin/sshd"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def keygen(path: Path) -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True,
+                   stdin=subprocess.DEVNULL)
+    return path
+
+
+@dataclass
+class SSHD:
+    dir: Path
+    port: int
+    client_key: Path
+    proc: subprocess.Popen | None = None
+    host_key: Path | None = None
+
+    def start(self, new_host_key: bool = False) -> "SSHD":
+        if self.host_key is None or new_host_key:
+            hk = self.dir / f"host_ed25519_{int(time.time() * 1000)}"
+            self.host_key = keygen(hk)
+        cfg = self.dir / "sshd_config"
+        cfg.write_text("\n".join([
+            f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {self.host_key}",
+            f"PidFile {self.dir / 'sshd.pid'}", f"AuthorizedKeysFile {self.dir / 'authorized_keys'}",
+            "PermitRootLogin yes", "StrictModes no", "PubkeyAuthentication yes", "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no", "UsePAM no", "Subsystem sftp internal-sftp", "LogLevel ERROR",
+            "MaxStartups 100", "MaxSessions 100", "UseDNS no", ""]))
+        self.proc = subprocess.Popen([SSHD_BIN, "-D", "-e", "-f", str(cfg)], stdout=subprocess.DEVNULL,
+                                     stderr=open(self.dir / "sshd.log", "ab"))
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sshd exited: {(self.dir / 'sshd.log').read_text()[-500:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    if s.recv(4).startswith(b"SSH"):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("sshd did not come up")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None
+
+
+def _start_sshd(root: Path) -> SSHD:
+    if not Path(SSHD_BIN).exists():
+        pytest.skip("OpenSSH sshd is not installed")
+    if not shutil.which("ssh-keygen"):
+        pytest.skip("ssh-keygen is not installed")
+    priv = Path("/run/sshd")  # privilege separation directory sshd insists on
+    if not priv.exists():
+        try:
+            priv.mkdir(mode=0o755, parents=True)
+        except OSError:
+            pytest.skip("sshd needs /run/sshd and it cannot be created")
+    root.mkdir(parents=True, exist_ok=True)
+    client = keygen(root / "client_ed25519")
+    (root / "authorized_keys").write_text((root / "client_ed25519.pub").read_text())
+    d = SSHD(root, free_port(), client)
+    try:
+        return d.start()
+    except RuntimeError as e:
+        pytest.skip(f"cannot start sshd here: {e}")
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    d = _start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def own_sshd(tmp_path):
+    """A private sshd (for tests that restart it with another host key)."""
+    d = _start_sshd(tmp_path / "sshd")
+    yield d
+    d.stop()
+
+
+@dataclass
+class VastEnv:
+    tmp: Path
+    cloud: object
+    emulator: object
+    settings: object
+    budget: object
+    provider: object
+    db: object
+    fleet: object
+    api_key: str
+    remote_base: Path
+    logs: list
+
+    def fresh_fleet(self, **budget):
+        from backend.vast.config import BudgetSettings
+        from backend.vast.fleet import Fleet
+
+        b = BudgetSettings(**{**vars(self.budget), **budget}) if budget else self.budget
+        return Fleet(self.db, self.settings, b, self.provider, log=self.logs.append)
+
+    def instance_dir(self, iid) -> Path:
+        return self.remote_base / str(iid)
+
+    def new_instance(self, label: str = "run-x", run_id: str | None = "run-x") -> dict:
+        """Create an instance through the SDK, register it and wait until it runs."""
+        offer = self.provider.offers("num_gpus=1", "dph_total", limit=50, storage_gb=self.settings.disk_gb)
+        used = {r["machine_id"] for r in self.provider.instances()}
+        offer = next(o for o in offer if o.machine_id not in used)
+        iid = self.provider.create(offer.id, "pytorch/pytorch", self.settings.disk_gb, label=label)
+        if run_id is not None:
+            self.fleet.register(iid, run_id, label, offer.raw)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            row = self.provider.instance(iid)
+            if row and row["actual_status"] == "running":
+                return row
+            time.sleep(0.05)
+        raise AssertionError("instance did not start")
+
+
+@pytest.fixture
+def vast_env(sshd, tmp_path, monkeypatch):
+    from backend.store import open_db
+    from backend.vast.config import BudgetSettings, IdleSettings, VastSettings
+    from backend.vast.emulator import Cloud, Emulator
+    from backend.vast.fleet import Fleet
+    from backend.vast.provider import VastProvider
+
+    key = "vk_" + secrets.token_hex(20)
+    monkeypatch.setenv("VAST_API_KEY", key)
+    monkeypatch.setenv("VASTAI_NO_UPDATE_CHECK", "1")
+    remote_base = tmp_path / "remote"
+    cloud = Cloud(api_key=key, ssh_host="127.0.0.1", ssh_port=sshd.port, workspace_base=remote_base)
+    emu = Emulator(cloud).start()
+    settings = VastSettings(server_url=emu.url, query="num_gpus=1 reliability>0.98", remote_base=str(remote_base),
+                            remote_python=sys.executable, remote_env={"OMP_NUM_THREADS": "1"},
+                            ssh_key=str(sshd.client_key), state_dir=tmp_path / "state" / ".nko-ops",
+                            heartbeat_s=0.5, sync_every_s=3.0, boot_timeout_s=30.0, ssh_timeout_s=10.0,
+                            idle=IdleSettings(gpu_util_below=5.0, window_s=0.3, heartbeat_timeout_s=2.0))
+    budget = BudgetSettings(cap_usd=50.0, warn_usd=40.0, poll_interval_s=1.0, source="test")
+    provider = VastProvider(key, emu.url, backoff_s=0.05)
+    db = open_db(tmp_path / "state" / "state.db")
+    logs: list[str] = []
+    fleet = Fleet(db, settings, budget, provider, log=logs.append)
+    env = VastEnv(tmp_path, cloud, emu, settings, budget, provider, db, fleet, key, remote_base, logs)
+    yield env
+    fleet.close()
+    for iid in list(cloud.instances):
+        cloud.vanish(iid)  # kill anything still working in an instance's disk
+    emu.stop()
+    db.close()
+
+
+def write_remote(env: VastEnv, iid, rel: str, data: bytes) -> Path:
+    p = env.instance_dir(iid) / "runs" / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    return p
+
+
+def tree_contains(root: Path, needle: bytes) -> list[Path]:
+    """Files under ``root`` whose bytes contain ``needle``."""
+    hits = []
+    for p in Path(root).rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            try:
+                if needle in p.read_bytes():
+                    hits.append(p)
+            except OSError:
+                continue
+    return hits
+
+
