@@ -395,6 +395,7 @@ def _figures(s: Summary, out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     m = s.matrix
     meta = {"Software": None}  # keep the PNG bytes independent of the matplotlib version
@@ -436,6 +437,7 @@ def _figures(s: Summary, out: Path) -> list[Path]:
                             color=line.get_color())
             ax.set_title(f"{SCRIPT_NAMES[script]} (dashed: train)")
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(frameon=False, fontsize=6)
         axes[0].set_ylabel("CTC loss")

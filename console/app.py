@@ -1,10 +1,11 @@
 """``nko-ops console``: the operations console (Textual).
 
-Tabs: Matrix, Gate, Instances, Adapters; a status bar (budget, running instances, alerts);
-a footer of bindings and a help screen. All database work happens in thread workers: a
-poll every ``interval`` seconds reloads the status bar and the visible tab, and the panes
-start their own workers for detail views and review writes. One connection is shared by
-those workers under a lock, so the UI thread never waits on SQLite.
+Tabs: Matrix, Gate, Instances, Adapters, Logs, Sync; a status bar (budget, running
+instances, alerts); a footer of bindings and a help screen. All database work happens in
+thread workers: a poll every ``interval`` seconds reloads the status bar and the visible tab,
+and the panes start their own workers for detail views, review writes, log tails and cloud
+actions. One connection is shared by the reading workers under a lock, so the UI thread
+never waits on SQLite; cloud actions (console/ops.py) use a connection of their own.
 """
 
 from __future__ import annotations
@@ -28,15 +29,19 @@ from backend.store import open_db
 from console import queries
 from console.panes.adapters import AdaptersPane
 from console.panes.gate import GatePane
+from console.ops import Ops
 from console.panes.instances import InstancesPane
+from console.panes.logs import LogsPane
 from console.panes.matrix import MatrixPane
-from console.queries import Status
+from console.panes.sync import SyncPane
+from console.queries import EventAlerts, Status
 from console.widgets import Pane, usd
 
 T = TypeVar("T")
 
 PANES: tuple[tuple[str, type[Pane]], ...] = (
-    ("matrix", MatrixPane), ("gate", GatePane), ("instances", InstancesPane), ("adapters", AdaptersPane))
+    ("matrix", MatrixPane), ("gate", GatePane), ("instances", InstancesPane), ("adapters", AdaptersPane),
+    ("logs", LogsPane), ("sync", SyncPane))
 
 
 def status_text(s: Status | None, error: str = "") -> Text:
@@ -67,10 +72,11 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         parts = ["# nko-ops console", "",
-                 "Keys everywhere: `1`–`4` switch tabs, `r` reloads now, `?` this help, `q` quits; "
+                 f"Keys everywhere: `1`–`{len(PANES)}` switch tabs, `r` reloads now, `?` this help, `q` quits; "
                  "arrows/PgUp/PgDn move in tables. The status bar shows budget spend/cap, running "
-                 "instances, run counts and alerts (over budget, hung adapter, missing artifacts, "
-                 "failed runs, stale heartbeats). Data refreshes every few seconds.", ""]
+                 "instances, run counts and alerts (over budget, hung adapter, sync failures, missing "
+                 "artifacts, failed destroys, failed runs, stale heartbeats). Data refreshes every few "
+                 "seconds.", ""]
         for pane in self.panes:
             parts += [f"## {pane.title}", "", pane.help, ""]
             keys = [f"`{b.key}` {b.description}" for b in getattr(pane, "BINDINGS", []) if isinstance(b, Binding)]
@@ -91,9 +97,12 @@ class ConsoleApp(App):
     ]
 
     def __init__(self, db_path: str | Path = "state.db", interval: float = 2.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, vast_settings: str | Path | None = "configs/vast.toml",
+                 budget: str | Path | None = "configs/budget.toml") -> None:
         super().__init__()
         self.db_path = str(db_path)
+        self.ops = Ops(db_path, vast_settings, budget)
+        self.event_alerts = EventAlerts()
         self.interval = interval
         self.clock = clock
         self._db: sqlite_utils.Database | None = None
@@ -154,7 +163,7 @@ class ConsoleApp(App):
 
     def load_all(self, db: sqlite_utils.Database, now: float, panes: list[Pane]) -> tuple[Status, list[Any]]:
         """Everything one refresh reads (also what the refresh benchmark times)."""
-        return queries.status(db, now), [p.load(db, now) for p in panes]
+        return queries.status(db, now, self.event_alerts), [p.load(db, now) for p in panes]
 
     def apply(self, status: Status, panes: list[Pane], results: list[Any]) -> None:
         self.status, self.error = status, ""
@@ -201,12 +210,19 @@ class ConsoleApp(App):
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.panes()))
 
+    def open_logs(self, kind: str, source_id: str) -> None:
+        """Show the Logs tab following a run or an instance."""
+        self.action_show_tab("logs")
+        self.query_one("#logs", LogsPane).open_key(kind, source_id)
+
     def on_unmount(self) -> None:
+        self.ops.close()
         with self._lock:
             if self._db is not None:
                 self._db.conn.close()
                 self._db = None
 
 
-def run(db: str = "state.db", interval: float = 2.0) -> None:
-    ConsoleApp(db, interval).run()
+def run(db: str = "state.db", interval: float = 2.0, vast_settings: str | Path | None = "configs/vast.toml",
+        budget: str | Path | None = "configs/budget.toml") -> None:
+    ConsoleApp(db, interval, vast_settings=vast_settings, budget=budget).run()

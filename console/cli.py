@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 
 def console_cmd(
     db: str = typer.Option("state.db", "--db", help="State store to watch (created if absent)."),
     interval: float = typer.Option(2.0, "--interval", min=0.2, help="Seconds between refreshes."),
+    settings: Path = typer.Option(Path("configs/vast.toml"), "--settings",
+                                  help="Vast settings for the cloud actions and SSH log tails (as `nko-ops vast`)."),
+    budget: Path = typer.Option(Path("configs/budget.toml"), "--budget", help="Budget: cap, warn level."),
 ) -> None:
-    """Open the operations console: run matrix, gate review, instances and budget, adapters."""
+    """Open the operations console: run matrix, gate review, instances and budget with kill-idle,
+    adapters, live logs, sync."""
     from console.app import run
 
-    run(db, interval)
+    run(db, interval, settings, budget)

@@ -8,6 +8,7 @@ Times are passed in (``now``, unix seconds) so tests and snapshots are determini
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import shlex
@@ -15,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Iterator
 
 import sqlite_utils
 
@@ -391,6 +393,233 @@ def adapter_curve(db: sqlite_utils.Database, adapter_run_id: str, name: str) -> 
                             [adapter_run_id, name]).fetchall())
 
 
+# --------------------------------------------------------------------------- logs
+
+@dataclass(frozen=True)
+class LogSource:
+    kind: str  # 'run' or 'instance'
+    id: str
+    status: str
+    where: str  # 'local', 'vast 1234', 'run-x' (an instance's run)
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.id}"
+
+
+def log_sources(db: sqlite_utils.Database, limit: int = 300) -> list[LogSource]:
+    """What the Logs pane can follow: live instances, then runs (running first, newest first)."""
+    out = [LogSource("instance", str(iid), status or "?", run_id or label or "—") for iid, label, run_id, status in
+           db.execute("SELECT id, label, run_id, actual_status FROM instances WHERE destroyed_at IS NULL "
+                      "ORDER BY created_at, id").fetchall()]
+    for rid, status, executor, iid in db.execute(
+            "SELECT id, status, executor, instance_id FROM runs "
+            "ORDER BY status = 'running' DESC, coalesce(updated_at, created_at) DESC, id LIMIT ?", [limit]).fetchall():
+        out.append(LogSource("run", rid, status, f"vast {iid}" if iid else (executor or "local")))
+    return out
+
+
+@dataclass(frozen=True)
+class LogEvent:
+    id: int
+    ts: str
+    kind: str
+    level: str
+    message: str
+
+
+@dataclass(frozen=True)
+class TailPlan:
+    """Where one source's lines come from: the events already in state.db (``history``, up
+    to ``last_event_id``) and, when its run has a live Vast instance with an SSH address,
+    the instance to tail ``train.log`` on (``ssh_host``/``ssh_port``)."""
+
+    run_id: str | None
+    instance_id: str | None
+    status: str
+    ssh_host: str | None
+    ssh_port: int | None
+    history: tuple[LogEvent, ...]
+    last_event_id: int
+
+
+def _events(db: sqlite_utils.Database, run_id: str | None, instance_id: str | None, after: int = 0,
+            limit: int = 1000, newest: bool = False) -> list[LogEvent]:
+    # Two indexed lookups (events_run, events_instance) rather than one OR over the table.
+    parts, args = [], []
+    if run_id:
+        parts.append("SELECT id, ts, kind, level, message FROM events WHERE run_id = ? AND id > ?")
+        args += [run_id, after]
+    if instance_id:
+        parts.append("SELECT id, ts, kind, level, message FROM events WHERE instance_id = ? AND id > ?")
+        args += [instance_id, after]
+    if not parts:
+        return []
+    order = "DESC" if newest else ""
+    rows = db.execute(f"SELECT * FROM ({' UNION '.join(parts)}) ORDER BY id {order} LIMIT ?", [*args, limit]).fetchall()
+    events = [LogEvent(i, ts or "", kind or "log", level or "info", msg or "") for i, ts, kind, level, msg in rows]
+    return events[::-1] if newest else events
+
+
+def tail_plan(db: sqlite_utils.Database, kind: str, source_id: str, history: int = 500) -> TailPlan:
+    """Call inside one read transaction (``read_snapshot``) together with anything that reads
+    the run's log offset, so the history and the offset describe the same moment."""
+    run_id = instance_id = None
+    status = "?"
+    if kind == "run":
+        run = next(iter(db.query("SELECT status, instance_id FROM runs WHERE id = ?", [source_id])), None)
+        if run is None:
+            raise ValueError(f"run {source_id!r} is not in state.db")
+        run_id, instance_id, status = source_id, run["instance_id"], run["status"]
+    else:
+        instance_id = source_id
+        run = next(iter(db.query("SELECT r.id FROM runs r WHERE r.instance_id = ? "
+                                 "ORDER BY r.created_at DESC, r.id DESC LIMIT 1", [source_id])), None)
+        inst = next(iter(db.query("SELECT run_id FROM instances WHERE id = ?", [source_id])), None)
+        run_id = (run or {}).get("id") or (inst or {}).get("run_id")
+    inst = next(iter(db.query("SELECT actual_status, destroyed_at, ssh_host, ssh_port FROM instances WHERE id = ?",
+                              [instance_id])), None) if instance_id else None
+    if kind == "instance":
+        status = "destroyed" if inst and inst["destroyed_at"] else ((inst or {}).get("actual_status") or "?")
+    live = bool(inst and not inst["destroyed_at"] and inst["actual_status"] == "running"
+                and inst["ssh_host"] and inst["ssh_port"] and run_id)
+    last = db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+    return TailPlan(run_id, instance_id, status, inst["ssh_host"] if live else None,
+                    int(inst["ssh_port"]) if live else None,
+                    tuple(_events(db, run_id, instance_id, limit=history, newest=True)), last)
+
+
+def new_events(db: sqlite_utils.Database, run_id: str | None, instance_id: str | None, after: int) -> list[LogEvent]:
+    return _events(db, run_id, instance_id, after=after)
+
+
+@contextlib.contextmanager
+def read_snapshot(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+    """Several reads that see one consistent state (the connections are in autocommit mode)."""
+    if db.conn.in_transaction:
+        yield db
+        return
+    db.conn.execute("BEGIN")
+    try:
+        yield db
+    finally:
+        db.conn.execute("COMMIT")
+
+
+# --------------------------------------------------------------------------- sync
+
+@dataclass(frozen=True)
+class SyncRunRow:
+    run_id: str
+    status: str
+    instance_id: str
+    files: int
+    bytes: int
+    sync: str  # sync_summary of its artifacts
+
+
+@dataclass(frozen=True)
+class ArtifactRow:
+    name: str
+    state: str
+    size: int | None
+    sha256: str
+    locations: tuple[str, ...]
+    verified_at: str
+
+
+def sync_runs(db: sqlite_utils.Database) -> list[SyncRunRow]:
+    """Runs with artifacts (or on an instance), those needing attention first."""
+    out = [SyncRunRow(rid, status or "—", iid or "", n, size or 0, sync_summary(states)) for rid, n, size, states, status, iid in
+           db.execute("""SELECT a.run_id, count(*), sum(a.size), group_concat(a.sync_state), r.status, r.instance_id
+                         FROM artifacts a LEFT JOIN runs r ON r.id = a.run_id
+                         WHERE a.owner_kind = 'run' GROUP BY a.run_id""").fetchall()]
+    out += [SyncRunRow(rid, status, iid, 0, 0, "—") for rid, status, iid in db.execute(
+        "SELECT id, status, instance_id FROM runs WHERE instance_id IS NOT NULL AND NOT EXISTS "
+        "(SELECT 1 FROM artifacts a WHERE a.owner_kind = 'run' AND a.run_id = runs.id)").fetchall()]
+    rank = {s: i for i, s in enumerate(SYNC_ORDER)}
+
+    def worst(r: SyncRunRow) -> int:
+        first = r.sync.split(",")[0].split()[-1]
+        return rank.get(first, len(SYNC_ORDER))
+
+    return sorted(out, key=lambda r: (worst(r), r.run_id))
+
+
+def _locations(text: str | None) -> tuple[str, ...]:
+    try:
+        locs = json.loads(text or "[]")
+    except json.JSONDecodeError:
+        return (str(text),)
+    out = []
+    for loc in locs if isinstance(locs, list) else []:
+        kind = loc.get("kind", "?") if isinstance(loc, dict) else str(loc)
+        if kind == "instance":
+            out.append(f"instance {loc.get('instance_id')}")
+        elif kind == "mirror":
+            out.append(f"mirror {loc.get('host', '')}".strip())
+        else:
+            out.append(kind)
+    return tuple(out)
+
+
+def run_artifacts(db: sqlite_utils.Database, run_id: str) -> list[ArtifactRow]:
+    return [ArtifactRow(name, state, size, sha or "", _locations(locs), (verified or "")[:19].replace("T", " "))
+            for name, state, size, sha, locs, verified in db.execute(
+                "SELECT name, sync_state, size, sha256, locations, verified_at FROM artifacts "
+                "WHERE owner_kind = 'run' AND run_id = ? ORDER BY name", [run_id]).fetchall()]
+
+
+def last_sync(db: sqlite_utils.Database, run_id: str) -> LogEvent | None:
+    row = db.execute("SELECT id, ts, kind, level, message FROM events WHERE run_id = ? AND kind = 'sync' "
+                     "ORDER BY id DESC LIMIT 1", [run_id]).fetchone()
+    return LogEvent(row[0], row[1] or "", row[2], row[3], row[4] or "") if row else None
+
+
+# --------------------------------------------------------------------------- status bar
+
+class EventAlerts:
+    """Alerts the Vast lane raises through events: a run whose latest sync failed (until a
+    sync succeeds) and an instance whose destroy failed (until it is destroyed or lost).
+
+    Events only grow, so each refresh reads just the rows added since the last one."""
+
+    def __init__(self) -> None:
+        self.last_id = 0
+        self.sync_failed: dict[str, str] = {}  # run id -> message of its failed sync
+        self.destroy_failed: set[str] = set()
+
+    def update(self, db: sqlite_utils.Database) -> None:
+        top = db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+        if top < self.last_id:  # a different (or rebuilt) store: start over
+            self.__init__()
+        for kind, level, run_id, iid, msg in db.execute(
+                "SELECT kind, level, run_id, instance_id, message FROM events WHERE id > ? AND id <= ? AND kind IN "
+                "('sync', 'destroy-failed', 'instance-destroyed', 'instance-lost') ORDER BY id",
+                [self.last_id, top]).fetchall():
+            if kind == "sync" and run_id:
+                if level == "error":
+                    self.sync_failed[run_id] = msg or ""
+                else:
+                    self.sync_failed.pop(run_id, None)
+            elif kind == "destroy-failed" and iid:
+                self.destroy_failed.add(iid)
+            elif iid:
+                self.destroy_failed.discard(iid)
+        self.last_id = top
+
+    def alerts(self) -> list[str]:
+        out = []
+        if self.sync_failed:
+            runs = sorted(self.sync_failed)
+            out.append(f"sync failed for {len(runs)} run{'s' * (len(runs) > 1)} ({', '.join(runs[:3])}"
+                       f"{', …' if len(runs) > 3 else ''})")
+        if self.destroy_failed:
+            ids = sorted(self.destroy_failed)
+            out.append(f"destroy failed: instance{'s' * (len(ids) > 1)} {', '.join(ids[:3])} still billing")
+        return out
+
+
 # --------------------------------------------------------------------------- status bar
 
 @dataclass(frozen=True)
@@ -401,7 +630,7 @@ class Status:
     alerts: tuple[str, ...]
 
 
-def status(db: sqlite_utils.Database, now: float) -> Status:
+def status(db: sqlite_utils.Database, now: float, events: EventAlerts | None = None) -> Status:
     b = budget(db)
     running = db.execute("SELECT count(*) FROM instances WHERE destroyed_at IS NULL "
                          "AND actual_status = 'running'").fetchone()[0]
@@ -417,6 +646,9 @@ def status(db: sqlite_utils.Database, now: float) -> Status:
     missing = db.execute("SELECT count(DISTINCT run_id) FROM artifacts WHERE sync_state = 'missing'").fetchone()[0]
     if missing:
         alerts.append(f"sync failure: {missing} run{'s' * (missing > 1)} with missing artifacts")
+    if events is not None:
+        events.update(db)
+        alerts += events.alerts()
     failed = dict(by_status).get("failed", 0)
     if failed:
         alerts.append(f"{failed} failed run{'s' * (failed > 1)}")

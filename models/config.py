@@ -73,6 +73,11 @@ class TrainConfig(_Section):
     max_batch_frames: int | None = Field(None, gt=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
 
+    @field_validator("specaugment", mode="before")
+    @classmethod
+    def _specaugment_flag(cls, v):
+        return {"enabled": v} if isinstance(v, bool) else v  # "specaugment": false is shorthand
+
 
 class TTTConfig(_Section):
     """Test-time training (mode "ttt", or any run at evaluation): see models/ttt.py."""

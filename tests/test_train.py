@@ -172,8 +172,9 @@ def test_resume_after_epoch_k_equals_uninterrupted(base):
 @pytest.mark.slow
 def test_killed_process_resumes_to_the_same_result(base, tmp_path):
     """A real SIGKILL part-way through training, then the same command again."""
-    full = run(base, "baseline", mode="baseline")
-    cfg = variant(base, "killed", mode="baseline")
+    long = dict(mode="baseline", train__epochs=40, train__patience=40)  # long enough to be killed mid-run
+    full = run(base, "long", **long)
+    cfg = variant(base, "killed", **long)
     path = tmp_path / "run.json"
     path.write_text(json.dumps(cfg))
     cmd = [sys.executable, "-m", "backend.cli", "train", "--config", str(path)]
@@ -188,6 +189,7 @@ def test_killed_process_resumes_to_the_same_result(base, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (Path(cfg["out_dir"]) / "manifest.json").exists()
+    assert len(epochs(Path(cfg["out_dir"]))) < 40
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     out = Path(cfg["out_dir"])

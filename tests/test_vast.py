@@ -9,13 +9,12 @@ import json
 import os
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from vast_helpers import own_sshd, sshd, tree_contains, vast_env, write_remote  # noqa: F401
+from vast_helpers import own_sshd, sshd, vast_env, write_remote  # noqa: F401
 
 pytestmark = pytest.mark.sshd
 REPO = Path(__file__).resolve().parents[1]
@@ -365,6 +364,7 @@ def test_mirror_push(vast_env, sshd, tmp_path):
 
 def test_log_follower_resumes_after_drop(vast_env):
     from backend.vast.logs import LogFollower
+    from backend.vast.ssh import SSHError
 
     row = vast_env.new_instance()
     d = vast_env.instance_dir(row["id"]) / "runs" / "run-x"
@@ -385,6 +385,21 @@ def test_log_follower_resumes_after_drop(vast_env):
     assert lines == ["epoch 1", "epoch 2", "partial line done", "epoch 3"]
     run = vast_env.db.execute("SELECT epoch, val_loss FROM runs WHERE id = 'run-x'").fetchone()
     assert tuple(run) == (1, 2.7)
+
+    # follow(): a connection that fails is retried, then reading resumes where it stopped
+    with open(d / "train.log", "a") as fh:
+        fh.write("epoch 4\n")
+    attempts, errors, echoed = [], [], []
+
+    def connect():
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise SSHError("connection refused (simulated)")
+        return vast_env.fleet.remote(row)
+
+    LogFollower(vast_env.db, "run-x", rdir, str(row["id"]), echo=echoed.append).follow(
+        connect, lambda: True, interval=0.05, on_error=errors.append)
+    assert len(attempts) == 2 and "reconnecting" in errors[0] and echoed == ["epoch 4"]
 
 
 # --------------------------------------------------------------------------- cost, budget, idle
@@ -448,7 +463,7 @@ def test_idle_detection_and_kill_idle(vast_env):
 def test_budget_property_simulated_clock(tmp_path):
     """Whatever the fleet does, the money billed never exceeds cap + one poll interval x
     the fleet's hourly rate, and the ledger never charges less than the cloud bills."""
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import HealthCheck, example, given, settings
     from hypothesis import strategies as st
 
     from backend.store import open_db
@@ -460,9 +475,11 @@ def test_budget_property_simulated_clock(tmp_path):
     cloud = Cloud(api_key="k")
     emu = Emulator(cloud).start()
     provider = VastProvider("k", emu.url, backoff_s=0.0, sleep=lambda s: None)
-    counter = [0]
+    counter, capped = [0], [0]
 
-    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @example(cap=1.0, interval=900.0, steps=[([5], 1.0, False, False)] * 3)  # an H100 runs into the cap
+    @example(cap=3.0, interval=300.0, steps=[([0, 3, 5], 0.9, False, False), ([4], 0.5, True, True)] * 8)
     @given(cap=st.floats(0.5, 20), interval=st.sampled_from([30.0, 60.0, 300.0, 900.0]),
            steps=st.lists(st.tuples(st.lists(st.integers(0, 7), max_size=3),  # offers to launch
                                     st.floats(0.1, 1.0),                       # fraction of the interval
@@ -500,7 +517,8 @@ def test_budget_property_simulated_clock(tmp_path):
             max_rate = max(max_rate, sum(cloud.rate(r) for r in cloud.instances.values()))
             t[0] += interval * frac  # polls come at most one interval apart
             rows = provider.instances()
-            police(ledger, rows, lambda rs: [provider.destroy(r["id"]) for r in rs])
+            state = police(ledger, rows, lambda rs: [provider.destroy(r["id"]) for r in rs])
+            capped[0] += state.over
             rows = provider.instances()
             billed = cloud.billed()
             assert billed <= cap + interval * max_rate / 3600 + 1e-9
@@ -511,3 +529,73 @@ def test_budget_property_simulated_clock(tmp_path):
         prop()
     finally:
         emu.stop()
+    assert capped[0] > 0  # the cap was actually reached in some of the examples
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_commands_against_the_emulator(vast_env, tmp_path):
+    from typer.testing import CliRunner
+
+    from backend.cli import app
+
+    s = vast_env.settings
+    settings = tmp_path / "vast.toml"
+    settings.write_text("\n".join([
+        f'server_url = "{s.server_url}"', f'query = "{s.query}"', f'remote_base = "{s.remote_base}"',
+        f'remote_python = "{s.remote_python}"', f'ssh_key = "{s.ssh_key}"', "[idle]", "window_s = 0.2",
+        "heartbeat_timeout_s = 1.0", ""]))
+    budget = tmp_path / "budget.toml"
+    budget.write_text("[budget]\ncap_usd = 50.0\nwarn_usd = 40.0\npoll_interval_s = 5.0\n")
+    db = str(vast_env.tmp / "state" / "state.db")
+    common = ["--db", db, "--settings", str(settings), "--budget", str(budget)]
+    runner = CliRunner()
+
+    def cli(*args):
+        return runner.invoke(app, ["vast", *args], catch_exceptions=False)
+
+    r = cli("offers", "gpu_name=RTX_4090 reliability>0.99", "--json", "--settings", str(settings))
+    assert r.exit_code == 0 and [o["gpu_name"] for o in json.loads(r.stdout)] == ["RTX 4090"]
+    known = vast_env.new_instance()
+    orphan = vast_env.provider.create(1004, "img", 20, label="by hand")
+    write_remote(vast_env, known["id"], "run-x/best.pt", b"w" * 100)
+    r = cli("instances", "--json", *common)
+    data = json.loads(r.stdout)
+    assert r.exit_code == 0 and {i["id"] for i in data["instances"]} == {known["id"], orphan}
+    assert data["budget"]["cap_usd"] == 50.0 and not data["budget"]["over"]
+    r = cli("sweep", "--json", *common)
+    assert [o["id"] for o in json.loads(r.stdout)] == [orphan]
+    r = cli("sync", "--instance", str(known["id"]), "--json", *common)
+    assert r.exit_code == 0 and json.loads(r.stdout)[0]["verified"] == ["best.pt"]
+    r = cli("destroy", str(orphan), "--force", "--confirm", "nope", *common)
+    assert r.exit_code == 1 and "typed again" in r.stdout
+    r = cli("destroy", str(known["id"]), "--json", *common)
+    assert r.exit_code == 0 and json.loads(r.stdout)[0]["destroyed"]
+    time.sleep(0.3)
+    r = cli("kill-idle", "--json", *common)  # the orphan is idle, but what it holds is unknown: refused
+    assert r.exit_code == 1, r.stdout
+    [o] = json.loads(r.stdout)
+    assert o["instance_id"] == str(orphan) and not o["destroyed"] and "orphan" in o["reason"]
+    r = cli("kill-idle", "--force", str(orphan), "--confirm", str(orphan), "--json", *common)
+    assert r.exit_code == 0 and json.loads(r.stdout)[0]["forced"]
+    assert vast_env.provider.instances() == []
+
+
+def test_staging_is_verified_on_the_instance(vast_env, tmp_path):
+    from backend.vast.remote import StagedFile
+
+    row = vast_env.new_instance()
+    st = vast_env.fleet.stager(row)
+    files = []
+    for i in range(3):
+        p = tmp_path / f"f{i}.bin"
+        p.write_bytes(os.urandom(1000 + i))
+        files.append(StagedFile.of(p, f"data/x/f{i}.bin"))
+    assert st.stage("inputs", files) == 3
+    assert st.stage("inputs", files) == 0  # already there, checked by sha256 on the instance
+    remote_copy = vast_env.instance_dir(row["id"]) / "data" / "x" / "f1.bin"
+    remote_copy.write_bytes(b"tampered")
+    assert st.verify("inputs", files) == [{"path": "data/x/f1.bin", "why": "size 8, expected 1001"}]
+    assert st.stage("inputs", files) == 1
+    assert remote_copy.read_bytes() == files[1].local.read_bytes()

@@ -33,8 +33,10 @@ def _matrix(tmp: Path, run_id: str, epochs: int) -> Path:
 def _check_completed(env, run_id: str, out: Path) -> dict:
     from backend.runs import BUNDLE_FILES, verify_bundle
 
-    row = env.db.execute("SELECT status, executor, instance_id, test_cer FROM runs WHERE id = ?", [run_id]).fetchone()
+    row = env.db.execute("SELECT status, executor, instance_id, test_cer, heartbeat_at FROM runs WHERE id = ?",
+                         [run_id]).fetchone()
     assert row[0] == "completed" and row[1] == "vast" and row[2] and row[3] is not None
+    assert row[4]  # the remote runner's heartbeat reached state.db
     b = verify_bundle(out)
     assert b.ok, b.problems
     arts = {a["name"]: a for a in env.db.query("SELECT * FROM artifacts WHERE run_id = ?", [run_id])}
@@ -149,3 +151,63 @@ def test_lost_instance_is_relaunched_and_resumes(vast_env, tmp_path):
     flags = json.loads(vast_env.db.execute("SELECT flags FROM runs WHERE id = ?", [run_id]).fetchone()[0])
     assert flags["recoveries"] == 1 and flags["sanity"] == "passed"
     assert tree_contains(tmp_path, vast_env.api_key.encode()) == []
+
+
+@pytest.mark.slow
+def test_cli_launch_detach_logs_and_reattach_with_an_odd_run_id(vast_env, tmp_path):
+    """`vast launch --config --detach` with a run id full of shell syntax, `vast logs`, then
+    `vast launch` again re-attaches, finishes, verifies and auto-destroys."""
+    from typer.testing import CliRunner
+
+    from backend.cli import app
+    from backend.vast import remote as rmt
+
+    run_id = "it's a \"run\"; touch PWNED & $(x)"
+    cfg = build(tmp_path / "data", n=40)
+    cfg.update(run_id=run_id, out_dir=str(tmp_path / "runs" / run_id))
+    cfg["train"]["epochs"] = 2
+    (tmp_path / "run.json").write_text(json.dumps(cfg, ensure_ascii=False))
+    s = vast_env.settings
+    settings = tmp_path / "vast.toml"
+    settings.write_text("\n".join([
+        f'server_url = "{s.server_url}"', f'query = "{s.query}"', f'remote_base = "{s.remote_base}"',
+        f'remote_python = "{s.remote_python}"', f'ssh_key = "{s.ssh_key}"', "heartbeat_s = 0.5",
+        "sync_every_s = 2.0", "[remote_env]", 'OMP_NUM_THREADS = "1"', ""]))
+    common = ["--db", str(vast_env.tmp / "state" / "state.db"), "--settings", str(settings)]
+    runner = CliRunner()
+    r = runner.invoke(app, ["vast", "launch", "--config", str(tmp_path / "run.json"), "--detach", *common],
+                      catch_exceptions=False)
+    assert r.exit_code == 0 and "running" in r.stdout, r.stdout
+    [row] = vast_env.provider.instances()
+    fleet = vast_env.fresh_fleet()
+    st = fleet.stager(row)
+    deadline = time.monotonic() + 120
+    while rmt.status(st.remote, st.layout, run_id, st.python)["exit"] is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    r = runner.invoke(app, ["vast", "logs", run_id, *common], catch_exceptions=False)
+    assert r.exit_code == 0 and "epoch" in r.stdout
+    r = runner.invoke(app, ["vast", "launch", "--config", str(tmp_path / "run.json"), *common],
+                      catch_exceptions=False)
+    assert r.exit_code == 0 and "completed" in r.stdout, r.stdout
+    assert vast_env.provider.instances() == []
+    _check_completed(vast_env, run_id, tmp_path / "runs" / run_id)
+    assert not list(tmp_path.rglob("PWNED")) and not Path("PWNED").exists()
+    fleet.close()
+
+
+def test_matrix_cli_dispatches_to_vast_and_needs_a_key(tmp_path, monkeypatch):
+    """`nko-ops matrix run FILE --executor vast` reaches the Vast executor, which refuses
+    cleanly (nothing rented, no traceback) when no API key is configured."""
+    from typer.testing import CliRunner
+
+    from backend.cli import app
+
+    matrix = _matrix(tmp_path, "dispatch-run", epochs=1)
+    monkeypatch.delenv("VAST_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "home" / ".config"))
+    r = CliRunner().invoke(app, ["matrix", "run", str(matrix), "--executor", "vast", "--db",
+                                 str(tmp_path / "state.db")])
+    assert r.exit_code == 2 and "no Vast API key" in r.output, r.output
+    assert not (tmp_path / "runs" / "dispatch-run").exists()

@@ -212,8 +212,8 @@ def sync_cmd(run: Optional[str] = typer.Argument(None, help="Run id (default: ev
 def _confirmations(force: List[str], confirm: List[str]) -> dict[str, str]:
     """id -> the id typed again, for each --force ID (asking on the terminal when no --confirm)."""
     out = {}
-    for iid in force:
-        typed = next((c for c in confirm if c == iid), None)
+    for i, iid in enumerate(force):
+        typed = confirm[i] if i < len(confirm) else None  # --confirm values pair with --force values in order
         if typed is None:
             typed = typer.prompt(f"Destroy instance {iid} even if files on it have no verified copy? "
                                  "Type its id again to confirm")

@@ -4,8 +4,10 @@ Each poll charges every instance for the time since it was last charged, at the 
 the rates seen at the two ends of the interval (``dph_total`` while running, which includes
 its disk; the disk's ``storage_total_cost`` otherwise). The ledger therefore never charges
 less than Vast bills, only up to one poll interval more for a state change it did not see.
-An instance that disappears between polls is charged up to the poll that notices it; one we
-destroy ourselves is charged up to the moment the destroy returned.
+An instance seen for the first time is charged from its ``start_date`` (also one that
+existed before the lane started watching: it spends the same account's money). One that
+disappears between polls is charged up to the poll that notices it; one we destroy
+ourselves up to the moment the destroy returned.
 
 Per-instance totals are cumulative in ``cost_samples`` (one row per poll) and mirrored in the
 instance's ``data`` JSON; ``budgets.spent_usd`` is the total over all instances.

@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Callable
 
 from backend import store
-from backend.executor_local import (LocalExecutor, RunResult, _Job, _lock, load_and_resolve,
+from backend.executor_local import (ExecutorError, LocalExecutor, RunResult, _Job, _lock, load_and_resolve,
                                     register_matrix, threading_main, write_agp_dumps)
 from backend.matrix import config_sha256
 from backend.runs import register_bundle
 from backend.vast import remote as rmt
-from backend.vast.config import (BudgetSettings, VastSettings, load_budget, load_settings, state_dir_for)
+from backend.vast.config import (BudgetSettings, VastConfigError, VastSettings, load_budget, load_settings,
+                                  state_dir_for)
+from backend.vast.cost import ts
 from backend.vast.fleet import Fleet
 from backend.vast.logs import LogFollower
 from backend.vast.provider import ProviderError, VastProvider, provider_from_settings
@@ -100,10 +102,9 @@ class VastRun:
             row = self._wait_running(iid)
             self._start_on(row, resume)
         except (LaunchError, SSHError, rmt.StageError, ProviderError) as e:
-            if isinstance(e, HostKeyChanged):
-                raise
+            # no trainer ever ran there: it holds only copies of local files
             self.log(f"{self.run_id}: bringing up instance {iid} failed ({e}); destroying it")
-            o = self.fleet.destroy(iid, reason=f"launch failed: {e}")
+            o = self.fleet.discard(iid, reason=f"launch failed: {e}")
             if not o.destroyed:
                 self.log(str(o))
             raise LaunchError(f"instance {iid}: {e}") from None
@@ -184,17 +185,20 @@ class VastRun:
             self.ssh_failures = 0
         except HostKeyChanged as e:
             return self.fail(str(e), destroy=False)
-        except SSHError as e:
+        except (SSHError, rmt.StageError) as e:
             self.ssh_failures += 1
             self.log(f"{self.run_id}: instance {self.iid} unreachable ({e}); attempt {self.ssh_failures}")
             if self.ssh_failures >= 5:
-                fresh = self.fleet.provider.instance(self.iid)
+                try:
+                    fresh = self.fleet.provider.instance(self.iid)
+                except ProviderError:
+                    return None
                 if fresh is None or fresh.get("actual_status") != "running":
                     return self.recover(f"instance {self.iid} unreachable and not running")
             return None
         beat = (status.get("heartbeat") or {}).get("time")
         if beat:
-            store.upsert_run(self.db, self.run_id, heartbeat_at=_ts(beat))
+            store.upsert_run(self.db, self.run_id, heartbeat_at=ts(beat))
         if status.get("exit") is not None:
             return self.finish(row, int(status["exit"]["rc"]))
         if not status.get("runner_alive"):
@@ -202,7 +206,10 @@ class VastRun:
             if self.restarts > 3:
                 return self.fail("the trainer's runner keeps dying without an exit status", row=row)
             self.log(f"{self.run_id}: runner gone without an exit status; restarting (resumes from last.pt)")
-            self._start_on(row, resume=False)
+            try:
+                self._start_on(row, resume=False)
+            except (SSHError, rmt.StageError) as e:
+                self.log(f"{self.run_id}: restart on instance {self.iid} failed ({e}); trying again next poll")
             return None
         if time.time() - self.last_sync >= self.s.sync_every_s:
             self.last_sync = time.time()
@@ -227,7 +234,7 @@ class VastRun:
                 reports = self.fleet.sync_instance(row, [self.run_id])
                 if all(r.ok for r in reports):
                     break
-            except (SSHError, SyncError) as e:
+            except (SSHError, SyncError, rmt.StageError) as e:
                 self.log(f"{self.run_id}: final sync attempt {attempt + 1} failed: {e}")
             time.sleep(1.0 * (attempt + 1))
         entries = [e for rep in reports for e in rep.verified]
@@ -304,7 +311,7 @@ class VastRun:
         rdir = self.fleet.layout(self.iid).run_dir(self.run_id) if self.iid else None
         for e in entries:
             p = local.get(e.name)
-            self.fleet.syncer._record(self.run_id, e, "verified", self.iid,
+            self.fleet.syncer.record(self.run_id, e, "verified", self.iid,
                                       posixpath.join(rdir, e.name) if rdir else None,
                                       [{"kind": "local", "path": str(p.resolve())}] if p else [],
                                       path=str(p.resolve()) if p else None)
@@ -340,12 +347,6 @@ class VastRun:
         return None
 
 
-def _ts(t: float) -> str:
-    from backend.vast.cost import ts
-
-    return ts(t)
-
-
 def _log_offsets(last_pt: Path) -> dict:
     import torch
 
@@ -362,16 +363,19 @@ def run_matrix_vast(matrix_path: str | Path, db_path: str | Path = "state.db", p
     anything is rented when it cannot."""
     m, ident = load_and_resolve(matrix_path)
     specs = m.selected(with_optional, only)
-    settings = settings or load_settings(state_dir=state_dir_for(db_path))
-    budget = budget or load_budget()
-    provider = provider or provider_from_settings(settings)
+    try:
+        settings = settings or load_settings(state_dir=state_dir_for(db_path))
+        budget = budget or load_budget()
+        provider = provider or provider_from_settings(settings)
+    except VastConfigError as e:
+        raise ExecutorError(f"vast executor: {e}") from None
     lock = _lock(Path(m.out_root), m.matrix_id)
     db = store.open_db(db_path)
     fleet = Fleet(db, settings, budget, provider, log=log)
     try:
         register_matrix(db, m, ident)
         ex = LocalExecutor(m, ident, db, 1, log=log)
-        done, specs_left = _reuse_vast_bundles(ex, db, m, specs, log)
+        done, specs_left = _reuse_vast_bundles(ex, db, m, specs)
         more, jobs, imports = ex.classify(specs_left)
         done += more
         for spec in imports:
@@ -413,7 +417,7 @@ def run_matrix_vast(matrix_path: str | Path, db_path: str | Path = "state.db", p
         lock.close()
 
 
-def _reuse_vast_bundles(ex: LocalExecutor, db, m, specs, log) -> tuple[list[RunResult], list]:
+def _reuse_vast_bundles(ex: LocalExecutor, db, m, specs) -> tuple[list[RunResult], list]:
     """Completed runs trained on Vast: their results.json holds the config as the instance
     saw it (relative paths), so they match the matrix up to the path fields; the snapshot,
     split and recipe hashes are checked by the bundle verification instead."""
@@ -484,7 +488,7 @@ def _drive(fleet: Fleet, runs: list[VastRun], parallel: int, poll_s: float, log:
             while pending and len(active) < parallel:
                 run = pending.pop(0)
                 try:
-                    run.launch(rows)
+                    run.launch(rows, resume=run.job.how == "resumed")
                     active.append(run)
                 except BudgetBlocked as e:
                     results[run.run_id] = RunResult(run.run_id, "blocked", "not started", str(run.job.out_dir),
@@ -498,7 +502,11 @@ def _drive(fleet: Fleet, runs: list[VastRun], parallel: int, poll_s: float, log:
                                                     error=f"detached: training on instance {run.iid}")
                 return [results[r.run_id] for r in runs if r.run_id in results]
             time.sleep(poll_s)
-            rows, state = fleet.poll()
+            try:
+                rows, state = fleet.poll()
+            except ProviderError as e:  # the API is unreachable for now: the trainers keep going
+                log(f"cannot poll the Vast API ({e}); trying again in {poll_s:g} s")
+                continue
             by_id = {str(r["id"]): r for r in rows}
             for run in list(active):
                 r = run.step(by_id)

@@ -23,7 +23,7 @@ from backend.vast import idle
 from backend.vast.config import BudgetSettings, VastSettings
 from backend.vast.cost import BudgetState, Ledger, police
 from backend.vast.provider import ProviderError, VastProvider
-from backend.vast.remote import Layout, Stager
+from backend.vast.remote import Layout, StageError, Stager
 from backend.vast.ssh import HostKeyChanged, KnownHosts, Remote, SSHError, SSHTarget
 from backend.vast.sync import CAS, Entry, Mirror, SyncError, SyncReport, Syncer, remote_entries
 
@@ -68,6 +68,8 @@ class Fleet:
         budget cap (and ``enforce``), spend is stopped at once (``stop_spend``)."""
         rows = self.provider.instances()
         state = police(self.ledger, rows, self.stop_spend) if enforce else self.ledger.observe(rows)
+        if enforce and state.over and rows:
+            rows = self.provider.instances()  # after stop_spend
         idle.track(self.db, rows, self.settings.idle, self.clock())
         return rows, state
 
@@ -189,13 +191,16 @@ class Fleet:
             return DestroyOutcome(iid, True, "already gone")
         lose: list[str] = []
         reports: list[SyncReport] = []
+        if not force and not self.is_ours(iid):
+            return DestroyOutcome(iid, False, "not created by nko-ops (an orphan: `nko-ops vast sweep`): what its "
+                                              "disk holds is unknown here; look at it, then use --force")
         if not force:
             try:
                 reports = self.sync_instance(row)
                 lose = self.unsynced(row)
             except HostKeyChanged as e:
                 return DestroyOutcome(iid, False, str(e), self._known_unverified(iid))
-            except (SSHError, SyncError) as e:
+            except (SSHError, SyncError, StageError) as e:
                 return DestroyOutcome(iid, False, f"cannot reach the instance to verify its files ({e}); "
                                                   "use --force to destroy anyway", self._known_unverified(iid))
             if lose:
@@ -204,7 +209,7 @@ class Fleet:
         else:
             try:
                 lose = self.unsynced(row)
-            except (SSHError, SyncError):
+            except (SSHError, SyncError, StageError):
                 lose = self._known_unverified(iid)
             store.add_event(self.db, f"FORCED destroy of instance {iid} by {getpass.getuser()} ({reason}); "
                             f"{len(lose)} file(s) without a verified local copy given up",
@@ -230,6 +235,27 @@ class Fleet:
                         kind="instance-destroyed", source="vast")
         return DestroyOutcome(iid, True, reason, lose if force else [], reports, force)
 
+    def is_ours(self, iid: int | str) -> bool:
+        """Whether this project created the instance (for a run)."""
+        return self.db.execute("SELECT 1 FROM instances WHERE id = ? AND run_id IS NOT NULL",
+                               [str(iid)]).fetchone() is not None
+
+    def discard(self, iid: int | str, reason: str) -> DestroyOutcome:
+        """Destroy an instance on which no trainer was ever started (a launch that failed
+        part way): it holds only copies of local files, so there is nothing to sync."""
+        iid = str(iid)
+        try:
+            self.provider.destroy(iid)
+        except ProviderError as e:
+            store.add_event(self.db, f"destroy of instance {iid} failed: {e}; it is still running (and billing)",
+                            instance_id=iid, kind="destroy-failed", level="error", source="vast")
+            return DestroyOutcome(iid, False, f"the provider refused the destroy: {e}")
+        self.ledger.destroyed(iid)
+        self.forget_remote(iid)
+        store.add_event(self.db, f"instance {iid} destroyed ({reason}); no trainer had started on it",
+                        instance_id=iid, kind="instance-destroyed", source="vast")
+        return DestroyOutcome(iid, True, reason)
+
     def kill_idle(self, force_ids: dict[str, str] | None = None) -> list[DestroyOutcome]:
         """Destroy the idle instances (module docstring's rule; ``force_ids``: id -> the id
         typed again, for instances to destroy even without verified copies)."""
@@ -254,7 +280,7 @@ class Fleet:
             st = self.stager(row)
             r = st.helper("heartbeats", posixpath.join(st.layout.root, "ctl"), timeout=60)
             times = [float(t) for t in json.loads(r.out).values() if t is not None]
-        except (SSHError, ValueError, TypeError, AttributeError):
+        except (SSHError, StageError, ValueError, TypeError, AttributeError):
             return None
         return max(times) if times else None
 
@@ -279,9 +305,7 @@ class Fleet:
 
     def sweep(self) -> list[dict]:
         """Instances the account has that the state store does not know (orphans)."""
-        rows = self.provider.instances()
-        known = {r[0] for r in self.db.execute("SELECT id FROM instances WHERE run_id IS NOT NULL").fetchall()}
-        return [r for r in rows if str(r["id"]) not in known]
+        return [r for r in self.provider.instances() if not self.is_ours(r["id"])]
 
     def close(self) -> None:
         for r in self._remotes.values():

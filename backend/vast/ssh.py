@@ -19,6 +19,7 @@ import shlex
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -148,7 +149,7 @@ class Remote:
         self.target, self.known, self.timeout, self.on_trust = target, known_hosts, timeout, on_trust
         self.client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
-        self.history: list[str] = []  # every command line sent (secrets scans look here)
+        self.history: deque[str] = deque(maxlen=1000)  # recent command lines sent (for audits and tests)
 
     def connect(self) -> "Remote":
         if self.client is not None and self.client.get_transport() and self.client.get_transport().is_active():

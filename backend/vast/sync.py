@@ -157,10 +157,7 @@ class SyncReport:
 def remote_entries(remote: Remote, python: str, helper: str, directory: str) -> list[Entry]:
     """Files under ``directory`` on the instance with their sizes and sha256 (computed there)."""
     r = remote.run([python, helper, "hash", directory], timeout=1800)
-    if r.rc != 0:
-        if "No such file" in r.err or "FileNotFoundError" in r.err:
-            return []
-        r.check("hashing on the instance")
+    r.check("hashing on the instance")  # a missing directory lists as []; any failure is an error
     try:
         return [Entry(e["name"], int(e["size"]), e["sha256"]) for e in json.loads(r.out or "[]")]
     except (ValueError, KeyError, TypeError):
@@ -181,7 +178,7 @@ class Syncer:
         return next(iter(self.db.query("SELECT * FROM artifacts WHERE owner_kind = 'run' AND run_id = ? AND name = ?",
                                        [run_id, name])), None)
 
-    def _record(self, run_id: str, e: Entry, state: str, instance_id: str | None, remote_path: str | None,
+    def record(self, run_id: str, e: Entry, state: str, instance_id: str | None, remote_path: str | None,
                 extra_locations: list[dict] = (), path: str | None = None) -> None:
         row = self._row(run_id, e.name)
         locations = []
@@ -307,17 +304,17 @@ class Syncer:
         for e in entries:
             rpath = posixpath.join(remote_dir, e.name)
             if self.cas.has(e.sha256):
-                self._record(run_id, e, "verified", instance_id, rpath)
+                self.record(run_id, e, "verified", instance_id, rpath)
                 rep.verified.append(e)
                 continue
-            self._record(run_id, e, "remote-only", instance_id, rpath)
+            self.record(run_id, e, "remote-only", instance_id, rpath)
             cur = e
             for attempt in range(1, self.attempts + 1):
-                self._record(run_id, cur, "transferring", instance_id, rpath)
+                self.record(run_id, cur, "transferring", instance_id, rpath)
                 try:
                     rep.bytes += self.pull(remote, rpath, cur)
                 except IntegrityError as err:
-                    self._record(run_id, cur, "remote-only", instance_id, rpath)
+                    self.record(run_id, cur, "remote-only", instance_id, rpath)
                     if attempt == self.attempts:
                         rep.failed.append((cur, str(err)))
                         break
@@ -331,19 +328,19 @@ class Syncer:
                         break
                     continue
                 except SyncError as err:
-                    self._record(run_id, cur, "remote-only", instance_id, rpath)
+                    self.record(run_id, cur, "remote-only", instance_id, rpath)
                     rep.failed.append((cur, str(err)))
                     break
                 rep.pulled.append(cur)
                 break
             if self.cas.has(cur.sha256):
-                self._record(run_id, cur, "verified", instance_id, rpath)
+                self.record(run_id, cur, "verified", instance_id, rpath)
                 rep.verified.append(cur)
         if self.mirror is not None:
             for e in rep.verified:
                 try:
                     if self.mirror.push(self.cas, e.sha256):
-                        self._record(run_id, e, "mirrored", None, None,
+                        self.record(run_id, e, "mirrored", None, None,
                                      [{"kind": "mirror", "path": self.mirror.blob_path(e.sha256),
                                        "host": str(self.mirror.remote.target)}])
                         rep.mirrored.append(e)

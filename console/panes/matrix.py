@@ -8,6 +8,7 @@ import sqlite_utils
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Static
 
@@ -41,7 +42,8 @@ class MatrixPane(Pane):
     help = ("Runs of every matrix in the store: script, mode, seed, status, progress, losses, "
             "test CER, how many of the nine bundle files exist and their sync state. The panel "
             "below follows the cursor: learning curve (train and validation CTC loss per epoch) "
-            "and the command that reproduces the run.")
+            "and the command that reproduces the run. l opens the run's live log.")
+    BINDINGS = [Binding("l", "logs", "Logs")]
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -102,3 +104,8 @@ class MatrixPane(Pane):
 
     def current(self) -> str | None:
         return selected_key(self.query_one("#matrix-table", DataTable))
+
+    def action_logs(self) -> None:
+        run_id = self.current()
+        if run_id is not None:
+            self.app.open_logs("run", run_id)  # type: ignore[attr-defined]
