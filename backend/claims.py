@@ -147,7 +147,8 @@ def judge(claim: Claim, runs: list[RunData], missing: list[tuple[str, str]], mat
     for name, sel in (("better", claim.better), ("than", claim.than)):
         s = sides[name]
         for rid, why in missing:
-            if rid in matrix_specs and sel.matches_spec(matrix_specs[rid]):
+            spec = matrix_specs.get(rid)
+            if spec and sel.matches_spec(spec) and not (spec.optional and why.startswith("not run yet")):
                 v.reasons.append(f"{rid} left out: {why}")
         if not s["runs"]:
             insufficient.append(f"no completed run for {s['label']}")

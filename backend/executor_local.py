@@ -11,9 +11,13 @@ Order of work, nothing written before step 2:
    run whose config changed is refused: completed runs are immutable.
 3. Sanity step: for each mode and each script still to train, one short run
    (``sanity.epochs`` epochs on ``sanity.subset``) under ``out_root/_sanity/``, whose bundle
-   must verify. Any failure stops the matrix before a full run starts. ``skip_sanity`` skips
-   it and is recorded (an event and every run's flags).
-4. Full runs, at most ``parallel`` at a time: ``python -m backend.cli train --config …``
+   must verify (two at a time on a multi-core machine). Any failure stops the matrix
+   before a full run starts. ``skip_sanity`` skips it and is recorded (an event and every
+   run's flags).
+4. Full runs, at most ``parallel`` at a time, each with cores / parallel torch threads
+   (on a busy 2-core machine, two torch threads per trainer made epochs erratic and often
+   many times slower than one):
+   ``python -m backend.cli train --config …``
    with stdout/stderr to ``out_root/_executor/<run_id>.out``. Every poll: new
    ``metrics.jsonl`` lines into ``metrics``, new output lines into ``events``, a heartbeat
    into ``runs``. Exit 0 + a verified bundle = completed; anything else = failed (with the
@@ -39,7 +43,7 @@ from typing import Callable
 
 from backend import store
 from backend.matrix import Identity, Matrix, MatrixError, RunSpec, config_sha256, load_matrix, resolve
-from backend.runs import BundleError, import_run, register_bundle, verify_bundle
+from backend.runs import BundleError, import_run, recorded_hashes, register_bundle, verify_bundle
 
 POLL_S = 1.0
 MAX_LOG_LINES_PER_POLL = 200
@@ -136,9 +140,9 @@ class LocalExecutor:
     def config_path(self, spec: RunSpec, sanity: bool = False) -> Path:
         return self.root / "_configs" / f"{spec.run_id}{'.sanity' if sanity else ''}.json"
 
-    def verify(self, d: Path, subset: bool = False):
+    def verify(self, d: Path, subset: bool = False, recorded: dict | None = None):
         return verify_bundle(d, self.ident.snapshot_sha256, self.ident.split_sha256, self.ident.recipe_hash,
-                             self.test_ids, subset=subset)
+                             self.test_ids, subset=subset, recorded=recorded)
 
     # ------------------------------------------------------------------ planning
 
@@ -168,7 +172,7 @@ class LocalExecutor:
                     done.append(RunResult(spec.run_id, "completed", "reused", str(d), b.results.get("test_cer")))
                 continue
             if row and row["status"] == "completed" and row["executor"] == "import" and row["out_dir"]:
-                b = self.verify(Path(row["out_dir"]))
+                b = self.verify(Path(row["out_dir"]), recorded=recorded_hashes(self.db, spec.run_id))
                 if b.ok:
                     done.append(RunResult(spec.run_id, "completed", "reused", row["out_dir"], b.results.get("test_cer")))
                     continue
@@ -200,7 +204,7 @@ class LocalExecutor:
 
     # ------------------------------------------------------------------ running
 
-    def launch(self, job: _Job) -> None:
+    def launch(self, job: _Job, slots: int | None = None) -> None:
         cfg_path = self.config_path(job.spec, job.sanity)
         _write_json(cfg_path, job.cfg)
         job.out_file = self.root / "_executor" / f"{job.spec.run_id}{'.sanity' if job.sanity else ''}.out"
@@ -208,7 +212,7 @@ class LocalExecutor:
         job.out_offset = job.out_file.stat().st_size if job.out_file.exists() else 0
         job.metrics_offset = 0  # re-read from the start: the trainer truncates metrics.jsonl on resume
         env = dict(os.environ)
-        threads = str(max(1, (os.cpu_count() or 1) // self.parallel))
+        threads = str(max(1, (os.cpu_count() or 1) // (slots or self.parallel)))  # no oversubscription
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env.setdefault(var, threads)
         cmd = [sys.executable, "-m", "backend.cli", "train", "--config", str(cfg_path)]
@@ -309,8 +313,9 @@ class LocalExecutor:
         store.set_run_status(self.db, job.db_id, "failed", error, finished_at=store.now(), error=error)
         return RunResult(job.spec.run_id, "failed", job.how, str(job.out_dir), error=error, wall_s=wall)
 
-    def execute(self, jobs: list[_Job]) -> list[RunResult]:
-        """Run ``jobs`` at most ``parallel`` at a time; results in job order."""
+    def execute(self, jobs: list[_Job], slots: int | None = None) -> list[RunResult]:
+        """Run ``jobs`` at most ``slots`` (default ``parallel``) at a time; results in job order."""
+        slots = slots or self.parallel
         pending, active, results = list(jobs), [], {}
         for job in jobs:
             store.set_run_status(self.db, job.db_id, "queued", job.how,
@@ -319,10 +324,10 @@ class LocalExecutor:
                                  out_dir=str(job.out_dir.resolve()), executor="local")
         try:
             while pending or active:
-                while pending and len(active) < self.parallel and self.stop_signal is None:
+                while pending and len(active) < slots and self.stop_signal is None:
                     job = pending.pop(0)
                     self.log(f"{job.db_id}: {'sanity run' if job.sanity else job.how} -> {job.out_dir}")
-                    self.launch(job)
+                    self.launch(job, slots)
                     active.append(job)
                 if self.stop_signal is not None:
                     for job in active:
@@ -372,7 +377,8 @@ class LocalExecutor:
         if todo:
             self.log(f"sanity step: {len(todo)} short run(s) ({self.m.sanity.epochs} epoch(s) on "
                      f"{self.m.sanity.subset.train}/{self.m.sanity.subset.val}/{self.m.sanity.subset.test} utterances)")
-        results = self.execute(todo)
+        # sanity runs are small: on a multi-core machine two share it even with --parallel 1
+        results = self.execute(todo, max(self.parallel, min(2, os.cpu_count() or 1)))
         ok = True
         for job, r in zip(todo, results):
             notes.append(f"{job.spec.script}/{job.spec.mode}: {r.status}" + (f" ({r.error})" if r.error else ""))

@@ -4,7 +4,7 @@ time / cost forecast. Read-only: it creates no state store and starts nothing.
 Forecast per run = epochs still to do × seconds per epoch, an upper bound (early stopping
 ends runs sooner). Seconds per epoch, first available of: the median ``epoch_time_s`` of
 this matrix's full runs in state.db; its sanity runs' median scaled by full / subset train
-utterances; the matrix's ``forecast.epoch_seconds``. Cost = GPU hours × ``forecast.usd_per_hour``.
+utterances; the matrix's ``forecast.epoch_seconds``. Cost = run-hours × ``forecast.usd_per_hour``.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def format_plan(p: Plan, with_optional: bool = False, parallel: int = 1) -> str:
     if p.epoch_seconds is None:
         out.append(f"  forecast, {scope}: {t['to_do']} of {t['runs']} to do; no time or cost forecast yet")
         return "\n".join(out)
-    out.append(f"  forecast, {scope}: {t['to_do']} of {t['runs']} to do, {t['gpu_hours']:.2f} GPU-hours "
+    out.append(f"  forecast, {scope}: {t['to_do']} of {t['runs']} to do, {t['gpu_hours']:.2f} run-hours "
                f"(upper bound: early stopping ends runs sooner); local wall time with --parallel {parallel}: "
                f"{t['wall_hours_local']:.2f} h")
     if t["usd_per_hour"]:

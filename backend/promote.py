@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from backend import store
-from backend.runs import verify_bundle
+from backend.runs import recorded_hashes, verify_bundle
 
 
 class PromoteError(ValueError):
@@ -36,7 +36,8 @@ def promotion_record(run_id: str, db) -> dict:
     if row["status"] != "completed" or not row["out_dir"]:
         raise PromoteError(f"run {run_id!r} is {row['status']}, not completed: only completed runs are promoted")
     d = Path(row["out_dir"])
-    b = verify_bundle(d, row["snapshot_sha256"], row["split_sha256"], row["recipe_hash"])
+    b = verify_bundle(d, row["snapshot_sha256"], row["split_sha256"], row["recipe_hash"],
+                      recorded=recorded_hashes(db, run_id))
     if not b.ok:
         raise PromoteError(f"run {run_id!r}: its bundle in {d} does not verify:\n  " + "\n  ".join(b.problems))
     r = b.results
@@ -55,6 +56,8 @@ def promotion_record(run_id: str, db) -> dict:
         "metrics": {k: r.get(k) for k in metric_keys if k in r},
         "metrics_by_partition": by_part,
         "manifest": {f["name"]: {"sha256": f["sha256"], "size": f["size"]} for f in b.files},
+        "manifest_source": {"verified": "the run's manifest.json", "recorded": "hashes recorded at import "
+                            "(the run has no manifest.json)"}[b.manifest],
         "environment": {k: r.get(k) for k in ("git_commit", "torch_version", "python_version", "device")},
         "config": r.get("config"),
     }

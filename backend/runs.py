@@ -34,7 +34,7 @@ class Bundle:
     results: dict = field(default_factory=dict)
     files: list[dict] = field(default_factory=list)  # name, path, sha256, size
     test_ids: list[str] = field(default_factory=list)
-    manifest: str = "verified"  # or "absent" (import with allow_no_manifest)
+    manifest: str = "verified"  # "absent" (import with allow_no_manifest), "recorded" (checked against state.db)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -92,11 +92,13 @@ def _read_jsonl(path: Path, problems: list[str], label: str) -> list[dict]:
 
 def verify_bundle(run_dir: str | Path, snapshot_sha256: str | None = None, split_sha256: str | None = None,
                   recipe_hash: str | None = None, test_ids: list[str] | None = None, subset: bool = False,
-                  allow_no_manifest: bool = False) -> Bundle:
+                  allow_no_manifest: bool = False, recorded: dict[str, dict] | None = None) -> Bundle:
     """Check a run directory; problems are collected on the result (``.raise_if_bad()``).
 
     ``test_ids``: the split's test ids the predictions must cover exactly (``subset``: a
-    non-empty subset of them, as a sanity run on a subset writes)."""
+    non-empty subset of them, as a sanity run on a subset writes). ``recorded``: for a run
+    imported without manifest.json, the hashes state.db recorded at import
+    (``recorded_hashes``), checked in its place."""
     from models.split import Split
 
     d = Path(run_dir)
@@ -111,35 +113,37 @@ def verify_bundle(run_dir: str | Path, snapshot_sha256: str | None = None, split
 
     # manifest: every bundle file listed, and each listed file as recorded
     actual = {n: {"sha256": sha256_file(d / n), "size": (d / n).stat().st_size} for n in present}
+    entries, source = None, "the manifest"
     if (d / MANIFEST).is_file():
         try:
             entries = _manifest_entries(json.loads((d / MANIFEST).read_text(encoding="utf-8")))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            entries = None
             b.problems.append(f"{MANIFEST}: not valid JSON ({e})")
-        if entries is None:
-            if not any(p.startswith(MANIFEST) for p in b.problems):
-                b.problems.append(f"{MANIFEST}: no 'files' listing")
-        else:
-            for n in present:
-                if n not in entries:
-                    b.problems.append(f"{MANIFEST}: does not list {n}")
-            for n, e in sorted(entries.items()):
-                p = d / n
-                if not p.is_file():
-                    b.problems.append(f"{MANIFEST}: lists {n}, which is missing")
-                    continue
-                got = actual.get(n) or {"sha256": sha256_file(p), "size": p.stat().st_size}
-                actual[n] = got
-                if e.get("sha256") != got["sha256"]:
-                    b.problems.append(f"{n}: sha256 {got['sha256'][:16]}… does not match the manifest "
-                                      f"({str(e.get('sha256'))[:16]}…): the file changed after the run completed")
-                elif e.get("size") is not None and e.get("size") != got["size"]:
-                    b.problems.append(f"{n}: size {got['size']} does not match the manifest ({e.get('size')})")
+        if entries is None and not any(p.startswith(MANIFEST) for p in b.problems):
+            b.problems.append(f"{MANIFEST}: no 'files' listing")
+    elif recorded is not None:
+        entries, source, b.manifest = {k: v for k, v in recorded.items() if k != MANIFEST}, "state.db's record", \
+            "recorded"
     elif allow_no_manifest:
         b.manifest = "absent"
     else:
         b.problems.append(f"missing file: {MANIFEST}")
+    if entries is not None:
+        for n in present:
+            if n not in entries:
+                b.problems.append(f"{source} does not list {n}")
+        for n, e in sorted(entries.items()):
+            p = d / n
+            if not p.is_file():
+                b.problems.append(f"{source} lists {n}, which is missing")
+                continue
+            got = actual.get(n) or {"sha256": sha256_file(p), "size": p.stat().st_size}
+            actual[n] = got
+            if e.get("sha256") != got["sha256"]:
+                b.problems.append(f"{n}: sha256 {got['sha256'][:16]}… does not match {source} "
+                                  f"({str(e.get('sha256'))[:16]}…): the file changed after the run completed")
+            elif e.get("size") is not None and e.get("size") != got["size"]:
+                b.problems.append(f"{n}: size {got['size']} does not match {source} ({e.get('size')})")
     b.files = [{"name": n, "path": str((d / n).resolve()), **actual[n]} for n in sorted(actual)]
     if (d / MANIFEST).is_file():
         b.files.append({"name": MANIFEST, "path": str((d / MANIFEST).resolve()),
@@ -261,6 +265,18 @@ def register_bundle(db, bundle: Bundle, run_id: str, executor: str, matrix_id: s
             db.conn.execute("INSERT OR IGNORE INTO splits(sha256, snapshot_sha256, seed, train, val, test) "
                             "VALUES (?,?,?,?,?,?)", (s.sha256, s.snapshot_sha256 or bundle.snapshot_sha256,
                                                      s.seed, len(s.train), len(s.val), len(s.test)))
+
+
+def recorded_hashes(db, run_id: str) -> dict[str, dict] | None:
+    """For a run imported without manifest.json: {name: {sha256, size}} as state.db recorded
+    them at import (verify_bundle's ``recorded``); None for every other run."""
+    from backend import store
+
+    row = store.get_run(db, run_id)
+    if not row or json.loads(row["flags"] or "{}").get("manifest") != "absent":
+        return None
+    return {a["name"]: {"sha256": a["sha256"], "size": a["size"]} for a in db.query(
+        "SELECT name, sha256, size FROM artifacts WHERE owner_kind = 'run' AND run_id = ?", [run_id])}
 
 
 def import_run(db, run_dir: str | Path, run_id: str | None = None, matrix=None, identity=None,

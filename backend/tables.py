@@ -25,7 +25,7 @@ import numpy as np
 
 from backend import stats
 from backend.matrix import Matrix, RunSpec, load_matrix
-from backend.runs import PARTITIONS, verify_bundle
+from backend.runs import PARTITIONS, recorded_hashes, verify_bundle
 
 SCRIPTS = ("nko", "latin")
 MODES = ("baseline", "trajectory", "tar", "ttt")
@@ -67,18 +67,20 @@ class RunData:
                 self.results.get("feature_recipe_hash"))
 
 
-def _run_dir(m: Matrix, spec: RunSpec, db) -> Path:
+def _run_dir(m: Matrix, spec: RunSpec, db) -> tuple[Path, dict | None]:
+    """The run's directory (imported runs live elsewhere) and, for a run imported without a
+    manifest, the hashes recorded at import."""
     if db is not None:
         row = next(iter(db.query("SELECT out_dir, status FROM runs WHERE id = ?", [spec.run_id])), None)
         if row and row["status"] == "completed" and row["out_dir"]:
-            return Path(row["out_dir"])
-    return m.out_dir(spec)
+            return Path(row["out_dir"]), recorded_hashes(db, spec.run_id)
+    return m.out_dir(spec), None
 
 
-def _load_run(spec: RunSpec, d: Path, m: Matrix) -> RunData:
+def _load_run(spec: RunSpec, d: Path, m: Matrix, recorded: dict | None = None) -> RunData:
     from models.text import row_edits, toneless
 
-    b = verify_bundle(d, m.snapshot_sha256, m.split_sha256, m.recipe_hash)
+    b = verify_bundle(d, m.snapshot_sha256, m.split_sha256, m.recipe_hash, recorded=recorded)
     if not b.ok:
         raise TablesError(b.problems[0] + (f" (and {len(b.problems) - 1} more)" if len(b.problems) > 1 else ""))
     for key, want in (("script", spec.script), ("mode", spec.mode), ("seed", spec.seed)):
@@ -130,12 +132,12 @@ def load_runs(m: Matrix, db_path: str | Path | None = None) -> tuple[list[RunDat
         db = open_db(db_path)
     loaded, missing = [], []
     for spec in m.runs:
-        d = _run_dir(m, spec, db)
+        d, recorded = _run_dir(m, spec, db)
         if not (d / "manifest.json").exists() and not (d / "results.json").exists():
             missing.append((spec.run_id, "not run yet" + (" (optional)" if spec.optional else "")))
             continue
         try:
-            rd = _load_run(spec, d, m)
+            rd = _load_run(spec, d, m, recorded)
         except (TablesError, ValueError, OSError, KeyError) as e:
             missing.append((spec.run_id, str(e)))
             continue

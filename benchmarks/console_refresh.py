@@ -1,6 +1,7 @@
 """Console refresh time on a large state.db (issue 8: < 100 ms).
 
-Builds a state.db with 1,000 runs (30 epochs of train/val loss each, nine bundle artifacts),
+Builds a state.db with 1,000 runs (30 epochs of train/val loss each, nine bundle artifacts,
+100 trainer log lines as events, a sync event for each Vast run, 5% of them failed),
 50 instances (100 cost samples each), 10,000 gate decisions (2,000 reviewed) and 20 adapter
 runs, then times, on a headless console (Textual ``run_test``):
 
@@ -10,7 +11,7 @@ runs, then times, on a headless console (Textual ``run_test``):
   hand-over to the UI thread, apply).
 
 Each for every pane on its own (what one poll tick does: status bar + the visible pane) and
-for all four panes at once; the first (cold, tables filled from empty) refresh is reported
+for all six panes at once; the first (cold, tables filled from empty) refresh is reported
 apart from the steady state (data unchanged) and from a refresh after one run changed.
 
     .venv/bin/python benchmarks/console_refresh.py [--repeats 20] [--db /tmp/console-bench.db]
@@ -76,6 +77,15 @@ def build(path: Path, runs: int = 1000, instances: int = 50, decisions: int = 10
                 "INSERT INTO cost_samples(instance_id, ts, dph_total, running_s, total_usd) VALUES (?, ?, ?, ?, ?)",
                 [(str(i), ts(NOW - 60 * (100 - k)), 0.5, 60.0 * k, 0.5 * k / 60) for k in range(100)])
         db.execute("INSERT INTO budgets(name, cap_usd, warn_usd, spent_usd) VALUES ('bundle', 100, 80, 40)")
+        db.conn.executemany(
+            "INSERT INTO events(run_id, source, kind, message) VALUES (?, 'trainer', 'log', ?)",
+            [(f"run-{r:04d}", f"epoch {e // 4} step {e} loss {3.0 / (e + 1):.4f}") for r in range(runs)
+             for e in range(100)])
+        db.conn.executemany(
+            "INSERT INTO events(run_id, instance_id, source, kind, level, message) VALUES (?, ?, 'vast', 'sync', ?, ?)",
+            [(f"run-{r:04d}", str(r % instances), lvl := ("error" if rng.random() < 0.05 else "info"),
+              f"sync from instance {r % instances}: " + ("1 NOT synced" if lvl == "error" else "9 verified"))
+             for r in range(1, runs, 2)])
         db.conn.executemany(
             "INSERT INTO gate_decisions(feat_id, run_id, partition, accepted, rules, edit_distance, policy_hash, "
             "witness, asr_text, proposal, reference_text) VALUES (?, ?, ?, ?, ?, ?, 'p', 'w', ?, ?, ?)",
@@ -166,7 +176,7 @@ def main() -> None:
             t0 = time.perf_counter()
             build(path)
             print(f"built {path} in {time.perf_counter() - t0:.1f} s "
-                  "(1,000 runs, 50 instances, 10,000 decisions)")
+                  "(1,000 runs, 100,000 log events, 50 instances, 10,000 decisions)")
         report = asyncio.run(bench(path, args.repeats))
     for name, samples in report.items():
         total, read, apply_ = zip(*samples)

@@ -107,6 +107,7 @@ class ConsoleApp(App):
         self.clock = clock
         self._db: sqlite_utils.Database | None = None
         self._lock = threading.Lock()
+        self._closed = False
         self.status: Status | None = None
         self.error = ""
         self._polling = False
@@ -146,6 +147,8 @@ class ConsoleApp(App):
         the status bar and return None instead of taking the console down."""
         try:
             with self._lock:
+                if self._closed:
+                    return None
                 if self._db is None:
                     self._db = open_db(self.db_path)
                 return fn(self._db, self.clock())
@@ -218,6 +221,7 @@ class ConsoleApp(App):
     def on_unmount(self) -> None:
         self.ops.close()
         with self._lock:
+            self._closed = True
             if self._db is not None:
                 self._db.conn.close()
                 self._db = None

@@ -223,7 +223,7 @@ class Ops:
             return fleet.sweep()
 
     def close(self) -> None:
-        if not self.lock.acquire(timeout=5):  # an action still runs in a worker: leave it be
+        if not self.lock.acquire(timeout=2):  # an action still runs in a worker: leave it be
             return
         try:
             if self._fleet is not None:

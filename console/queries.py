@@ -408,13 +408,13 @@ class LogSource:
 
 
 def log_sources(db: sqlite_utils.Database, limit: int = 300) -> list[LogSource]:
-    """What the Logs pane can follow: live instances, then runs (running first, newest first)."""
+    """What the Logs pane can follow: live instances, then runs (running first, then newest first)."""
     out = [LogSource("instance", str(iid), status or "?", run_id or label or "—") for iid, label, run_id, status in
            db.execute("SELECT id, label, run_id, actual_status FROM instances WHERE destroyed_at IS NULL "
                       "ORDER BY created_at, id").fetchall()]
     for rid, status, executor, iid in db.execute(
             "SELECT id, status, executor, instance_id FROM runs "
-            "ORDER BY status = 'running' DESC, coalesce(updated_at, created_at) DESC, id LIMIT ?", [limit]).fetchall():
+            "ORDER BY status = 'running' DESC, created_at DESC, id LIMIT ?", [limit]).fetchall():
         out.append(LogSource("run", rid, status, f"vast {iid}" if iid else (executor or "local")))
     return out
 
@@ -467,10 +467,8 @@ def tail_plan(db: sqlite_utils.Database, kind: str, source_id: str, history: int
     run_id = instance_id = None
     status = "?"
     if kind == "run":
-        run = next(iter(db.query("SELECT status, instance_id FROM runs WHERE id = ?", [source_id])), None)
-        if run is None:
-            raise ValueError(f"run {source_id!r} is not in state.db")
-        run_id, instance_id, status = source_id, run["instance_id"], run["status"]
+        run = next(iter(db.query("SELECT status, instance_id FROM runs WHERE id = ?", [source_id])), None) or {}
+        run_id, instance_id, status = source_id, run.get("instance_id"), run.get("status") or "not in state.db"
     else:
         instance_id = source_id
         run = next(iter(db.query("SELECT r.id FROM runs r WHERE r.instance_id = ? "

@@ -111,6 +111,18 @@ def usd(value: float | None) -> str:
     return "—" if value is None else f"${value:,.2f}"
 
 
+def nbytes(n: int | None) -> str:
+    if n is None:
+        return "—"
+    if n < 1024:
+        return f"{n} B"
+    for unit in ("KB", "MB", "GB"):
+        n /= 1024
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}"
+    return ""
+
+
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return "—"

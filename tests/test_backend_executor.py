@@ -126,7 +126,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.slow  # ~25 s on an idle 2-core machine, 80 s+ on a loaded one (four trainer starts)
 def test_killing_the_executor_mid_run_resumes_from_last_pt(tmp_path):
     runs = [{"run_id": "long", "script": "nko", "mode": "trajectory", "seed": 7}]
-    mpath = make_matrix(tmp_path, runs, epochs=10)
+    mpath = make_matrix(tmp_path, runs, epochs=40)
     dbp = tmp_path / "state.db"
     ex = subprocess.Popen([sys.executable, "-m", "backend.cli", "matrix", "run", str(mpath), "--db", str(dbp),
                            "--skip-sanity"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -137,9 +137,9 @@ def test_killing_the_executor_mid_run_resumes_from_last_pt(tmp_path):
             db = store.open_db(dbp)
             row = store.get_run(db, "long")
             db.close()
-            return row if row and row["pid"] and (row["epoch"] or 0) >= 3 else None
+            return row if row and row["pid"] and (row["epoch"] or 0) >= 2 else None
 
-        row = _wait(progressed, 240, "the run to pass epoch 3")
+        row = _wait(progressed, 240, "the run to pass epoch 2")
         trainer_pid = row["pid"]
         ex.send_signal(signal.SIGKILL)  # no chance to clean up
         ex.wait(30)
@@ -159,13 +159,13 @@ def test_killing_the_executor_mid_run_resumes_from_last_pt(tmp_path):
     msgs = [r["message"] for r in db.query("SELECT message FROM events WHERE run_id = 'long' AND kind = 'status' "
                                            "ORDER BY id")]
     assert any(m.startswith("running -> interrupted") for m in msgs)
-    assert [e for e, _ in store.curve(db, "long", "val_loss")] == list(range(1, 11))
+    assert [e for e, _ in store.curve(db, "long", "val_loss")] == list(range(1, 41))
     status = [json.loads(r["data"])["status"] for r in db.query(
         "SELECT data FROM events WHERE run_id = 'long' AND kind = 'trainer-status' ORDER BY id")]
     assert "resumed" in status and status[-1] == "complete"
 
     # the same run uninterrupted ends with the same bundle content
-    ref = make_matrix(tmp_path, runs, epochs=10, name="ref")
+    ref = make_matrix(tmp_path, runs, epochs=40, name="ref")
     (plain,) = run_matrix(ref, tmp_path / "ref.db", poll_s=0.2, skip_sanity=True, log=lambda s: None)
     a = json.loads((out / "results.json").read_text())
     b = json.loads((tmp_path / "runs-ref" / "long" / "results.json").read_text())

@@ -288,3 +288,39 @@ def test_runs_import_cli_and_promote(bundle, tmp_path):
         promote("nko-traj-s1", dbp, out)
     db = store.open_db(dbp)
     assert db.execute("SELECT count(*) FROM promotions").fetchone()[0] == 1
+
+
+def test_matrix_runs_satisfied_by_imports_including_one_without_manifest(bundle, tmp_path):
+    import shutil
+
+    from backend.executor_local import ExecutorError, run_matrix
+
+    bare = tmp_path / "published" / "nko-base-s1"  # like a run from before manifests existed
+    shutil.copytree(bundle["out"] / "nko-base-s1", bare)
+    (bare / "manifest.json").unlink()
+    raw = dict(bundle["raw"], out_root=str(tmp_path / "runs2"), reference_run="nko-traj-s1", runs=[
+        {"run_id": "nko-traj-s1", "script": "nko", "mode": "trajectory", "seed": 1,
+         "import_from": str(bundle["out"] / "nko-traj-s1")},
+        {"run_id": "nko-base-s1", "script": "nko", "mode": "baseline", "seed": 1, "import_from": str(bare)}])
+    mpath = tmp_path / "m2.json"
+    mpath.write_text(json.dumps(raw))
+    dbp = tmp_path / "state.db"
+    res = runner.invoke(app, ["runs", "import", str(bare), "--matrix", str(mpath), "--db", str(dbp)])
+    assert res.exit_code == 2 and "missing file: manifest.json" in res.output
+    res = runner.invoke(app, ["runs", "import", str(bare), "--matrix", str(mpath), "--db", str(dbp),
+                              "--allow-no-manifest"])
+    assert res.exit_code == 0 and "hashed (no manifest)" in res.output, res.output
+
+    results = run_matrix(mpath, dbp, log=lambda s: None)  # nothing to train: no trainer started
+    assert [(r.run_id, r.status, r.how) for r in results] == [("nko-traj-s1", "completed", "imported"),
+                                                             ("nko-base-s1", "completed", "reused")]
+    runs_csv = [p for p in write_tables(mpath, tmp_path / "rep", dbp) if p.name == "m-runs.csv"][0].read_text()
+    assert "nko-base-s1,nko,baseline,1,0.031250" in runs_csv and runs_csv.count(",imported,") == 2
+    rec = json.loads(promote("nko-base-s1", dbp, tmp_path / "promo").read_text())
+    assert rec["manifest_source"].startswith("hashes recorded at import") and "manifest.json" not in rec["manifest"]
+
+    (bare / "train.log").write_text("rewritten\n")  # the record catches a changed file
+    with pytest.raises(ExecutorError, match="no longer verifies.*train.log: sha256"):
+        run_matrix(mpath, dbp, log=lambda s: None)
+    md = write_tables(mpath, tmp_path / "rep", dbp)[0].read_text()
+    assert "`nko-base-s1`: train.log: sha256" in md and "state.db's record" in md

@@ -25,7 +25,7 @@ from textual.widgets import Button, Label, Static
 from console import queries
 from console.ops import Candidate, explain
 from console.queries import Budget, InstanceRow
-from console.widgets import Curve, EmptyState, Pane, Table, duration, selected_key, styled, usd
+from console.widgets import Curve, EmptyState, Pane, Table, duration, nbytes, selected_key, styled, usd
 
 COLUMNS = ("id", "label / run", "GPU", "$/h", "status", "uptime", "spend", "GPU util", "idle")
 EMPTY = ("No cloud instances recorded in this state.db. The Vast lane writes instances, cost "
@@ -65,11 +65,6 @@ def budget_bar(b: Budget | None, width: int = 40) -> Text:
     return text
 
 
-def size(n: int | None) -> str:
-    return "size unknown" if n is None else (f"{n} B" if n < 1024 else f"{n / 1024:.1f} KB" if n < 1 << 20
-                                            else f"{n / (1 << 20):.1f} MB")
-
-
 def candidate_text(c: Candidate) -> Text:
     """One instance in the confirm dialog: what it is, why, and what destroying it loses."""
     t = Text.assemble(("instance ", "dim"), (c.instance_id, "bold"), "  ", c.run_id or c.label or "(no run)", "  ",
@@ -87,7 +82,7 @@ def candidate_text(c: Candidate) -> Text:
         t.append(f"  ✓ all {c.files} file(s) on its disk are verified in the local store: nothing is lost\n",
                  style="green")
     for a in c.at_risk:
-        t.append(f"      {a.name}  ({size(a.size)})\n", style="red")
+        t.append(f"      {a.name}  ({'size unknown' if a.size is None else nbytes(a.size)})\n", style="red")
     return t
 
 
@@ -190,7 +185,8 @@ class ConfirmDestroyScreen(ModalScreen[list[Candidate] | None]):
     def _synced(self, fresh: list[Candidate], message: str, severity: str) -> None:
         self.busy = False
         self.app.notify(message, severity=severity, timeout=8)  # type: ignore[arg-type]
-        self.update_list(fresh)
+        if self.is_attached:  # not cancelled meanwhile
+            self.update_list(fresh)
 
 
 class OrphansScreen(ModalScreen[None]):

@@ -138,6 +138,8 @@ class LogsPane(Pane):
 
     def open(self, source: LogSource) -> None:
         """Start following ``source`` (the previous tail stops)."""
+        if self._timer is not None:
+            self._timer.stop()
         self.source = source
         self.lines.clear()
         self.unseen, self.mode, self.problem = 0, "connecting…", ""
@@ -186,29 +188,39 @@ class LogsPane(Pane):
         else:
             why = f" (no SSH: {config_error})" if config_error and p.ssh_host else ""
             mode = "events in state.db" + why
-        app.call_from_thread(self._started, source, mode, [Line.of(e) for e in p.history])
+
+        def post(fn, *args) -> bool:
+            try:
+                app.call_from_thread(fn, *args)
+                return True
+            except RuntimeError:  # the app is closing
+                return False
+
+        if not post(self._started, source, mode, [Line.of(e) for e in p.history]):
+            return
         last_event, next_events, backoff, retry_at = p.last_event_id, 0.0, SSH_POLL_S, 0.0
         try:
             while not worker.is_cancelled:
                 now = time.monotonic()
                 if remote is not None and now >= retry_at:
+                    retry_at = now + SSH_POLL_S
                     try:
                         lines = tail.lines(remote)
-                        if lines:
-                            app.call_from_thread(self._append, source, [Line(x) for x in lines])
+                        if lines and not post(self._append, source, [Line(x) for x in lines]):
+                            break
                         if self.problem:
-                            app.call_from_thread(self._trouble, source, "")
+                            post(self._trouble, source, "")
                         backoff = SSH_POLL_S
                     except HostKeyChanged as e:
-                        app.call_from_thread(self._trouble, source, str(e))
+                        post(self._trouble, source, str(e))
                         remote.close()
                         remote = None  # never retried: a changed host key needs a person
                     except SSHError as e:
                         backoff = min(max(backoff * 2, 1.0), 30.0)
                         retry_at = now + backoff
                         remote.close()
-                        app.call_from_thread(self._trouble, source, f"{e}; retrying in {backoff:.0f} s")
-                if now >= next_events:
+                        post(self._trouble, source, f"{e}; retrying in {backoff:.0f} s")
+                if now >= next_events and not worker.is_cancelled:
                     next_events = now + EVENTS_POLL_S
                     events = app.read(lambda db, _: queries.new_events(db, p.run_id, p.instance_id, last_event))
                     if events:
@@ -216,8 +228,8 @@ class LogsPane(Pane):
                         # Over SSH the trainer's lines come from the file itself; the lane stores
                         # the same lines as 'log' events later, which would show them twice.
                         shown = [Line.of(e) for e in events if not (remote is not None and e.kind == "log")]
-                        if shown:
-                            app.call_from_thread(self._append, source, shown)
+                        if shown and not post(self._append, source, shown):
+                            break
                 time.sleep(0.05)
         finally:
             if remote is not None:

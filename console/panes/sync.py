@@ -16,7 +16,7 @@ from textual.widgets import DataTable, Static
 from console import queries
 from console.ops import explain
 from console.queries import ArtifactRow, LogEvent, SyncRunRow
-from console.widgets import EmptyState, Pane, Table, selected_key, styled
+from console.widgets import EmptyState, Pane, Table, nbytes, selected_key, styled
 
 RUN_COLUMNS = ("run", "status", "instance", "files", "size", "sync")
 ARTIFACT_COLUMNS = ("file", "state", "size", "sha256", "copies", "verified at")
@@ -32,22 +32,12 @@ class SyncData:
     last_sync: LogEvent | None
 
 
-def size(n: int | None) -> str:
-    if n is None:
-        return "—"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def run_cells(r: SyncRunRow) -> tuple:
-    return (r.run_id, styled(r.status), r.instance_id or "—", str(r.files), size(r.bytes), styled(r.sync))
+    return (r.run_id, styled(r.status), r.instance_id or "—", str(r.files), nbytes(r.bytes), styled(r.sync))
 
 
 def artifact_cells(a: ArtifactRow) -> tuple:
-    return (a.name, styled(a.state), size(a.size), a.sha256[:16] or "—", ", ".join(a.locations) or "—",
+    return (a.name, styled(a.state), nbytes(a.size), a.sha256[:16] or "—", ", ".join(a.locations) or "—",
             a.verified_at or "—")
 
 
