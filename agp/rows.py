@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from models.jsonl import iter_objects
 from models.text import normalize, row_edits
 
 PARTITIONS = ("stable", "boundary", "uncertain", "novelty")
@@ -145,29 +146,24 @@ def load_rows(path: Path | str, script: str | None = None) -> list[Row]:
     rows: list[Row] = []
     problems: list[str] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path.name}:line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{where}: not JSON ({e.msg})")
-                continue
-            row, errs = parse_row(obj, where)
-            if errs:
-                problems.extend(errs)
-                continue
-            assert row is not None
-            if row.feat_id in seen:
-                problems.append(f"{where}: field 'feat_id': duplicate {row.feat_id!r} (first on line {seen[row.feat_id]})")
-                continue
-            if script is not None and row.script != script:
-                problems.append(f"{where}: field 'script': this lane needs {script!r} rows; got {row.script!r}")
-                continue
-            seen[row.feat_id] = lineno
-            rows.append(row)
+    for lineno, obj, problem in iter_objects(path):
+        where = f"{path.name}:line {lineno}"
+        if problem:
+            problems.append(f"{where}: {problem}")
+            continue
+        row, errs = parse_row(obj, where)
+        if errs:
+            problems.extend(errs)
+            continue
+        assert row is not None
+        if row.feat_id in seen:
+            problems.append(f"{where}: field 'feat_id': duplicate {row.feat_id!r} (first on line {seen[row.feat_id]})")
+            continue
+        if script is not None and row.script != script:
+            problems.append(f"{where}: field 'script': this lane needs {script!r} rows; got {row.script!r}")
+            continue
+        seen[row.feat_id] = lineno
+        rows.append(row)
     if problems:
         raise RowError(str(path), problems)
     return rows
@@ -221,30 +217,22 @@ def read_jsonl(path: Path | str, required: dict[str, type | tuple[type, ...]]) -
     if not path.exists():
         raise FileNotFoundError(f"file not found: {path}")
     out, problems = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path.name}:line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{where}: not JSON ({e.msg})")
-                continue
-            if not isinstance(obj, dict):
-                problems.append(f"{where}: not a JSON object")
-                continue
-            ok = True
-            for name, typ in required.items():
-                if name not in obj:
-                    problems.append(f"{where}: field '{name}': missing")
-                    ok = False
-                elif not isinstance(obj[name], typ) or (typ is int and isinstance(obj[name], bool)):
-                    problems.append(f"{where}: field '{name}': wrong type {type(obj[name]).__name__}")
-                    ok = False
-            if ok:
-                obj["_line"] = lineno
-                out.append(obj)
+    for lineno, obj, problem in iter_objects(path):
+        where = f"{path.name}:line {lineno}"
+        if problem:
+            problems.append(f"{where}: {problem}")
+            continue
+        ok = True
+        for name, typ in required.items():
+            if name not in obj:
+                problems.append(f"{where}: field '{name}': missing")
+                ok = False
+            elif not isinstance(obj[name], typ) or (typ is int and isinstance(obj[name], bool)):
+                problems.append(f"{where}: field '{name}': wrong type {type(obj[name]).__name__}")
+                ok = False
+        if ok:
+            obj["_line"] = lineno
+            out.append(obj)
     if problems:
         raise RowError(str(path), problems)
     return out

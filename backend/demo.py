@@ -1,84 +1,94 @@
 """`nko-ops demo`: the main job on the embedded sample corpus.
 
 Steps: check the sample snapshot, make the split, extract log-mel features, run the demo
-matrix on the local executor (sanity step first), write tables/figures/claims, run the
-offline AGP lane (lexicon proposer + gate + eval) on the N'Ko rows. Reruns reuse
-everything already built."""
+matrix on the local executor (sanity step first), write tables, figures and claims, then
+run the offline AGP lane (lexicon proposer + gate + eval) on the N'Ko rows. Everything
+lands in state.db and under work/demo and reports/; reruns reuse what is already built.
+"""
 
 from __future__ import annotations
 
-import json
+import os
 import time
 from pathlib import Path
 
 from rich.console import Console
 
+REPO = Path(__file__).resolve().parents[1]
 SAMPLE = Path("data/sample")
 MATRIX = Path("configs/matrix/demo.json")
 CLAIMS = Path("configs/claims.toml")
+REPORTS = Path("reports")
 
 
-def _matrix_paths(matrix_path: Path) -> dict:
-    data = json.loads(matrix_path.read_text(encoding="utf-8"))
-    return data
-
-
-def run_demo(workdir: str = "work/demo", db: str = "state.db") -> int:
-    console = Console()
+def run_demo(db: str = "state.db", parallel: int = 2) -> int:
+    console = Console(soft_wrap=True)
+    db_path = Path(db).resolve()
+    os.chdir(REPO)  # the demo matrix names its paths relative to the repository
     t0 = time.time()
-    work = Path(workdir)
-    work.mkdir(parents=True, exist_ok=True)
 
-    from models.snapshot import describe
+    from backend.matrix import load_matrix
+    from models.snapshot import describe, load
+    from models.split import Split, make_split
+
+    m = load_matrix(MATRIX)
 
     console.rule("1. sample snapshot")
     info = describe(SAMPLE)
     console.print(f"{info['rows']} rows, sha256 {info['sha256'][:16]}…, ok={info['ok']}")
     if not info["ok"]:
-        console.print("[red]the sample snapshot is broken; run `nko-ops snapshot describe data/sample`")
+        console.print("[red]the sample snapshot is broken: run `nko-ops snapshot describe data/sample`")
         return 1
 
-    console.rule("2. split")
-    from models.snapshot import load
-    from models.split import Split, make_split
-
-    split_path = work / "split.json"
+    console.rule("2. split (seed 42, 80/10/10)")
+    split_path = Path(m.split)
     snap = load(SAMPLE)
     split = make_split(snap.feat_ids, seed=42, snapshot_sha256=snap.sha256)
     if split_path.exists() and Split.load(split_path).sha256 == split.sha256:
         console.print(f"reusing {split_path}")
     else:
+        split_path.parent.mkdir(parents=True, exist_ok=True)
         split.save(split_path)
     console.print(f"{split.sizes()} sha256 {split.sha256[:16]}…")
 
-    console.rule("3. features (log-mel recipe)")
+    console.rule("3. features (log-mel recipe, 50 frames/s)")
     from models.features import extract
 
-    features_dir = work / "features"
-    extract(SAMPLE, features_dir, "log-mel")
+    extract(SAMPLE, Path(m.features), "log-mel", subsample=2)
 
-    console.rule("4. demo matrix (local executor)")
+    console.rule(f"4. demo matrix on the local executor (parallel {parallel})")
     from backend.executor_local import run_matrix
 
-    results = run_matrix(MATRIX, db, executor="local", parallel=1)
-    failed = [r for r in results if getattr(r, "status", r.get("status") if isinstance(r, dict) else None) != "completed"]
+    results = run_matrix(MATRIX, db_path, executor="local", parallel=parallel, log=console.print)
+    for r in results:
+        console.print(str(r))
+    failed = [r for r in results if r.status != "completed"]
 
     console.rule("5. tables, figures, claims")
     from backend.claims import check_claims
     from backend.tables import write_tables
 
-    reports = Path("reports")
-    written = write_tables(MATRIX, reports, db)
-    verdicts = check_claims(CLAIMS, MATRIX, db)
-    for v in verdicts:
-        console.print(str(v))
+    written = write_tables(MATRIX, REPORTS, db_path)
+    console.print("wrote " + ", ".join(str(p) for p in written))
+    verdicts = check_claims(CLAIMS, MATRIX, db_path)
+    claims_text = "\n".join(str(v) for v in verdicts) + "\n"
+    (REPORTS / "claims.txt").write_text(claims_text, encoding="utf-8")
+    console.print(claims_text)
 
-    console.rule("6. AGP lane: lexicon proposer + gate + eval on N'Ko rows")
+    console.rule("6. AGP lane: lexicon proposer + gate + eval on the N'Ko test rows")
+    from agp.evaluate import format_table
     from agp.pipeline import run_demo_lane
 
-    summary = run_demo_lane(MATRIX, split_path, SAMPLE, reports / "agp", db)
-    console.print(summary)
+    lanes = run_demo_lane(MATRIX, split_path, SAMPLE, REPORTS / "agp", db_path)
+    for run_id, summary in lanes.items():
+        console.print(f"[bold]{run_id}[/bold]")
+        console.print(format_table(summary), markup=False)
 
     console.rule("done")
-    console.print(f"finished in {time.time() - t0:.0f} s; state in {db}, reports in {reports}/, runs under {work}/runs")
+    console.print(f"finished in {time.time() - t0:.0f} s")
+    console.print(f"state:   {db_path}  (browse it with `nko-ops console --db {db_path}`)")
+    console.print(f"runs:    {REPO / m.out_root}")
+    console.print(f"reports: {REPO / REPORTS} (tables.md, tables.tex, *.csv, figures, claims.txt, agp/)")
+    if failed:
+        console.print(f"[red]{len(failed)} run(s) did not complete: " + ", ".join(r.run_id for r in failed))
     return 1 if failed else 0

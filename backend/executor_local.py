@@ -460,6 +460,33 @@ def write_agp_dumps(m: Matrix, db) -> Path | None:
     return path
 
 
+def sanity_gate(ex: "LocalExecutor", db, m: Matrix, jobs: list[_Job], skip_sanity: bool,
+                log: Callable[[str], None], nothing_started: str = "full runs not started") -> list[RunResult] | None:
+    """Run the sanity step for ``jobs`` (or record that it was skipped by request) and mark
+    each job's flags. Returns the blocked results when it failed, else None."""
+    if skip_sanity:
+        store.add_event(db, f"sanity step skipped by request for {len(jobs)} run(s)", kind="sanity",
+                        level="warning", source="executor",
+                        data={"matrix_id": m.matrix_id, "runs": [j.spec.run_id for j in jobs]})
+        log("sanity step SKIPPED (recorded in state.db)")
+    else:
+        ok, notes = ex.sanity(jobs)
+        store.add_event(db, "sanity step " + ("passed" if ok else "FAILED") + ": " + "; ".join(notes),
+                        kind="sanity", level="info" if ok else "error", source="executor",
+                        data={"matrix_id": m.matrix_id, "ok": ok, "notes": notes})
+        for n in notes:
+            log(f"sanity {n}")
+        if not ok:
+            msg = f"sanity step failed; {nothing_started}" if ex.stop_signal is None else "stopped"
+            return [RunResult(j.spec.run_id, "blocked", "not started", str(j.out_dir), error=msg) for j in jobs]
+    for job in jobs:
+        row = store.get_run(db, job.db_id)
+        flags = json.loads(row["flags"]) if row and row["flags"] else {}
+        flags["sanity"] = "skipped" if skip_sanity else "passed"
+        store.upsert_run(db, job.db_id, flags=flags)
+    return None
+
+
 def run_matrix(matrix_path: str | Path, db_path: str | Path = "state.db", executor: str = "local",
                parallel: int = 1, skip_sanity: bool = False, with_optional: bool = False,
                only: list[str] | None = None, poll_s: float = POLL_S,
@@ -506,28 +533,9 @@ def run_matrix(matrix_path: str | Path, db_path: str | Path = "state.db", execut
                 previous[sig] = signal.signal(sig, lambda s, f: setattr(ex, "stop_signal", s))
         try:
             if jobs:
-                sanity = "skipped" if skip_sanity else "passed"
-                if skip_sanity:
-                    store.add_event(db, f"sanity step skipped by request for {len(jobs)} run(s)", kind="sanity",
-                                    level="warning", source="executor",
-                                    data={"matrix_id": m.matrix_id, "runs": [j.spec.run_id for j in jobs]})
-                    log("sanity step SKIPPED (recorded in state.db)")
-                else:
-                    ok, notes = ex.sanity(jobs)
-                    store.add_event(db, "sanity step " + ("passed" if ok else "FAILED") + ": " + "; ".join(notes),
-                                    kind="sanity", level="info" if ok else "error", source="executor",
-                                    data={"matrix_id": m.matrix_id, "ok": ok, "notes": notes})
-                    for n in notes:
-                        log(f"sanity {n}")
-                    if not ok:
-                        msg = "sanity step failed; full runs not started" if ex.stop_signal is None else "stopped"
-                        return done + [RunResult(j.spec.run_id, "blocked", "not started", str(j.out_dir), error=msg)
-                                       for j in jobs]
-                for job in jobs:
-                    row = store.get_run(db, job.db_id)
-                    flags = json.loads(row["flags"]) if row and row["flags"] else {}
-                    flags["sanity"] = sanity
-                    store.upsert_run(db, job.db_id, flags=flags)
+                blocked = sanity_gate(ex, db, m, jobs, skip_sanity, log)
+                if blocked is not None:
+                    return done + blocked
                 done += ex.execute(jobs)
         finally:
             for sig, handler in previous.items():

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from models.jsonl import iter_objects
 from models.snapshot import sha256_file
 
 BUNDLE_FILES = ("results.json", "train.log", "run.log", "split.json", "vocab.json", "best.pt",
@@ -74,18 +75,10 @@ def _manifest_entries(data: object) -> dict[str, dict] | None:
 
 def _read_jsonl(path: Path, problems: list[str], label: str) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{label} line {lineno}: not JSON ({e.msg})")
-                continue
-            if not isinstance(row, dict):
-                problems.append(f"{label} line {lineno}: not a JSON object")
-                continue
+    for lineno, row, problem in iter_objects(path):
+        if problem:
+            problems.append(f"{label} line {lineno}: {problem}")
+        else:
             rows.append(row)
     return rows
 

@@ -1,4 +1,4 @@
-"""Run configuration: one JSON file per training run (docs/HELPERS.md "Run config").
+"""Run configuration: one JSON file per training run (README "Acoustic model and trainer").
 
 Every section forbids unknown keys, so a typo is an error, not a silently ignored setting.
 Relative paths are resolved against the directory the command runs in.

@@ -5,11 +5,11 @@ for audio, ``audio/<feat_id>.<ext>`` (or a row field ``"audio"`` relative to the
 from __future__ import annotations
 
 import hashlib
-import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from models.jsonl import iter_objects
 from models.text import nko_offences
 
 PAIRS_FILE = "pairs.jsonl"
@@ -79,32 +79,24 @@ def load(path: Path, strict: bool = True) -> Snapshot:
     if not file.exists():
         raise SnapshotError(f"snapshot file not found: {file}")
     rows, problems, seen = [], [], {}
-    with open(file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(Problem(lineno, None, f"not JSON ({e.msg})"))
-                continue
-            if not isinstance(row, dict):
-                problems.append(Problem(lineno, None, "not a JSON object"))
-                continue
-            fid = row.get("feat_id")
-            if not isinstance(fid, str) or not fid:
-                problems.append(Problem(lineno, None, "field 'feat_id' missing or not a string"))
-                continue
-            for key in ("nko", "latin"):
-                if not isinstance(row.get(key), str):
-                    problems.append(Problem(lineno, fid, f"field '{key}' missing or not a string"))
-                elif not row[key].strip():
-                    problems.append(Problem(lineno, fid, f"field '{key}' is empty"))
-            if fid in seen:
-                problems.append(Problem(lineno, fid, f"duplicate feat_id (first on line {seen[fid]})"))
-                continue
-            seen[fid] = lineno
-            rows.append(row)
+    for lineno, row, problem in iter_objects(file):
+        if problem:
+            problems.append(Problem(lineno, None, problem))
+            continue
+        fid = row.get("feat_id")
+        if not isinstance(fid, str) or not fid:
+            problems.append(Problem(lineno, None, "field 'feat_id' missing or not a string"))
+            continue
+        for key in ("nko", "latin"):
+            if not isinstance(row.get(key), str):
+                problems.append(Problem(lineno, fid, f"field '{key}' missing or not a string"))
+            elif not row[key].strip():
+                problems.append(Problem(lineno, fid, f"field '{key}' is empty"))
+        if fid in seen:
+            problems.append(Problem(lineno, fid, f"duplicate feat_id (first on line {seen[fid]})"))
+            continue
+        seen[fid] = lineno
+        rows.append(row)
     snap = Snapshot(file, sha256_file(file), rows, problems)
     if strict and problems:
         shown = "\n".join(f"  {p}" for p in problems[:20])

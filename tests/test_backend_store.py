@@ -25,7 +25,7 @@ def test_fresh_store_has_schema_version_wal_and_contract_tables(tmp_path):
     for table in ("snapshots", "splits", "runs", "events", "metrics", "artifacts", "instances", "cost_samples",
                   "budgets", "adapter_runs", "adapter_metrics", "proposals", "gate_decisions", "reviews"):
         assert table in db.table_names(), table
-    # the AGP lane's columns, exactly as docs/HELPERS.md lists them
+    # the AGP lane's columns, as agp/records.py writes them
     assert {"id", "feat_id", "run_id", "proposer", "proposal", "created_at"} <= set(db["proposals"].columns_dict)
     assert {"id", "feat_id", "run_id", "proposal_id", "partition", "accepted", "rules", "edit_distance", "policy_hash",
             "witness", "asr_text", "proposal", "reference_text", "created_at"} <= set(db["gate_decisions"].columns_dict)

@@ -165,46 +165,18 @@ def test_preflight_unreachable_peer(fx, tmp_path):
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
-    sshd_bin = shutil.which("sshd") or "/usr/sbin/sshd"
-    if not Path(sshd_bin).exists() or not shutil.which("ssh-keygen"):
-        pytest.skip("OpenSSH sshd not installed")
-    d = tmp_path_factory.mktemp("sshd")
-    for key in ("host_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
-    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
-    (d / "authorized_keys").chmod(0o600)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead_port = s.getsockname()[1]
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nPidFile {d / 'sshd.pid'}\n"
-        f"AuthorizedKeysFile {d / 'authorized_keys'}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-        "UsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\n")
-    if os.geteuid() == 0:
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
-    proc = subprocess.Popen([sshd_bin, "-D", "-e", "-f", str(d / "sshd_config")], stderr=open(d / "sshd.log", "w"))
-    common = (f"  HostName 127.0.0.1\n  User {getpass.getuser()}\n  IdentityFile {d / 'client_key'}\n"
+    """An ssh_config whose aliases thunder-a/thunder-b reach a real sshd on 127.0.0.1 and
+    thunder-dead a port nobody listens on."""
+    from vast_helpers import _start_sshd, free_port
+
+    d = tmp_path_factory.mktemp("thunder-sshd")
+    server = _start_sshd(d / "sshd")
+    common = (f"  HostName 127.0.0.1\n  User {getpass.getuser()}\n  IdentityFile {server.client_key}\n"
               "  IdentitiesOnly yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n")
-    (d / "ssh_config").write_text(f"Host thunder-a thunder-b\n  Port {port}\n{common}"
-                                  f"Host thunder-dead\n  Port {dead_port}\n{common}")
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        ok = subprocess.run(["ssh", "-F", str(d / "ssh_config"), "-o", "BatchMode=yes", "thunder-a", "true"],
-                            capture_output=True).returncode == 0
-        if ok:
-            break
-        if proc.poll() is not None:
-            pytest.skip(f"sshd did not start: {(d / 'sshd.log').read_text()[-500:]}")
-        time.sleep(0.3)
-    else:
-        proc.terminate()
-        pytest.skip(f"sshd not reachable: {(d / 'sshd.log').read_text()[-500:]}")
+    (d / "ssh_config").write_text(f"Host thunder-a thunder-b\n  Port {server.port}\n{common}"
+                                  f"Host thunder-dead\n  Port {free_port()}\n{common}")
     yield d / "ssh_config"
-    proc.terminate()
-    proc.wait(10)
+    server.stop()
 
 
 @pytest.mark.sshd

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from backend import store
-from backend.executor_local import (ExecutorError, LocalExecutor, RunResult, _Job, _lock, load_and_resolve,
+from backend.executor_local import (ExecutorError, LocalExecutor, RunResult, _Job, _lock, load_and_resolve, sanity_gate,
                                     register_matrix, threading_main, write_agp_dumps)
 from backend.matrix import config_sha256
 from backend.runs import register_bundle
@@ -388,24 +388,9 @@ def run_matrix_vast(matrix_path: str | Path, db_path: str | Path = "state.db", p
             log(f"{r.run_id}: {r.how} ({r.out_dir})")
         if not jobs:
             return _ordered(done, specs)
-        if skip_sanity:
-            store.add_event(db, f"sanity step skipped by request for {len(jobs)} run(s)", kind="sanity",
-                            level="warning", source="executor",
-                            data={"matrix_id": m.matrix_id, "runs": [j.spec.run_id for j in jobs]})
-            log("sanity step SKIPPED (recorded in state.db)")
-        else:
-            ok, notes = ex.sanity(jobs)
-            store.add_event(db, "sanity step (local) " + ("passed" if ok else "FAILED") + ": " + "; ".join(notes),
-                            kind="sanity", level="info" if ok else "error", source="executor",
-                            data={"matrix_id": m.matrix_id, "ok": ok, "notes": notes})
-            if not ok:
-                return _ordered(done + [RunResult(j.spec.run_id, "blocked", "not started", str(j.out_dir),
-                                                  error="sanity step failed; nothing rented") for j in jobs], specs)
-        for job in jobs:
-            row = store.get_run(db, job.db_id)
-            flags = json.loads(row["flags"]) if row and row["flags"] else {}
-            flags["sanity"] = "skipped" if skip_sanity else "passed"
-            store.upsert_run(db, job.db_id, flags=flags)
+        blocked = sanity_gate(ex, db, m, jobs, skip_sanity, log, nothing_started="nothing rented")
+        if blocked is not None:
+            return _ordered(done + blocked, specs)
         wheel = rmt.build_wheel(settings.dist_dir)
         runs = [VastRun(fleet, job, ex, m.matrix_id, wheel, log) for job in jobs]
         done += _drive(fleet, runs, parallel, min(poll_s, budget.poll_interval_s), log)
