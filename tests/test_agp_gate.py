@@ -115,7 +115,8 @@ def adversarial(draw):
 @given(adversarial())
 def test_fuzz_no_exception_and_no_accepted_violation(case):
     row, proposal = case
-    check(row, proposal)
+    decision = check(row, proposal)  # check() asserts every invariant of the decision
+    assert not decision.accepted or violations(row, decision) == []
 
 
 def test_random_mutations_hit_both_outcomes():
