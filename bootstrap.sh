@@ -17,6 +17,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # torch first, pinned: pip finds the CPU wheel on local disk here; elsewhere it comes from PyPI.
-.venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import torch, whisper, models.text" # fail loudly if the install did not work
+quiet() { grep -v "^WARNING: Location" || true; }  # pip's notes about absent local indexes
+.venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | quiet
+.venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | quiet
+.venv/bin/python -c "import torch, whisper, mlx.core, mlx_lm, textual, vastai, models.text"
