@@ -24,7 +24,9 @@ def record_decisions(db: sqlite_utils.Database, run_id: str | None, proposals: S
                      decisions: Sequence[Decision], references: dict[str, str]) -> list[int]:
     """Insert each proposal (as submitted) and its decision, linked, in one transaction.
     ``proposals[i]`` (``feat_id``, ``proposal``, optional ``proposer``) produced ``decisions[i]``.
-    The reference is stored beside the decision for reviewers; the gate never read it."""
+    The reference is stored beside the decision for reviewers; the gate never read it.
+    A decision already recorded for the same run and row with the same witness (so the same
+    policy and proposal) is not stored again: its id is returned, and reruns keep their reviews."""
     if len(proposals) != len(decisions):
         raise ValueError(f"{len(proposals)} proposals but {len(decisions)} decisions")
     ids = []
@@ -33,6 +35,11 @@ def record_decisions(db: sqlite_utils.Database, run_id: str | None, proposals: S
         for p, d in zip(proposals, decisions):
             if p["feat_id"] != d.feat_id:
                 raise ValueError(f"proposal for {p['feat_id']!r} paired with decision for {d.feat_id!r}")
+            known = conn.execute("SELECT id FROM gate_decisions WHERE run_id IS ? AND feat_id = ? AND witness = ?",
+                                 (run_id, d.feat_id, d.witness)).fetchone()
+            if known:
+                ids.append(known[0])
+                continue
             cur = conn.execute("INSERT INTO proposals(feat_id, run_id, proposer, proposal) VALUES (?,?,?,?)",
                                (p["feat_id"], run_id, p.get("proposer") or "file", p["proposal"]))
             cur = conn.execute(

@@ -102,6 +102,10 @@ def test_decisions_and_reviews_in_state_db(tmp_path):
     assert stored["feat_id"] == "A" and stored["accepted"] == 1 and json.loads(stored["rules"]) == []
     assert stored["policy_hash"] == gate.policy_hash and stored["witness"] == decisions[0].witness
     assert db["proposals"].get(stored["proposal_id"])["proposer"] == "oracle-test"
+    again = record_decisions(db, "run1", proposals, decisions, {r.feat_id: r.reference_text for r in ROWS})
+    assert again == ids and db["gate_decisions"].count == 6  # a rerun adds nothing
+    other_run = record_decisions(db, "run2", proposals[:1], decisions[:1], {})
+    assert other_run[0] not in ids and db["gate_decisions"].count == 7
 
     rid = add_review(db, ids[0], "agree", reviewer="ana")
     add_review(db, ids[5], "override", note="tone-only repair on a novelty row is fine", reviewer="ana")
