@@ -18,7 +18,6 @@ import os
 import re
 import secrets
 import stat
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from rapidfuzz.distance import Levenshtein
 
 from agp.lexicon import Lexicon
 from agp.rows import PARTITIONS, Row, normalize
+from models.tomlfile import read_toml
 
 DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "configs" / "agp" / "gate.toml"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -118,13 +118,7 @@ def parse_gate_policy(data: dict, path: str = "") -> GatePolicy:
 
 def load_gate_policy(path: Path | str | None = None) -> GatePolicy:
     path = Path(path) if path else DEFAULT_POLICY
-    if not path.exists():
-        raise FileNotFoundError(f"gate policy not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise GateError(f"{path}: not valid TOML ({e})") from None
-    return parse_gate_policy(data, str(path))
+    return parse_gate_policy(read_toml(path, GateError, "gate policy"), str(path))
 
 
 # --------------------------------------------------------------------------- witness key

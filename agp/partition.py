@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 from agp.rows import PARTITIONS, Row
+from models.tomlfile import read_toml
 
 DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "configs" / "agp" / "partition.toml"
 SOURCES = ("model", "policy")
@@ -106,13 +106,7 @@ def load_partition_policy(path: Path | str | None = None, source: str | None = N
     """Read ``configs/agp/partition.toml`` (or ``path``); ``source`` overrides its ``source``.
     A trainer policy file (no ``source`` key) reads as ``source = "model"`` unless overridden."""
     path = Path(path) if path else DEFAULT_POLICY
-    if not path.exists():
-        raise FileNotFoundError(f"partition policy not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise PartitionError(f"{path}: not valid TOML ({e})") from None
-    policy = parse_partition_policy(data, str(path))
+    policy = parse_partition_policy(read_toml(path, PartitionError, "partition policy"), str(path))
     return policy.with_source(source)
 
 

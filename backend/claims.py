@@ -16,7 +16,6 @@ run ids). Each claim gets one verdict, with the numbers behind it:
 from __future__ import annotations
 
 import statistics
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -27,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from backend import stats
 from backend.matrix import load_matrix
 from backend.tables import SCRIPT_NAMES, RunData, load_runs
+from models.tomlfile import read_toml
 
 SUPPORTED, NOT_SUPPORTED, INSUFFICIENT = "SUPPORTED", "NOT SUPPORTED", "INSUFFICIENT EVIDENCE"
 
@@ -100,12 +100,7 @@ class Verdict:
 
 def load_claims(path: str | Path) -> list[Claim]:
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ClaimsError(f"claims file not found: {path}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ClaimsError(f"{path}: not valid TOML ({e})") from None
+    raw = read_toml(path, ClaimsError, "claims file")
     try:
         claims = ClaimsFile.model_validate(raw).claim
     except ValidationError as e:

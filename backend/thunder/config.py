@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import tomllib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from models.tomlfile import read_toml
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "thunder" / "cluster.toml"
 SAFE_SHAPE = {"batch_size": 1, "num_layers": 4, "lora_rank": 8, "learning_rate": 1e-6, "max_seq_length": 256}
@@ -181,13 +182,7 @@ def parse_config(data: dict, where: str = "<config>") -> ClusterConfig:
 def load_config(path: Path | str | None = None) -> ClusterConfig:
     """Read and validate a cluster TOML (default ``configs/thunder/cluster.toml``)."""
     path = Path(path) if path else DEFAULT_CONFIG
-    if not path.exists():
-        raise ConfigError(f"Thunder cluster config not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    return parse_config(data, str(path))
+    return parse_config(read_toml(path, ConfigError, "Thunder cluster config"), str(path))
 
 
 def config_json(cfg: ClusterConfig) -> str:

@@ -9,10 +9,11 @@ it. It is held in memory only: never written to state.db, logs, artifacts or a c
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from models.tomlfile import read_toml
 
 DEFAULT_QUERY = ("num_gpus=1 gpu_ram>=24 reliability>0.98 inet_down>200 disk_space>=60 "
                  "cuda_max_good>=12.1 rented=False")
@@ -94,13 +95,6 @@ class BudgetSettings:
             raise VastConfigError(f"budget: field 'poll_interval_s' must be positive (got {self.poll_interval_s})")
 
 
-def _read_toml(path: Path) -> dict:
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise VastConfigError(f"{path}: not valid TOML ({e})") from None
-
-
 def _build(cls, data: dict, where: str):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
@@ -118,7 +112,7 @@ def load_settings(path: str | Path | None = "configs/vast.toml", state_dir: str 
     defaults to ``.nko-ops`` next to the state store (callers pass the db's directory)."""
     data: dict = {}
     if path is not None and Path(path).exists():
-        data = _read_toml(Path(path))
+        data = read_toml(path, VastConfigError, "Vast config")
     idle = _build(IdleSettings, data.pop("idle", {}), f"{path} [idle]")
     mirror = data.pop("mirror", None)
     mirror = _build(MirrorSettings, mirror, f"{path} [mirror]") if mirror else None
@@ -135,7 +129,7 @@ def load_settings(path: str | Path | None = "configs/vast.toml", state_dir: str 
 def load_budget(path: str | Path | None = "configs/budget.toml") -> BudgetSettings:
     if path is None or not Path(path).exists():
         return BudgetSettings(source="defaults")
-    data = _read_toml(Path(path))
+    data = read_toml(path, VastConfigError, "Vast config")
     return _build(BudgetSettings, {**data.get("budget", {}), "source": str(path)}, f"{path} [budget]")
 
 
