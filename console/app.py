@@ -116,11 +116,16 @@ class ConsoleApp(App):
     # ---------------------------------------------------------------- layout
 
     def compose(self) -> ComposeResult:
-        with TabbedContent(id="tabs"):
-            for name, cls in PANES:
-                with TabPane(cls.title, id=f"tab-{name}"):
-                    yield cls(id=name)
-        yield Static(status_text(None), id="status-bar")
+        # Widgets of the main screen are held directly: App.query_one searches the *active*
+        # screen, which is a dialog whenever one is open, and the poll timer keeps ticking.
+        self._panes: dict[str, Pane] = {name: cls(id=name) for name, cls in PANES}
+        self._tabs = TabbedContent(id="tabs")
+        self._status_bar = Static(status_text(None), id="status-bar")
+        with self._tabs:
+            for name, pane in self._panes.items():
+                with TabPane(pane.title, id=f"tab-{name}"):
+                    yield pane
+        yield self._status_bar
         yield Footer()
 
     def on_mount(self) -> None:
@@ -129,16 +134,24 @@ class ConsoleApp(App):
         self.set_interval(self.interval, self.refresh_panes)
 
     def panes(self) -> list[Pane]:
-        return [self.query_one(f"#{name}", Pane) for name, _ in PANES]
+        return list(self._panes.values())
 
     def active_pane(self) -> Pane:
-        active = self.query_one("#tabs", TabbedContent).active or f"tab-{PANES[0][0]}"
-        return self.query_one(f"#{active.removeprefix('tab-')}", Pane)
+        active = self._tabs.active or f"tab-{PANES[0][0]}"
+        return self._panes[active.removeprefix("tab-")]
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         pane = self.active_pane()
         pane.query_one("DataTable").focus()
         self.refresh_panes([pane])
+
+    def call_from_thread(self, callback: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """As ``App.call_from_thread``, but a callback that reaches the UI thread after shutdown
+        began is dropped: the widgets it would update are being removed, and a thread worker
+        (a poll, a sync, a log tail) cannot be cancelled before it reports."""
+        def if_running() -> Any:
+            return callback(*args, **kwargs) if self.is_running else None
+        return super().call_from_thread(if_running)
 
     # ---------------------------------------------------------------- database
 
@@ -161,7 +174,7 @@ class ConsoleApp(App):
 
     def _show_error(self, message: str) -> None:
         self.error = message
-        self.query_one("#status-bar", Static).update(status_text(self.status, message))
+        self._status_bar.update(status_text(self.status, message))
         self.notify(message, severity="error", timeout=6)
 
     def load_all(self, db: sqlite_utils.Database, now: float, panes: list[Pane]) -> tuple[Status, list[Any]]:
@@ -170,7 +183,7 @@ class ConsoleApp(App):
 
     def apply(self, status: Status, panes: list[Pane], results: list[Any]) -> None:
         self.status, self.error = status, ""
-        self.query_one("#status-bar", Static).update(status_text(status))
+        self._status_bar.update(status_text(status))
         for pane, data in zip(panes, results):
             pane.show(data)
 
@@ -179,6 +192,8 @@ class ConsoleApp(App):
 
         One poll at a time: a request while one runs is queued and served right after it,
         so a slow database delays updates instead of cancelling every poll in turn."""
+        if not self.is_running:  # a timer tick while the app shuts down
+            return
         panes = panes if panes is not None else [self.active_pane()]
         if self._polling:
             self._pending.update(dict.fromkeys(panes))
@@ -205,7 +220,7 @@ class ConsoleApp(App):
     # ---------------------------------------------------------------- actions
 
     def action_show_tab(self, name: str) -> None:
-        self.query_one("#tabs", TabbedContent).active = f"tab-{name}"
+        self._tabs.active = f"tab-{name}"
 
     def action_reload(self) -> None:
         self.refresh_panes()
@@ -216,7 +231,9 @@ class ConsoleApp(App):
     def open_logs(self, kind: str, source_id: str) -> None:
         """Show the Logs tab following a run or an instance."""
         self.action_show_tab("logs")
-        self.query_one("#logs", LogsPane).open_key(kind, source_id)
+        logs = self._panes["logs"]
+        assert isinstance(logs, LogsPane)
+        logs.open_key(kind, source_id)
 
     def on_unmount(self) -> None:
         self.ops.close()

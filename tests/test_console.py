@@ -133,7 +133,7 @@ async def settle(pilot) -> None:
 
 
 def rows(app: ConsoleApp, table_id: str) -> list[list[str]]:
-    table = app.query_one(table_id, DataTable)
+    table = app.screen_stack[0].query_one(table_id, DataTable)  # the main screen, even under a dialog
     return [[str(c) for c in table.get_row(k)] for k in table.rows]
 
 
@@ -408,6 +408,33 @@ async def test_poll_picks_up_new_rows_without_blocking(state):
         assert rows(app, "#matrix-table")[2][4:6] == ["completed", "6"]
         assert rows(app, "#matrix-table")[2][8] == "31.66%"
         assert table.cursor_row == 2 and len(rows(app, "#matrix-table")) == 5  # updated in place
+
+
+@pytest.mark.asyncio
+async def test_polls_keep_running_while_a_dialog_is_open(state):
+    """The poll timer ticks under a modal dialog; it must update the main screen, not look
+    for the panes on the dialog (which once crashed the console after ``interval`` seconds)."""
+    from backend.store import open_db, upsert_run
+
+    app = ConsoleApp(state, interval=0.05, clock=lambda: NOW)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await settle(pilot)
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        upsert_run(open_db(state), "demo-latin-tar", matrix_id="demo", script="latin", mode="tar", seed=7,
+                   status="queued")
+        for _ in range(100):  # many ticks with the dialog on top
+            await asyncio.sleep(0.05)
+            await pilot.pause()
+            if "demo-latin-tar" in [r[0] for r in rows(app, "#matrix-table")]:
+                break
+        assert isinstance(app.screen, HelpScreen)
+        assert "demo-latin-tar" in [r[0] for r in rows(app, "#matrix-table")]
+        assert not app.error
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, HelpScreen)
 
 
 @pytest.mark.asyncio
