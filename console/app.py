@@ -29,7 +29,7 @@ from backend.store import open_db
 from console import queries
 from console.panes.adapters import AdaptersPane
 from console.panes.gate import GatePane
-from console.ops import Ops
+from console.ops import Ops, OpsBusy, explain
 from console.panes.instances import InstancesPane
 from console.panes.logs import LogsPane
 from console.panes.matrix import MatrixPane
@@ -44,7 +44,7 @@ PANES: tuple[tuple[str, type[Pane]], ...] = (
     ("logs", LogsPane), ("sync", SyncPane))
 
 
-def status_text(s: Status | None, error: str = "") -> Text:
+def status_text(s: Status | None, error: str = "", cloud: Text | str = "") -> Text:
     if error:
         return Text.assemble(("state.db error: ", "bold red"), error)
     if s is None:
@@ -60,7 +60,7 @@ def status_text(s: Status | None, error: str = "") -> Text:
     alerts = Text("⚠ " + "; ".join(s.alerts), style="bold red") if s.alerts else Text("no alerts", style="green")
     sep = ("  │  ", "dim")
     return Text.assemble(budget, sep, f"{s.running_instances} running instance{'s' * (s.running_instances != 1)}",
-                         sep, alerts, sep, ("runs ", "dim"), runs)
+                         sep, alerts, sep, ("runs ", "dim"), runs, *((sep, cloud) if cloud else ()))
 
 
 class HelpScreen(ModalScreen[None]):
@@ -98,7 +98,9 @@ class ConsoleApp(App):
 
     def __init__(self, db_path: str | Path = "state.db", interval: float = 2.0,
                  clock: Callable[[], float] = time.time, vast_settings: str | Path | None = "configs/vast.toml",
-                 budget: str | Path | None = "configs/budget.toml") -> None:
+                 budget: str | Path | None = "configs/budget.toml", cloud_poll: float | None = None) -> None:
+        """``cloud_poll``: seconds between the console's own polls of the Vast account (instance
+        rows, costs, idle timers); None takes the budget's poll_interval_s, 0 turns it off."""
         super().__init__()
         self.db_path = str(db_path)
         self.ops = Ops(db_path, vast_settings, budget)
@@ -112,6 +114,9 @@ class ConsoleApp(App):
         self.error = ""
         self._polling = False
         self._pending: dict[Pane, None] = {}
+        self.cloud_poll = cloud_poll
+        self.cloud = ""  # the status bar's word on the background account poll
+        self.cloud_error = ""
 
     # ---------------------------------------------------------------- layout
 
@@ -132,6 +137,8 @@ class ConsoleApp(App):
         self.sub_title = Path(self.db_path).name
         self.refresh_panes()
         self.set_interval(self.interval, self.refresh_panes)
+        if self.cloud_poll != 0:
+            self._start_cloud_poll()
 
     def panes(self) -> list[Pane]:
         return list(self._panes.values())
@@ -174,7 +181,7 @@ class ConsoleApp(App):
 
     def _show_error(self, message: str) -> None:
         self.error = message
-        self._status_bar.update(status_text(self.status, message))
+        self._status_bar.update(status_text(self.status, message, self.cloud))
         self.notify(message, severity="error", timeout=6)
 
     def load_all(self, db: sqlite_utils.Database, now: float, panes: list[Pane]) -> tuple[Status, list[Any]]:
@@ -183,7 +190,7 @@ class ConsoleApp(App):
 
     def apply(self, status: Status, panes: list[Pane], results: list[Any]) -> None:
         self.status, self.error = status, ""
-        self._status_bar.update(status_text(status))
+        self._status_bar.update(status_text(status, cloud=self.cloud))
         for pane, data in zip(panes, results):
             pane.show(data)
 
@@ -217,6 +224,39 @@ class ConsoleApp(App):
             panes, self._pending = list(self._pending), {}
             self.refresh_panes(panes)
 
+    # ---------------------------------------------------------------- the Vast account
+
+    @work(thread=True, group="cloud")
+    def _start_cloud_poll(self) -> None:
+        try:
+            every = self.cloud_poll or self.ops.background_interval()
+        except Exception:  # noqa: BLE001 - no provider: the console works on state.db alone
+            self.cloud = Text("cloud not polled (no provider)", style="dim")
+            return
+        self.call_from_thread(self.set_interval, every, self._poll_cloud)
+        self.call_from_thread(self._poll_cloud)
+
+    @work(thread=True, group="cloud")
+    def _poll_cloud(self) -> None:
+        """Poll the account so costs and idle timers stay live without `nko-ops vast watch`.
+        Skipped while a user's action runs; a new error is notified once, then shown in the
+        status bar until a poll succeeds."""
+        try:
+            self.ops.poll(background=True)
+        except OpsBusy:
+            return
+        except Exception as e:  # noqa: BLE001 - shown, the console keeps running
+            message, _ = explain(e)
+            if message != self.cloud_error:
+                self.call_from_thread(self.notify, f"polling the Vast account failed: {message}",
+                                      severity="error", timeout=8)
+            self.cloud_error = message
+            self.cloud = Text("cloud poll failed", style="bold red")
+            return
+        self.cloud_error = ""
+        self.cloud = Text("cloud polled " + time.strftime("%H:%M:%S", time.localtime(self.clock())), style="dim")
+        self.call_from_thread(self.refresh_panes)
+
     # ---------------------------------------------------------------- actions
 
     def action_show_tab(self, name: str) -> None:
@@ -245,5 +285,5 @@ class ConsoleApp(App):
 
 
 def run(db: str = "state.db", interval: float = 2.0, vast_settings: str | Path | None = "configs/vast.toml",
-        budget: str | Path | None = "configs/budget.toml") -> None:
-    ConsoleApp(db, interval, vast_settings=vast_settings, budget=budget).run()
+        budget: str | Path | None = "configs/budget.toml", cloud_poll: float | None = None) -> None:
+    ConsoleApp(db, interval, vast_settings=vast_settings, budget=budget, cloud_poll=cloud_poll).run()

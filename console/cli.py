@@ -13,9 +13,12 @@ def console_cmd(
     settings: Path = typer.Option(Path("configs/vast.toml"), "--settings",
                                   help="Vast settings for the cloud actions and SSH log tails (as `nko-ops vast`)."),
     budget: Path = typer.Option(Path("configs/budget.toml"), "--budget", help="Budget: cap, warn level."),
+    cloud_poll: float | None = typer.Option(None, "--cloud-poll", min=0,
+                                     help="Seconds between polls of the Vast account (costs, idle timers); "
+                                          "default the budget's poll_interval_s, 0 turns it off."),
 ) -> None:
     """Open the operations console: run matrix, gate review, instances and budget with kill-idle,
     adapters, live logs, sync."""
     from console.app import run
 
-    run(db, interval, settings, budget)
+    run(db, interval, settings, budget, cloud_poll)

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Iterator
 
 from backend import store
-from backend.vast import idle
 from backend.vast.config import VastConfigError, VastSettings, load_budget, load_settings, state_dir_for
 from backend.vast.fleet import DestroyOutcome, Fleet
 from backend.vast.provider import ProviderError, provider_from_settings
@@ -37,6 +36,10 @@ from backend.vast.sync import SyncError, SyncReport, remote_entries
 
 # What a cloud action can fail with; each is shown as one line, the console keeps running.
 ERRORS = (VastConfigError, ProviderError, SSHError, SyncError, StageError)
+
+
+# A poll is one API call plus one heartbeat read per instance; a user's action waits that long.
+BACKGROUND_WAIT_S = 120.0
 
 
 class OpsUnavailable(RuntimeError):
@@ -102,6 +105,7 @@ class Ops:
         self.lock = threading.Lock()
         self.doing = ""
         self.messages: deque[str] = deque(maxlen=200)  # the Fleet's progress lines
+        self._background = False  # the action holding the lock is the console's own poll
         self._settings: VastSettings | None = None
         self._fleet: Fleet | None = None
 
@@ -126,37 +130,40 @@ class Ops:
         return self._fleet
 
     @contextlib.contextmanager
-    def action(self, what: str) -> Iterator[Fleet]:
-        """Run one cloud action at a time; ``OpsBusy`` names the one already running."""
-        if not self.lock.acquire(blocking=False):
+    def action(self, what: str, background: bool = False) -> Iterator[Fleet]:
+        """Run one cloud action at a time. A user's action waits for a background poll to
+        finish; a second user action, or a background poll while anything else runs, gets
+        ``OpsBusy`` naming the one already running."""
+        got = self.lock.acquire(blocking=False)
+        if not got and not background and self._background:
+            got = self.lock.acquire(timeout=BACKGROUND_WAIT_S)
+        if not got:
             raise OpsBusy(f"busy: {self.doing} is still running")
-        self.doing = what
+        self.doing, self._background = what, background
         try:
             yield self.fleet()
         finally:
-            self.doing = ""
+            self.doing, self._background = "", False
             self.lock.release()
+
+    def background_interval(self) -> float:
+        """Seconds between the console's own account polls: the budget's poll_interval_s
+        (``OpsUnavailable`` when no provider is configured)."""
+        return self.fleet().ledger.budget.poll_interval_s
 
     # ------------------------------------------------------------------ actions
 
-    def poll(self) -> str:
+    def poll(self, background: bool = False) -> str:
         """One look at the account: instance rows, cost ledger and idle tracking updated.
         Observe only: over the cap, stopping spend stays with the lane's own poll."""
-        with self.action("poll") as fleet:
+        with self.action("poll", background) as fleet:
             rows, state = fleet.poll(enforce=False)
             return f"{len(rows)} instance(s) on the account; budget {state}"
 
     def preview_kill_idle(self) -> list[Candidate]:
         """The instances ``nko-ops vast kill-idle`` would destroy now, each with its files at risk."""
         with self.action("kill-idle check") as fleet:
-            rows, _ = fleet.poll(enforce=False)
-            now = fleet.clock()
-            out = []
-            for row in rows:
-                v = idle.verdict(fleet.db, str(row["id"]), fleet.settings.idle, now, fleet._remote_heartbeat(row))
-                if v.idle:
-                    out.append(self._candidate(fleet, row, f"idle: {v.reason}"))
-            return out
+            return [self._candidate(fleet, row, f"idle: {v.reason}") for row, v in fleet.idle_rows(enforce=False)]
 
     def preview_destroy(self, iid: str) -> Candidate:
         with self.action("destroy check") as fleet:
@@ -177,7 +184,7 @@ class Ops:
             st = fleet.stager(row)
             entries = remote_entries(st.remote, st.python, st.layout.helper, st.layout.runs)
         except (SSHError, SyncError, StageError) as e:
-            known = tuple(AtRisk(name, None) for name in fleet._known_unverified(iid))
+            known = tuple(AtRisk(name, None) for name in fleet.known_unverified(iid))
             why = str(e) if isinstance(e, HostKeyChanged) else f"cannot reach the instance to check its files ({e})"
             return Candidate(**base, ours=True, files=0, at_risk=known, error=why)
         at_risk = tuple(AtRisk(e.name, e.size) for e in entries if not fleet.cas.has(e.sha256))

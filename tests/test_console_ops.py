@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import os
+import threading
 import time
 
 import pytest
@@ -60,8 +61,11 @@ def console_cfg(vast_env, tmp_path) -> dict:
     return {"db_path": vast_env.tmp / "state" / "state.db", "vast_settings": settings, "budget": budget}
 
 
-def make_app(cfg: dict, interval: float = 0.5) -> App:
-    return App(cfg["db_path"], interval=interval, vast_settings=cfg["vast_settings"], budget=cfg["budget"])
+def make_app(cfg: dict, interval: float = 0.5, cloud_poll: float | None = 0) -> App:
+    """The console on the emulator; its own account polling is off unless asked for, so each
+    test decides when the account is looked at."""
+    return App(cfg["db_path"], interval=interval, vast_settings=cfg["vast_settings"], budget=cfg["budget"],
+               cloud_poll=cloud_poll)
 
 
 async def wait_for(pilot, cond, timeout: float = 60.0, what: str = "") -> None:
@@ -184,6 +188,52 @@ async def test_poll_sweep_and_orphan_destroy_refused(vast_env, console_cfg):
 
 
 @pytest.mark.asyncio
+async def test_console_polls_the_account_by_itself(vast_env, console_cfg):
+    """With a provider configured the console polls the account every budget poll_interval_s
+    (5 s in console_cfg): an instance created after it opened, and its cost, appear without a key."""
+    app = make_app(console_cfg, interval=0.2, cloud_poll=None)
+    async with app.run_test(size=(150, 45)) as pilot:
+        await ready(pilot)
+        await pilot.press("3")
+        await wait_for(pilot, lambda: "cloud polled" in str(app.cloud), timeout=30, what="the first account poll")
+        # Created on the account behind the console's back: only a poll can bring it into state.db.
+        iid = str(vast_env.provider.create(1003, "img", 20, label="started elsewhere"))
+        dph = vast_env.provider.instance(iid)["dph_total"]
+
+        def polled_row() -> list[str] | None:
+            return next((r for r in rows(app, "#instances-table") if r[0] == iid and r[3] != "—"), None)
+
+        await wait_for(pilot, polled_row, timeout=30, what="the new instance, polled in the background")
+        assert polled_row()[3] == f"{dph:.3f}"
+        assert "cloud polled" in text_of(app, "#status-bar")
+        assert not any("polling the Vast account" in n for n in app.notes)  # nobody pressed p
+    assert vast_env.db.execute("SELECT label FROM instances WHERE id = ?", [iid]).fetchone()[0] == "started elsewhere"
+
+
+def test_a_users_action_waits_for_the_background_poll(console_cfg):
+    """The console's own poll never makes a key press fail with 'busy'; two user actions at once still do."""
+    from console.ops import Ops, OpsBusy
+
+    ops = Ops(console_cfg["db_path"], console_cfg["vast_settings"], console_cfg["budget"])
+    try:
+        with ops.action("poll", background=True):
+            done: list[str] = []
+            t = threading.Thread(target=lambda: done.append(ops.poll()))
+            t.start()
+            time.sleep(0.3)
+            assert not done  # waiting, not refused
+        t.join(30)
+        assert done and "instance(s) on the account" in done[0]
+        with ops.action("sync"):
+            with pytest.raises(OpsBusy, match="sync is still running"):
+                ops.poll()
+            with pytest.raises(OpsBusy):
+                ops.poll(background=True)
+    finally:
+        ops.close()
+
+
+@pytest.mark.asyncio
 async def test_actions_without_a_provider_say_so(tmp_path, monkeypatch):
     monkeypatch.delenv("VAST_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no vastai key file either
@@ -193,6 +243,10 @@ async def test_actions_without_a_provider_say_so(tmp_path, monkeypatch):
               budget=tmp_path / "absent-budget.toml")
     async with app.run_test(size=(140, 40)) as pilot:
         await ready(pilot)
+        await wait_for(pilot, lambda: "no provider" in str(app.cloud), what="the background poll giving up")
+        app.refresh_panes()
+        await wait_for(pilot, lambda: "cloud not polled (no provider)" in text_of(app, "#status-bar"))
+        assert not app.notes  # said once, quietly, in the status bar
         await pilot.press("3")
         for key in ("p", "k", "x", "o"):
             app.notes.clear()

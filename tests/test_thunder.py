@@ -8,10 +8,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path

@@ -165,7 +165,7 @@ class Fleet:
         st = self.stager(row)
         return [e.name for e in self.syncer.unverified(st.remote, st.python, st.layout.helper, st.layout.runs)]
 
-    def _known_unverified(self, iid: str) -> list[str]:
+    def known_unverified(self, iid: str) -> list[str]:
         """What state.db says the instance holds that is not verified locally."""
         rows = self.db.execute(
             "SELECT a.run_id, a.name FROM artifacts a WHERE a.owner_kind = 'run' AND a.sync_state IN "
@@ -199,10 +199,10 @@ class Fleet:
                 reports = self.sync_instance(row)
                 lose = self.unsynced(row)
             except HostKeyChanged as e:
-                return DestroyOutcome(iid, False, str(e), self._known_unverified(iid))
+                return DestroyOutcome(iid, False, str(e), self.known_unverified(iid))
             except (SSHError, SyncError, StageError) as e:
                 return DestroyOutcome(iid, False, f"cannot reach the instance to verify its files ({e}); "
-                                                  "use --force to destroy anyway", self._known_unverified(iid))
+                                                  "use --force to destroy anyway", self.known_unverified(iid))
             if lose:
                 why = "; ".join(f"{e.name}: {w}" for rep in reports for e, w in rep.failed) or "not in the local store"
                 return DestroyOutcome(iid, False, f"sync failed, destroying would lose data ({why})", lose, reports)
@@ -210,7 +210,7 @@ class Fleet:
             try:
                 lose = self.unsynced(row)
             except (SSHError, SyncError, StageError):
-                lose = self._known_unverified(iid)
+                lose = self.known_unverified(iid)
             store.add_event(self.db, f"FORCED destroy of instance {iid} by {getpass.getuser()} ({reason}); "
                             f"{len(lose)} file(s) without a verified local copy given up",
                             instance_id=iid, kind="force-destroy", level="warning", source="vast",
@@ -259,19 +259,25 @@ class Fleet:
     def kill_idle(self, force_ids: dict[str, str] | None = None) -> list[DestroyOutcome]:
         """Destroy the idle instances (module docstring's rule; ``force_ids``: id -> the id
         typed again, for instances to destroy even without verified copies)."""
-        rows, _ = self.poll()
+        out = []
+        for row, v in self.idle_rows(enforce=True):
+            iid = str(row["id"])
+            confirm = (force_ids or {}).get(iid)
+            out.append(self.destroy(iid, force=confirm is not None, confirm=confirm, reason=f"idle: {v.reason}"))
+        return out
+
+    def idle_rows(self, enforce: bool = True) -> list[tuple[dict, idle.IdleVerdict]]:
+        """Poll the account and return the instances idle now, each with its verdict
+        (``enforce``: as ``poll``, stop spending when over the budget cap)."""
+        rows, _ = self.poll(enforce=enforce)
         now = self.clock()
         out = []
         for row in rows:
             iid = str(row["id"])
-            beat = self._remote_heartbeat(row)
-            v = idle.verdict(self.db, iid, self.settings.idle, now, beat)
-            if not v.idle:
-                self.log(f"instance {iid}: not idle ({v.reason})")
-                continue
-            self.log(f"instance {iid}: idle ({v.reason})")
-            confirm = (force_ids or {}).get(iid)
-            out.append(self.destroy(iid, force=confirm is not None, confirm=confirm, reason=f"idle: {v.reason}"))
+            v = idle.verdict(self.db, iid, self.settings.idle, now, self._remote_heartbeat(row))
+            self.log(f"instance {iid}: {'idle' if v.idle else 'not idle'} ({v.reason})")
+            if v.idle:
+                out.append((row, v))
         return out
 
     def _remote_heartbeat(self, row: dict) -> float | None:
