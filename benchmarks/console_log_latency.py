@@ -70,7 +70,7 @@ def setup(tmp: Path) -> tuple[Path, Path, Path, object, object]:
 
 
 async def measure(db_path: Path, toml: Path, log: Path, lines: int, seed: int) -> list[float]:
-    app = ConsoleApp(db_path, interval=2.0, vast_settings=toml, budget=None)
+    app = ConsoleApp(db_path, interval=2.0, vast_settings=toml, budget=None, cloud_poll=0)
     seen: dict[str, float] = {}
     rng = random.Random(seed)
     latencies = []

@@ -145,7 +145,7 @@ def ms(xs: list[float]) -> str:
 
 
 async def bench(path: Path, repeats: int) -> dict:
-    app = TimedApp(path, interval=3600, clock=lambda: NOW)
+    app = TimedApp(path, interval=3600, clock=lambda: NOW, cloud_poll=0)
     report: dict = {}
     async with app.run_test(size=(160, 50)) as pilot:
         await asyncio.sleep(0.5)

@@ -119,7 +119,7 @@ def state(tmp_path: Path) -> Path:
 
 
 def make_app(path: Path) -> ConsoleApp:
-    return ConsoleApp(path, interval=3600, clock=lambda: NOW)  # polls only when asked
+    return ConsoleApp(path, interval=3600, clock=lambda: NOW, cloud_poll=0)  # polls only when asked
 
 
 async def settle(pilot) -> None:
@@ -385,7 +385,7 @@ async def test_review_shows_in_table_after_refresh(state):
 async def test_poll_picks_up_new_rows_without_blocking(state):
     from backend.store import open_db, upsert_run
 
-    app = ConsoleApp(state, interval=0.2, clock=lambda: NOW)
+    app = ConsoleApp(state, interval=0.2, clock=lambda: NOW, cloud_poll=0)
     async with app.run_test(size=(140, 40)) as pilot:
         await settle(pilot)
         upsert_run(open_db(state), "demo-latin-tar", matrix_id="demo", script="latin", mode="tar", seed=7,
@@ -416,7 +416,7 @@ async def test_polls_keep_running_while_a_dialog_is_open(state):
     for the panes on the dialog (which once crashed the console after ``interval`` seconds)."""
     from backend.store import open_db, upsert_run
 
-    app = ConsoleApp(state, interval=0.05, clock=lambda: NOW)
+    app = ConsoleApp(state, interval=0.05, clock=lambda: NOW, cloud_poll=0)
     async with app.run_test(size=(140, 40)) as pilot:
         await settle(pilot)
         await pilot.press("question_mark")

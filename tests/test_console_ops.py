@@ -333,7 +333,7 @@ async def test_local_run_logs_come_from_events(tmp_path):
     db = store.open_db(path)
     store.add_events(db, [{"run_id": "demo-latin-baseline", "kind": "log", "source": "trainer",
                            "message": f"epoch {e} train_loss {3 / (e + 1):.3f}"} for e in range(5)])
-    app = App(path, interval=3600, clock=lambda: NOW)
+    app = App(path, interval=3600, clock=lambda: NOW, cloud_poll=0)
     async with app.run_test(size=(160, 40)) as pilot:
         await ready(pilot)
         await pilot.press("1", "down", "down")  # the running local run, then l in the Matrix tab
@@ -399,7 +399,7 @@ def test_snapshot_sync(tmp_path, snap_compare):
         await pilot.press("down")  # the second run (3 remote-only, 6 verified)
         await wait_for(pilot, lambda: "demo-nko-trajectory" in text_of(pilot.app, "#sync-header"), timeout=20)
 
-    assert snap_compare(App(path, interval=3600, clock=lambda: NOW), terminal_size=(130, 36), run_before=run_before)
+    assert snap_compare(App(path, interval=3600, clock=lambda: NOW, cloud_poll=0), terminal_size=(130, 36), run_before=run_before)
 
 
 def test_snapshot_logs(tmp_path, snap_compare):
@@ -420,4 +420,4 @@ def test_snapshot_logs(tmp_path, snap_compare):
         await pilot.press("slash", *"epoch", "enter")
         await wait_for(pilot, lambda: "NOT synced" not in pane.shown_text(), timeout=20)
 
-    assert snap_compare(App(path, interval=3600, clock=lambda: NOW), terminal_size=(130, 36), run_before=run_before)
+    assert snap_compare(App(path, interval=3600, clock=lambda: NOW, cloud_poll=0), terminal_size=(130, 36), run_before=run_before)
