@@ -63,6 +63,32 @@ def partition_cmd(
     typer.echo(json.dumps({"partition_source": p.identity, **partition_counts(new)}, ensure_ascii=False))
 
 
+@agp_app.command("calibrate-partition")
+@_errors_exit
+def calibrate_partition_cmd(
+    rows: Path = typer.Option(..., "--rows", help="Validation rows: `nko-ops evaluate --run RUN --split val --out F`."),
+    out: Path = typer.Option(..., "--out", help="Where to write the calibrated policy TOML."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Policy whose rules and keys are kept "
+                                                            "(default configs/agp/partition.toml)."),
+    novelty_quantile: float = typer.Option(0.98, "--novelty-quantile", help="Novelty: beyond this quantile of "
+                                                                             "the validation rows."),
+    stable_cer_ratio: float = typer.Option(0.5, "--stable-cer-ratio", help="Stable: CER at most this x the "
+                                                                           "validation CER."),
+    uncertain_cer_ratio: float = typer.Option(1.5, "--uncertain-cer-ratio", help="Uncertain: CER at least this x "
+                                                                                 "the validation CER."),
+    min_share: float = typer.Option(0.05, "--min-share", help="Stable and uncertain thresholds hold at least "
+                                                              "this share of the rows."),
+) -> None:
+    """Set the partition thresholds from validation rows, never test rows (agp/calibrate.py);
+    use the result with --partition-policy OUT on the gate and eval commands."""
+    from agp.calibrate import Targets, calibrate, report, write
+
+    c = calibrate(rows, base, Targets(novelty_quantile, stable_cer_ratio, uncertain_cer_ratio, min_share))
+    identity = write(c, out)
+    typer.echo(report(c))
+    typer.echo(f"wrote {out} ({identity})")
+
+
 @agp_app.command("lexicon")
 @_errors_exit
 def lexicon_cmd(

@@ -112,10 +112,32 @@ def train_references(snapshot: Path | str, split_path: Path | str) -> list[str]:
     return [by_id[f]["nko"] for f in train]
 
 
+def calibrate_on_val(run_dir: Path | str, out_dir: Path | str) -> tuple[Path, dict]:
+    """Decode the run's validation set (val_predictions.jsonl) and calibrate the partition
+    policy on it (partition.val.toml), both under ``out_dir``; returns the policy path and a
+    short record of the calibration for the lane's summary."""
+    from agp.calibrate import calibrate, write
+    from models.train import evaluate_run
+
+    out = Path(out_dir)
+    val_rows = out / "val_predictions.jsonl"
+    evaluate_run(run_dir, val_rows, split="val")
+    c = calibrate(val_rows)
+    policy_path = out / "partition.val.toml"
+    identity = write(c, policy_path)
+    return policy_path, {"policy": str(policy_path), "identity": identity, "val_rows": str(val_rows),
+                         "val_cer": c.val_cer, "warnings": c.warnings,
+                         "val_shares": {p: s.share for p, s in c.slices.items()}}
+
+
 def run_demo_lane(matrix_path: Path | str, split_path: Path | str, snapshot: Path | str, out_dir: Path | str,
-                  db_path: Path | str) -> dict:
+                  db_path: Path | str, calibrate: bool = True) -> dict:
     """The lexicon lane on every completed N'Ko run of a matrix (its ``agp_dumps`` when it
-    names some), each into ``out_dir/<run_id>``; returns ``{run_id: summary}``."""
+    names some), each into ``out_dir/<run_id>``; returns ``{run_id: summary}``.
+
+    With ``calibrate`` each run's rows are re-partitioned by a policy calibrated on that run's
+    validation rows (``calibrate_on_val``), so no threshold was fitted on the test rows the
+    lane is scored on; without it the run's own partitions are kept."""
     from backend.matrix import load_matrix
 
     m = load_matrix(matrix_path)
@@ -126,7 +148,13 @@ def run_demo_lane(matrix_path: Path | str, split_path: Path | str, snapshot: Pat
         preds = m.out_dir(run) / "test_predictions.jsonl"
         if run.script != "nko" or not preds.exists():
             continue
-        out[run.run_id] = run_lexicon_lane(preds, refs, Path(out_dir) / run.run_id, db_path, run_id=run.run_id)
+        lane_dir = Path(out_dir) / run.run_id
+        policy, calibration = calibrate_on_val(m.out_dir(run), lane_dir) if calibrate else (None, None)
+        out[run.run_id] = run_lexicon_lane(preds, refs, lane_dir, db_path, run_id=run.run_id,
+                                           partition_policy=policy, partition_source="policy" if policy else None)
+        if calibration:
+            out[run.run_id]["partition_calibration"] = calibration
+            write_json(lane_dir / "agp_eval.json", out[run.run_id])
     if not out:
         raise FileNotFoundError(f"{matrix_path}: no completed N'Ko run with test_predictions.jsonl under {m.out_root}")
     return out

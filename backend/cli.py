@@ -35,7 +35,7 @@ def demo(
     db: str = typer.Option("state.db", help="State store path."),
     parallel: int = typer.Option(2, help="Trainer processes at once (one CPU thread each)."),
 ) -> None:
-    """Run the main job on the embedded sample corpus (about 6-8 minutes on 2 cores)."""
+    """Run the main job on the embedded sample corpus (about 5 minutes on 2 cores; a rerun reuses completed runs)."""
     from backend.demo import run_demo
 
     raise typer.Exit(run_demo(db, parallel))

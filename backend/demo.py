@@ -75,13 +75,19 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
     (REPORTS / "claims.txt").write_text(claims_text, encoding="utf-8")
     console.print(claims_text)
 
-    console.rule("6. AGP lane: lexicon proposer + gate + eval on the N'Ko test rows")
+    console.rule("6. AGP lane: partitions calibrated on val rows, lexicon proposer + gate + eval on the N'Ko test rows")
+    from rich.markup import escape
+
     from agp.evaluate import format_table
     from agp.pipeline import run_demo_lane
 
     lanes = run_demo_lane(MATRIX, split_path, SAMPLE, REPORTS / "agp", db_path)
     for run_id, summary in lanes.items():
-        console.print(f"[bold]{run_id}[/bold]")
+        cal = summary["partition_calibration"]
+        console.print(f"[bold]{run_id}[/bold]  partitions: {cal['identity']} (calibrated on "
+                      f"{cal['val_rows']}, val CER {cal['val_cer']:.4f})")
+        for warning in cal["warnings"]:
+            console.print(f"  [yellow]calibration: {escape(warning)}[/yellow]")
         console.print(format_table(summary), markup=False)
 
     console.rule("done")

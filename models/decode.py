@@ -126,8 +126,9 @@ def partition(summary: dict, policy: dict) -> str:
 
 
 def decode_utterances(model: CTCModel, store, utts: list[Utterance], cfg: RunConfig, vocab: Vocab,
-                      device: torch.device, policy: dict, use_ttt: bool) -> tuple[list[dict], dict]:
-    """One §4 record per utterance (in ``utts`` order) and decode stats."""
+                      device: torch.device, policy: dict, use_ttt: bool,
+                      split: str = "test") -> tuple[list[dict], dict]:
+    """One §4 record per utterance (in ``utts`` order, from ``split``) and decode stats."""
     model.eval()
     rows, stats = [], {"ttt_steps": 0, "ttt_guard_reverts": 0}
     for u in utts:
@@ -144,7 +145,7 @@ def decode_utterances(model: CTCModel, store, utts: list[Utterance], cfg: RunCon
         hyp = greedy(logits, vocab)
         edits, chars = T.row_edits(u.reference_text, hyp)
         summary = summarise(hidden, logits, vocab.blank)
-        rows.append({"feat_id": u.feat_id, "audio_id": u.audio_id, "split": "test", "script": cfg.script,
+        rows.append({"feat_id": u.feat_id, "audio_id": u.audio_id, "split": split, "script": cfg.script,
                      "mode": cfg.mode, "asr_text": hyp, "reference_text": u.reference_text, "cer_edits": edits,
                      "reference_chars": chars, "trajectory_scalars": summary,
                      "partition": partition(summary, policy)})

@@ -452,9 +452,9 @@ def _train(cfg: RunConfig, out: Path, logs: Logs, stage: dict, world: int, rank:
 
 
 def decode_test(cfg: RunConfig, data: RunData, model: CTCModel, device: torch.device, policy: dict,
-                use_ttt: bool | None = None) -> tuple[list[dict], dict]:
+                use_ttt: bool | None = None, split: str = "test") -> tuple[list[dict], dict]:
     use_ttt = cfg.mode == "ttt" if use_ttt is None else use_ttt
-    return decode_utterances(model, data.store, data.parts["test"], cfg, data.vocab, device, policy, use_ttt)
+    return decode_utterances(model, data.store, data.parts[split], cfg, data.vocab, device, policy, use_ttt, split)
 
 
 def finish(cfg: RunConfig, out: Path, data: RunData, device: torch.device, logs: Logs, state: dict, t0: float,
@@ -518,14 +518,22 @@ def finish(cfg: RunConfig, out: Path, data: RunData, device: torch.device, logs:
 
 
 def evaluate_run(run_dir: str | Path, out_path: str | Path | None = None, device: str | None = None,
-                 ttt: dict | None = None) -> dict:
+                 ttt: dict | None = None, split: str = "test") -> dict:
     """Re-decode a completed run's test set from its best.pt. Without ``ttt`` overrides the
     result must equal the run's test_predictions.jsonl byte for byte (same device type).
     With overrides (e.g. {"steps": 3}) it is a TTT ablation of the same checkpoint; rows of a
-    trajectory run then say mode "ttt"."""
+    trajectory run then say mode "ttt".
+
+    ``split="val"`` decodes the validation set instead into ``out_path`` (required): §4 rows
+    saying split "val", the material for calibrating the AGP partition policy without
+    looking at test rows (``nko-ops agp calibrate-partition``)."""
     from models.config import parse_config
 
     run_dir = Path(run_dir)
+    if split not in ("test", "val"):
+        raise RunError(f"split must be 'test' or 'val' (got {split!r})")
+    if split == "val" and not out_path:
+        raise RunError("decoding the val split needs an output path (--out)")
     if not (run_dir / "manifest.json").exists():
         raise RunError(f"{run_dir}: not a completed run (no manifest.json)")
     results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
@@ -548,10 +556,15 @@ def evaluate_run(run_dir: str | Path, out_path: str | Path | None = None, device
     dev = resolve_device(cfg.device)
     model, _ = load_model(run_dir / "best.pt", dev)
     policy = results["partition_policy"]
-    rows, stats = decode_test(cfg, data, model, dev, policy, use_ttt=cfg.mode == "ttt" or bool(ttt))
+    rows, stats = decode_test(cfg, data, model, dev, policy, use_ttt=cfg.mode == "ttt" or bool(ttt), split=split)
     blob = jsonl_bytes(rows)
     if out_path:
         _atomic_write(Path(out_path), blob)
+    if split == "val":
+        overall = metrics_by_partition(rows, policy)["overall"]
+        return {"run": str(run_dir), "split": "val", "rows": len(rows), "out": str(out_path),
+                "cer": overall["cer"], "toneless_cer": overall["toneless_cer"],
+                "ttt": {**cfg.ttt.model_dump(), **stats} if (cfg.mode == "ttt" or ttt) else None}
     reference = (run_dir / "test_predictions.jsonl").read_bytes()
     ref_rows = [json.loads(line) for line in reference.decode("utf-8").splitlines()]
     overall = metrics_by_partition(rows, policy)["overall"]

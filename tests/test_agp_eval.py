@@ -213,7 +213,7 @@ def test_demo_lane_over_a_matrix_uses_train_references_only(tmp_path):
                  {"run_id": "demo-latin-baseline", "script": "latin", "mode": "baseline"}]}))
 
     out = run_demo_lane(tmp_path / "matrix.json", tmp_path / "split.json", SAMPLE, tmp_path / "agp",
-                        tmp_path / "state.db")
+                        tmp_path / "state.db", calibrate=False)  # no checkpoint here to decode val rows with
     assert list(out) == ["demo-nko-trajectory"]
     s = out["demo-nko-trajectory"]
     assert s["overall"]["rows"] == 30 and s["run_id"] == "demo-nko-trajectory"

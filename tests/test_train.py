@@ -223,6 +223,27 @@ def test_evaluate_reproduces_predictions_byte_for_byte(base, tmp_path):
     assert report["ttt"]["method"] == "suta" and report["ttt"]["ttt_steps"] > 0
 
 
+def test_evaluate_decodes_the_val_split_for_partition_calibration(base, tmp_path):
+    from models.split import Split
+
+    out = run(base, "trajectory", mode="trajectory")
+    before = (out / "test_predictions.jsonl").read_bytes()
+    runner = CliRunner()
+    res = runner.invoke(app, ["evaluate", "--run", str(out), "--split", "val", "--out", str(tmp_path / "val.jsonl")])
+    assert res.exit_code == 0, res.output
+    assert "val rows decoded" in res.output
+    rows = lines(tmp_path / "val.jsonl")
+    assert [r["feat_id"] for r in rows] == Split.load(out / "split.json").val
+    assert {r["split"] for r in rows} == {"val"} and all(set(r) == set(RECORD_KEYS) for r in rows)
+    assert all((r["cer_edits"], r["reference_chars"]) == row_edits(r["reference_text"], r["asr_text"]) for r in rows)
+    assert (out / "test_predictions.jsonl").read_bytes() == before  # the run stays untouched
+    again = evaluate_run(out, tmp_path / "again.jsonl", split="val")
+    assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "val.jsonl").read_bytes()
+    assert again["rows"] == len(rows) and again["split"] == "val"
+    res = runner.invoke(app, ["evaluate", "--run", str(out), "--split", "val"])
+    assert res.exit_code == 2 and "needs an output path" in res.output
+
+
 def test_evaluate_detects_a_changed_prediction_file(base, tmp_path):
     import shutil
 
