@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import getpass
 import json
+import sqlite3
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -36,6 +37,9 @@ def _errors_exit(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except known as e:
             typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except sqlite3.Error as e:
+            typer.echo(f"error: state store: {type(e).__name__}: {e}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -202,10 +206,9 @@ def gate_cmd(
     props = load_proposals(proposals, rs)
     gate = Gate(load_gate_policy(policy), Lexicon.load(lexicon) if lexicon else None, ppolicy.identity)
     decisions = gate_all(gate, rs, props)
-    write_jsonl(out, (d.as_dict() for d in decisions))
     accepted = sum(d.accepted for d in decisions)
     where = ""
-    if not no_db:
+    if not no_db:  # first, in one transaction: a failure leaves neither the records nor the file
         from agp.records import record_decisions
         from backend.store import open_db
 
@@ -216,6 +219,7 @@ def gate_cmd(
         finally:
             conn.close()
         where = f", recorded in {db}"
+    write_jsonl(out, (d.as_dict() for d in decisions))
     typer.echo(f"{len(decisions)} decisions, {accepted} accepted (policy {gate.policy_hash[:16]}) -> {out}{where}")
 
 
@@ -243,7 +247,7 @@ def eval_cmd(
     if used and used != [ppolicy.identity]:
         raise typer.BadParameter(f"the decisions were made with partition source {', '.join(used)}; "
                                  f"this policy gives {ppolicy.identity} (pass the gate's --partition-policy)")
-    summary = evaluate(rs, ds, key=load_witness_key() if verify else None)
+    summary = evaluate(rs, ds, key=load_witness_key() if verify else None, source=decisions.name)
     typer.echo(format_table(summary))
     if json_out:
         write_json(json_out, summary)

@@ -39,13 +39,15 @@ def _finish(g: dict) -> dict:
     return g
 
 
-def check_decisions(rows: Sequence[Row], decisions: Sequence[dict], key: bytes | None = None) -> None:
+def check_decisions(rows: Sequence[Row], decisions: Sequence[dict], key: bytes | None = None,
+                    source: str = "decisions") -> None:
     """Refuse decisions that do not belong to these rows: unknown or duplicate feat_ids, a
-    different ASR text or partition, mixed policy hashes, or (with ``key``) a bad witness."""
+    different ASR text or partition, a verdict that contradicts its rules, mixed policy
+    hashes, or (with ``key``) a witness that does not verify. ``source`` names the file."""
     by_id = {r.feat_id: r for r in rows}
     problems, seen, hashes = [], {}, set()
     for i, d in enumerate(decisions, 1):
-        where = f"decision line {d.get('_line', i)}"
+        where = f"{source}:line {d.get('_line', i)}"
         fid = d["feat_id"]
         row = by_id.get(fid)
         if row is None:
@@ -60,8 +62,12 @@ def check_decisions(rows: Sequence[Row], decisions: Sequence[dict], key: bytes |
         if d["partition"] != row.partition:
             problems.append(f"{where}: field 'partition': {d['partition']!r} but the row is {row.partition!r} "
                             "(evaluate with the partition policy the gate used)")
+        if bool(d["accepted"]) == bool(d.get("rules")):
+            problems.append(f"{where}: field 'accepted': {d['accepted']} with rules {d.get('rules')!r} "
+                            "(a decision is accepted exactly when no rule fired)")
         if key is not None and not verify_witness(key, d):
-            problems.append(f"{where}: field 'witness': does not verify for {fid!r} with this install's key")
+            problems.append(f"{where}: field 'witness': does not verify for {fid!r} with this install's key "
+                            "(the decision was changed after the gate made it, or made elsewhere)")
         hashes.add(d["policy_hash"])
     if len(hashes) > 1:
         problems.append(f"decisions come from {len(hashes)} different gate policies: {sorted(hashes)}")
@@ -71,11 +77,12 @@ def check_decisions(rows: Sequence[Row], decisions: Sequence[dict], key: bytes |
         raise EvalError(f"{len(problems)} problem(s) with the decisions\n{shown}{more}")
 
 
-def evaluate(rows: Sequence[Row], decisions: Sequence[dict], key: bytes | None = None) -> dict:
+def evaluate(rows: Sequence[Row], decisions: Sequence[dict], key: bytes | None = None,
+             source: str = "decisions") -> dict:
     """Summary with ``overall`` and ``partitions`` (each: rows, reference_chars, cer_before,
     cer_after, delta_cer, toneless CERs, proposed, accepted, improved, neutral, worse,
     rejected, no_op, not_proposed, rejected_by_rule)."""
-    check_decisions(rows, decisions, key)
+    check_decisions(rows, decisions, key, source)
     by_id = {d["feat_id"]: d for d in decisions}
     groups = {p: _empty() for p in PARTITIONS}
     overall = _empty()

@@ -4,9 +4,14 @@ this is the safety. Rules and their ids are documented in ``configs/agp/gate.tom
 
 The gate sees the row's ASR text, partition and the lexicon (training references only),
 never the reference text. Each decision carries the rule ids that fired (empty iff
-accepted), the edit distance, the policy hash and a witness: HMAC-SHA256 over
-(feat_id, policy_hash, normalised proposal) with a per-install key kept outside the
-repository with mode 0600 (``witness_key_path``).
+accepted), the edit distance, the policy hash and a witness: HMAC-SHA256 over the row id,
+policy hash and normalised proposal *and the verdict* (accepted, rules, edit distance,
+partition, ASR text), with a per-install key kept outside the repository with mode 0600
+(``witness_key_path``): a decision file edited to accept a refused proposal no longer
+verifies.
+
+Which rows may change is not left to the policy file: CONTRACTS §4 freezes stable rows and
+quarantines novelty rows, and a policy that says otherwise is refused.
 """
 
 from __future__ import annotations
@@ -29,8 +34,15 @@ from models.tomlfile import read_toml
 
 DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "configs" / "agp" / "gate.toml"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RULE_IDS = ("empty", "no_op", "script", "orphan_mark", "frozen", "quarantine", "budget", "length_ratio", "new_word")
-NKO_MARKS = "\u07eb-\u07f3\u07fd"  # the block's combining marks (tone, nasal, dantayalan)
+RULE_IDS = ("empty", "no_op", "script", "orphan_mark", "stacked_tone", "frozen", "quarantine", "budget",
+            "length_ratio", "new_word")
+NKO_LETTERS = "\u07ca-\u07ea\u07f4\u07f5\u07fa"  # letters, tone apostrophes, lajanyalan
+NKO_BASES = "\u07c0-\u07ea\u07f4\u07f5"  # what a mark may sit on: letters, digits (ordinals), apostrophes
+NKO_TONES = "\u07eb-\u07f1"  # tone marks: at most one per letter
+NKO_MARKS = "\u07eb-\u07f3\u07fd"  # the block's combining marks (tone, nasal, double dot, dantayalan)
+NKO_DIGITS = "\u07c0-\u07c9"
+MUST_FREEZE, MUST_QUARANTINE = "stable", "novelty"  # CONTRACTS §4
+_TONE = re.compile(f"[{NKO_TONES}]")
 
 
 class GateError(ValueError):
@@ -108,6 +120,10 @@ def parse_gate_policy(data: dict, path: str = "") -> GatePolicy:
                 or b["floor"] < 0):
             raise fail(f"budget.{part}", "must be {relative: 0..1, floor: integer >= 0}")
         budgets[part] = Budget(float(b["relative"]), b["floor"])
+    if MUST_FREEZE not in lists["frozen"]:
+        raise fail("frozen", f"must include {MUST_FREEZE!r}: stable rows are kept unchanged (CONTRACTS §4)")
+    if MUST_QUARANTINE not in lists["quarantine"]:
+        raise fail("quarantine", f"must include {MUST_QUARANTINE!r}: novelty rows get no rewriting (CONTRACTS §4)")
     editable = [p for p in PARTITIONS if p not in lists["frozen"] and p not in lists["quarantine"]]
     for p in editable:
         if p not in budgets:
@@ -162,16 +178,22 @@ def load_witness_key(path: Path | None = None) -> bytes:
     return bytes.fromhex(text)
 
 
-def witness(key: bytes, feat_id: str, policy_hash: str, proposal: str) -> str:
-    """HMAC-SHA256 over the (feat_id, policy_hash, proposal) triple, hex."""
-    msg = json.dumps([feat_id, policy_hash, proposal], ensure_ascii=False).encode()
+WITNESSED = ("feat_id", "policy_hash", "proposal", "accepted", "rules", "edit_distance", "partition", "asr_text")
+
+
+def witness(key: bytes, decision: dict) -> str:
+    """HMAC-SHA256 (hex) over the decision's ``WITNESSED`` fields: the row id, policy hash and
+    proposal, and the verdict on them."""
+    values = [decision[k] for k in WITNESSED]
+    values[WITNESSED.index("rules")] = list(values[WITNESSED.index("rules")])
+    msg = json.dumps(values, ensure_ascii=False).encode()
     return hmac.digest(key, msg, "sha256").hex()
 
 
 def verify_witness(key: bytes, decision: dict) -> bool:
-    """Was this decision (its feat_id, policy hash and proposal) made with ``key``?"""
+    """Was this decision, verdict included, made by a gate holding ``key``?"""
     try:
-        expected = witness(key, decision["feat_id"], decision["policy_hash"], decision["proposal"])
+        expected = witness(key, decision)
     except (KeyError, TypeError):
         return False
     return hmac.compare_digest(str(decision.get("witness", "")), expected)
@@ -212,16 +234,21 @@ class Gate:
                  "partition_source": partition_source}
         self.policy_hash = hashlib.sha256(json.dumps(ident, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
         punct = "".join(re.escape(ch) for ch in sorted(set(policy.allowed_punctuation)))
-        allowed = "\u07c0-\u07fa\u07fd-\u07ff " + punct  # N'Ko block minus unassigned U+07FB/U+07FC
-        self._bad_char = re.compile(f"[^{allowed}]")
-        self._orphan = re.compile(f"(?:^| )[{NKO_MARKS}]")
+        self._bad_char = re.compile(f"[^{NKO_LETTERS}{NKO_MARKS}{NKO_DIGITS} {punct}]")
+        # a mark whose base (the character before its run of marks) is not an N'Ko letter or digit
+        self._orphan = re.compile(f"(?:^|[^{NKO_BASES}{NKO_MARKS}])([{NKO_MARKS}]+)")
+        self._cluster_tones = re.compile(f"[{NKO_BASES}]([{NKO_MARKS}]+)")  # the marks on one base
         self._strip = policy.allowed_punctuation
         self._frozen = set(policy.frozen)
         self._quarantine = set(policy.quarantine)
         self._lexicon_checked = set(policy.lexicon_checked)
 
-    def witness(self, feat_id: str, proposal: str) -> str:
-        return witness(self.key, feat_id, self.policy_hash, proposal)
+    def _orphans(self, text: str) -> int:
+        return sum(len(m) for m in self._orphan.findall(text))
+
+    def _stacked_tones(self, text: str) -> int:
+        """Tone marks beyond the first on each base."""
+        return sum(max(0, len(_TONE.findall(marks)) - 1) for marks in self._cluster_tones.findall(text))
 
     def _words(self, text: str) -> set[str]:
         return {w.strip(self._strip) for w in text.split(" ")} - {""}
@@ -244,9 +271,11 @@ class Gate:
             dist = Levenshtein.distance(asr, p)
             if self._bad_char.search(p):
                 rules.append("script")
-            # a mark with no base letter; one the ASR text already had is not the proposal's doing
-            if len(self._orphan.findall(p)) > len(self._orphan.findall(asr)):
+            # misplaced marks the ASR text already had are not the proposal's doing
+            if self._orphans(p) > self._orphans(asr):
                 rules.append("orphan_mark")
+            if self._stacked_tones(p) > self._stacked_tones(asr):
+                rules.append("stacked_tone")
             if part in self._frozen:
                 rules.append("frozen")
             if part in self._quarantine:
@@ -261,5 +290,7 @@ class Gate:
                 new = self._words(p) - self._words(asr)
                 if any(self.lexicon is None or w not in self.lexicon for w in new):
                     rules.append("new_word")
-        return Decision(row.feat_id, not rules, tuple(rules), dist, self.policy_hash, self.witness(row.feat_id, p),
+        verdict = {"feat_id": row.feat_id, "policy_hash": self.policy_hash, "proposal": p, "accepted": not rules,
+                   "rules": rules, "edit_distance": dist, "partition": part, "asr_text": asr}
+        return Decision(row.feat_id, not rules, tuple(rules), dist, self.policy_hash, witness(self.key, verdict),
                         part, self.partition_source, asr, p, p != proposal)

@@ -79,17 +79,16 @@ def run_lexicon_lane(predictions_jsonl: Path | str, train_references: list[str],
     gate = Gate(load_gate_policy(gate_policy), lexicon, ppolicy.identity)
     decisions = gate_all(gate, rows, proposals)
 
-    lexicon.save(out / "lexicon.tsv")
-    write_jsonl(out / "proposals.jsonl", proposals)
     decision_dicts = [d.as_dict() for d in decisions]
-    write_jsonl(out / "decisions.jsonl", decision_dicts)
+    summary = evaluate(rows, decision_dicts, key=gate.key)
     db = open_db(db_path)
-    try:
+    try:  # recorded first, in one transaction; the files follow, each written atomically
         record_decisions(db, run_id, proposals, decisions, {r.feat_id: r.reference_text for r in rows})
     finally:
         db.close()
-
-    summary = evaluate(rows, decision_dicts, key=gate.key)
+    lexicon.save(out / "lexicon.tsv")
+    write_jsonl(out / "proposals.jsonl", proposals)
+    write_jsonl(out / "decisions.jsonl", decision_dicts)
     summary.update({"run_id": run_id, "proposer": "lexicon", "lexicon_words": len(lexicon),
                     "partition_source": ppolicy.identity, "partition_counts": partition_counts(rows),
                     "files": {name: str(out / name) for name in

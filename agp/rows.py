@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterable
 
 from models.jsonl import iter_objects
+from models.summary_keys import SUMMARY_KEYS
 from models.text import normalize, row_edits
 
 PARTITIONS = ("stable", "boundary", "uncertain", "novelty")
@@ -113,16 +114,20 @@ def parse_row(obj: object, where: str) -> tuple[Row | None, list[str]]:
         bad("trajectory_scalars", "must be an object of name -> number")
     else:
         for k, v in scalars.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if k not in SUMMARY_KEYS:  # only the trainer's summaries reach proposers: nothing reference-derived
+                bad(f"trajectory_scalars.{k}", "not a trajectory summary key (models/summary_keys.py)")
+            elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 bad(f"trajectory_scalars.{k}", f"must be a finite number; got {v!r}")
     if problems:
         return None, problems
 
-    if isinstance(obj["reference_text"], str) and not obj["reference_text"].strip():
+    if not normalize(obj["reference_text"]):
         bad("reference_text", "is empty")
-    edits, chars = row_edits(obj["reference_text"], obj["asr_text"])
+        return None, problems
+    # counted on the texts as stored: NFC, bidi controls stripped, whitespace folded (CONTRACTS §6)
+    edits, chars = row_edits(normalize(obj["reference_text"]), normalize(obj["asr_text"]))
     if obj["reference_chars"] != chars:
-        bad("reference_chars", f"is {obj['reference_chars']} but the reference has {chars} NFC code points")
+        bad("reference_chars", f"is {obj['reference_chars']} but the normalised reference has {chars} code points")
     if obj["cer_edits"] != edits:
         bad("cer_edits", f"is {obj['cer_edits']} but reference vs asr_text needs {edits} edits")
     if problems:

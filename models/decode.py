@@ -26,16 +26,14 @@ from models import text as T
 from models.config import RunConfig
 from models.data import Utterance
 from models.model import CTCModel
-from models.trajectory import SCALARS, trajectory_scalars
+from models.summary_keys import SCALARS, SUMMARY_KEYS
+from models.trajectory import trajectory_scalars
 from models.ttt import ttt_logits
 from models.vocab import Vocab
 
 PARTITIONS = ("stable", "boundary", "uncertain", "novelty")
 RECORD_KEYS = ("feat_id", "audio_id", "split", "script", "mode", "asr_text", "reference_text", "cer_edits",
                "reference_chars", "trajectory_scalars", "partition")
-SUMMARY_KEYS = tuple(f"{s}_{stat}" for s in SCALARS for stat in ("mean", "std", "min", "max")) + (
-    "ctc_confidence_mean", "ctc_confidence_min", "ctc_nonblank_confidence_mean", "ctc_nonblank_confidence_min",
-    "ctc_blank_fraction", "ctc_frames")
 DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "configs" / "partition.toml"
 
 

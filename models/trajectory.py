@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SCALARS = ("commitment", "uncertainty", "transition_pressure", "recovery_margin",
-           "phase_stiffness", "novelty", "stability")
+from models.summary_keys import SCALARS
+
 K_NEAREST = 5
 ANGLE_BINS = 8
 SMOOTH_WINDOW = 3

@@ -150,6 +150,19 @@ def test_cli_lane_end_to_end_matches_run_lexicon_lane(tmp_path):
     assert "overall" in res.output and "CER before" in res.output
     cli_summary = json.loads((tmp_path / "eval.json").read_text())
 
+    # a refused proposal edited into an accepted one: the witness covers the verdict
+    tampered = [dict(d) for d in decisions]
+    i = next(i for i, d in enumerate(tampered) if not d["accepted"] and d["rules"] != ["no_op"])
+    tampered[i].update(accepted=True, rules=[])
+    write_rows_file(tmp_path / "tampered.jsonl", tampered)
+    res = inv("eval", "--rows", rows, "--decisions", tmp_path / "tampered.jsonl")
+    assert res.exit_code == 2
+    assert f"tampered.jsonl:line {i + 1}: field 'witness': does not verify" in res.output
+    tampered[i].update(accepted=True, rules=["budget"])  # and a verdict that contradicts its rules
+    write_rows_file(tmp_path / "tampered.jsonl", tampered)
+    res = inv("eval", "--rows", rows, "--decisions", tmp_path / "tampered.jsonl", "--no-verify")
+    assert res.exit_code == 2 and "field 'accepted': True with rules ['budget']" in res.output
+
     lane = run_lexicon_lane(rows, train_refs, tmp_path / "lane", tmp_path / "lane.db")
     assert lane["overall"] == cli_summary["overall"] and lane["run_id"] == "run_nko_trajectory"
     assert lane["overall"]["accepted"] > 0 and lane["overall"]["rejected"] > 0

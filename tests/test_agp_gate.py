@@ -29,15 +29,38 @@ def violations(row, d) -> list[str]:
         out.append("no_op")
     if not unicodedata.is_normalized("NFC", p) or p != p.strip() or "  " in p:
         out.append("not normalised")
-    for i, ch in enumerate(p):
-        nko = 0x07C0 <= ord(ch) <= 0x07FF and ch not in "\u07fb\u07fc"
+    for ch in p:
+        nko = "NKO" in unicodedata.name(ch, "") and unicodedata.category(ch) in ("Lo", "Lm", "Mn", "Nd")
         if not (nko or ch == " " or ch in POLICY.allowed_punctuation):
             out.append(f"char U+{ord(ch):04X}")
+
+    def bases(t):
+        """Each combining mark with the character it sits on (None at the start)."""
+        out, base = [], None
+        for ch in t:
+            if unicodedata.category(ch) == "Mn":
+                out.append((base, ch))
+            else:
+                base = ch
+        return out
+
     def orphans(t):
-        return sum(unicodedata.category(ch) == "Mn" and (i == 0 or t[i - 1] == " ") for i, ch in enumerate(t))
+        return sum(b is None or unicodedata.category(b) not in ("Lo", "Lm", "Nd") for b, _ in bases(t))
+
+    def stacked(t):
+        tones, count, base_at = 0, 0, -1
+        for i, ch in enumerate(t):
+            if unicodedata.category(ch) != "Mn":
+                tones, base_at = 0, i
+            elif "TONE" in unicodedata.name(ch) and base_at >= 0 and unicodedata.category(t[base_at]) in ("Lo", "Lm", "Nd"):
+                tones += 1
+                count += tones > 1
+        return count
 
     if orphans(p) > orphans(asr):
         out.append("orphan mark")
+    if stacked(p) > stacked(asr):
+        out.append("stacked tone")
     if row.partition in ("stable", "novelty") and p != asr:
         out.append("changed a frozen/quarantined row")
     dist = Levenshtein.distance(asr, p)
@@ -155,6 +178,11 @@ def r(part, asr="ߌ ߦߋ ߛߊ ߖߏߟߌ ߦߋ", ref="ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ"
     ("boundary", "ߌ ߦߋ san ߖߏߟߌ ߦߋ", ["script", "budget"]),
     ("boundary", "ߌ ߦߋ ߛߊ\x00 ߖߏߟߌ ߦߋ", ["script"]),
     ("boundary", "ߌ ߦߋ ߛߊ ߲ߖߏߟߌ ߦߋ", ["orphan_mark"]),                 # nasal mark with no base
+    ("boundary", "ߌ ߦߋ ߛߊ߸߲ ߖߏߟߌ ߦߋ", ["orphan_mark"]),                # a mark on punctuation
+    ("boundary", "ߌ ߦߋ ߛߊ߫߬ ߖߏߟߌ ߦߋ", ["stacked_tone"]),               # two tones on one letter
+    ("boundary", "ߌ ߦߋ ߛߊ߲߬ ߖߏߟߌ ߦߋ", []),                             # nasal + one tone is fine
+    ("boundary", "ߌ ߦߋ ߛߊ ߖߏߟߌ ߦߋ߿", ["script"]),                      # taman sign: not listed punctuation
+    ("boundary", "ߌ ߦߋ ߛߊ ߖߏߟߌ ߦߋ߸", []),                              # listed punctuation
     ("stable", "ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ", ["frozen"]),
     ("novelty", "ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ", ["quarantine"]),
     ("boundary", "ߌ ߦߋ ߛߊ߲߫ ߖߏߟߌ߬ ߦߋ", ["budget"]),                    # 3 edits > 2 allowed on 15 chars
@@ -183,6 +211,27 @@ def test_decision_fields_and_witness():
     assert not verify_witness(b"\x02" * 32, rec)
     assert not verify_witness(GATE.key, {**rec, "proposal": rec["proposal"] + "ߊ"})
     assert not verify_witness(GATE.key, {**rec, "feat_id": "other"})
+    refused = GATE.decide(r("stable"), "ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ").as_dict()
+    assert verify_witness(GATE.key, refused)
+    # the verdict is witnessed too: a refused proposal edited into an accepted one fails
+    assert not verify_witness(GATE.key, {**refused, "accepted": True, "rules": []})
+    assert not verify_witness(GATE.key, {**refused, "partition": "boundary"})
+
+
+def test_a_policy_cannot_unfreeze_stable_or_unquarantine_novelty():
+    raw = POLICY.as_dict()
+    budgets = {p: {"relative": 0.5, "floor": 5} for p in ("stable", "boundary", "uncertain", "novelty")}
+    with pytest.raises(GateError, match="key 'frozen': must include 'stable'"):
+        parse_gate_policy({**raw, "frozen": [], "budget": budgets}, "g.toml")
+    with pytest.raises(GateError, match="key 'quarantine': must include 'novelty'"):
+        parse_gate_policy({**raw, "quarantine": [], "budget": budgets}, "g.toml")
+
+
+def test_block_symbols_need_listing_as_punctuation():
+    raw = POLICY.as_dict()
+    bare = Gate(parse_gate_policy({**raw, "allowed_punctuation": ""}), LEXICON, key=GATE.key)
+    for sym in "߶߷߸߹߾߿":
+        assert bare.decide(r("boundary"), "ߌ ߦߋ ߛߊ ߖߏߟߌ ߦߋ" + sym).rules == ("script",), sym
 
 
 def test_policy_hash_covers_policy_lexicon_and_partition_source(tmp_path):

@@ -22,7 +22,7 @@ def test_texts_are_nfc_and_bidi_stripped(tmp_path):
     raw = "ߛߊ\u07eb\u07f2\u200f ߦߋ"
     d = row_dict("f1", "ߛߊ߲߫ ߦߋ", "ߛߊ߲߫ ߦߋ")
     d["asr_text"] = raw
-    d["cer_edits"] = 1  # raw NFC text still carries the bidi mark: one extra char
+    d["cer_edits"] = 0  # counted after NFC and bidi stripping (CONTRACTS §6): the same text
     (row,) = load_rows(write_rows_file(tmp_path / "r.jsonl", [d]))
     assert row.asr_text == unicodedata.normalize("NFC", "ߛߊ\u07f2\u07eb ߦߋ")
     assert "\u200f" not in row.asr_text
@@ -37,6 +37,7 @@ def test_texts_are_nfc_and_bidi_stripped(tmp_path):
     (lambda d: d.update(cer_edits=d["cer_edits"] + 3), 2, "cer_edits"),
     (lambda d: d.update(trajectory_scalars={"novelty_max": float("nan")}), 2, "trajectory_scalars.novelty_max"),
     (lambda d: d.update(trajectory_scalars=[1, 2]), 2, "trajectory_scalars"),
+    (lambda d: d.update(trajectory_scalars={"row_cer": 0.1}), 2, "trajectory_scalars.row_cer"),  # not a summary
     (lambda d: d.update(script="cyrillic"), 2, "script"),
     (lambda d: d.update(mode="magic"), 2, "mode"),
     (lambda d: d.update(audio_id=7), 2, "audio_id"),
