@@ -5,7 +5,9 @@ state store, whether the local executor just produced it or it is imported from 
 A bundle is complete when the nine files exist, ``manifest.json`` lists each with the sha256
 and size the file has now, ``results.json`` names the snapshot, split and feature recipe,
 ``split.json`` hashes to the split named there, and the prediction rows cover exactly the
-split's test utterances (or, for a sanity run, a subset of them).
+split's test utterances (or, for a sanity run, a subset of them). A directory with
+``error.json`` and no manifest, or whose results.json status is not "complete", is a failed
+run: refused.
 """
 
 from __future__ import annotations
@@ -99,6 +101,15 @@ def verify_bundle(run_dir: str | Path, snapshot_sha256: str | None = None, split
     if not d.is_dir():
         b.problems.append(f"run directory not found: {d}")
         return b
+    # The trainer removes error.json before it writes manifest.json, so next to a manifest it
+    # is a stale copy of an earlier attempt (e.g. fetched from Vast); without one, a failure.
+    if (d / "error.json").is_file() and not (d / MANIFEST).is_file():
+        try:
+            err = json.loads((d / "error.json").read_text(encoding="utf-8"))
+            why = f" (stage {err.get('stage')}: {err.get('message')})" if isinstance(err, dict) else ""
+        except ValueError:
+            why = ""
+        b.problems.append(f"error.json present: the run failed{why}; a failed run is not a bundle")
     missing = [n for n in BUNDLE_FILES if not (d / n).is_file()]
     if missing:
         b.problems.append(f"missing file(s): {', '.join(missing)}")
@@ -151,6 +162,8 @@ def verify_bundle(run_dir: str | Path, snapshot_sha256: str | None = None, split
         except ValueError as e:
             b.problems.append(f"results.json: not a JSON object ({e})")
             b.results = {}
+        if b.results.get("status", "complete") != "complete":
+            b.problems.append(f"results.json: status {b.results['status']!r}, not 'complete'")
         for key in ("run_id", "script", "mode", "snapshot_sha256", "split_sha256", "feature_recipe_hash", "test_cer"):
             if b.results and b.results.get(key) is None:
                 b.problems.append(f"results.json: field '{key}' missing")

@@ -56,6 +56,10 @@ def cer(ref: str = typer.Option(..., "--ref"), hyp: str = typer.Option(..., "--h
         as_json: bool = typer.Option(False, "--json")) -> None:
     """CER of one hypothesis against one reference (both NFC-normalised)."""
     result = T.corpus_cer([T.normalize(ref)], [T.normalize(hyp)], tone_free=toneless)
+    if result.value is None:
+        typer.echo("error: --ref is empty (after normalisation): CER is undefined without reference characters",
+                   err=True)
+        raise typer.Exit(2)
     if as_json:
         typer.echo(json.dumps(result.as_dict()))
     else:
@@ -80,16 +84,16 @@ def describe(path: Path, as_json: bool = typer.Option(False, "--json")) -> None:
         typer.echo(f"rows       {info['rows']}")
         typer.echo(f"nko        {info['nko']}")
         typer.echo(f"latin      {info['latin']}")
-        typer.echo(f"duplicates {len(info['duplicate_feat_ids'])}  empty {len(info['empty_texts'])}  "
+        typer.echo(f"duplicates {len(info['duplicates'])}  empty {len(info['empty_texts'])}  "
                    f"invalid N'Ko {len(info['invalid_nko_rows'])}")
         for line in info["bad_lines"][:20]:
             typer.echo(f"  bad: {line}")
-        for fid in info["duplicate_feat_ids"][:20]:
-            typer.echo(f"  duplicate feat_id: {fid}")
-        for fid in info["empty_texts"][:20]:
-            typer.echo(f"  empty text: {fid}")
+        for d in info["duplicates"][:20]:
+            typer.echo(f"  duplicate feat_id: line {d['line']} ({d['feat_id']}), first on line {d['first_line']}")
+        for e in info["empty_texts"][:20]:
+            typer.echo(f"  empty text: line {e['line']} ({e['feat_id']}): field '{e['field']}'")
         for row in info["invalid_nko_rows"][:20]:
-            typer.echo(f"  invalid N'Ko: {row['feat_id']}: {'; '.join(row['offences'])}")
+            typer.echo(f"  invalid N'Ko: line {row['line']} ({row['feat_id']}): {'; '.join(row['offences'])}")
     if not info["ok"]:
         raise typer.Exit(1)
 

@@ -12,6 +12,7 @@ import torch
 from models import text as T
 from models.config import RunConfig
 from models.model import Dims, ctc_min_frames, make_dims, output_lengths
+from models.snapshot import Snapshot
 from models.snapshot import load as load_snapshot
 from models.split import PARTS, Split
 from models.vocab import Vocab
@@ -47,7 +48,10 @@ class RunData:
     vocab: Vocab
     dims: Dims
     parts: dict[str, list[Utterance]]
-    skipped: dict[str, dict] = field(default_factory=dict)  # part -> {"unknown_chars": n, "empty": n}
+    # train rows left out: {"unknown_chars": [{"feat_id", "chars"}], "empty": [feat_id, ...]}
+    skipped: dict = field(default_factory=dict)
+    # val/test rows kept although their reference has characters outside the vocabulary
+    out_of_vocabulary: dict[str, list[dict]] = field(default_factory=dict)
 
     def infeasible(self) -> dict[str, int]:
         return {p: sum(not u.feasible for u in us) for p, us in self.parts.items()}
@@ -55,6 +59,16 @@ class RunData:
 
 def _show(ids: list[str], n: int = 5) -> str:
     return ", ".join(ids[:n]) + (f" and {len(ids) - n} more" if len(ids) > n else "")
+
+
+def char_labels(chars) -> list[str]:
+    """``["'x' U+0078", ...]`` for a set of characters, sorted."""
+    return [f"{c!r} U+{ord(c):04X}" for c in sorted(chars)]
+
+
+def _show_oov(rows: list[dict], n: int = 5) -> str:
+    shown = "; ".join(f"{r['feat_id']}: {', '.join(r['chars'])}" for r in rows[:n])
+    return shown + (f"; and {len(rows) - n} more" if len(rows) > n else "")
 
 
 def audio_id(row: dict) -> str:
@@ -65,8 +79,29 @@ def audio_id(row: dict) -> str:
     return row["feat_id"]
 
 
+def check_store_source(store, snap: Snapshot, features: str) -> None:
+    """The store must record ``snap`` among the snapshots it was extracted from
+    (``nko-ops features extract`` records "<pairs.jsonl> sha256:<sha>")."""
+    shas = [s.rsplit("sha256:", 1)[-1].strip() for s in store.sources]
+    if snap.sha256 in shas:
+        return
+    found = f"records source(s) {_show(store.sources, 3)}" if store.sources else "records no source snapshot"
+    raise DataError(f"features: the feature store {features} (config field 'features') {found}, not snapshot "
+                    f"{snap.path} sha256:{snap.sha256}. Point 'features' at a store extracted from this snapshot "
+                    f"(nko-ops features extract --snapshot {snap.root} --out DIR --whisper RECIPE); a store written "
+                    f"with FeatureWriter must pass source=\"<pairs.jsonl> sha256:<sha>\"")
+
+
 def prepare(cfg: RunConfig, split_path: str | Path | None = None, log=print) -> RunData:
-    """Load and cross-check everything a run reads; DataError names what does not match."""
+    """Load and cross-check everything a run reads; DataError names what does not match.
+
+    Every val and test utterance of the split is kept, so N'Ko and Latin runs of one split
+    score the same test rows (CONTRACTS §5). A val/test reference with characters outside
+    the vocabulary is scored as written (the model cannot emit them: they count as errors);
+    its CTC labels, used only for the val loss and the feasibility count, are the reference
+    with those characters removed. A val/test reference that is empty after the target
+    normalisation is an error. Train rows with an empty or out-of-vocabulary target are
+    skipped, logged with their characters and recorded in results.json."""
     from models.features import FeatureStore
 
     snap = load_snapshot(Path(cfg.snapshot))
@@ -90,6 +125,7 @@ def prepare(cfg: RunConfig, split_path: str | Path | None = None, log=print) -> 
         store = FeatureStore.open(Path(cfg.features))
     except FileNotFoundError as e:
         raise DataError(f"features: {e}") from None
+    check_store_source(store, snap, cfg.features)
     overrides = cfg.model.overrides()
     if "n_input" in overrides and overrides["n_input"] != store.dim:
         raise DataError(f"model.n_input={overrides['n_input']} but the feature store {cfg.features} has dim {store.dim}")
@@ -102,34 +138,49 @@ def prepare(cfg: RunConfig, split_path: str | Path | None = None, log=print) -> 
 
     limits = {"train": cfg.subset.train, "val": cfg.subset.val, "test": cfg.subset.test}
     parts: dict[str, list[Utterance]] = {}
-    skipped: dict[str, dict] = {}
+    skipped = {"unknown_chars": [], "empty": []}
+    oov: dict[str, list[dict]] = {}
     for part in PARTS:
         ids = getattr(split, part)[: limits[part]] if limits[part] else getattr(split, part)
         absent = [f for f in ids if f not in store]
         if absent:
             raise DataError(f"features: {len(absent)} {part} feat_id(s) are not in the feature store "
                             f"{cfg.features}: {_show(absent)}")
+        refs = {f: T.target_text(by_id[f][cfg.script], cfg.script) for f in ids}
+        empty = [f for f in ids if not refs[f]]
+        if empty and part != "train":
+            raise DataError(f"{part} utterance(s) with an empty {cfg.script} target after normalisation (punctuation "
+                            f"removed) cannot be scored: {_show(empty)} (field '{cfg.script}' of {snap.path}: "
+                            f"{by_id[empty[0]][cfg.script]!r}); fix these snapshot rows or drop them from the split")
         frames = [store.frames(f) for f in ids]
         outs = output_lengths(torch.tensor(frames, dtype=torch.long), dims).tolist() if ids else []
-        utts, unknown, empty = [], [], []
+        utts, unknown = [], []
         for fid, n, n_out in zip(ids, frames, outs):
-            row = by_id[fid]
-            ref = T.target_text(row[cfg.script], cfg.script)
+            row, ref = by_id[fid], refs[fid]
             if not ref:
-                empty.append(fid)
                 continue
-            if vocab.unknown([ref]):
-                unknown.append(fid)
-                continue
-            utts.append(Utterance(fid, audio_id(row), vocab.encode(ref), ref, row["nko"], row["latin"], n, n_out))
-        skipped[part] = {"unknown_chars": len(unknown), "empty": len(empty)}
-        if unknown:
-            log(f"WARNING {part}: {len(unknown)} utterance(s) skipped, characters outside the {cfg.script} "
-                f"vocabulary: {_show(unknown)}")
-        if empty:
-            log(f"WARNING {part}: {len(empty)} utterance(s) skipped, empty {cfg.script} target: {_show(empty)}")
+            bad = vocab.unknown([ref])
+            if bad:
+                unknown.append({"feat_id": fid, "chars": char_labels(bad)})
+                if part == "train":
+                    continue
+            known = " ".join("".join(ch for ch in ref if ch not in bad).split()) if bad else ref
+            utts.append(Utterance(fid, audio_id(row), vocab.encode(known), ref, row["nko"], row["latin"], n, n_out))
+        if part == "train":
+            skipped = {"unknown_chars": unknown, "empty": empty}
+            if unknown:
+                log(f"WARNING train: {len(unknown)} utterance(s) skipped, characters outside the {cfg.script} "
+                    f"vocabulary: {_show_oov(unknown)}")
+            if empty:
+                log(f"WARNING train: {len(empty)} utterance(s) skipped, empty {cfg.script} target: {_show(empty)}")
+        else:
+            oov[part] = unknown
+            if unknown:
+                log(f"WARNING {part}: {len(unknown)} utterance(s) have characters outside the {cfg.script} "
+                    f"vocabulary; they are kept and scored as written (those characters count as errors): "
+                    f"{_show_oov(unknown)}")
         parts[part] = utts
-    data = RunData(snap.path, snap.sha256, split, split_path, store, vocab, dims, parts, skipped)
+    data = RunData(snap.path, snap.sha256, split, split_path, store, vocab, dims, parts, skipped, oov)
     for part, n in data.infeasible().items():
         if n:
             log(f"WARNING {part}: {n} of {len(parts[part])} utterance(s) are CTC-infeasible (fewer encoder frames "

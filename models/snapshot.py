@@ -38,6 +38,9 @@ class Problem:
     line: int
     feat_id: str | None
     message: str
+    kind: str = "bad"  # "bad" | "empty" | "duplicate"
+    field: str | None = None  # the text field at fault ("nko" | "latin"), for "empty"
+    first_line: int | None = None  # for "duplicate": the line the feat_id first appears on
 
     def __str__(self) -> str:
         where = f"line {self.line}" + (f" ({self.feat_id})" if self.feat_id else "")
@@ -50,6 +53,7 @@ class Snapshot:
     sha256: str
     rows: list[dict]
     problems: list[Problem] = field(default_factory=list)
+    lines: dict[str, int] = field(default_factory=dict)  # feat_id -> line number in the file
 
     @property
     def root(self) -> Path:
@@ -91,13 +95,14 @@ def load(path: Path, strict: bool = True) -> Snapshot:
             if not isinstance(row.get(key), str):
                 problems.append(Problem(lineno, fid, f"field '{key}' missing or not a string"))
             elif not row[key].strip():
-                problems.append(Problem(lineno, fid, f"field '{key}' is empty"))
+                problems.append(Problem(lineno, fid, f"field '{key}' is empty", "empty", key))
         if fid in seen:
-            problems.append(Problem(lineno, fid, f"duplicate feat_id (first on line {seen[fid]})"))
+            problems.append(Problem(lineno, fid, f"duplicate feat_id (first on line {seen[fid]})", "duplicate",
+                                    first_line=seen[fid]))
             continue
         seen[fid] = lineno
         rows.append(row)
-    snap = Snapshot(file, sha256_file(file), rows, problems)
+    snap = Snapshot(file, sha256_file(file), rows, problems, seen)
     if strict and problems:
         shown = "\n".join(f"  {p}" for p in problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -106,14 +111,16 @@ def load(path: Path, strict: bool = True) -> Snapshot:
 
 
 def describe(path: Path) -> dict:
-    """Rows, sha256, duplicates, empty texts, invalid N'Ko rows, length stats."""
+    """Rows, sha256, duplicates, empty texts, invalid N'Ko rows, length stats. Each problem
+    entry carries its line number in the file."""
     snap = load(path, strict=False)
     invalid_nko = []
     for r in snap.rows:
         if isinstance(r.get("nko"), str) and r["nko"].strip():
             bad = nko_offences(r["nko"])
             if bad:
-                invalid_nko.append({"feat_id": r["feat_id"], "offences": [str(b) for b in bad[:5]]})
+                invalid_nko.append({"line": snap.lines[r["feat_id"]], "feat_id": r["feat_id"],
+                                    "offences": [str(b) for b in bad[:5]]})
 
     def stats(key: str) -> dict:
         lens = [len(r[key]) for r in snap.rows if isinstance(r.get(key), str)]
@@ -127,9 +134,11 @@ def describe(path: Path) -> dict:
         "path": str(snap.path),
         "sha256": snap.sha256,
         "rows": len(snap.rows),
-        "duplicate_feat_ids": [p.feat_id for p in snap.problems if "duplicate" in p.message],
-        "empty_texts": [p.feat_id for p in snap.problems if "is empty" in p.message],
-        "bad_lines": [str(p) for p in snap.problems if "duplicate" not in p.message and "is empty" not in p.message],
+        "duplicates": [{"line": p.line, "feat_id": p.feat_id, "first_line": p.first_line}
+                       for p in snap.problems if p.kind == "duplicate"],
+        "empty_texts": [{"line": p.line, "feat_id": p.feat_id, "field": p.field}
+                        for p in snap.problems if p.kind == "empty"],
+        "bad_lines": [str(p) for p in snap.problems if p.kind == "bad"],
         "invalid_nko_rows": invalid_nko,
         "nko": stats("nko"),
         "latin": stats("latin"),

@@ -10,6 +10,10 @@ Transliteration is lossy in both directions, by construction:
   vowel the n starts the next syllable, so "sanu" -> ߛߊߣߎ, "san" -> ߛߊ߲.
   Punctuation is mapped where N'Ko has a sign (",", "!", "?") and dropped otherwise
   by the target normaliser, not here.
+* Long vowels: Latin writes them doubled ("taa"), real N'Ko writes one vowel with a
+  long tone mark U+07EE-U+07F1 (ߕߊ߯). Latin -> N'Ko writes the doubled letters
+  ("taa" -> ߕߊߊ), which differs from real N'Ko orthography; N'Ko -> Latin reads a long
+  tone mark as a doubled vowel, so ߕߊ߯ and ߕߊߊ both read back "taa".
 * N'Ko -> Latin: tone marks (U+07EB-U+07F1 after vowels and ߒ) and the
   high/low tone apostrophes' tone are dropped; U+07F2 becomes "n" after the
   vowel, so a nasal vowel followed by a vowel reads back as vowel+n+vowel
@@ -41,6 +45,7 @@ NORMALIZATION_VERSION = "nko-ops-text-1"
 
 NKO_FIRST, NKO_LAST = 0x07C0, 0x07FF
 TONE_MARKS = frozenset(chr(c) for c in range(0x07EB, 0x07F2))  # U+07EB..U+07F1
+LONG_TONE_MARKS = frozenset(chr(c) for c in range(0x07EE, 0x07F2))  # U+07EE..U+07F1: long vowel
 NASAL_MARK = "\u07f2"
 LOAN_MARK = "\u07ed"  # short rising tone on a vowel, loan-sound dot on a consonant
 HIGH_TONE_APOSTROPHE, LOW_TONE_APOSTROPHE = "\u07f4", "\u07f5"
@@ -259,10 +264,13 @@ _NKO_LOANS_TO_LATIN = {"ߜ": "g", "ߝ": "v", "ߖ": "z", "ߛ": "sh", "ߞ": "kh", 
 
 
 def nko_to_latin(text: str) -> str:
-    """Transliterate N'Ko to Latin Bambara; tone is dropped (see module docstring).
+    """Transliterate N'Ko to Latin Bambara; tone is dropped, a long tone mark doubles its
+    vowel (see module docstring).
 
     >>> nko_to_latin("ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ")
     'i ye san joli ye'
+    >>> nko_to_latin("ߕߊ߯")
+    'taa'
     """
     text = normalize(text)
     out = []
@@ -280,6 +288,9 @@ def nko_to_latin(text: str) -> str:
             pass
         elif ch in _NKO_TO_LATIN:
             out.append(_NKO_TO_LATIN[ch])
+            mark = text[i + 2] if nxt == NASAL_MARK and i + 2 < len(text) else nxt  # NFC: nasal before tone
+            if ch in NKO_VOWELS and mark in LONG_TONE_MARKS:
+                out.append(_NKO_TO_LATIN[ch])
         else:
             out.append(ch)
         i += 1
@@ -320,8 +331,9 @@ class CER:
     rows: int
 
     @property
-    def value(self) -> float:
-        return self.edits / self.reference_chars if self.reference_chars else 0.0
+    def value(self) -> float | None:
+        """edits / reference_chars; None when there are no reference characters (undefined)."""
+        return self.edits / self.reference_chars if self.reference_chars else None
 
     def as_dict(self) -> dict:
         return {"cer": self.value, "edits": self.edits, "reference_chars": self.reference_chars, "rows": self.rows}
@@ -335,7 +347,8 @@ def row_edits(reference: str, hypothesis: str) -> tuple[int, int]:
 
 
 def corpus_cer(references: Sequence[str], hypotheses: Sequence[str], tone_free: bool = False) -> CER:
-    """Corpus-level CER: total edits / total reference characters (NFC code points)."""
+    """Corpus-level CER: total edits / total reference characters (NFC code points).
+    With no reference characters at all the CER is undefined: ``.value`` is None."""
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
     edits = chars = 0

@@ -15,8 +15,9 @@ On CUDA the forward pass runs under bf16 autocast (CTC loss in fp32). With ``WOR
 (torchrun) the model is wrapped in DDP, each rank takes every WORLD_SIZE-th batch,
 validation is all-reduced, and rank 0 alone writes files and decodes the test set.
 
-A run directory is complete iff ``manifest.json`` exists; it is written last. A failure
-writes ``error.json`` (and keeps the logs and checkpoints) and never a manifest.
+A run directory is complete iff ``manifest.json`` exists; it is written last, right after
+``results.json`` says "complete". A failure writes ``error.json`` (and keeps the logs and
+checkpoints), never a manifest, and turns an existing results.json to "failed".
 """
 
 from __future__ import annotations
@@ -268,6 +269,7 @@ def train(cfg: RunConfig, stop_after_epoch: int | None = None, echo: bool = True
             logs.run(traceback.format_exc().rstrip())
             logs.metric({"kind": "status", "status": "failed", "stage": stage["name"], "epoch": stage["epoch"],
                          "error": f"{type(e).__name__}: {e}"})
+            _mark_results_failed(out)
             write_json(out / "error.json", {"run_id": cfg.run_id, "status": "failed", "stage": stage["name"],
                                             "epoch": stage["epoch"], "error_type": type(e).__name__,
                                             "message": str(e), "traceback": traceback.format_exc(),
@@ -279,6 +281,14 @@ def train(cfg: RunConfig, stop_after_epoch: int | None = None, echo: bool = True
             lock.close()
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _mark_results_failed(out: Path) -> None:
+    """A results.json without manifest.json is not a finished run: say so in the file too."""
+    path = out / "results.json"
+    if path.exists() and not (out / "manifest.json").exists():
+        results = json.loads(path.read_text(encoding="utf-8"))
+        write_json(path, {**results, "status": "failed", "error": "see error.json"})
 
 
 def _train(cfg: RunConfig, out: Path, logs: Logs, stage: dict, world: int, rank: int,
@@ -494,7 +504,8 @@ def finish(cfg: RunConfig, out: Path, data: RunData, device: torch.device, logs:
         "partition_rows": {p: v["rows"] for p, v in by_part["partitions"].items()},
         "partition_policy": policy, "partition_policy_sha256": policy_sha256(policy),
         "utterances": {p: len(us) for p, us in data.parts.items()}, "ctc_infeasible": data.infeasible(),
-        "skipped": data.skipped, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in batching.items()},
+        "skipped": data.skipped, "out_of_vocabulary": data.out_of_vocabulary,
+        **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in batching.items()},
         "ttt": {**cfg.ttt.model_dump(), **dstats} if cfg.mode == "ttt" else None,
         "tar": {**cfg.tar.model_dump(), "definition": TAR_DEFINITION} if cfg.mode == "tar" else None,
         "train_time_s": round(state["train_time_s"], 3), "wall_time_s": round(time.time() - t0, 3),
@@ -502,16 +513,18 @@ def finish(cfg: RunConfig, out: Path, data: RunData, device: torch.device, logs:
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    write_json(out / "results.json", results)
+    missing = [a for a in ARTIFACTS if a != "results.json" and not (out / a).is_file()]
+    if missing:
+        raise RunError(f"bundle incomplete, missing {missing}")
     logs.metric({"kind": "status", "status": "complete", "epoch": state["epoch"], "step": state["step"],
                  "test_cer": overall["cer"], "best_val_loss": state["best_val_loss"]})
     logs.run(f"complete: {out}")
     (out / "error.json").unlink(missing_ok=True)
+    # results.json says "complete" only from here on; if the manifest is not written after
+    # it, the failure handler in train() turns it to "failed" (a kill leaves it for the rerun).
+    write_json(out / "results.json", results)
     files = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(".")
                    and p.name != "manifest.json")
-    missing = [a for a in ARTIFACTS if a not in files]
-    if missing:
-        raise RunError(f"bundle incomplete, missing {missing}")
     write_json(out / "manifest.json", {"run_id": cfg.run_id, "files": {
         name: {"sha256": sha256_file(out / name), "size": (out / name).stat().st_size} for name in files}})
     return out

@@ -31,6 +31,9 @@ def train_cmd(
     ttt_chunk_size: Optional[int] = typer.Option(None, "--ttt-chunk-size", help="Override ttt.chunk_size (encoder frames)."),
     ttt_lr: Optional[float] = typer.Option(None, "--ttt-lr", help="Override ttt.lr."),
     ttt_steps: Optional[int] = typer.Option(None, "--ttt-steps", help="Override ttt.steps (0 = no adaptation)."),
+    tar_weight: Optional[float] = typer.Option(None, "--tar-weight", help="Override tar.weight (anticipation term)."),
+    tar_smooth_weight: Optional[float] = typer.Option(None, "--tar-smooth-weight",
+                                                      help="Override tar.smooth_weight (smoothness term)."),
     use_trajectory: bool = typer.Option(False, "--use-trajectory", help="Same as --mode trajectory."),
     use_tar: bool = typer.Option(False, "--use-tar", help="Same as --mode tar."),
     use_ttt: bool = typer.Option(False, "--use-ttt", help="Same as --mode ttt (trajectory model + TTT)."),
@@ -44,7 +47,8 @@ def train_cmd(
 
     mode = _mode_from_flags(mode, use_trajectory, use_tar, use_ttt)
     overrides = {"script": script, "mode": mode, "seed": seed, "ttt.chunk_size": ttt_chunk_size, "ttt.lr": ttt_lr,
-                 "ttt.steps": ttt_steps, "out_dir": out_dir, "device": device}
+                 "ttt.steps": ttt_steps, "tar.weight": tar_weight, "tar.smooth_weight": tar_smooth_weight,
+                 "out_dir": out_dir, "device": device}
     try:
         cfg = load_config(config, overrides)
     except ConfigError as e:

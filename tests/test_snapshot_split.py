@@ -40,11 +40,12 @@ def test_describe_reports_each_problem_with_its_line(broken):
     assert info["rows"] == 4  # a, c, d, e (the duplicate and the two bad lines are not rows)
     assert any(line.startswith("line 2:") and "not JSON" in line for line in info["bad_lines"])
     assert any(line.startswith("line 6:") and "not a JSON object" in line for line in info["bad_lines"])
-    assert info["duplicate_feat_ids"] == ["a"]
-    assert sorted(info["empty_texts"]) == ["c", "e"]
-    invalid = {r["feat_id"]: r["offences"] for r in info["invalid_nko_rows"]}
-    assert list(invalid) == ["d"]
-    assert invalid["d"][0] == "U+0073 LATIN SMALL LETTER S at position 4"
+    assert info["duplicates"] == [{"line": 4, "feat_id": "a", "first_line": 1}]
+    assert info["empty_texts"] == [{"line": 3, "feat_id": "c", "field": "nko"},
+                                   {"line": 7, "feat_id": "e", "field": "latin"}]
+    [invalid] = info["invalid_nko_rows"]
+    assert (invalid["line"], invalid["feat_id"]) == (5, "d")
+    assert invalid["offences"][0] == "U+0073 LATIN SMALL LETTER S at position 4"
 
 
 def test_strict_load_names_the_offending_lines(broken):
@@ -58,7 +59,7 @@ def test_strict_load_names_the_offending_lines(broken):
 def test_duplicate_only_snapshot_is_broken(tmp_path):
     snap = _write(tmp_path / "dup", [_row("x"), _row("y"), _row("x")])
     info = describe(snap)
-    assert info["duplicate_feat_ids"] == ["x"] and not info["ok"]
+    assert info["duplicates"] == [{"line": 3, "feat_id": "x", "first_line": 1}] and not info["ok"]
 
 
 def test_clean_snapshot_loads_with_sha256(tmp_path):
@@ -73,8 +74,11 @@ def test_cli_describe_exit_codes(broken, tmp_path):
     runner = CliRunner()
     bad = runner.invoke(app, ["snapshot", "describe", str(broken)])
     assert bad.exit_code != 0
-    assert "line 2" in bad.output and "duplicate feat_id: a" in bad.output
-    assert "invalid N'Ko: d: U+0073" in bad.output
+    assert "bad: line 2:" in bad.output
+    assert "duplicate feat_id: line 4 (a), first on line 1" in bad.output
+    assert "empty text: line 3 (c): field 'nko'" in bad.output
+    assert "empty text: line 7 (e): field 'latin'" in bad.output
+    assert "invalid N'Ko: line 5 (d): U+0073" in bad.output
     missing = runner.invoke(app, ["snapshot", "describe", str(tmp_path / "nowhere")])
     assert missing.exit_code != 0
     good = runner.invoke(app, ["snapshot", "describe", str(SAMPLE), "--json"])

@@ -39,6 +39,22 @@ def test_nko_to_latin_drops_tone_and_reads_loans():
     assert T.nko_to_latin("ߋ ߍ ߏ ߐ") == "e ɛ o ɔ"
 
 
+@pytest.mark.parametrize("nko,latin", [
+    ("ߕߊ߯", "taa"),          # long high tone: the vowel is long
+    ("ߓߍ߰ ߘߏ߱ ߛߌ߮", "bɛɛ doo sii"),  # long low, long rising, long descending
+    ("ߕߊ\u07f2\u07ef", "taan"),  # long nasal vowel (NFC puts the nasal mark before the tone)
+    ("ߕߊ\u07ef\u07f2", "taan"),  # typed tone first: the same after NFC
+    ("ߕߊ߫ ߕߊ߬ ߕߊ߭", "ta ta ta"),  # short tones stay short
+])
+def test_nko_to_latin_doubles_vowels_with_a_long_tone_mark(nko, latin):
+    assert T.nko_to_latin(nko) == latin
+
+
+def test_latin_long_vowels_stay_doubled_letters_in_nko():
+    assert T.latin_to_nko("taa") == "ߕߊߊ"  # not the real orthography ߕߊ߯ (see models/text.py)
+    assert T.nko_to_latin(T.latin_to_nko("taa")) == T.nko_to_latin("ߕߊ߯") == "taa"
+
+
 def test_latin_normalisation():
     assert T.normalize_latin("NYƐ  Ɔkutɔburu K’a") == "ɲɛ ɔkutɔburu k'a"
     assert T.normalize_latin("sƐgƐ, fanga!", remove_punctuation=True) == "sɛgɛ fanga"
@@ -87,6 +103,13 @@ def test_corpus_cer_is_total_edits_over_total_chars():
     assert result.value == pytest.approx(2 / 6)
 
 
+def test_cer_of_no_reference_characters_is_undefined():
+    result = T.corpus_cer([""], ["abc"])
+    assert (result.edits, result.reference_chars, result.value) == (3, 0, None)
+    assert result.as_dict()["cer"] is None
+    assert T.corpus_cer(["", "ab"], ["x", "ab"]).value == pytest.approx(1 / 2)  # corpus level: defined
+
+
 def test_toneless_cer():
     assert T.corpus_cer(["ߛߊ߲߭"], ["ߛߊ߲"]).value == pytest.approx(0.25)
     assert T.corpus_cer(["ߛߊ߲߭"], ["ߛߊ߲"], tone_free=True).value == 0
@@ -112,5 +135,8 @@ def test_cli_text_commands():
     out = runner.invoke(app, ["text", "cer", "--ref", "ߛߊ߲߭", "--hyp", "ߛߊ߲", "--json"]).output
     assert json.loads(out)["cer"] == pytest.approx(0.25)
     assert runner.invoke(app, ["text", "cer", "--ref", "ߛߊ߲߭", "--hyp", "ߛߊ߲", "--toneless"]).output.strip() == "0.000000"
+    for ref in ("", " \u200f "):
+        empty = runner.invoke(app, ["text", "cer", "--ref", ref, "--hyp", "abc"])
+        assert empty.exit_code == 2 and "--ref is empty" in empty.output and "0.000000" not in empty.output
     checked = runner.invoke(app, ["text", "check", "ߛߊ߲ x"])
     assert checked.exit_code == 1 and "U+0078" in checked.output

@@ -23,7 +23,7 @@ from models.config import ConfigError, load_config, parse_config
 from models.data import DataError
 from models.decode import PARTITIONS, RECORD_KEYS, SUMMARY_KEYS, load_policy, partition
 from models.snapshot import sha256_file
-from models.split import make_split
+from models.split import PARTS, make_split
 from models.text import row_edits, toneless
 from models.train import ARTIFACTS, evaluate_run, train
 
@@ -353,3 +353,125 @@ def test_ddp_two_cpu_ranks_under_torchrun(base, tmp_path):
     started = next(r for r in lines(out / "metrics.jsonl") if r.get("status") == "started")
     assert epochs(out)[-1]["step"] == 3 * started["steps_per_epoch"]
     check_bundle(out, "trajectory")
+
+
+# ---------------------------------------------------------------- data integrity
+
+OOV = {"nko": "x", "latin": "ç"}  # outside the N'Ko / Latin vocabularies, kept by the target normaliser
+
+
+def test_out_of_vocabulary_test_rows_are_kept_in_both_scripts(base, tmp_path):
+    from models.split import Split
+
+    texts = {part: {"nko": f"ߓߊ {OOV['nko']} ߞߊ", "latin": f"ba {OOV['latin']} ka"} for part in PARTS}
+    cfg = H.build(tmp_path, texts=texts)
+    cfg["train"].update(base["train"], epochs=2)
+    split = Split.load(Path(cfg["split"]))
+    outs = {}
+    for script in ("nko", "latin"):
+        outs[script] = train(parse_config(variant(cfg, f"oov-{script}", script=script)), echo=False)
+    ids = {s: [r["feat_id"] for r in lines(o / "test_predictions.jsonl")] for s, o in outs.items()}
+    assert ids["nko"] == ids["latin"] == split.test
+    for script, out in outs.items():
+        ch = OOV[script]
+        row = next(r for r in lines(out / "test_predictions.jsonl") if r["feat_id"] == split.test[0])
+        assert ch in row["reference_text"] and ch not in row["asr_text"]  # scored as written: an unavoidable error
+        assert (row["cer_edits"], row["reference_chars"]) == row_edits(row["reference_text"], row["asr_text"])
+        results = json.loads((out / "results.json").read_text())
+        label = f"{ch!r} U+{ord(ch):04X}"
+        assert results["utterances"] == {"train": len(split.train) - 1, "val": len(split.val),
+                                         "test": len(split.test)}
+        assert results["test_rows"] == len(split.test)
+        assert results["skipped"] == {"unknown_chars": [{"feat_id": split.train[0], "chars": [label]}], "empty": []}
+        assert results["out_of_vocabulary"] == {p: [{"feat_id": getattr(split, p)[0], "chars": [label]}]
+                                                for p in ("val", "test")}
+        log = (out / "run.log").read_text()
+        assert "WARNING train: 1 utterance(s) skipped" in log and f"{split.train[0]}: {label}" in log
+        assert f"{split.test[0]}: {label}" in log
+
+
+def test_empty_val_or_test_target_is_an_error_naming_the_row(tmp_path):
+    from models.data import prepare
+    from models.split import Split
+
+    for part in ("val", "test"):
+        cfg = H.build(tmp_path / part, texts={part: {"nko": "߹", "latin": "!"}})  # punctuation only
+        fid = getattr(Split.load(Path(cfg["split"])), part)[0]
+        for script in ("nko", "latin"):
+            with pytest.raises(DataError, match=f"{part} utterance.*empty {script} target.*{fid}"):
+                prepare(parse_config({**cfg, "script": script}), log=lambda m: None)
+    cfg = H.build(tmp_path / "train", texts={"train": {"nko": "߹", "latin": "!"}})
+    fid = Split.load(Path(cfg["split"])).train[0]
+    logged = []
+    data = prepare(parse_config(cfg), log=logged.append)
+    assert data.skipped == {"unknown_chars": [], "empty": [fid]}
+    assert any("empty nko target" in m and fid in m for m in logged)
+
+
+def test_feature_store_of_another_snapshot_fails_naming_both_shas(base, tmp_path):
+    from models.data import prepare
+    from models.snapshot import load
+
+    other = H.build(tmp_path / "other", seed=1)  # same feat_ids, other texts: another snapshot
+    ours, theirs = (load(Path(c["snapshot"])).sha256 for c in (base, other))
+    assert ours != theirs
+    cfg = variant(base, "wrong-store", features=other["features"])
+    with pytest.raises(DataError) as e:
+        train(parse_config(cfg), echo=False)
+    msg = str(e.value)
+    assert ours in msg and theirs in msg and "'features'" in msg and "nko-ops features extract" in msg
+    out = Path(cfg["out_dir"])
+    assert json.loads((out / "error.json").read_text())["stage"] == "data"
+    assert not (out / "results.json").exists()
+
+    bare = H.build(tmp_path / "bare", source=False)
+    with pytest.raises(DataError, match="records no source snapshot.*FeatureWriter must pass source"):
+        prepare(parse_config(bare), log=lambda m: None)
+
+
+def test_late_failure_leaves_no_complete_looking_bundle(base, tmp_path, monkeypatch):
+    import models.train as train_mod
+    from backend.runs import verify_bundle
+
+    cfg = parse_config(variant(base, "late-fail", train__epochs=2))
+    out = Path(cfg.out_dir)
+
+    def broken_hash(path):
+        raise OSError(f"disk went away while hashing {path.name}")
+
+    monkeypatch.setattr(train_mod, "sha256_file", broken_hash)  # fails while writing manifest.json
+    with pytest.raises(OSError, match="disk went away"):
+        train(cfg, echo=False)
+    monkeypatch.undo()
+    assert (out / "error.json").exists() and not (out / "manifest.json").exists()
+    assert all((out / a).exists() for a in ARTIFACTS)
+    assert json.loads((out / "results.json").read_text())["status"] == "failed"
+    problems = verify_bundle(out, allow_no_manifest=True).problems
+    assert any(p.startswith("error.json present: the run failed (stage decode") for p in problems)
+    assert "results.json: status 'failed', not 'complete'" in problems
+    res = CliRunner().invoke(app, ["runs", "import", str(out), "--allow-no-manifest",
+                                   "--db", str(tmp_path / "state.db")])
+    assert res.exit_code == 2 and "error.json present" in res.output
+    # a results.json that still says complete (as an older trainer left it) is refused too
+    results = json.loads((out / "results.json").read_text())
+    (out / "results.json").write_text(json.dumps({**results, "status": "complete"}))
+    assert any(p.startswith("error.json present") for p in verify_bundle(out, allow_no_manifest=True).problems)
+
+    assert train(cfg, echo=False) == out  # the same command finishes the run
+    assert (out / "manifest.json").exists() and not (out / "error.json").exists()
+    assert json.loads((out / "results.json").read_text())["status"] == "complete"
+    assert verify_bundle(out).ok
+
+
+def test_cli_tar_weight_flags_override_the_config(base, tmp_path):
+    cfg = variant(base, "tar-cli", train__epochs=2)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(cfg))
+    res = CliRunner().invoke(app, ["train", "--config", str(path), "--mode", "tar", "--tar-weight", "0.25",
+                                   "--tar-smooth-weight", "0.05"])
+    assert res.exit_code == 0, res.output
+    results = json.loads((Path(cfg["out_dir"]) / "results.json").read_text())
+    assert results["config"]["tar"] == {"weight": 0.25, "smooth_weight": 0.05}
+    assert (results["tar"]["weight"], results["tar"]["smooth_weight"]) == (0.25, 0.05)
+    res = CliRunner().invoke(app, ["train", "--config", str(path), "--tar-weight", "-1"])
+    assert res.exit_code == 2 and "field 'tar.weight'" in res.output

@@ -39,26 +39,33 @@ def features_for(latin: str, rng: np.random.Generator, protos: dict[str, np.ndar
     return x.astype(np.float32)
 
 
-def build(root: Path, n: int = 40, seed: int = 0) -> dict:
-    """Write snapshot/, split.json and features/ under ``root``; return a run config dict."""
+def build(root: Path, n: int = 40, seed: int = 0, texts: dict | None = None, source: bool = True) -> dict:
+    """Write snapshot/, split.json and features/ under ``root``; return a run config dict.
+
+    ``texts``: {part: {"nko": ..., "latin": ...}} replaces the texts of that split part's first
+    row (features stay those of the original sentence). ``source``: record the snapshot in
+    the feature store, as ``nko-ops features extract`` does."""
     root = Path(root)
     (root / "snapshot").mkdir(parents=True, exist_ok=True)
     latin = sentences(n, seed)
     rows = [{"feat_id": f"bam_t_{i:04d}", "nko": latin_to_nko(s), "latin": s} for i, s in enumerate(latin)]
+    ids = [r["feat_id"] for r in rows]
+    by_id = {r["feat_id"]: r for r in rows}
+    for part, new in (texts or {}).items():
+        by_id[getattr(make_split(ids, seed=42, val_fraction=0.15, test_fraction=0.15), part)[0]].update(new)
     pairs = root / "snapshot" / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     sha = sha256_file(pairs)
-    split = make_split([r["feat_id"] for r in rows], seed=42, val_fraction=0.15, test_fraction=0.15,
-                       snapshot_sha256=sha)
+    split = make_split(ids, seed=42, val_fraction=0.15, test_fraction=0.15, snapshot_sha256=sha)
     split.save(root / "split.json")
     rng = np.random.default_rng(seed + 1)
     letters = sorted({ch for s in latin for ch in s} | {" "})
     protos = {ch: rng.normal(0, 1, size=DIM) for ch in letters}
     recipe = {"name": "synthetic-prototypes", "dim": DIM, "frame_rate": 50.0, "dtype": "float16"}
     recipe["hash"] = recipe_hash(recipe)
-    with FeatureWriter(root / "features", recipe) as w:
-        for r in rows:
-            w.add(r["feat_id"], features_for(r["latin"], rng, protos))
+    with FeatureWriter(root / "features", recipe, source=f"{pairs} sha256:{sha}" if source else None) as w:
+        for r, s in zip(rows, latin):
+            w.add(r["feat_id"], features_for(s, rng, protos))
     return {
         "run_id": "t-run", "script": "nko", "mode": "baseline", "seed": 7,
         "snapshot": str(root / "snapshot"), "split": str(root / "split.json"), "features": str(root / "features"),
