@@ -29,7 +29,7 @@ from backend.store import open_db
 from console import queries
 from console.panes.adapters import AdaptersPane
 from console.panes.gate import GatePane
-from console.ops import Ops, OpsBusy, explain
+from console.ops import Ops, OpsBusy, OpsUnavailable, explain
 from console.panes.instances import InstancesPane
 from console.panes.logs import LogsPane
 from console.panes.matrix import MatrixPane
@@ -121,8 +121,8 @@ class ConsoleApp(App):
     # ---------------------------------------------------------------- layout
 
     def compose(self) -> ComposeResult:
-        # Widgets of the main screen are held directly: App.query_one searches the *active*
-        # screen, which is a dialog whenever one is open, and the poll timer keeps ticking.
+        # Widgets of the main screen are held directly: the poll timer can tick while the app
+        # tears its screens down, when a query would find nothing (CI saw exactly that).
         self._panes: dict[str, Pane] = {name: cls(id=name) for name, cls in PANES}
         self._tabs = TabbedContent(id="tabs")
         self._status_bar = Static(status_text(None), id="status-bar")
@@ -230,8 +230,14 @@ class ConsoleApp(App):
     def _start_cloud_poll(self) -> None:
         try:
             every = self.cloud_poll or self.ops.background_interval()
-        except Exception:  # noqa: BLE001 - no provider: the console works on state.db alone
+        except OpsUnavailable:  # no API key or no settings: the console works on state.db alone
             self.cloud = Text("cloud not polled (no provider)", style="dim")
+            return
+        except Exception as e:  # noqa: BLE001 - a broken configuration: say what, keep running
+            message, _ = explain(e)
+            self.cloud = Text("cloud not polled (configuration error)", style="bold red")
+            self.call_from_thread(self.notify, f"the Vast account will not be polled: {message}",
+                                  severity="error", timeout=10)
             return
         self.call_from_thread(self.set_interval, every, self._poll_cloud)
         self.call_from_thread(self._poll_cloud)

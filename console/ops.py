@@ -106,6 +106,7 @@ class Ops:
         self.doing = ""
         self.messages: deque[str] = deque(maxlen=200)  # the Fleet's progress lines
         self._background = False  # the action holding the lock is the console's own poll
+        self._setup = threading.Lock()
         self._settings: VastSettings | None = None
         self._fleet: Fleet | None = None
 
@@ -118,6 +119,10 @@ class Ops:
         return self._settings
 
     def fleet(self) -> Fleet:
+        with self._setup:  # the background poll and a key press may both get here first
+            return self._make_fleet()
+
+    def _make_fleet(self) -> Fleet:
         if self._fleet is None:
             try:
                 settings = self.settings()

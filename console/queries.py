@@ -28,7 +28,6 @@ BUNDLE = ("results.json", "train.log", "run.log", "split.json", "vocab.json", "b
 # Worst first: a run's sync column leads with the state that needs attention.
 SYNC_ORDER = ("missing", "remote-only", "transferring", "local", "verified", "mirrored")
 PARTITIONS = ("stable", "boundary", "uncertain", "novelty")
-IDLE_UTIL = 5.0  # GPU utilisation (%) below which an instance counts as not working
 STALE_HEARTBEAT_S = 600.0
 
 
@@ -273,13 +272,14 @@ def _ts(text: str | None) -> float | None:
 def instances(db: sqlite_utils.Database, now: float) -> list[InstanceRow]:
     """Instances the store knows, live ones first.
 
-    Spend is the instance's latest cost sample (the ledger is cumulative). Idle time counts
-    from the last trainer heartbeat on the instance (or its start), and only while GPU
-    utilisation is below ``IDLE_UTIL``: the same two signals the Vast lane's kill-idle uses.
+    Spend is the instance's latest cost sample (the ledger is cumulative). Idle time is what
+    the Vast lane's kill-idle measures (backend/vast/idle.py): since its GPU utilisation went
+    under the configured threshold (``low_util_since``, kept at every poll) or the last trainer
+    heartbeat on it, whichever is later.
     """
     sql = """
         SELECT i.id, i.label, i.run_id, i.gpu_name, i.num_gpus, i.dph_total, i.actual_status,
-               i.cur_state, i.destroyed_at, i.start_date, i.gpu_util,
+               i.cur_state, i.destroyed_at, i.start_date, i.gpu_util, i.data,
                (SELECT c.total_usd FROM cost_samples c WHERE c.instance_id = i.id
                   ORDER BY c.ts DESC, c.id DESC LIMIT 1) AS spend,
                (SELECT r.heartbeat_at FROM runs r WHERE r.id = i.run_id) AS heartbeat
@@ -288,16 +288,17 @@ def instances(db: sqlite_utils.Database, now: float) -> list[InstanceRow]:
     beats = dict(db.execute("SELECT instance_id, max(heartbeat_at) FROM runs "
                             "WHERE instance_id IS NOT NULL GROUP BY instance_id").fetchall())
     out = []
-    for (iid, label, run_id, gpu, n_gpus, dph, actual, cur, destroyed, start, util, spend,
+    for (iid, label, run_id, gpu, n_gpus, dph, actual, cur, destroyed, start, util, data, spend,
          beat) in db.execute(sql).fetchall():
         beat = max((b for b in (beat, beats.get(iid)) if b), default=None)
         status = "destroyed" if destroyed else (actual or cur or "?")
         live = not destroyed
         uptime = now - start if (start and live) else None
         idle = None
-        if live and status == "running" and util is not None and util < IDLE_UTIL:
-            since = max(x for x in (_ts(beat), start, 0.0) if x is not None)
-            idle = max(0.0, now - since) if since else None
+        low_since = json.loads(data or "{}").get("low_util_since")
+        if live and status == "running" and low_since is not None:
+            since = max(x for x in (_ts(beat), low_since) if x is not None)
+            idle = max(0.0, now - since)
         gpu_label = f"{n_gpus}× {gpu}" if gpu and n_gpus and n_gpus > 1 else (gpu or "?")
         out.append(InstanceRow(str(iid), label or "", run_id or "", gpu_label, dph, status, uptime,
                                spend, util, idle))

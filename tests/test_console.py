@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import unicodedata
 from pathlib import Path
 
@@ -83,10 +84,12 @@ def build(path: Path, *, runs: bool = True, gate: bool = True, cloud: bool = Tru
                                                                 ("running", 0.0, 0.85, None),
                                                                 ("exited", None, 0.40, "2025-01-02T09:00:00.000Z")]):
                 iid = str(1000 + i)
+                low = {"low_util_since": NOW - 3600} if util == 0.0 else {}  # as backend/vast/idle.py tracks it
                 db.execute("INSERT INTO instances(id, label, run_id, gpu_name, num_gpus, dph_total, actual_status, "
-                           "gpu_util, start_date, destroyed_at, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                           "gpu_util, start_date, destroyed_at, created_at, data) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                            [iid, f"demo-run-{i}", f"demo-run-{i}", "RTX_4090" if i else "A100_SXM4", 1, dph,
-                            status, util, NOW - 7200 * (i + 1), destroyed, f"2025-01-02T0{i}:00:00.000Z"])
+                            status, util, NOW - 7200 * (i + 1), destroyed, f"2025-01-02T0{i}:00:00.000Z",
+                            json.dumps(low)])
                 for k in range(4):
                     db.execute("INSERT INTO cost_samples(instance_id, ts, dph_total, running_s, total_usd) "
                                "VALUES (?,?,?,?,?)",
@@ -122,14 +125,26 @@ def make_app(path: Path) -> ConsoleApp:
     return ConsoleApp(path, interval=3600, clock=lambda: NOW, cloud_poll=0)  # polls only when asked
 
 
-async def settle(pilot) -> None:
-    """Wait until every worker (polls, detail loads, review writes) has finished."""
-    for _ in range(500):
+async def settle(pilot, timeout: float = 60.0) -> None:
+    """Wait until every worker (polls, detail loads, review writes) has finished; a log tail
+    (which follows until closed) does not count."""
+    deadline = time.monotonic() + timeout
+    while not all(w.is_finished for w in pilot.app.workers if w.group != "logs-tail"):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"workers still running after {timeout:.0f} s: {list(pilot.app.workers)}")
         await pilot.pause()
-        if all(w.is_finished for w in pilot.app.workers):
-            break
         await asyncio.sleep(0.01)
     await pilot.pause()
+
+
+async def until(pilot, cond, timeout: float = 60.0, what: str = "") -> None:
+    """Poll ``cond`` until it holds (a deadline, not a count: CI machines can be slow)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or cond}")
+        await asyncio.sleep(0.05)
+        await pilot.pause()
 
 
 def rows(app: ConsoleApp, table_id: str) -> list[list[str]]:
@@ -246,7 +261,8 @@ def test_instances_budget_and_status(state):
     db = open_db(state)
     inst = {i.id: i for i in queries.instances(db, NOW)}
     assert inst["1000"].idle_s is None and inst["1000"].spend_usd == 5.0  # busy GPU: not idle
-    assert inst["1001"].idle_s == 14400 and inst["1001"].uptime_s == 14400  # 0% util, no heartbeat
+    # 0% util for the last hour, no heartbeat: idle since the GPU went low, not since it started
+    assert inst["1001"].idle_s == 3600 and inst["1001"].uptime_s == 14400
     assert inst["1002"].status == "destroyed" and inst["1002"].uptime_s is None
     b = queries.budget(db)
     assert (b.cap_usd, b.spent_usd) == (100, 12.5)  # ledger 12.50 > samples 5.00 + 3.40 + 1.60
@@ -287,7 +303,7 @@ async def test_every_pane_renders_on_a_populated_db(state):
         await settle(pilot)
         inst = rows(app, "#instances-table")
         assert [r[0] for r in inst] == ["1000", "1001", "1002"]
-        assert inst[1][5:] == ["4h00m", "$3.40", "0%", "4h00m"]
+        assert inst[1][5:] == ["4h00m", "$3.40", "0%", "1h00m"]
         assert "$12.50 / $100.00 (12%)" in text_of(app, "#instances-budget")
 
         await pilot.press("4")
@@ -390,21 +406,13 @@ async def test_poll_picks_up_new_rows_without_blocking(state):
         await settle(pilot)
         upsert_run(open_db(state), "demo-latin-tar", matrix_id="demo", script="latin", mode="tar", seed=7,
                    status="queued")
-        for _ in range(100):
-            await asyncio.sleep(0.05)
-            await pilot.pause()
-            if "demo-latin-tar" in [r[0] for r in rows(app, "#matrix-table")]:
-                break
+        await until(pilot, lambda: "demo-latin-tar" in [r[0] for r in rows(app, "#matrix-table")], what="the new run")
         assert rows(app, "#matrix-table")[-1][:5] == ["demo-latin-tar", "latin", "tar", "7", "queued"]
 
         table = app.query_one("#matrix-table", DataTable)
         table.move_cursor(row=2)
         upsert_run(open_db(state), "demo-latin-baseline", status="completed", epoch=6, test_cer=0.3166)
-        for _ in range(100):
-            await asyncio.sleep(0.05)
-            await pilot.pause()
-            if rows(app, "#matrix-table")[2][4] == "completed":
-                break
+        await until(pilot, lambda: rows(app, "#matrix-table")[2][4] == "completed", what="the status update")
         assert rows(app, "#matrix-table")[2][4:6] == ["completed", "6"]
         assert rows(app, "#matrix-table")[2][8] == "31.66%"
         assert table.cursor_row == 2 and len(rows(app, "#matrix-table")) == 5  # updated in place
@@ -424,11 +432,8 @@ async def test_polls_keep_running_while_a_dialog_is_open(state):
         assert isinstance(app.screen, HelpScreen)
         upsert_run(open_db(state), "demo-latin-tar", matrix_id="demo", script="latin", mode="tar", seed=7,
                    status="queued")
-        for _ in range(100):  # many ticks with the dialog on top
-            await asyncio.sleep(0.05)
-            await pilot.pause()
-            if "demo-latin-tar" in [r[0] for r in rows(app, "#matrix-table")]:
-                break
+        await until(pilot, lambda: "demo-latin-tar" in [r[0] for r in rows(app, "#matrix-table")],
+                    what="the new run, polled under the dialog (many ticks)")
         assert isinstance(app.screen, HelpScreen)
         assert "demo-latin-tar" in [r[0] for r in rows(app, "#matrix-table")]
         assert not app.error

@@ -20,6 +20,7 @@ from backend import store
 from console.app import ConsoleApp
 from console.panes.instances import ConfirmDestroyScreen, OrphansScreen
 from console.panes.logs import LogsPane
+from console.panes.sync import SyncPane
 from test_console import NOW, build
 from vast_helpers import sshd, vast_env, write_remote  # noqa: F401
 
@@ -256,7 +257,8 @@ async def test_actions_without_a_provider_say_so(tmp_path, monkeypatch):
             assert any("VAST_API_KEY" in n for n in app.notes)
             assert app.is_running and not isinstance(app.screen, ConfirmDestroyScreen)
         await pilot.press("6")
-        await pilot.pause()
+        sync = app.query_one("#sync", SyncPane)
+        await wait_for(pilot, lambda: sync.selected is not None, what="the Sync pane's first load")
         app.notes.clear()
         await pilot.press("s")  # sync retry of the selected run
         await wait_for(pilot, lambda: any("no Vast provider configured" in n or "no Vast instance" in n
@@ -414,10 +416,15 @@ def test_snapshot_logs(tmp_path, snap_compare):
 
     async def run_before(pilot) -> None:
         await ready(pilot)
+        await pilot.press("5")
+        await wait_for(pilot, lambda: rows(pilot.app, "#logs-sources"), timeout=20, what="the log sources")
         pilot.app.open_logs("run", "demo-latin-baseline")
         pane = pilot.app.query_one("#logs", LogsPane)
         await wait_for(pilot, lambda: "NOT synced" in pane.shown_text(), timeout=20)
         await pilot.press("slash", *"epoch", "enter")
         await wait_for(pilot, lambda: "NOT synced" not in pane.shown_text(), timeout=20)
+        table = pilot.app.query_one("#logs-sources", DataTable)
+        await wait_for(pilot, lambda: rows(pilot.app, "#logs-sources")[table.cursor_row][0] == "run demo-latin-baseline",
+                       timeout=20, what="the cursor on the followed run")
 
     assert snap_compare(App(path, interval=3600, clock=lambda: NOW, cloud_poll=0), terminal_size=(130, 36), run_before=run_before)

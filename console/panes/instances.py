@@ -218,8 +218,8 @@ class OrphansScreen(ModalScreen[None]):
 class InstancesPane(Pane):
     title = "Instances"
     help = ("Cloud instances recorded by the Vast lane: GPU, price, uptime, spend (latest cost "
-            "sample), GPU utilisation and how long an instance has been idle (utilisation under "
-            f"{queries.IDLE_UTIL:.0f}% and no trainer heartbeat). The bar compares the spend with "
+            "sample), GPU utilisation and how long an instance has been idle (GPU utilisation under "
+            "the [idle] threshold of configs/vast.toml and no trainer heartbeat, as kill-idle counts it). The bar compares the spend with "
             "the budget cap; the plot shows spend over time. Actions (the Vast provider from "
             "configs/vast.toml and VAST_API_KEY, as `nko-ops vast` uses): p polls the account, "
             "k kills idle instances and x destroys the selected one (both behind a dialog that "

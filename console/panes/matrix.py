@@ -75,7 +75,8 @@ class MatrixPane(Pane):
         self.show_detail(data.detail)
 
     def show_detail(self, d: RunDetail | None) -> None:
-        if d is None:
+        # a detail loaded for a row the cursor has since left (the next load brings the right one)
+        if d is None or (self.selected is not None and d.id != self.selected):
             return
         self.query_one("#matrix-curve", Curve).show([("train", d.train_curve), ("val", d.val_curve)])
         lines = Text.assemble(("run ", "dim"), (d.id, "bold"), "  ", styled(d.status), "\n",

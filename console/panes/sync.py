@@ -139,6 +139,7 @@ class SyncPane(Pane):
     def action_retry(self) -> None:
         run_id = self.selected
         if run_id is None:
+            self.app.notify("no run selected (none with artifacts yet)", timeout=3)
             return
         if run_id in self.syncing:
             self.app.notify(f"{run_id}: a sync is already running", timeout=3)
