@@ -3,7 +3,9 @@ in ``train.jsonl`` / ``valid.jsonl`` / ``test.jsonl``, built from real ASR error
 
 User turn = ASR text + partition + a trajectory summary; assistant turn = the reference.
 Splits are made over groups of rows sharing an ``audio_id`` (a row without one is its own
-group), so no feat_id and no audio_id appears in two splits. Synthetic N'Ko-aware
+group), so no feat_id and no audio_id appears in two splits. Rows the ASR already got right
+make no examples but still get a split (``split_feat_ids`` in corpus.json), so a held-out
+evaluation can show an adapter damaging them. Synthetic N'Ko-aware
 perturbations of *train-split* references (tone mark dropped or swapped, nasal mark dropped,
 ߋ/ߍ and ߏ/ߐ swapped, words merged or split) are added only when asked for, only to train,
 and every such line says ``"source": "synthetic"`` and which perturbation made it.
@@ -12,6 +14,7 @@ and every such line says ``"source": "synthetic"`` and which perturbation made i
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import unicodedata
 from collections import Counter
@@ -84,6 +87,47 @@ def split_rows(rows: Sequence[Row], seed: int = 42, valid_fraction: float = 0.1,
     if not out["train"]:
         raise CorpusError("the split left no training rows; lower the valid/test fractions")
     return out
+
+
+def place_correct_rows(splits: dict[str, list[Row]], correct: Sequence[Row], seed: int = 42,
+                       valid_fraction: float = 0.1, test_fraction: float = 0.1) -> dict[str, list[Row]]:
+    """A split for every already-correct row, leaving the error-pair split as it is: a row
+    whose recording (audio_id) is already in a split goes there; the other groups are
+    shuffled with ``seed`` and dealt to test, then valid (each at least its share, rounded
+    up), the rest to train."""
+    home = {f"a:{r.audio_id}": name for name, part in splits.items() for r in part if r.audio_id}
+    groups: dict[str, list[Row]] = {}
+    for r in correct:
+        groups.setdefault(f"a:{r.audio_id}" if r.audio_id else f"f:{r.feat_id}", []).append(r)
+    out: dict[str, list[Row]] = {name: [] for name in splits}
+    free = []
+    for key in sorted(groups):
+        if key in home:
+            out[home[key]].extend(groups[key])
+        else:
+            free.append(key)
+    random.Random(seed).shuffle(free)
+    n = sum(len(groups[k]) for k in free)
+    i = 0
+    for name, fraction in (("test", test_fraction), ("valid", valid_fraction)):
+        got, target = 0, math.ceil(n * fraction)
+        while i < len(free) and got < target:
+            out[name].extend(groups[free[i]])
+            got += len(groups[free[i]])
+            i += 1
+    for k in free[i:]:
+        out["train"].extend(groups[k])
+    return out
+
+
+def partition_identity(rows: Sequence[Row]) -> str:
+    """The one partition source of the rows (``PartitionPolicy.identity``): ``"model"`` for
+    rows that were not re-partitioned."""
+    sources = sorted({r.partition_source or "model" for r in rows})
+    if len(sources) > 1:
+        raise CorpusError(f"rows mix partition sources {sources} (field 'partition_source'); partition them "
+                          "with one policy")
+    return sources[0] if sources else "model"
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -175,23 +219,30 @@ def synthetic_examples(rows: Sequence[Row], per_row: int, seed: int) -> list[dic
 
 def build_corpus(rows: Sequence[Row], out_dir: Path | str, seed: int = 42, valid_fraction: float = 0.1,
                  test_fraction: float = 0.1, synthetic_per_row: int = 0, rows_sha256: str = "") -> dict:
-    """Write train/valid/test.jsonl and corpus.json (counts, seed, feat_ids per split) under
-    ``out_dir``; return the manifest. Only rows whose ASR text differs from the reference
-    (real error pairs) become examples; the split is made over those."""
+    """Write train/valid/test.jsonl and corpus.json under ``out_dir``; return the manifest.
+    Only rows whose ASR text differs from the reference (real error pairs) become examples;
+    the split is made over those, then the already-correct rows are placed too
+    (``place_correct_rows``). corpus.json records the rows' sha256 and partition source,
+    counts, ``feat_ids`` (the examples' rows per split) and ``split_feat_ids`` (every row
+    per split, already-correct ones included)."""
     if synthetic_per_row < 0:
         raise CorpusError("synthetic_per_row must be >= 0")
     scripts = {r.script for r in rows}
     if scripts - {"nko"}:
         raise CorpusError(f"the AGP corpus is N'Ko only; rows include script(s) {sorted(scripts - {'nko'})}")
+    partition_source = partition_identity(rows)
     errors = [r for r in rows if r.asr_text != r.reference_text]
     if not errors:
         raise CorpusError("no error pairs: every ASR text equals its reference")
     splits = split_rows(errors, seed, valid_fraction, test_fraction)
+    correct = place_correct_rows(splits, [r for r in rows if r.asr_text == r.reference_text], seed,
+                                 valid_fraction, test_fraction)
+    every = {k: splits[k] + correct[k] for k in splits}
 
-    ids = {k: {r.feat_id for r in v} for k, v in splits.items()}
-    audio = {k: {r.audio_id for r in v if r.audio_id} for k, v in splits.items()}
+    ids = {k: {r.feat_id for r in v} for k, v in every.items()}
+    audio = {k: {r.audio_id for r in v if r.audio_id} for k, v in every.items()}
     for a, b in (("train", "valid"), ("train", "test"), ("valid", "test")):
-        if ids[a] & ids[b] or audio[a] & audio[b]:  # guaranteed by split_rows; checked anyway
+        if ids[a] & ids[b] or audio[a] & audio[b]:  # guaranteed by the splitting; checked anyway
             raise CorpusError(f"splits {a} and {b} overlap")
 
     examples = {k: [chat_example(r) for r in v] for k, v in splits.items()}
@@ -204,13 +255,15 @@ def build_corpus(rows: Sequence[Row], out_dir: Path | str, seed: int = 42, valid
     manifest = {
         "format": "mlx-lm chat (messages)", "seed": seed, "valid_fraction": valid_fraction,
         "test_fraction": test_fraction, "rows_in": len(rows), "rows_sha256": rows_sha256,
+        "partition_source": partition_source,
         "error_pairs": len(errors), "skipped_correct_rows": len(rows) - len(errors),
         "synthetic_per_row": synthetic_per_row,
         "synthetic": dict(sorted(Counter(e["perturbation"] for e in synthetic).items())),
         "counts": {k: {"real": len(splits[k]), "synthetic": len(synthetic) if k == "train" else 0,
-                       "lines": len(examples[k])} for k in SPLIT_FILES},
+                       "lines": len(examples[k]), "correct": len(correct[k])} for k in SPLIT_FILES},
         "partitions": {k: dict(sorted(Counter(r.partition for r in v).items())) for k, v in splits.items()},
-        "feat_ids": {k: sorted(v) for k, v in ids.items()},
+        "feat_ids": {k: sorted(r.feat_id for r in v) for k, v in splits.items()},
+        "split_feat_ids": {k: sorted(v) for k, v in ids.items()},
         "files": {name: hashlib.sha256((out / file).read_bytes()).hexdigest() for name, file in SPLIT_FILES.items()},
     }
     write_json(out / "corpus.json", manifest)

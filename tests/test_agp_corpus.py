@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from agp.corpus import PERTURBATIONS, CorpusError, build_corpus, perturb, prompt_messages, split_rows
 from agp.rows import load_rows
-from agp_helpers import agp_home, make_row, row_dict, sample_rows, write_rows_file  # noqa: F401
+from agp_helpers import PAIRS, agp_home, make_row, row_dict, sample_rows, write_rows_file  # noqa: F401
 from backend.cli import app
 from models.text import NASAL_MARK, TONE_MARKS
 
@@ -134,3 +134,43 @@ def test_cli_build_corpus(tmp_path):
     res = CliRunner().invoke(app, ["agp", "build-corpus", "--rows", str(bad), "--out", str(tmp_path / "c2")])
     assert res.exit_code == 2 and "bad.jsonl:line 2: field 'partition': missing" in res.output
     assert not (tmp_path / "c2").exists()
+
+
+def test_every_row_gets_a_split_correct_ones_included(tmp_path):
+    dicts = rows_with_correct() + [row_dict(f"bam_right_{i}", ref, ref, audio_id=f"aud_right_{i}")
+                                   for i, (ref, _) in enumerate(PAIRS[:3])]
+    rows = load_rows(write_rows_file(tmp_path / "rows.jsonl", dicts))
+    m = build_corpus(rows, tmp_path / "corpus", seed=3)
+    full = {k: set(v) for k, v in m["split_feat_ids"].items()}
+    assert set().union(*full.values()) == {r.feat_id for r in rows}  # every row, once
+    by_id = {r.feat_id: r for r in rows}
+    for a, b in (("train", "valid"), ("train", "test"), ("valid", "test")):
+        assert not full[a] & full[b]
+        assert not {by_id[f].audio_id for f in full[a]} & {by_id[f].audio_id for f in full[b]}
+    for k, every in full.items():
+        examples = set(m["feat_ids"][k])
+        correct = every - examples
+        assert examples <= every and all(by_id[f].asr_text == by_id[f].reference_text for f in correct)
+        assert m["counts"][k]["correct"] == len(correct)
+    # a correct row shares its recording's split (sample_rows: rows 2 and 3 are one audio_id)
+    home = {f: k for k, v in full.items() for f in v}
+    assert home["bam_test_0003"] == home["bam_test_0002"]
+    assert any(by_id[f].asr_text == by_id[f].reference_text for f in full["test"])
+    # the examples are those of the error pairs alone: correct rows change no training line
+    errors_only = build_corpus([r for r in rows if r.asr_text != r.reference_text], tmp_path / "errors", seed=3)
+    assert errors_only["files"] == m["files"] and errors_only["feat_ids"] == m["feat_ids"]
+
+
+def test_corpus_records_the_partition_source(tmp_path):
+    from dataclasses import replace
+
+    rows = load_rows(write_rows_file(tmp_path / "rows.jsonl", rows_with_correct()))
+    assert build_corpus(rows, tmp_path / "plain")["partition_source"] == "model"
+    ident = "policy:agp:0123456789ab"
+    m = build_corpus([replace(r, partition_source=ident) for r in rows], tmp_path / "policy")
+    assert m["partition_source"] == ident
+    assert json.loads((tmp_path / "policy" / "corpus.json").read_text())["partition_source"] == ident
+    mixed = [replace(r, partition_source=ident) for r in rows[:5]] + list(rows[5:])
+    with pytest.raises(CorpusError, match=r"field 'partition_source'.*mix|mix.*field 'partition_source'"):
+        build_corpus(mixed, tmp_path / "mixed")
+    assert not (tmp_path / "mixed").exists()

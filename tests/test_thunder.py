@@ -12,17 +12,18 @@ import signal
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
 
 from backend.store import open_db
-from backend.thunder.config import SAFE_SHAPE, ConfigError, load_config, parse_config
+from backend.thunder.config import SAFE_SHAPE, ConfigError, config_json, load_config, parse_config
 from backend.thunder.launch import LaunchError, hostfile, latest_checkpoint, launch
 from backend.thunder.monitor import Monitor, classify_failure
-from backend.thunder.preflight import run_preflight
-from backend.thunder.records import get_adapter_run, series
-from thunder_helpers import build_fixture, local_cluster
+from backend.thunder.preflight import CODE, run_preflight
+from backend.thunder.records import add_metric_lines, get_adapter_run, log_event, series, set_status
+from thunder_helpers import REPO, build_fixture, local_cluster
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -157,6 +158,41 @@ def test_preflight_unreachable_peer(fx, tmp_path):
     assert r.find("reach", "b->a")[0].ok
 
 
+def test_preflight_compares_the_eval_code_too(fx, tmp_path):
+    # host b's python sees another checkout: the same code plus stale bytecode (ignored), then
+    # with one models/ file changed (what rank 0's AGP eval imports)
+    import shutil
+
+    copy = tmp_path / "checkout"
+    for rel, _ in CODE:
+        shutil.copytree(REPO / rel, copy / rel, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "agp" / "__pycache__").mkdir()
+    (copy / "agp" / "__pycache__" / "corpus.cpython-312.pyc").write_bytes(b"other bytecode")
+    py = tmp_path / "python-b"
+    py.write_text(f'#!/bin/sh\nfor a in "$@"; do shift; if [ "$a" = "{REPO}" ]; then set -- "$@" "{copy}"; '
+                  f'else set -- "$@" "$a"; fi; done\nexec {sys.executable} "$@"\n')
+    py.chmod(0o755)
+    hosts = [{"name": "a", "kind": "local", "ip": "127.0.0.1"},
+             {"name": "b", "kind": "local", "ip": "127.0.0.1", "python": str(py)}]
+    cfg = local_cluster(fx, tmp_path / "runs", tmp_path / "local", hosts=hosts)
+    (row,) = run_preflight(cfg, reach_timeout=2).find("code")
+    assert row.ok, row.detail
+    assert "backend/thunder, agp, models, configs/agp identical" in row.detail
+
+    with open(copy / "models" / "text.py", "a") as f:
+        f.write("\n# edited on host b only\n")
+    (copy / "configs" / "agp" / "gate.toml").write_text("version = 1\n")
+    r = run_preflight(cfg, reach_timeout=2)
+    (row,) = r.find("code")
+    assert row.status == "FAIL" and not r.ok
+    assert "code differs between hosts" in row.detail
+    assert "configs/agp/gate.toml: a " in row.detail and "models/text.py: a " in row.detail
+
+    shutil.rmtree(copy / "agp")
+    (row,) = run_preflight(cfg, reach_timeout=2).find("code")
+    assert row.status == "FAIL" and row.host == "b" and f"{REPO}/agp missing" in row.detail
+
+
 # --------------------------------------------------------------------------- preflight over a real sshd
 
 
@@ -245,9 +281,14 @@ def test_two_rank_ring_trains_records_and_evaluates(fx, tmp_path):
 
     # the AGP eval ran with the new adapter on the held-out split and is attached to the run
     ev = json.loads(row["agp_eval"])
-    test_ids = json.loads((fx["corpus"] / "corpus.json").read_text())["feat_ids"]["test"]
+    manifest = json.loads((fx["corpus"] / "corpus.json").read_text())
+    test_ids = manifest["split_feat_ids"]["test"]  # error pairs and rows the ASR already got right
+    n_correct = len(test_ids) - len(manifest["feat_ids"]["test"])
+    assert n_correct >= 1
     assert ev["status"] == "completed" and ev["split"] == "test"
     assert ev["overall"]["rows"] == len(test_ids) and ev["overall"]["proposed"] == len(test_ids)
+    assert ev["already_correct"]["rows"] == n_correct and ev["partition_source"] == manifest["partition_source"]
+    assert ev["rows_sha256"] == manifest["rows_sha256"]
     assert ev["adapter_sha256"] == arts["adapters/adapters.safetensors"]["sha256"]
     proposals = [json.loads(x) for x in (run_dir / "agp_eval" / "proposals.jsonl").read_text().splitlines()]
     assert sorted(p["feat_id"] for p in proposals) == sorted(test_ids)
@@ -296,6 +337,10 @@ def test_watchdog_stops_a_rank_that_stops_reporting(fx, tmp_path):
         pids = {r: int((run_dir / f"rank{r}.pid").read_text()) for r in (0, 1)}
         os.kill(pids[1], signal.SIGSTOP)  # rank 1 stalls; rank 0 then waits in the ring's all_sum
         stalled = time.monotonic()
+        # a monitor that re-attaches (the launching shell went away) knows the ranks already
+        # reported, so window_s applies, not the 180 s startup window
+        mon = Monitor(cfg, db, "hang-1", proc=started.proc)
+        assert mon.reporting == {0, 1}
         status = mon.watch(max_s=window + 60)
         detected = time.monotonic() - stalled
     finally:
@@ -314,6 +359,108 @@ def test_watchdog_stops_a_rank_that_stops_reporting(fx, tmp_path):
     names = [a["name"] for a in db.query("SELECT name FROM artifacts WHERE run_id = 'hang-1'")]
     assert "adapters/0000004_adapters.safetensors" in names
     print(f"\nwatchdog: hang detected {detected:.1f}s after rank 1 stalled (window {window:g}s)")
+
+
+# --------------------------------------------------------------------------- re-attaching
+
+
+def _stamp(ago: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(time.time() - ago, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+@pytest.fixture
+def recorded_run(tmp_path):
+    """A run recorded as running in state.db (as a launch left it), its launcher a live
+    process the monitor will not touch, and a helper writing what an earlier monitor
+    ingested: metrics lines (in the rank files and the store) and rank events."""
+    import subprocess
+
+    cfg = parse_config({"python": sys.executable, "workdir": str(REPO), "model": "/nonexistent/model",
+                        "data": "/nonexistent/corpus", "run_root": str(tmp_path / "runs"),
+                        "local_root": str(tmp_path / "local"),
+                        "hosts": [{"name": "a", "kind": "local", "ip": "127.0.0.1"},
+                                  {"name": "b", "kind": "local", "ip": "127.0.0.1"}],
+                        "watchdog": {"window_s": 600, "startup_window_s": 1800, "stop_grace_s": 1},
+                        "eval": {"enabled": False}}, "test")
+    db = open_db(tmp_path / "state.db")
+    run_dir = tmp_path / "runs" / "att-1"
+    run_dir.mkdir(parents=True)
+    (tmp_path / "local" / "att-1").mkdir(parents=True)
+    launcher = subprocess.Popen(["sleep", "300"])
+
+    def launched(attempt: int, ago: float) -> None:
+        set_status(db, "att-1", "running", f"attempt {attempt}", run_dir=str(run_dir),
+                   local_dir=str(tmp_path / "local" / "att-1"), attempt=attempt, world_size=2, iteration=0,
+                   config=config_json(cfg), launcher_pid=launcher.pid, heartbeat_at=None)
+        db.execute("UPDATE events SET ts = ? WHERE id = (SELECT max(id) FROM events)", [_stamp(ago)])
+        db.conn.commit()
+
+    def event(attempt: int, rank: int, kind: str, ago: float) -> None:
+        log_event(db, "att-1", f"rank {rank}: {kind}", kind="rank", data={"kind": kind, "rank": rank, "attempt": attempt})
+        db.execute("UPDATE events SET ts = ? WHERE id = (SELECT max(id) FROM events)", [_stamp(ago)])
+        db.conn.commit()
+
+    def ingested(attempt: int, ago: float, iteration: int) -> None:
+        lines = [{"kind": "train", "rank": r, "attempt": attempt, "time": time.time() - ago, "iteration": iteration,
+                  "train_loss": 2.0} for r in (0, 1)]
+        offsets = {}
+        for line in lines:
+            path = run_dir / f"metrics.rank{line['rank']}.jsonl"
+            with open(path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+            offsets[str(line["rank"])] = path.stat().st_size
+        add_metric_lines(db, "att-1", lines, offsets=offsets, iteration=iteration, heartbeat_at=_stamp(ago))
+
+    yield SimpleNamespace(cfg=cfg, db=db, launched=launched, ingested=ingested, event=event,
+                          path=str(tmp_path / "state.db"))
+    launcher.kill()
+    launcher.wait()
+
+
+def test_monitor_reattached_to_a_run_hung_since_counts_from_its_last_report(recorded_run):
+    from backend.cli import app
+
+    run = recorded_run
+    run.launched(0, ago=3000)
+    run.ingested(0, ago=900, iteration=40)  # both ranks reported, then nothing for 15 minutes
+    # nothing follows the run: `thunder status` says so from the store alone
+    out = CliRunner().invoke(app, ["thunder", "status", "att-1", "--db", run.path])
+    assert out.exit_code == 0, out.output
+    assert "att-1: running" in out.output
+    assert "STALE: no report recorded from rank(s) 0 (900s, window 600s), 1 (900s, window 600s)" in out.output
+    listing = CliRunner().invoke(app, ["thunder", "status", "--db", run.path])
+    assert "[STALE: past the watchdog window]" in listing.output
+    as_json = json.loads(CliRunner().invoke(app, ["thunder", "status", "att-1", "--db", run.path, "--json"]).output)
+    assert [x["rank"] for x in as_json["stale"]] == [0, 1]
+
+    mon = Monitor(run.cfg, run.db, "att-1")
+    assert mon.reporting == {0, 1}
+    assert mon.poll() == "hung"  # at once, not 30 minutes (startup window) after re-attaching
+    row = get_adapter_run(run.db, "att-1")
+    assert row["status"] == "hung" and row["error_kind"] == "hung"
+    assert "rank(s) 0 (900s, window 600s), 1 (900s, window 600s)" in row["error"]
+    out = CliRunner().invoke(app, ["thunder", "status", "att-1", "--db", run.path])
+    assert "att-1: hung" in out.output and "STALE" not in out.output
+
+
+def test_monitor_reattached_to_a_resumed_run_ignores_the_earlier_attempt(recorded_run):
+    from backend.cli import app
+
+    run = recorded_run
+    run.launched(0, ago=3000)
+    run.ingested(0, ago=2000, iteration=40)
+    run.event(0, 0, "done", ago=1990)
+    run.launched(1, ago=100)  # resumed from a checkpoint; its ranks are still loading
+    run.event(1, 1, "start", ago=20)
+    mon = Monitor(run.cfg, run.db, "att-1")
+    assert mon.reporting == set() and mon.done == set()  # attempt 0's reports and done do not count
+    age = {r: mon.clock() - seen for r, seen in mon.last_seen.items()}
+    assert 95 <= age[0] <= 110 and 15 <= age[1] <= 30  # from the launch; rank 1 from its start line
+    assert mon.poll() is None  # the startup window applies
+    out = CliRunner().invoke(app, ["thunder", "status", "att-1", "--db", run.path])
+    assert "att-1: running" in out.output and "STALE" not in out.output
 
 
 def test_cli_launch_refuses_a_failed_preflight_and_reports_a_rank_error(fx, tmp_path):

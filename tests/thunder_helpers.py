@@ -9,20 +9,34 @@ import sys
 from pathlib import Path
 
 from agp.corpus import SYSTEM_PROMPT, build_corpus, prompt_messages
-from agp.rows import load_rows
+from agp.pipeline import lane_rows
 from agp.tiny_model import build_tiny_llama
-from agp_helpers import sample_rows, write_rows_file
+from agp_helpers import PAIRS, row_dict, sample_rows, write_rows_file
 from backend.thunder.config import ClusterConfig, parse_config
+from models.snapshot import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def correct_rows(n: int = 4) -> list[dict]:
+    """Rows the ASR already got right, each its own recording."""
+    return [row_dict(f"bam_right_{i:02d}", PAIRS[i % len(PAIRS)][0], PAIRS[i % len(PAIRS)][0], "boundary",
+                     audio_id=f"aud_right_{i:02d}") for i in range(n)]
+
+
+def build_corpus_like_the_cli(rows_path: Path, out: Path, **kw) -> dict:
+    """``nko-ops agp build-corpus``: rows through the lane's partition policy, rows sha256 recorded."""
+    rows, _ = lane_rows(rows_path)
+    return build_corpus(rows, out, rows_sha256=sha256_file(rows_path), **kw)
+
+
 def build_fixture(root: Path) -> dict:
-    """rows.jsonl, corpus/ (train/valid/test.jsonl + corpus.json) and model/ under ``root``."""
+    """rows.jsonl (error pairs and already-correct rows), corpus/ (train/valid/test.jsonl +
+    corpus.json) and model/ under ``root``."""
     root.mkdir(parents=True, exist_ok=True)
-    rows_path = write_rows_file(root / "rows.jsonl", sample_rows(40))
-    rows = load_rows(rows_path)
-    build_corpus(rows, root / "corpus", seed=42)
+    rows_path = write_rows_file(root / "rows.jsonl", sample_rows(40) + correct_rows())
+    rows, _ = lane_rows(rows_path)
+    build_corpus_like_the_cli(rows_path, root / "corpus", seed=42)
     texts = [SYSTEM_PROMPT] + [m["content"] for r in rows for m in prompt_messages(r)] + [r.reference_text for r in rows]
     model = build_tiny_llama(root / "model", texts * 3, vocab_size=300, hidden_size=32, layers=2)
     return {"rows": rows_path, "corpus": root / "corpus", "model": model}

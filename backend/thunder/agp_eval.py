@@ -4,7 +4,11 @@ holds the adapter (rank 0):
     python -m backend.thunder.agp_eval --model M --adapter A --corpus C --rows R --out DIR
 
 The held-out rows are the prediction rows (``--rows``, the file the corpus was built from)
-whose feat_ids ``corpus.json`` lists under ``test``. ``mlx_lm.server`` serves the model with
+whose feat_ids ``corpus.json`` lists under ``split_feat_ids.test``: the test split's error
+pairs *and* the rows the ASR already got right, so an adapter that damages correct text shows
+it. The rows file must be the one the corpus was built from (its sha256 is corpus.json's
+``rows_sha256``) and the partition policy must give the corpus' ``partition_source``; either
+mismatch is refused before anything runs. ``mlx_lm.server`` serves the model with
 the adapter on 127.0.0.1; the AGP lane's chat proposer asks it for every row; the AGP gate
 (lexicon from the corpus' *train* references only) decides; ``agp.evaluate`` scores CER
 before -> after with only accepted edits applied. Writes proposals.jsonl, decisions.jsonl,
@@ -30,26 +34,47 @@ import httpx
 from agp.evaluate import evaluate, format_table
 from agp.gate import Gate, load_gate_policy
 from agp.lexicon import Lexicon
-from agp.pipeline import gate_all, lane_rows
+from agp.partition import load_partition_policy
+from agp.pipeline import gate_all
 from agp.proposers import ChatProposer, propose_all
-from agp.rows import Row, write_json, write_jsonl, write_text
+from agp.rows import Row, load_rows, write_json, write_jsonl, write_text
 
 
 class AgpEvalError(RuntimeError):
     pass
 
 
-def heldout_rows(rows_path: Path | str, corpus_dir: Path | str,
-                 partition_policy: Path | str | None = None) -> tuple[list[Row], list[str], object, dict]:
-    """(test rows, train references, partition policy, corpus manifest)."""
+def heldout_rows(rows_path: Path | str, corpus_dir: Path | str, partition_policy: Path | str | None = None,
+                 partition_source: str | None = None) -> tuple[list[Row], list[str], object, dict]:
+    """(test rows, train references, partition policy, corpus manifest): every row of the
+    corpus' test split, already-correct rows included."""
     manifest_path = Path(corpus_dir) / "corpus.json"
     if not manifest_path.exists():
         raise AgpEvalError(f"{manifest_path} not found: the corpus has no manifest naming its held-out split")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    ids = manifest.get("feat_ids") or {}
+    rebuild = "; rebuild the corpus with `nko-ops agp build-corpus`"
+    ids = manifest.get("split_feat_ids") or {}
     if not ids.get("test"):
-        raise AgpEvalError(f"{manifest_path}: field 'feat_ids.test' is empty; no held-out rows to evaluate")
-    rows, policy = lane_rows(rows_path, partition_policy)
+        raise AgpEvalError(f"{manifest_path}: field 'split_feat_ids.test' is missing or empty; no held-out rows to "
+                           f"evaluate{rebuild}")
+    want_sha = manifest.get("rows_sha256")
+    if not want_sha:
+        raise AgpEvalError(f"{manifest_path}: field 'rows_sha256' is empty, so the eval rows cannot be checked "
+                           f"against the rows the corpus was built from{rebuild} --rows ...")
+    got_sha = _sha256(Path(rows_path))
+    if got_sha != want_sha:
+        raise AgpEvalError(f"{rows_path}: sha256 {got_sha[:16]} differs from {manifest_path} field 'rows_sha256' "
+                           f"{want_sha[:16]}: not the rows file the corpus was built from (eval.rows)")
+    want_part = manifest.get("partition_source")
+    if not want_part:
+        raise AgpEvalError(f"{manifest_path}: field 'partition_source' is missing, so the partition policy cannot "
+                           f"be checked against the corpus'{rebuild}")
+    policy = load_partition_policy(partition_policy, partition_source)
+    if policy.identity != want_part:
+        raise AgpEvalError(f"partition policy {policy.path} gives partition_source {policy.identity!r}, but "
+                           f"{manifest_path} field 'partition_source' is {want_part!r}: evaluate with the partition "
+                           "policy the corpus was built with (eval.partition_policy / --partition-policy)")
+    rows = policy.apply(load_rows(rows_path, script="nko"))
     by_id = {r.feat_id: r for r in rows}
     missing = [f for f in ids["test"] if f not in by_id]
     if missing:
@@ -103,14 +128,35 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def damage_line(summary: dict) -> str:
+    c = summary["already_correct"]
+    return (f"already-correct rows: {c['rows']}, damaged by accepted edits: {c['worse']} "
+            f"(CER {c['cer_before']:.4f} -> {c['cer_after']:.4f})")
+
+
+def score(test_rows: list[Row], proposals: list[dict], lexicon: Lexicon, partition_source: str,
+          gate_policy: str | None = None) -> tuple[dict, list[dict], str]:
+    """Gate the proposals and score them: (summary, decisions, gate policy hash). The summary's
+    ``already_correct`` scores the rows the ASR already got right on their own: any accepted
+    change to one of them is damage."""
+    gate = Gate(load_gate_policy(gate_policy), lexicon if len(lexicon) else None, partition_source)
+    decisions = [d.as_dict() for d in gate_all(gate, test_rows, proposals)]
+    summary = evaluate(test_rows, decisions, key=gate.key)
+    correct = {r.feat_id for r in test_rows if r.asr_text == r.reference_text}
+    summary["already_correct"] = evaluate([r for r in test_rows if r.feat_id in correct],
+                                          [d for d in decisions if d["feat_id"] in correct], key=gate.key)["overall"]
+    return summary, decisions, gate.policy_hash
+
+
 def evaluate_adapter(model: str, adapter: str, corpus: str, rows: str, out: Path | str, max_tokens: int = 256,
-                     gate_policy: str | None = None, partition_policy: str | None = None) -> dict:
+                     gate_policy: str | None = None, partition_policy: str | None = None,
+                     partition_source: str | None = None) -> dict:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     adapter_file = Path(adapter) / "adapters.safetensors"
     if not adapter_file.exists():
         raise AgpEvalError(f"{adapter_file} not found")
-    test_rows, train_refs, ppolicy, manifest = heldout_rows(rows, corpus, partition_policy)
+    test_rows, train_refs, ppolicy, manifest = heldout_rows(rows, corpus, partition_policy, partition_source)
+    out.mkdir(parents=True, exist_ok=True)
     lexicon = Lexicon.from_references(train_refs)
     t0 = time.monotonic()
     with serve(model, adapter, max_tokens, out / "server.log") as url:
@@ -120,19 +166,17 @@ def evaluate_adapter(model: str, adapter: str, corpus: str, rows: str, out: Path
         finally:
             proposer.close()
     propose_s = time.monotonic() - t0
-    gate = Gate(load_gate_policy(gate_policy), lexicon if len(lexicon) else None, ppolicy.identity)
-    decisions = [d.as_dict() for d in gate_all(gate, test_rows, proposals)]
-    summary = evaluate(test_rows, decisions, key=gate.key)
+    summary, decisions, policy_hash = score(test_rows, proposals, lexicon, ppolicy.identity, gate_policy)
     summary.update({
         "split": "test", "model": model, "adapter": adapter, "adapter_sha256": _sha256(adapter_file),
-        "corpus": corpus, "corpus_files": manifest.get("files", {}), "rows": rows, "rows_sha256": _sha256(Path(rows)),
-        "proposer": "chat (mlx_lm.server + adapter)", "max_tokens": max_tokens, "policy_hash": gate.policy_hash,
+        "corpus": corpus, "corpus_files": manifest.get("files", {}), "rows": rows, "rows_sha256": manifest["rows_sha256"],
+        "proposer": "chat (mlx_lm.server + adapter)", "max_tokens": max_tokens, "policy_hash": policy_hash,
         "partition_source": ppolicy.identity, "lexicon_words": len(lexicon), "propose_seconds": round(propose_s, 2),
         "files": {n: str(out / n) for n in ("proposals.jsonl", "decisions.jsonl", "agp_eval.json", "agp_eval.txt")},
     })
     write_jsonl(out / "proposals.jsonl", proposals)
     write_jsonl(out / "decisions.jsonl", decisions)
-    write_text(out / "agp_eval.txt", format_table(summary) + "\n")
+    write_text(out / "agp_eval.txt", format_table(summary) + "\n" + damage_line(summary) + "\n")
     write_json(out / "agp_eval.json", summary)
     return summary
 
@@ -147,14 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--gate-policy")
     ap.add_argument("--partition-policy")
+    ap.add_argument("--partition-source", choices=("model", "policy"))
     a = ap.parse_args(argv)
     try:
         summary = evaluate_adapter(a.model, a.adapter, a.corpus, a.rows, a.out, a.max_tokens, a.gate_policy,
-                                   a.partition_policy)
+                                   a.partition_policy, a.partition_source)
     except Exception as e:
         print(f"agp eval failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     print(format_table(summary))
+    print(damage_line(summary))
     return 0
 
 

@@ -60,6 +60,26 @@ def _follow(mon) -> str:
         raise typer.Exit(130) from None
 
 
+def _stale(db, row: dict) -> list[tuple[int, float, float]]:
+    """Ranks of a running run past the watchdog window by the state store (no host asked)."""
+    from backend.thunder.config import ConfigError, parse_config
+    from backend.thunder.monitor import recorded_staleness
+
+    if row["status"] != "running" or not row["config"]:
+        return []
+    try:
+        cluster = parse_config(json.loads(row["config"]), f"adapter_runs[{row['id']}].config")
+    except (ConfigError, ValueError):
+        return []
+    return recorded_staleness(db, row["id"], cluster)
+
+
+def _stale_line(run_id: str, stale: list[tuple[int, float, float]]) -> str:
+    ranks = ", ".join(f"{r} ({age:.0f}s, window {window:g}s)" for r, age, window in stale)
+    return (f"STALE: no report recorded from rank(s) {ranks}: the run is hung, or no monitor is following it; "
+            f"`nko-ops thunder monitor {run_id}` checks it now and stops it if it is hung")
+
+
 def _report(db, run_id: str, status: str) -> None:
     from backend.thunder.records import get_adapter_run
 
@@ -71,8 +91,10 @@ def _report(db, run_id: str, status: str) -> None:
     if row["agp_eval"]:
         ev = json.loads(row["agp_eval"])
         o = ev.get("overall")
+        c = ev.get("already_correct")
         typer.echo(f"AGP eval (held-out): CER {o['cer_before']:.4f} -> {o['cer_after']:.4f}, "
-                   f"{o['accepted']}/{o['rows']} accepted" if o else
+                   f"{o['accepted']}/{o['rows']} accepted"
+                   + (f"; already-correct rows damaged {c['worse']}/{c['rows']}" if c else "") if o else
                    f"AGP eval {ev['status']}: {ev.get('reason') or ev.get('error')}")
 
 
@@ -161,7 +183,10 @@ def status_cmd(run_id: Optional[str] = typer.Argument(None), db: str = DB,
     try:
         if run_id is None:
             rows = list(conn.query("SELECT id, status, attempt, iteration, world_size, heartbeat_at, error_kind, "
-                                   "adapter_path FROM adapter_runs ORDER BY created_at DESC"))
+                                   "adapter_path, config FROM adapter_runs ORDER BY created_at DESC"))
+            for r in rows:
+                r["stale"] = [{"rank": k, "age_s": round(age, 1), "window_s": w} for k, age, w in _stale(conn, r)]
+                del r["config"]
             if as_json:
                 typer.echo(json.dumps(rows, indent=1))
                 return
@@ -171,7 +196,8 @@ def status_cmd(run_id: Optional[str] = typer.Argument(None), db: str = DB,
             for r in rows:
                 typer.echo(f"{r['id']:<32} {r['status']:<10} attempt {r['attempt']}  iteration {r['iteration']}  "
                            f"ranks {r['world_size']}  heartbeat {r['heartbeat_at'] or '-'}"
-                           + (f"  [{r['error_kind']}]" if r["error_kind"] else ""))
+                           + (f"  [{r['error_kind']}]" if r["error_kind"] else "")
+                           + ("  [STALE: past the watchdog window]" if r["stale"] else ""))
             return
         row = get_adapter_run(conn, run_id)
         if row is None:
@@ -179,12 +205,16 @@ def status_cmd(run_id: Optional[str] = typer.Argument(None), db: str = DB,
         metrics = latest_metrics(conn, run_id)
         arts = list(conn.query("SELECT name, sha256, size, sync_state FROM artifacts WHERE owner_kind = 'adapter_run' "
                                "AND run_id = ? ORDER BY name", [run_id]))
+        stale = _stale(conn, row)
         if as_json:
             typer.echo(json.dumps({"run": row, "metrics": {str(k): v for k, v in metrics.items()},
-                                   "artifacts": arts}, indent=1))
+                                   "artifacts": arts, "stale": [{"rank": k, "age_s": round(age, 1), "window_s": w}
+                                                                for k, age, w in stale]}, indent=1))
             return
         typer.echo(f"{run_id}: {row['status']} (attempt {row['attempt']}, iteration {row['iteration']}, "
                    f"{row['world_size']} ranks, heartbeat {row['heartbeat_at'] or '-'})")
+        if stale:
+            typer.echo(_stale_line(run_id, stale))
         if row["error"]:
             typer.echo(f"error [{row['error_kind']}]: {row['error']}")
         for rank, m in sorted(metrics.items()):

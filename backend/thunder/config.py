@@ -107,7 +107,8 @@ class EvalConfig(_Section):
     max_tokens: int = Field(256, gt=0)
     timeout_s: float = Field(1800.0, gt=0)
     gate_policy: str | None = None  # default: the repository's configs/agp/gate.toml on the host
-    partition_policy: str | None = None
+    partition_policy: str | None = None  # must give the corpus' partition_source (agp_eval checks)
+    partition_source: Literal["model", "policy"] | None = None  # overrides the policy file's ``source``
 
     @field_validator("rows", "gate_policy", "partition_policy")
     @classmethod

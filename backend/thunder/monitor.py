@@ -9,6 +9,12 @@ launcher are stopped. Until a rank's first train/val report the longer
 ``watchdog.startup_window_s`` applies (imports, model load, the first validation pass); after
 it, ``window_s`` must cover the time between reports (``steps_per_report`` iterations, plus a
 validation pass every ``steps_per_eval``).
+
+A monitor that attaches to a running run (``thunder monitor`` after ``launch --detach``, or
+after the launching shell went away) starts from what state.db knows of the current attempt
+(``records.attempt_progress``): each rank's window counts from its last recorded report and
+a rank that already reported gets ``window_s``, so a run that hung while nobody watched is
+caught at once. Lines no monitor has read yet count as new when first read.
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from backend.thunder.config import SAFE_SHAPE, ClusterConfig
 from backend.thunder.hosts import cluster_hosts
 from backend.thunder.launch import (ERR_LOG, RC_FILE, _pid_alive, adapter_dir, adapter_files, metrics_path,
                                     stop_launcher, stop_ranks)
-from backend.thunder.records import (OWNER_KIND, TERMINAL, add_metric_lines, get_adapter_run, log_event,
-                                     set_status, update_adapter_run)
+from backend.thunder.records import (OWNER_KIND, TERMINAL, add_metric_lines, attempt_progress, get_adapter_run,
+                                     log_event, set_status, update_adapter_run)
 
 METAL_TIMEOUT = re.compile(r"Command buffer execution failed:.*(?:GPU Timeout|kIOGPUCommandBufferCallbackErrorTimeout)"
                            r"|kIOGPUCommandBufferCallbackErrorTimeout")
@@ -66,6 +72,31 @@ def classify_failure(stderr: str, rank_errors: dict[int, str], rc: int | None, c
     return "launcher_exit", what + (f": {tail[-1][:300]}" if tail else "")
 
 
+def watchdog_window(cluster: ClusterConfig, reported: bool) -> float:
+    """How long a rank may go without a report: ``window_s`` once it has made a train/val
+    report in this attempt, the (longer) startup window before."""
+    wd = cluster.watchdog
+    return wd.window_s if reported else max(wd.window_s, wd.startup_window_s)
+
+
+def recorded_staleness(db: sqlite_utils.Database, run_id: str, cluster: ClusterConfig,
+                       wall: float | None = None) -> list[tuple[int, float, float]]:
+    """(rank, seconds since its newest recorded report, window) for every rank of a running
+    run that is past its watchdog window by the state store alone (no host is asked). Such
+    a run is hung, or no monitor has been following it."""
+    row = get_adapter_run(db, run_id)
+    if row is None or row["status"] != "running":
+        return []
+    seed = attempt_progress(db, run_id, int(row["attempt"] or 0), int(row["world_size"] or len(cluster.hosts)))
+    wall = time.time() if wall is None else wall
+    out = []
+    for rank, seen in sorted(seed.last_report.items()):
+        window = watchdog_window(cluster, rank in seed.reporting)
+        if rank not in seed.done and wall - seen > window:
+            out.append((rank, wall - seen, window))
+    return out
+
+
 class Monitor:
     def __init__(self, cluster: ClusterConfig, db: sqlite_utils.Database, run_id: str, proc=None,
                  clock: Callable[[], float] = time.monotonic):
@@ -78,12 +109,16 @@ class Monitor:
         self.local_dir = Path(row["local_dir"])
         self.attempt = int(row["attempt"] or 0)
         self.offsets = {int(k): v for k, v in json.loads(row["offsets"] or "{}").items()}
-        started = clock()
-        self.last_seen = {r: started for r in range(len(self.hosts))}
-        self.done: set[int] = set()
+        # a monitor that re-attaches carries on from what the store knows of this attempt:
+        # windows count from each rank's last recorded report, not from now
+        seed = attempt_progress(db, run_id, self.attempt, len(self.hosts))
+        started, wall = clock(), time.time()
+        self.last_seen = {r: started - max(0.0, wall - seed.last_report[r]) if r in seed.last_report else started
+                          for r in range(len(self.hosts))}
+        self.done: set[int] = set(seed.done)
         self.read_errors: dict[int, str] = {}
-        self.reporting: set[int] = set()  # ranks with a train/val report in this attempt
-        self.errors: dict[int, str] = {}
+        self.reporting: set[int] = set(seed.reporting)  # ranks with a train/val report in this attempt
+        self.errors: dict[int, str] = dict(seed.errors)
         self.iteration = int(row["iteration"] or 0)
 
     # ------------------------------------------------------------------ metrics
@@ -133,7 +168,7 @@ class Monitor:
                              iteration=self.iteration, heartbeat_at=now())
             for line in new_lines:
                 if line["kind"] in ("start", "loaded", "done", "error"):
-                    extra = {k: v for k, v in line.items() if k not in ("kind", "rank", "traceback")}
+                    extra = {k: v for k, v in line.items() if k != "traceback"}
                     log_event(self.db, self.run_id, f"rank {line['rank']}: {line['kind']}",
                               level="error" if line["kind"] == "error" else "info", kind="rank", data=extra)
         return len(new_lines)
@@ -159,8 +194,7 @@ class Monitor:
         return -1  # gone without writing its status
 
     def window(self, rank: int) -> float:
-        wd = self.cluster.watchdog
-        return wd.window_s if rank in self.reporting else max(wd.window_s, wd.startup_window_s)
+        return watchdog_window(self.cluster, rank in self.reporting)
 
     def stale_ranks(self) -> list[tuple[int, float]]:
         t = self.clock()
@@ -267,9 +301,11 @@ class Monitor:
                 result = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
         update_adapter_run(self.db, self.run_id, agp_eval=result)
         level = "info" if result["status"] == "completed" else ("warning" if result["status"] == "skipped" else "error")
-        summary = result.get("overall")
+        summary, correct = result.get("overall"), result.get("already_correct")
         text = (f"AGP eval on the held-out split: CER {summary['cer_before']:.4f} -> {summary['cer_after']:.4f} "
-                f"({summary['accepted']}/{summary['rows']} accepted)" if summary else
+                f"({summary['accepted']}/{summary['rows']} accepted"
+                + (f"; already-correct rows damaged {correct['worse']}/{correct['rows']}" if correct else "") + ")"
+                if summary else
                 f"AGP eval {result['status']}: {result.get('reason') or result.get('error')}")
         log_event(self.db, self.run_id, text, level=level, kind="agp_eval")
         return result
@@ -283,6 +319,8 @@ class Monitor:
             args += ["--gate-policy", ev.gate_policy]
         if ev.partition_policy:
             args += ["--partition-policy", ev.partition_policy]
+        if ev.partition_source:
+            args += ["--partition-source", ev.partition_source]
         envs = "".join(f"{shlex.quote(e)} " for e in self.cluster.env)
         cmd = (f"cd {shlex.quote(self.cluster.workdir)} && exec env {envs}{shlex.quote(host.python)} -m "
                f"backend.thunder.agp_eval {' '.join(shlex.quote(a) for a in args)}")

@@ -2,7 +2,9 @@
 
 * ssh          each host answers over ssh and runs its python
 * python       one python path and one workdir for all hosts (mlx.launch passes one of each)
-* code         backend/thunder is present in the workdir and the same on every host
+* code         the code the ranks and rank 0's AGP eval run (``CODE``: backend/thunder,
+               agp and models python files, configs/agp) is in the workdir and the same on
+               every host
 * mlx, mlx-lm  the same versions on every host
 * listen       each host can listen on its Thunderbolt IP at its ring port
 * reach        each host reaches every *other* host's Thunderbolt IP at that port, checked
@@ -23,10 +25,15 @@ from dataclasses import asdict, dataclass
 from backend.thunder.config import ClusterConfig
 from backend.thunder.hosts import Host, cluster_hosts
 
-# Run on each host as `python - WORKDIR NAME=PATH...`; prints one JSON object.
+# (directory under the workdir, file suffix or "" for every file): what the ranks run
+# (backend/thunder) and what rank 0's AGP eval imports and reads (agp, models, configs/agp).
+# Python files only where a checkout also holds __pycache__ (bytecode stamps differ per host).
+CODE = (("backend/thunder", ".py"), ("agp", ".py"), ("models", ".py"), ("configs/agp", ""))
+
+# Run on each host as `python - WORKDIR CODE_JSON NAME=PATH...`; prints one JSON object.
 PROBE = r'''
 import hashlib, json, os, platform, sys
-workdir, specs = sys.argv[1], sys.argv[2:]
+workdir, code_dirs, specs = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3:]
 out = {"hostname": platform.node(), "python": sys.executable, "python_version": platform.python_version()}
 try:
     import mlx.core as mx
@@ -46,21 +53,23 @@ def sha(path):
             h.update(block)
     return h.hexdigest()
 
-def files(root):
+def files(root, suffix=""):
     if os.path.isfile(root):
         return {os.path.basename(root): [os.path.getsize(root), sha(root)]}
     found = {}
     for d, dirs, names in os.walk(root):
-        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        dirs[:] = sorted(x for x in dirs if not x.startswith(".") and x != "__pycache__")
         for n in sorted(names):
-            if n.startswith("."):
+            if n.startswith(".") or not n.endswith(suffix):
                 continue
             p = os.path.join(d, n)
             found[os.path.relpath(p, root)] = [os.path.getsize(p), sha(p)]
     return found
 
-code = os.path.join(workdir, "backend", "thunder")
-out["code"] = files(code) if os.path.isdir(code) else None
+out["code"] = {}
+for rel, suffix in code_dirs:
+    d = os.path.join(workdir, rel)
+    out["code"][rel] = files(d, suffix) if os.path.isdir(d) else None
 out["paths"] = {}
 for spec in specs:
     name, path = spec.split("=", 1)
@@ -213,17 +222,43 @@ def _compare_paths(checks: list[Check], probes: dict[str, dict], name: str, path
         checks.append(Check(name, "all", True, f"{path}: sha256 {next(iter(digests.values()))[:16]} "
                                               f"({len(files)} file(s), {_size(size)}) on every host"))
         return
-    ref_host, ref = next(iter(entries.items()))
+    checks.append(Check(name, "all", False, f"{path} differs between hosts: "
+                                            + _file_diffs({h: e["files"] for h, e in entries.items()})))
+
+
+def _file_diffs(listings: dict[str, dict]) -> str:
+    """The first files that differ from the first host's listing, with their short hashes."""
+    ref_host, ref = next(iter(listings.items()))
     diffs = []
-    for h, e in entries.items():
+    for h, files in listings.items():
         if h == ref_host:
             continue
-        for rel in sorted(set(ref["files"]) | set(e["files"])):
-            a, b = ref["files"].get(rel), e["files"].get(rel)
+        for rel in sorted(set(ref) | set(files)):
+            a, b = ref.get(rel), files.get(rel)
             if a != b:
                 diffs.append(f"{rel}: {ref_host} {a[1][:12] if a else 'absent'}, {h} {b[1][:12] if b else 'absent'}")
     more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
-    checks.append(Check(name, "all", False, f"{path} differs between hosts: {'; '.join(diffs[:3])}{more}"))
+    return "; ".join(diffs[:3]) + more
+
+
+def _compare_code(checks: list[Check], probes: dict[str, dict], workdir: str) -> None:
+    codes = {h: p.get("code") or {} for h, p in probes.items()}
+    missing = {h: [d for d, _ in CODE if c.get(d) is None] for h, c in codes.items()}
+    missing = {h: dirs for h, dirs in missing.items() if dirs}
+    if missing:
+        checks.append(Check("code", ",".join(missing), False, "; ".join(
+            f"{h}: {', '.join(f'{workdir}/{d}' for d in dirs)} missing" for h, dirs in missing.items())))
+        return
+    listings = {h: {f"{d}/{rel}": v for d, files in c.items() for rel, v in files.items()} for h, c in codes.items()}
+    digests = {h: _digest(files) for h, files in listings.items()}
+    names = ", ".join(d for d, _ in CODE)
+    if len(set(digests.values())) == 1:
+        files = next(iter(listings.values()))
+        checks.append(Check("code", "all", True, f"{names} identical on every host ({len(files)} files in "
+                                                 f"{workdir}, sha256 {next(iter(digests.values()))[:16]})"))
+    else:
+        checks.append(Check("code", "all", False, "code differs between hosts (update the checkouts): "
+                                                  + _file_diffs(listings)))
 
 
 def _read_line(proc, timeout: float) -> str:
@@ -291,7 +326,7 @@ def run_preflight(cluster: ClusterConfig, reach_timeout: float = 5.0) -> Preflig
     specs = _path_specs(cluster)
     spec_args = [f"{k}={v}" for k, v in specs.items()]
     for h in hosts:
-        r = h.run_python(PROBE, [cluster.workdir, *spec_args], timeout=3600)
+        r = h.run_python(PROBE, [cluster.workdir, json.dumps(CODE), *spec_args], timeout=3600)
         try:
             probe = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
         except (json.JSONDecodeError, IndexError):
@@ -313,15 +348,7 @@ def run_preflight(cluster: ClusterConfig, reach_timeout: float = 5.0) -> Preflig
                             + ", ".join(f"{k} {v}" for k, v in pythons.items())))
 
     if len(probes) == len(hosts):
-        codes = {h: p.get("code") for h, p in probes.items()}
-        absent = [h for h, c in codes.items() if not c]
-        if absent:
-            checks.append(Check("code", ",".join(absent), False,
-                                f"{cluster.workdir}/backend/thunder missing on {', '.join(absent)}"))
-        elif len({_digest(c) for c in codes.values()}) == 1:
-            checks.append(Check("code", "all", True, f"backend/thunder identical on every host ({cluster.workdir})"))
-        else:
-            checks.append(Check("code", "all", False, "backend/thunder differs between hosts (update the checkouts)"))
+        _compare_code(checks, probes, cluster.workdir)
         _compare_versions(checks, probes, "mlx", "mlx")
         _compare_versions(checks, probes, "mlx_lm", "mlx-lm")
     else:

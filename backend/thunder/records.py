@@ -5,12 +5,13 @@ in ``artifacts`` (owner_kind ``adapter_run``)."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
 import sqlite_utils
 
-from backend.store import StoreError, add_events, now, transaction
+from backend.store import StoreError, add_events, now, parse_ts, transaction
 
 STATUSES = ("planned", "running", "completed", "failed", "hung", "cancelled")
 TERMINAL = ("completed", "failed", "hung", "cancelled")
@@ -109,3 +110,59 @@ def series(db: sqlite_utils.Database, run_id: str, name: str, rank: int = 0) -> 
     return [(r["iteration"], r["value"]) for r in db.query(
         "SELECT iteration, value FROM adapter_metrics WHERE adapter_run_id = ? AND name = ? AND rank = ? "
         "ORDER BY iteration", [run_id, name, rank])]
+
+
+@dataclass
+class AttemptProgress:
+    """What the state store knows of a run's current attempt, for a monitor that (re)attaches
+    or ``thunder status``. Times are seconds since the epoch."""
+
+    started: float | None  # when the attempt was launched (its "-> running" status event)
+    heartbeat: float | None  # when a monitor last ingested any line of this attempt
+    last_report: dict[int, float] = field(default_factory=dict)  # rank -> newest sign of life
+    reporting: set[int] = field(default_factory=set)  # ranks with a train/val report
+    done: set[int] = field(default_factory=set)
+    errors: dict[int, str] = field(default_factory=dict)
+
+
+def _epoch(ts: str | None) -> float | None:
+    return parse_ts(ts).timestamp() if ts else None
+
+
+def attempt_progress(db: sqlite_utils.Database, run_id: str, attempt: int, world_size: int) -> AttemptProgress:
+    """Per rank: the newest report of the current attempt and whether it was a train/val one.
+
+    Metric rows are the attempt's when stamped at or after its launch (a resumed attempt
+    rewrites the iterations it repeats, so older rows belong to earlier attempts). Their
+    ``ts`` is the rank host's clock, so it is capped at ``heartbeat_at`` (the controller's
+    clock when the lines were ingested): a host clock running ahead cannot stretch a window.
+    Rank events (start/loaded/done/error) are stamped by the controller. A rank with no sign
+    of life since the launch counts from the launch."""
+    row = get_adapter_run(db, run_id)
+    if row is None:
+        raise KeyError(f"no adapter run {run_id} in the state store")
+    started_ts = db.execute("SELECT max(ts) FROM events WHERE adapter_run_id = ? AND kind = 'status' "
+                            "AND json_extract(data, '$.to') = 'running'", [run_id]).fetchone()[0]
+    started_ts = started_ts or row["started_at"]
+    out = AttemptProgress(_epoch(started_ts), _epoch(row["heartbeat_at"]))
+    if started_ts is None:
+        return out
+    cap = out.heartbeat if out.heartbeat is not None else out.started
+    for rank, ts in db.execute("SELECT rank, max(ts) FROM adapter_metrics WHERE adapter_run_id = ? AND ts >= ? "
+                               "GROUP BY rank", [run_id, started_ts]).fetchall():
+        out.reporting.add(rank)
+        out.last_report[rank] = min(_epoch(ts), cap)
+    for ts, data in db.execute("SELECT ts, data FROM events WHERE adapter_run_id = ? AND kind = 'rank' AND ts >= ? "
+                               "ORDER BY id", [run_id, started_ts]).fetchall():
+        d = json.loads(data or "{}")
+        if d.get("attempt", attempt) != attempt or not isinstance(d.get("rank"), int):
+            continue
+        rank = d["rank"]
+        out.last_report[rank] = max(out.last_report.get(rank, 0.0), _epoch(ts))
+        if d.get("kind") == "done":
+            out.done.add(rank)
+        elif d.get("kind") == "error":
+            out.errors[rank] = d.get("error", "error")
+    for rank in range(world_size):
+        out.last_report[rank] = max(out.last_report.get(rank, out.started), out.started)
+    return out
