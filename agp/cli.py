@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import getpass
 import json
 import sqlite3
 from pathlib import Path
@@ -268,7 +267,7 @@ def review_cmd(
 ) -> None:
     """Record a human verdict on a gate decision, or list pending ones."""
     from agp.records import add_review, pending_reviews
-    from backend.store import open_db
+    from backend.store import open_db, user
 
     conn = open_db(db)
     try:
@@ -280,7 +279,7 @@ def review_cmd(
             return
         if decision is None or verdict is None:
             raise typer.BadParameter("give --decision and --verdict (or --pending)")
-        rid = add_review(conn, decision, verdict, note, reviewer or getpass.getuser())
+        rid = add_review(conn, decision, verdict, note, reviewer or user())
         typer.echo(f"review {rid}: decision {decision} -> {verdict}")
     finally:
         conn.close()

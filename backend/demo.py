@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = Path("data/sample")
@@ -44,7 +45,8 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
     split_path = Path(m.split)
     snap = load(SAMPLE)
     split = make_split(snap.feat_ids, seed=42, snapshot_sha256=snap.sha256)
-    if split_path.exists() and Split.load(split_path).sha256 == split.sha256:
+    old = Split.load(split_path) if split_path.exists() else None
+    if old is not None and (old.sha256, old.snapshot_sha256) == (split.sha256, split.snapshot_sha256):
         console.print(f"reusing {split_path}")
     else:
         split_path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,14 +54,32 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
     console.print(f"{split.sizes()} sha256 {split.sha256[:16]}…")
 
     console.rule("3. features (log-mel recipe, 50 frames/s)")
-    from models.features import extract
+    import shutil
 
+    from models.features import FeatureError, check_same_snapshot, extract
+
+    try:
+        check_same_snapshot(Path(m.features), f"{SAMPLE} sha256:{snap.sha256}", snap.feat_ids)
+    except FeatureError:  # the demo's own store, from an earlier version of data/sample
+        console.print(f"{m.features} holds features of an earlier data/sample: rebuilding it")
+        shutil.rmtree(m.features)
     extract(SAMPLE, Path(m.features), "log-mel", subsample=2)
 
     console.rule(f"4. demo matrix on the local executor (parallel {parallel})")
     from backend.executor_local import run_matrix
+    from backend.matrix import MatrixError
 
-    results = run_matrix(MATRIX, db_path, executor="local", parallel=parallel, log=console.print)
+    try:
+        results = run_matrix(MATRIX, db_path, executor="local", parallel=parallel, log=console.print)
+    except MatrixError as e:
+        console.print(f"[red]{escape(str(e))}", highlight=False)
+        if "pins" in str(e):
+            console.print(f"data/sample is not the corpus the demo matrix pins ({MATRIX}, or the copy {db_path.name} "
+                          "pinned on first use): a changed corpus is a new bundle, never mixed with the old one. "
+                          "Restore data/sample (`git checkout data/sample`), or, after an upgrade that changed it, "
+                          f"run the demo on a new state store with the old outputs moved aside: "
+                          f"`mv {m.out_root} {m.out_root}.old && nko-ops demo --db demo.db`.")
+        return 1
     for r in results:
         console.print(str(r))
     failed = [r for r in results if r.status != "completed"]
@@ -76,8 +96,6 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
     console.print(claims_text)
 
     console.rule("6. AGP lane: partitions calibrated on val rows, lexicon proposer + gate + eval on the N'Ko test rows")
-    from rich.markup import escape
-
     from agp.evaluate import format_table
     from agp.pipeline import run_demo_lane
 

@@ -13,7 +13,9 @@ transaction holding the lock; sqlite-utils' own writes use explicit BEGIN/COMMIT
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
+import os
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +37,15 @@ class StoreError(RuntimeError):
 def now() -> str:
     """UTC timestamp with milliseconds, e.g. ``2025-01-02T03:04:05.678Z`` (sorts as text)."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def user() -> str:
+    """Who is acting, for the records (reviews, forced destroys). ``getpass.getuser`` fails in
+    containers without a passwd entry for the uid; the uid then stands in."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return f"uid-{os.getuid()}"
 
 
 def parse_ts(ts: str) -> datetime:

@@ -511,6 +511,24 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def check_same_snapshot(out_dir: Path, source: str, feat_ids: list[str]) -> None:
+    """Features are stored by feat_id, so extending a store from another snapshot would keep
+    the old features of every feat_id the two share, whatever their audio is now. Refuse it
+    when the store records other sources only and the feat_ids overlap."""
+    if not (out_dir / INDEX_FILE).exists():
+        return
+    index = _read_index(out_dir)
+    recorded = index.get("sources", [])
+    sha = source.rpartition(" sha256:")[2]
+    if not recorded or any(r.endswith(f" sha256:{sha}") for r in recorded):  # the same snapshot, wherever it is
+        return
+    shared = [f for f in feat_ids if f in index["items"]]
+    if shared:
+        raise FeatureError(f"{out_dir} was extracted from {', '.join(recorded)}, not {source}; {len(shared)} "
+                           f"feat_id(s) are in both (e.g. {shared[0]}), and their stored features may come from "
+                           "other audio: extract into a new --out (or remove this store)")
+
+
 def extract(snapshot_dir: str | Path, out_dir: str | Path, recipe_name: str, mode: str | None = None,
             batch_size: int = 16, device: str = "auto", limit: int | None = None, subsample: int | None = None,
             compute_dtype: str = "auto", weights_dir: str | Path | None = None, workers: int = 4,
@@ -542,8 +560,10 @@ def extract(snapshot_dir: str | Path, out_dir: str | Path, recipe_name: str, mod
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise FeatureError(f"{missing[0]}: audio file missing under {snap.root / 'audio'} "
                            f"({len(missing)} row(s) without audio: {shown})")
+    source = f"{snap.path} sha256:{snap.sha256}"
+    check_same_snapshot(Path(out_dir), source, [r["feat_id"] for r in rows])
     t0 = time.perf_counter()
-    with FeatureWriter(out_dir, recipe, shard_bytes=shard_bytes, source=f"{snap.path} sha256:{snap.sha256}") as w:
+    with FeatureWriter(out_dir, recipe, shard_bytes=shard_bytes, source=source) as w:
         todo = [r["feat_id"] for r in rows if r["feat_id"] not in w]
         skipped = len(rows) - len(todo)
         encoder = load_encoder(recipe, dev, weights_dir) if todo and recipe_name != "log-mel" else None

@@ -2,7 +2,8 @@
 canonical snapshot format, with audio spoken by espeak-ng.
 
 Text. Source sentences are the Latin-script FLORES-200 dev and devtest files copied in
-``data/source/`` (CC BY-SA 4.0, see ``data/README.md``). Each line is normalised with
+``data/source/`` (CC BY-SA 4.0, see ``data/README.md``), less the 137 lines that are Gĩkũyũ
+rather than Bambara (they contain ĩ or ũ, letters Bambara does not use). Each line is normalised with
 ``normalize_latin``, cut at clause punctuation, punctuation is removed, and every run of
 3-8 consecutive words inside one clause is a candidate. A candidate is kept only if all its
 characters are in the Latin vocabulary, it has no digits, it is already in target form,
@@ -57,6 +58,9 @@ PITCH = (25, 75)  # espeak-ng range 0-99, default 50
 OPUS_COMPRESSION = 0.98  # about 14 kbit/s at 16 kHz mono: keeps data/ well under 10 MB
 SPEAKABLE = str.maketrans({"ɛ": "e", "ɔ": "o", "ɲ": "ny", "ŋ": "ng"})
 _CLAUSE_BREAK = re.compile(r"[.,;:!?()\[\]{}\"«»“”…/]| - | – | — ")
+# 137 lines of the FLORES-200 bam_Latn files are Gĩkũyũ, not Bambara (upstream mix-up); the
+# letters ĩ and ũ, which Bambara does not use, mark every one of them.
+_NOT_BAMBARA = re.compile("[ĩũĨŨ]")
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,8 @@ def candidate_windows(source_dir: Path = SOURCE_DIR) -> list[tuple[str, list[tup
         if not path.exists():
             raise FileNotFoundError(f"sample source text not found: {path}")
         for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if _NOT_BAMBARA.search(line):
+                continue
             windows, seen = [], set()
             for clause in _CLAUSE_BREAK.split(normalize_latin(line)):
                 words = normalize_latin(clause, remove_punctuation=True).split()

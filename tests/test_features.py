@@ -243,6 +243,25 @@ def test_extract_builds_and_resumes(snapshot: Path, tmp_path: Path) -> None:
         extract(snapshot, out, "tiny-random", mode="padded", device="cpu", progress=False)
 
 
+def test_extract_refuses_a_store_built_from_another_snapshot(snapshot: Path, tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "feats"
+    extract(snapshot, out, "log-mel", progress=False)
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(snapshot, moved)  # the same snapshot at another path: its features are still right
+    assert extract(moved, out, "log-mel", progress=False)["added"] == 0
+    lines = (moved / "pairs.jsonl").read_text(encoding="utf-8").splitlines()
+    row = json.loads(lines[0])
+    row["latin"] = "i ye san saba ye"  # a changed corpus, the same feat_ids
+    (moved / "pairs.jsonl").write_text("\n".join([json.dumps(row, ensure_ascii=False), *lines[1:]]) + "\n",
+                                       encoding="utf-8")
+    before = (out / "index.json").read_bytes()
+    with pytest.raises(FeatureError, match=r"was extracted from .*sha256:.*4 feat_id\(s\) are in both.*new --out"):
+        extract(moved, out, "log-mel", progress=False)
+    assert (out / "index.json").read_bytes() == before
+
+
 def test_extract_missing_audio_names_feat_id(snapshot: Path, tmp_path: Path) -> None:
     (snapshot / "audio" / "bam_b.ogg").unlink()
     with pytest.raises(FeatureError, match="bam_b: audio file missing"):

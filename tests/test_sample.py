@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from models.vocab import Vocab
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+# Skipped on a developer machine without espeak-ng; under CI (bootstrap.sh installs it) that is a failure.
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None and not os.environ.get("CI"),
+                                  reason="espeak-ng not installed")
 
 
 def _jsonl(path: Path) -> list[dict]:

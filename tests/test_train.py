@@ -229,16 +229,16 @@ def test_evaluate_decodes_the_val_split_for_partition_calibration(base, tmp_path
     out = run(base, "trajectory", mode="trajectory")
     before = (out / "test_predictions.jsonl").read_bytes()
     runner = CliRunner()
-    res = runner.invoke(app, ["evaluate", "--run", str(out), "--split", "val", "--out", str(tmp_path / "val.jsonl")])
+    res = runner.invoke(app, ["evaluate", "--run", str(out), "--split", "val", "--out", str(tmp_path / "new" / "val.jsonl")])
     assert res.exit_code == 0, res.output
     assert "val rows decoded" in res.output
-    rows = lines(tmp_path / "val.jsonl")
+    rows = lines(tmp_path / "new" / "val.jsonl")
     assert [r["feat_id"] for r in rows] == Split.load(out / "split.json").val
     assert {r["split"] for r in rows} == {"val"} and all(set(r) == set(RECORD_KEYS) for r in rows)
     assert all((r["cer_edits"], r["reference_chars"]) == row_edits(r["reference_text"], r["asr_text"]) for r in rows)
     assert (out / "test_predictions.jsonl").read_bytes() == before  # the run stays untouched
     again = evaluate_run(out, tmp_path / "again.jsonl", split="val")
-    assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "val.jsonl").read_bytes()
+    assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "new" / "val.jsonl").read_bytes()
     assert again["rows"] == len(rows) and again["split"] == "val"
     res = runner.invoke(app, ["evaluate", "--run", str(out), "--split", "val"])
     assert res.exit_code == 2 and "needs an output path" in res.output

@@ -81,9 +81,12 @@ def test_provider_rides_out_429_and_5xx(vast_env):
     c.faults.rate_limit, c.faults.retry_after = 2, 0.05
     c.faults.server_errors = 2
     assert p.instances() == []
-    c.faults.server_errors = 2  # create fails twice before reaching the cloud: retried, one instance
+    c.faults.server_errors = 2  # calls fail twice before reaching the cloud: retried, one instance
     iid = p.create(1000, "img", 20, label="only-once")
     assert [r["id"] for r in p.instances()] == [iid]
+    c.faults.create_reply_lost = 1  # rented, but the answer is lost: adopted, not rented twice
+    again = p.create(1001, "img", 20, label="reply-lost")
+    assert [r["id"] for r in p.instances()] == [iid, again] and p.instance(again)["label"] == "reply-lost"
     before = len(c.requests)
     c.faults.slow_s = 0.2
     t0 = time.monotonic()

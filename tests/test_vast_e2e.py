@@ -211,3 +211,22 @@ def test_matrix_cli_dispatches_to_vast_and_needs_a_key(tmp_path, monkeypatch):
                                  str(tmp_path / "state.db")])
     assert r.exit_code == 2 and "no Vast API key" in r.output, r.output
     assert not (tmp_path / "runs" / "dispatch-run").exists()
+
+
+def test_vast_executor_refuses_parallel_below_one(tmp_path, monkeypatch):
+    """`--executor vast --parallel 0` would never launch anything and loop forever: refused
+    up front, before any key or instance is needed."""
+    from typer.testing import CliRunner
+
+    from backend.cli import app
+    from backend.executor_local import ExecutorError
+    from backend.vast.executor import run_matrix_vast
+
+    matrix = _matrix(tmp_path, "parallel-run", epochs=1)
+    monkeypatch.delenv("VAST_API_KEY", raising=False)
+    with pytest.raises(ExecutorError, match=r"--parallel must be at least 1 \(got 0\)"):
+        run_matrix_vast(matrix, tmp_path / "state.db", parallel=0)
+    r = CliRunner().invoke(app, ["matrix", "run", str(matrix), "--executor", "vast", "--parallel", "0", "--db",
+                                 str(tmp_path / "state.db")])
+    assert r.exit_code == 2 and "--parallel must be at least 1" in r.output, r.output
+    assert not (tmp_path / "runs" / "parallel-run").exists()

@@ -135,12 +135,26 @@ class VastEnv:
     remote_base: Path
     logs: list
 
-    def fresh_fleet(self, **budget):
+    def fresh_fleet(self, clock=None, **budget):
+        """Another Fleet on the same state.db (as after an executor restart)."""
         from backend.vast.config import BudgetSettings
         from backend.vast.fleet import Fleet
 
         b = BudgetSettings(**{**vars(self.budget), **budget}) if budget else self.budget
-        return Fleet(self.db, self.settings, b, self.provider, log=self.logs.append)
+        return Fleet(self.db, self.settings, b, self.provider, clock=clock or time.time, log=self.logs.append)
+
+    def vast_run(self, fleet, run_id: str):
+        """A VastRun for a real tiny run config (train_helpers.build), driven by ``fleet``."""
+        from train_helpers import build
+
+        from backend.executor_local import _Job
+        from backend.vast.executor import SingleRun, VastRun, _Spec
+
+        cfg = build(self.tmp / "data", n=40)
+        cfg.update(run_id=run_id, out_dir=str(self.tmp / "runs" / run_id))
+        job = _Job(_Spec(cfg), cfg, Path(cfg["out_dir"]), run_id)
+        # the wheel is only uploaded once an instance runs with SSH; these tests stop before
+        return VastRun(fleet, job, SingleRun(cfg), None, self.tmp / "no-wheel.whl", self.logs.append)
 
     def instance_dir(self, iid) -> Path:
         return self.remote_base / str(iid)

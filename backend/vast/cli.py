@@ -1,5 +1,9 @@
 """`nko-ops vast ...`: offers, launch, instances, logs, sync, kill-idle, destroy, sweep,
-emulator. Listing commands take ``--json``. Errors are one clear line (exit 2)."""
+emulator. Listing commands take ``--json``. Errors are one clear line (exit 2).
+
+Only the commands that run or kill instances (a matrix run, ``launch``, ``kill-idle``) enforce
+the budget cap when they poll; ``instances``, ``sync`` and ``destroy`` observe (cost ledger,
+idle tracking) and, over the cap, ``instances`` prints what the policy would do."""
 
 from __future__ import annotations
 
@@ -100,14 +104,16 @@ def launch_cmd(run_config: Path = typer.Option(..., "--config", help="Run config
 
 @vast_app.command("instances")
 def instances_cmd(db: str = DB, config: Path = CONFIG, budget: Path = BUDGET, as_json: bool = JSON) -> None:
-    """The account's instances (polled now: cost ledger and idle tracking updated) and the budget."""
+    """The account's instances (polled now: cost ledger and idle tracking updated) and the budget.
+    Observe only: over the cap it prints what the policy would do, and does nothing."""
     from backend.vast import idle
 
     try:
         fleet = _fleet(db, config, budget)
-        rows, state = fleet.poll()
+        rows, state = fleet.poll(enforce=False)
     except _errors() as e:
         _fail(e)
+    plan = fleet.over_cap_plan(rows) if state.over else []
     now = fleet.clock()
     out = []
     for r in rows:
@@ -123,12 +129,17 @@ def instances_cmd(db: str = DB, config: Path = CONFIG, budget: Path = BUDGET, as
     if as_json:
         return _echo_json({"instances": out, "budget": {"spent_usd": state.spent_usd, "cap_usd": state.cap_usd,
                                                         "warn_usd": state.warn_usd,
-                                                        "fleet_usd_per_h": state.fleet_usd_per_h, "over": state.over}})
+                                                        "fleet_usd_per_h": state.fleet_usd_per_h, "over": state.over},
+                           "over_cap_policy": [{"id": iid, "would": what} for iid, what in plan]})
     for r in out:
         typer.echo(f"{r['id']:>10} {r['status'] or '?':<9} {r['gpu']:<16} ${r['dph_total'] or 0:.3f}/h  "
                    f"spent ${r['spent_usd']:.4f}  util {r['gpu_util'] if r['gpu_util'] is not None else '?'}  "
                    f"{r['label'] or ''}" + ("  IDLE" if r["idle"] else ""))
     typer.echo(f"budget: {state}")
+    if plan:
+        typer.echo("over the cap, the next enforcing poll (matrix run, launch, kill-idle) would, per instance:")
+        for iid, what in plan:
+            typer.echo(f"  {iid}: {what}")
 
 
 @vast_app.command("logs")
@@ -184,7 +195,7 @@ def sync_cmd(run: Optional[str] = typer.Argument(None, help="Run id (default: ev
 
     try:
         fleet = _fleet(db, config, budget)
-        rows, _ = fleet.poll()
+        rows, _ = fleet.poll(enforce=False)
         if run:
             r = store.get_run(fleet.db, run)
             if not r or not r["instance_id"]:
@@ -242,7 +253,7 @@ def destroy_cmd(instance: str = typer.Argument(...), force: bool = typer.Option(
     """Destroy one instance (sync and verify first; --force needs the id typed again)."""
     try:
         fleet = _fleet(db, config, budget)
-        fleet.poll()
+        fleet.poll(enforce=False)
         typed = _confirmations([instance], [confirm] if confirm else [])[instance] if force else None
         outcome = fleet.destroy(instance, force=force, confirm=typed)
     except _errors() as e:

@@ -7,7 +7,9 @@ less than Vast bills, only up to one poll interval more for a state change it di
 An instance seen for the first time is charged from its ``start_date`` (also one that
 existed before the lane started watching: it spends the same account's money). One that
 disappears between polls is charged up to the poll that notices it; one we destroy
-ourselves up to the moment the destroy returned.
+ourselves up to the moment the destroy returned. One destroyed (or gone) before any poll saw
+it is charged from its ``start_date`` (from the row read just before the destroy), else from
+when it was registered, at its offer's ``dph_total``.
 
 Per-instance totals are cumulative in ``cost_samples`` (one row per poll) and mirrored in the
 instance's ``data`` JSON; ``budgets.spent_usd`` is the total over all instances.
@@ -75,7 +77,8 @@ class BudgetState:
 
     def __str__(self) -> str:
         return (f"${self.spent_usd:.4f} spent of ${self.cap_usd:.2f} (warn at ${self.warn_usd:.2f}); fleet "
-                f"${self.fleet_usd_per_h:.3f}/h" + ("; OVER CAP: no launches, spend stopped" if self.over else ""))
+                f"${self.fleet_usd_per_h:.3f}/h"
+                + ("; OVER CAP: no launches; an enforcing poll stops spend" if self.over else ""))
 
 
 class Ledger:
@@ -117,6 +120,21 @@ class Ledger:
         self.db.conn.execute("UPDATE budgets SET spent_usd = spent_usd + ?, updated_at = ? WHERE name = ?",
                              (total, store.now(), self.budget.name))
 
+    @staticmethod
+    def _unobserved(data: dict, row: dict | None = None) -> None:
+        """An instance no poll has seen yet: start charging it from its start (``row``'s
+        ``start_date``, else when it was registered) at its rate (``row``'s, else its offer's
+        ``dph_total``), so destroying it before the first poll is not free."""
+        if data.get("billed_until") is not None:
+            return
+        since = (row or {}).get("start_date") or data.get("registered_at")
+        usd_per_h = rate(row) if row else float((data.get("offer") or {}).get("dph_total") or 0.0)
+        if since is not None:
+            data["billed_until"] = float(since)
+            data["rate"] = max(float(data.get("rate") or 0.0), usd_per_h)
+            if row:
+                data["storage_rate"] = storage_rate(row)
+
     def observe(self, rows: list[dict], now: float | None = None) -> BudgetState:
         """Record one poll of the provider's instance list: instance rows, charges, and the
         instances that disappeared."""
@@ -148,6 +166,7 @@ class Ledger:
                 if old["id"] in seen:
                     continue
                 data = json.loads(old["data"] or "{}")
+                self._unobserved(data)
                 self._charge(old["id"], data, now, data.get("rate", 0.0), data.get("storage_rate", 0.0),
                              old["actual_status"] == "running", old["run_id"])
                 data["gone"] = "vanished"
@@ -161,13 +180,15 @@ class Ledger:
         self._warn(state)
         return state
 
-    def destroyed(self, iid: str, now: float | None = None) -> None:
-        """Final charge for an instance we destroyed (up to now) and its destroyed_at."""
+    def destroyed(self, iid: str, now: float | None = None, row: dict | None = None) -> None:
+        """Final charge for an instance we destroyed (up to now) and its destroyed_at;
+        ``row``: the instance as the provider showed it just before the destroy."""
         now = self.clock() if now is None else now
         with store.transaction(self.db):
             old, data = self._data(str(iid))
             if old is None or old["destroyed_at"]:
                 return
+            self._unobserved(data, row)
             self._charge(str(iid), data, now, data.get("rate", 0.0), data.get("storage_rate", 0.0),
                          old["actual_status"] == "running", old["run_id"])
             data["gone"] = "destroyed"

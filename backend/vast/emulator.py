@@ -24,8 +24,13 @@ the processes working there and deletes it, as losing a machine would.
 Fault knobs (``Cloud.faults``, or ``POST /_emulator/faults`` with the same JSON keys):
 ``rate_limit`` (next N calls answer 429 with ``Retry-After: retry_after``), ``server_errors``
 (next N calls answer ``error_status``), ``slow_s`` (every answer waits), ``destroy_fail``
-(next N destroys answer 500 and leave the instance running). ``POST /_emulator/vanish/{id}``
-or ``Cloud.vanish(id)`` makes an instance disappear, like a host that died.
+(next N destroys answer 500 and leave the instance running), ``destroy_unsuccessful`` (next N
+destroys answer 200 with ``{"success": false}`` and leave it), ``create_reply_lost`` (next N
+creates rent the instance but answer 500, as if the reply was lost). ``POST
+/_emulator/vanish/{id}`` or ``Cloud.vanish(id)`` makes an instance disappear, like a host that
+died; ``POST /_emulator/offline/{id}`` or ``Cloud.offline(id)`` takes its host down (status
+``offline``, SSH unreachable, its disk kept and billed as storage), ``Cloud.online(id)`` brings
+it back.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class Faults:
     error_status: int = 500
     slow_s: float = 0.0
     destroy_fail: int = 0
+    destroy_unsuccessful: int = 0
+    create_reply_lost: int = 0
 
 
 def default_offers() -> list[dict]:
@@ -175,6 +182,15 @@ def _kill_processes_in(path: Path) -> None:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+def _closed_port() -> int:
+    """A local TCP port nothing listens on (an unreachable host's SSH port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _working_in(path: Path) -> bool:
@@ -364,14 +380,38 @@ class Cloud:
             _kill_processes_in(ws)
             shutil.rmtree(ws, ignore_errors=True)
 
-    def destroy(self, iid: int) -> None:
+    def destroy(self, iid: int) -> bool:
+        """False: the destroy was not carried out (``destroy_unsuccessful``)."""
         with self.lock:
             if iid not in self.instances:
                 raise CloudError(404, f"instance {iid} not found", "no_such_instance")
             if self.faults.destroy_fail > 0:
                 self.faults.destroy_fail -= 1
                 raise CloudError(500, f"destroy of instance {iid} failed on the host; try again", "server_error")
+            if self.faults.destroy_unsuccessful > 0:
+                self.faults.destroy_unsuccessful -= 1
+                return False
             self._remove(iid, "destroyed")
+            return True
+
+    def offline(self, iid: int) -> None:
+        """The host goes down: the instance stays listed (``offline``), its processes stop,
+        its disk is kept (billed as storage) and SSH no longer answers."""
+        with self.lock:
+            row = self.instances[iid]
+            self._accrue(iid, self.clock())
+            row.update(actual_status="offline", cur_state="stopped", status_msg="host offline", gpu_util=0.0,
+                       ssh_port=_closed_port())
+            if self.workspace_base is not None:
+                _kill_processes_in(self.workspace(iid))
+
+    def online(self, iid: int) -> None:
+        """The host is back: the instance runs again (its trainer does not restart by itself)."""
+        with self.lock:
+            row = self.instances[iid]
+            self._accrue(iid, self.clock())
+            row.update(actual_status="running", cur_state="running", intended_status="running",
+                       status_msg="success, running", ssh_host=self.ssh_host, ssh_port=self.ssh_port)
 
     def vanish(self, iid: int) -> None:
         """The host dies: the instance, its processes and its disk are gone, billing stops."""
@@ -451,9 +491,9 @@ class _Handler(BaseHTTPRequestHandler):
                         raise CloudError(400, f"unknown fault knob {k!r}", "invalid_args")
                     setattr(c.faults, k, type(getattr(c.faults, k))(v))
             return self._send(200, asdict(c.faults))
-        m = re.match(r"^/_emulator/vanish/(\d+)$", path)
+        m = re.match(r"^/_emulator/(vanish|offline)/(\d+)$", path)
         if method == "POST" and m:
-            c.vanish(int(m.group(1)))
+            getattr(c, m.group(1))(int(m.group(2)))
             return self._send(200, {"success": True})
         if method == "GET" and path == "/_emulator/billing":
             return self._send(200, {"total_usd": c.billed(),
@@ -501,6 +541,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _create(self, ask_id, qs):
         iid = self.cloud.create(ask_id, self._body())
+        with self.cloud.lock:
+            lost = self.cloud.faults.create_reply_lost > 0
+            self.cloud.faults.create_reply_lost -= lost
+        if lost:
+            raise CloudError(500, "internal error (emulated; the instance was created)", "server_error")
         return self._send(200, {"success": True, "new_contract": iid})
 
     def _list(self, qs):
@@ -520,7 +565,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _destroy(self, iid, qs):
         self._body()
-        self.cloud.destroy(iid)
+        if not self.cloud.destroy(iid):
+            return self._send(200, {"success": False, "error": "destroy_failed",
+                                    "msg": f"instance {iid} could not be destroyed right now"})
         return self._send(200, {"success": True})
 
     def _user(self, qs):

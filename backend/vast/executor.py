@@ -82,13 +82,15 @@ class VastRun:
         if not ok:
             raise BudgetBlocked(why)
         self.tried_machines.add(offer.machine_id)
+        asked_at = self.fleet.clock()
         iid = str(self.fleet.provider.create(offer.id, self.s.image, self.s.disk_gb, label=self.run_id))
         self.fleet.ledger.launched(offer.dph_total)
         self.iid = iid
         if not resume:
             store.upsert_run(self.db, self.run_id, log_offset=0, metrics_offset=0)
         self.fleet.register(iid, self.run_id, self.run_id, {k: offer.raw.get(k) for k in (
-            "id", "machine_id", "gpu_name", "num_gpus", "dph_total", "reliability", "inet_down", "geolocation")})
+            "id", "machine_id", "gpu_name", "num_gpus", "dph_total", "reliability", "inet_down", "geolocation")},
+            since=asked_at)
         self.log(f"{self.run_id}: instance {iid} ({offer.gpu_name}, ${offer.dph_total:.3f}/h) created; waiting for SSH")
         store.set_run_status(self.db, self.run_id, "running", f"{'relaunched' if resume else self.job.how} on "
                              f"Vast instance {iid}", source="vast", executor="vast", instance_id=iid,
@@ -102,7 +104,7 @@ class VastRun:
             row = self._wait_running(iid)
             self._start_on(row, resume)
         except (LaunchError, SSHError, rmt.StageError, ProviderError) as e:
-            # no trainer ever ran there: it holds only copies of local files
+            # discard destroys unchecked only an instance just created with no trainer started
             self.log(f"{self.run_id}: bringing up instance {iid} failed ({e}); destroying it")
             o = self.fleet.discard(iid, reason=f"launch failed: {e}")
             if not o.destroyed:
@@ -155,8 +157,12 @@ class VastRun:
         status = rmt.status(st.remote, st.layout, self.run_id, st.python)
         if status.get("runner_alive"):
             self.log(f"{self.run_id}: trainer already running on instance {iid}; attaching")
+            self.fleet.mark_trainer(iid, self.run_id)
         else:
             cfg_remote = rmt.remote_config(self.job.cfg, fields)
+            # the runs directory first, then the mark: a destroy then insists on seeing that directory
+            st.remote.makedirs(st.layout.run_dir(self.run_id))
+            self.fleet.mark_trainer(iid, self.run_id)
             rmt.start_trainer(st.remote, st.layout, self.run_id, cfg_remote, st.python, app,
                               self.s.remote_env, self.s.heartbeat_s)
         self.follower = LogFollower(self.db, self.run_id, st.layout.run_dir(self.run_id), iid)
@@ -183,8 +189,8 @@ class VastRun:
                 self.follower.poll(st.remote)
             status = rmt.status(st.remote, st.layout, self.run_id, st.python)
             self.ssh_failures = 0
-        except HostKeyChanged as e:
-            return self.fail(str(e), destroy=False)
+        except HostKeyChanged as e:  # retire refuses too (nothing can be verified): kept, with an alert
+            return self.fail(str(e))
         except (SSHError, rmt.StageError) as e:
             self.ssh_failures += 1
             self.log(f"{self.run_id}: instance {self.iid} unreachable ({e}); attempt {self.ssh_failures}")
@@ -263,7 +269,7 @@ class VastRun:
                     pass
             self._record_local(entries, local)
             result = self._failed(error, wall)
-        o = self.fleet.destroy(self.iid, reason=f"run {self.run_id} finished ({result.status}), files verified")
+        o = self.fleet.retire(self.iid, f"run {self.run_id} finished ({result.status})", self.run_id)
         self.log(str(o))
         if not o.destroyed:
             result.error = ((result.error + "; ") if result.error else "") + f"instance {self.iid} kept: {o.reason}"
@@ -321,9 +327,9 @@ class VastRun:
                              error=error)
         return RunResult(self.run_id, "failed", self.job.how, str(self.job.out_dir), error=error, wall_s=wall)
 
-    def fail(self, error: str, row: dict | None = None, destroy: bool = True) -> RunResult:
-        if destroy and self.iid:
-            o = self.fleet.destroy(self.iid, reason=f"run {self.run_id} failed")
+    def fail(self, error: str, row: dict | None = None) -> RunResult:
+        if self.iid:
+            o = self.fleet.retire(self.iid, f"run {self.run_id} failed", self.run_id)
             self.log(str(o))
             if not o.destroyed:
                 error += f"; instance {self.iid} kept: {o.reason}"
@@ -334,8 +340,10 @@ class VastRun:
         store.add_event(self.db, f"{why}; " + ("relaunching from the last verified checkpoint"
                                                if self.recoveries < self.s.max_recoveries else "giving up"),
                         run_id=self.run_id, instance_id=self.iid, kind="recovery", level="error", source="vast")
-        self.fleet.ledger.destroyed(self.iid)
-        self.fleet.forget_remote(self.iid)
+        # the lost instance may hold files (a host that comes back, a stopped disk) and may
+        # still bill: destroyed only once they are verified here, else kept with an alert
+        o = self.fleet.retire(self.iid, f"lost by run {self.run_id}", self.run_id)
+        self.log(str(o))
         if self.recoveries >= self.s.max_recoveries:
             return self._failed(f"{why}; {self.recoveries} recoveries already, giving up", time.time() - self.started)
         self.recoveries += 1
@@ -361,6 +369,8 @@ def run_matrix_vast(matrix_path: str | Path, db_path: str | Path = "state.db", p
                     provider: VastProvider | None = None) -> list[RunResult]:
     """Run a matrix on Vast (module docstring). Raises MatrixError / ExecutorError before
     anything is rented when it cannot."""
+    if parallel < 1:
+        raise ExecutorError(f"vast executor: --parallel must be at least 1 (got {parallel})")
     m, ident = load_and_resolve(matrix_path)
     specs = m.selected(with_optional, only)
     try:

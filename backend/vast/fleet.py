@@ -7,11 +7,21 @@ runs first). If the sync fails or the instance cannot be reached, the destroy is
 the refusal names the files that would be lost. ``force`` skips the check only when the
 instance id is typed a second time (``confirm``); the forced destroy is recorded as an event
 with the files it gave up, and those artifacts are marked ``missing``.
+
+The listing that decides "nothing left to lose" fails rather than shrinks: a file that cannot
+be read or keeps changing while it is hashed, or a missing runs directory on an instance on
+which a trainer was started, refuses the destroy. The runs directory is the one recorded for
+the instance when it was registered, not the one the settings name today.
+
+Only ``discard`` destroys without that check, and only an instance this Fleet registered as
+new (created by this launch) on which no trainer was ever started; anything else it hands to
+``destroy``. An instance the lane stops using (lost, abandoned) goes through ``retire``: if the
+destroy is refused it stays recorded as ours and alive, with an error event, so it is neither
+forgotten nor billed unseen.
 """
 
 from __future__ import annotations
 
-import getpass
 import json
 import posixpath
 import time
@@ -60,6 +70,7 @@ class Fleet:
         self.ledger = Ledger(db, budget, clock)
         self._remotes: dict[str, Remote] = {}
         self._helpers: set[str] = set()
+        self._created: set[str] = set()  # instances this Fleet registered as new (see discard)
 
     # ------------------------------------------------------------------ polling
 
@@ -73,16 +84,53 @@ class Fleet:
         idle.track(self.db, rows, self.settings.idle, self.clock())
         return rows, state
 
-    def register(self, iid: int | str, run_id: str | None, label: str, offer: dict | None = None) -> None:
-        """Record an instance we just created, with the run it is for."""
+    def register(self, iid: int | str, run_id: str | None, label: str, offer: dict | None = None,
+                 since: float | None = None) -> None:
+        """Record an instance we just created, with the run it is for: its offer (the rate the
+        ledger charges until a poll sees it), ``since`` (when the create was sent; default
+        now) and the remote root its files live under. An id already recorded as ours is not
+        counted as new (``discard`` will not destroy it unchecked)."""
+        iid = str(iid)
         with store.transaction(self.db):
+            old, data = self._data(iid)
+            if old is None or old["run_id"] is None:
+                self._created.add(iid)
+            data.update(offer=offer or data.get("offer") or {},
+                        registered_at=self.clock() if since is None else since)
+            data.setdefault("remote_root", Layout.for_instance(self.settings.remote_base, iid).root)
             self.db.conn.execute(
                 "INSERT INTO instances(id, provider, label, run_id, data, updated_at) VALUES (?, 'vast', ?, ?, ?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET run_id = excluded.run_id, label = excluded.label",
-                (str(iid), label, run_id, json.dumps({"offer": offer or {}}), store.now()))
+                "ON CONFLICT(id) DO UPDATE SET run_id = excluded.run_id, label = excluded.label, data = excluded.data",
+                (iid, label, run_id, json.dumps(data), store.now()))
             store.add_event(self.db, f"instance {iid} created for {run_id!r}" + (
-                f" on offer {offer.get('id')} ({offer.get('gpu_name')}, ${offer.get('dph_total', 0):.3f}/h)"
-                if offer else ""), instance_id=str(iid), run_id=run_id, kind="instance-created", source="vast")
+                f" on offer {offer.get('id')} ({offer.get('gpu_name')}, ${offer.get('dph_total') or 0:.3f}/h)"
+                if offer else ""), instance_id=iid, run_id=run_id, kind="instance-created", source="vast")
+
+    def _data(self, iid: str) -> tuple[dict | None, dict]:
+        row = next(iter(self.db.query("SELECT * FROM instances WHERE id = ?", [str(iid)])), None)
+        return row, (json.loads(row["data"]) if row and row["data"] else {})
+
+    def mark_trainer(self, iid: int | str, run_id: str) -> None:
+        """Record, before it is started, that a trainer may run on the instance from now on:
+        its files are then no longer only copies of local ones."""
+        with store.transaction(self.db):
+            old, data = self._data(str(iid))
+            if old is None:
+                self.db.conn.execute("INSERT INTO instances(id, provider) VALUES (?, 'vast')", (str(iid),))
+            data.setdefault("trainer_started_at", self.clock())
+            data.setdefault("trainer_runs", [])
+            if run_id not in data["trainer_runs"]:
+                data["trainer_runs"].append(run_id)
+            self.db.conn.execute("UPDATE instances SET data = ?, updated_at = ? WHERE id = ?",
+                                 (json.dumps(data), store.now(), str(iid)))
+
+    def trainer_started(self, iid: int | str) -> bool:
+        """Whether state.db knows of a trainer started on the instance (ever)."""
+        _, data = self._data(str(iid))
+        if data.get("trainer_started_at") is not None:
+            return True
+        return self.db.execute("SELECT 1 FROM events WHERE instance_id = ? AND kind = 'remote-start' LIMIT 1",
+                               [str(iid)]).fetchone() is not None
 
     # ------------------------------------------------------------------ SSH
 
@@ -120,7 +168,10 @@ class Fleet:
             self.known.forget(self.target(row).hostport)
 
     def layout(self, iid: int | str) -> Layout:
-        return Layout.for_instance(self.settings.remote_base, iid)
+        """Where the instance's files are: the root recorded when it was registered (the
+        settings' ``remote_base`` may have changed since), else the settings'."""
+        root = self._data(str(iid))[1].get("remote_root")
+        return Layout(root) if root else Layout.for_instance(self.settings.remote_base, iid)
 
     def stager(self, row: dict) -> Stager:
         """A Stager for the instance, its helper installed (checked once per session)."""
@@ -132,22 +183,23 @@ class Fleet:
 
     # ------------------------------------------------------------------ sync
 
-    def _listing(self, st: Stager) -> dict[str, list[Entry]]:
+    def _listing(self, st: Stager, iid: str) -> dict[str, list[Entry]]:
         """run id -> its files on the instance (one hash pass over the runs directory)."""
         by_run: dict[str, list[Entry]] = {}
-        for e in remote_entries(st.remote, st.python, st.layout.helper, st.layout.runs):
+        for e in remote_entries(st.remote, st.python, st.layout.helper, st.layout.runs,
+                                missing_ok=not self.trainer_started(iid)):
             rid, _, name = e.name.partition("/")
             if name:
                 by_run.setdefault(rid, []).append(Entry(name, e.size, e.sha256))
         return by_run
 
     def run_ids_on(self, row: dict) -> list[str]:
-        return sorted(self._listing(self.stager(row)))
+        return sorted(self._listing(self.stager(row), str(row["id"])))
 
     def sync_instance(self, row: dict, run_ids: list[str] | None = None) -> list[SyncReport]:
         """Pull every run directory on the instance (or only ``run_ids``) into the store."""
         st = self.stager(row)
-        listing = self._listing(st)
+        listing = self._listing(st, str(row["id"]))
         reports = []
         for rid in (run_ids if run_ids is not None else sorted(listing)):
             rep = self.syncer.sync_dir(st.remote, st.python, st.layout.helper, rid, st.layout.run_dir(rid),
@@ -163,7 +215,8 @@ class Fleet:
     def unsynced(self, row: dict) -> list[str]:
         """``run_id/file`` of every file on the instance whose content is not in the store."""
         st = self.stager(row)
-        return [e.name for e in self.syncer.unverified(st.remote, st.python, st.layout.helper, st.layout.runs)]
+        return [e.name for e in self.syncer.unverified(st.remote, st.python, st.layout.helper, st.layout.runs,
+                                                        missing_ok=not self.trainer_started(row["id"]))]
 
     def known_unverified(self, iid: str) -> list[str]:
         """What state.db says the instance holds that is not verified locally."""
@@ -201,8 +254,10 @@ class Fleet:
             except HostKeyChanged as e:
                 return DestroyOutcome(iid, False, str(e), self.known_unverified(iid))
             except (SSHError, SyncError, StageError) as e:
-                return DestroyOutcome(iid, False, f"cannot reach the instance to verify its files ({e}); "
-                                                  "use --force to destroy anyway", self.known_unverified(iid))
+                what = "cannot reach the instance to verify its files" if isinstance(e, SSHError) else \
+                    "cannot verify the files on the instance"
+                return DestroyOutcome(iid, False, f"{what} ({e}); use --force to destroy anyway",
+                                      self.known_unverified(iid))
             if lose:
                 why = "; ".join(f"{e.name}: {w}" for rep in reports for e, w in rep.failed) or "not in the local store"
                 return DestroyOutcome(iid, False, f"sync failed, destroying would lose data ({why})", lose, reports)
@@ -211,17 +266,17 @@ class Fleet:
                 lose = self.unsynced(row)
             except (SSHError, SyncError, StageError):
                 lose = self.known_unverified(iid)
-            store.add_event(self.db, f"FORCED destroy of instance {iid} by {getpass.getuser()} ({reason}); "
+            store.add_event(self.db, f"FORCED destroy of instance {iid} by {store.user()} ({reason}); "
                             f"{len(lose)} file(s) without a verified local copy given up",
                             instance_id=iid, kind="force-destroy", level="warning", source="vast",
-                            data={"instance_id": iid, "files": lose, "user": getpass.getuser(), "reason": reason})
+                            data={"instance_id": iid, "files": lose, "user": store.user(), "reason": reason})
         try:
             self.provider.destroy(iid)
         except ProviderError as e:
             store.add_event(self.db, f"destroy of instance {iid} failed: {e}; it is still running (and billing)",
                             instance_id=iid, kind="destroy-failed", level="error", source="vast")
             return DestroyOutcome(iid, False, f"the provider refused the destroy: {e}", [], reports, force)
-        self.ledger.destroyed(iid)
+        self.ledger.destroyed(iid, row=row)
         self.forget_remote(iid, row)
         if force and lose:
             with store.transaction(self.db):
@@ -241,9 +296,14 @@ class Fleet:
                                [str(iid)]).fetchone() is not None
 
     def discard(self, iid: int | str, reason: str) -> DestroyOutcome:
-        """Destroy an instance on which no trainer was ever started (a launch that failed
-        part way): it holds only copies of local files, so there is nothing to sync."""
+        """Destroy an instance of a launch that failed part way, without a sync: only when this
+        Fleet registered it as new (created by this launch) and no trainer was ever started on
+        it, so it holds only copies of local files. Any other instance (an earlier one of the
+        same run, one a trainer may have run on) goes through ``destroy``, which syncs and
+        verifies first."""
         iid = str(iid)
+        if iid not in self._created or self.trainer_started(iid):
+            return self.destroy(iid, reason=reason)
         try:
             self.provider.destroy(iid)
         except ProviderError as e:
@@ -252,9 +312,24 @@ class Fleet:
             return DestroyOutcome(iid, False, f"the provider refused the destroy: {e}")
         self.ledger.destroyed(iid)
         self.forget_remote(iid)
+        self._created.discard(iid)
         store.add_event(self.db, f"instance {iid} destroyed ({reason}); no trainer had started on it",
                         instance_id=iid, kind="instance-destroyed", source="vast")
         return DestroyOutcome(iid, True, reason)
+
+    def retire(self, iid: int | str, reason: str, run_id: str | None = None) -> DestroyOutcome:
+        """Destroy an instance the lane stops using (its run lost it, failed or finished) under
+        the destroy rule. When that is refused, the instance stays recorded as ours and alive
+        (the ledger keeps charging it; ``vast instances`` and ``vast destroy`` see it) and an
+        error event says it is kept and why."""
+        iid = str(iid)
+        o = self.destroy(iid, reason=reason)
+        if not o.destroyed:
+            store.add_event(self.db, f"instance {iid} KEPT ({reason}): {o.reason}. It still bills (storage, or "
+                            f"its full price if it runs again): save its files, then `nko-ops vast destroy {iid}` "
+                            "(--force gives them up)", instance_id=iid, run_id=run_id, kind="instance-kept",
+                            level="error", source="vast", data={"files": o.would_lose, "reason": reason})
+        return o
 
     def kill_idle(self, force_ids: dict[str, str] | None = None) -> list[DestroyOutcome]:
         """Destroy the idle instances (module docstring's rule; ``force_ids``: id -> the id
@@ -308,6 +383,21 @@ class Fleet:
                                 kind="budget-stop", level="error", source="vast", data={"files": o.would_lose})
             out.append(o)
         return out
+
+    def over_cap_plan(self, rows: list[dict]) -> list[tuple[str, str]]:
+        """(instance id, what ``stop_spend`` would do to it), without doing anything: what a
+        listing shows when the budget is over its cap."""
+        plan = []
+        for row in rows:
+            iid, running = str(row["id"]), row.get("actual_status") == "running"
+            if self.is_ours(iid):
+                what = "sync, then destroy once every file on it is verified locally" + (
+                    "; stop it instead if a file cannot be saved" if running else "; kept if a file cannot be saved")
+            else:
+                what = ("stop it (not created by nko-ops: never destroyed without --force)" if running else
+                        "nothing (not created by nko-ops, not running)")
+            plan.append((iid, what))
+        return plan
 
     def sweep(self) -> list[dict]:
         """Instances the account has that the state store does not know (orphans)."""

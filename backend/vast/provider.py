@@ -4,7 +4,10 @@ The SDK already retries 429 (honouring ``Retry-After``) and 502/503/504 a few ti
 layer adds bounded retries with backoff for other 5xx answers and for transport errors on
 calls that are safe to repeat (searches, listings, destroy). Creating an instance is not
 repeated blindly: after a failed create the instance list is checked for the label, so a
-create that succeeded behind an error is adopted instead of paying for a second machine.
+create that succeeded behind an error is adopted instead of paying for a second machine. Only
+an instance that was not on the account before the first try is adopted: an older instance
+with the same label (an earlier launch of the same run, lost or stopped, still holding its
+files) is never taken for the new one.
 
 Errors come out as ProviderError with the HTTP status and Vast's message, never with the
 request headers (which carry the API key).
@@ -40,6 +43,12 @@ def _message(e: requests.HTTPError) -> str:
     except ValueError:
         msg = (r.text or "")[:200]
     return f"HTTP {r.status_code} from {r.request.method} {r.request.path_url.split('?')[0]}: {msg}"
+
+
+def _succeeded(what: str, res) -> None:
+    """Vast answers some refusals with HTTP 200 and ``{"success": false, "msg": ...}``."""
+    if isinstance(res, dict) and res.get("success") is False:
+        raise ProviderError(f"{what}: refused: {res.get('msg') or res.get('error') or res}")
 
 
 @dataclass
@@ -111,9 +120,11 @@ class VastProvider:
 
     def create(self, offer_id: int, image: str, disk_gb: float, label: str, onstart: str | None = None,
                env: dict | None = None) -> int:
-        """Rent ``offer_id``; returns the new instance id. ``label`` must be unique (the run
-        id): after a failed call the account is searched for it, so a create that succeeded
-        behind an error is adopted, and one that did not is tried again."""
+        """Rent ``offer_id``; returns the new instance id. ``label`` must be unique to this
+        launch (the run id): after a failed call the account is searched for an instance with
+        that label that was not there before the first try, so a create that succeeded behind
+        an error is adopted, and one that did not is tried again."""
+        existing = {int(i["id"]) for i in self.instances()}
         delay = self.backoff_s
         for attempt in range(1, self.attempts + 1):
             try:
@@ -123,9 +134,10 @@ class VastProvider:
             except ProviderError as e:
                 if e.status is not None and e.status not in TRANSIENT:
                     raise
-                adopted = [i for i in self.instances() if i.get("label") == label]
+                adopted = sorted(int(i["id"]) for i in self.instances()
+                                 if i.get("label") == label and int(i["id"]) not in existing)
                 if adopted:
-                    return int(adopted[0]["id"])
+                    return adopted[0]
                 if attempt == self.attempts:
                     raise
                 self.sleep(delay)
@@ -146,18 +158,21 @@ class VastProvider:
             return None
 
     def destroy(self, iid: int | str) -> bool:
-        """Destroy; True when it is gone (also when it already was)."""
+        """Destroy; True when it is gone (also when it already was). An answer of
+        ``success: false`` (the instance is still there) raises ProviderError."""
         try:
-            self._call(f"destroy instance {iid}", self.sdk.destroy_instance, int(iid))
+            res = self._call(f"destroy instance {iid}", self.sdk.destroy_instance, int(iid))
         except InstanceNotFound:
-            pass
+            return True
+        _succeeded(f"destroy instance {iid}", res)
         return True
 
     def stop(self, iid: int | str) -> None:
-        self._call(f"stop instance {iid}", self.sdk.stop_instance, int(iid))
+        _succeeded(f"stop instance {iid}", self._call(f"stop instance {iid}", self.sdk.stop_instance, int(iid)))
 
     def label(self, iid: int | str, label: str) -> None:
-        self._call(f"label instance {iid}", self.sdk.label_instance, int(iid), label)
+        _succeeded(f"label instance {iid}",
+                   self._call(f"label instance {iid}", self.sdk.label_instance, int(iid), label))
 
     def user(self) -> dict:
         return self._call("current user", self.sdk.show_user)

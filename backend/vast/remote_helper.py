@@ -1,9 +1,14 @@
 """Runs ON the instance (uploaded as ``<root>/nko_remote.py``; standard library only).
 
-    hash DIR                  JSON list of {name, size, sha256} for the files under DIR; the
+    hash [--missing-ok] DIR   JSON list of {name, size, sha256} for the files under DIR; the
                               hash covers exactly ``size`` bytes (logs keep growing), and
                               checkpoints (*.pt) are hashed first, so logs are captured after
-                              the checkpoint that records their offsets
+                              the checkpoint that records their offsets. A missing DIR, a file
+                              that cannot be read, or one replaced or rewritten while hashed
+                              (after a few tries) is an error (exit 3): the listing is used to
+                              decide that an instance holds nothing left to lose. A file deleted
+                              before it is hashed is left out (nothing of it is left to lose).
+                              --missing-ok: a missing DIR lists as []
     verify MANIFEST           check {"root", "files": [{path, sha256, size}]}; prints
                               {"ok", "problems": [{path, why}]}, exit 1 when not ok
     unpack WHEEL DEST         extract a wheel (a zip) into DEST atomically
@@ -20,6 +25,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -45,14 +51,22 @@ def _read_json(path):
         return None
 
 
-def _sha256(path, size):
+class Shrank(IOError):
+    pass
+
+
+def _sha256(path, size, opened=None):
+    """sha256 of the first ``size`` bytes; ``opened``: a list that receives the os.stat of
+    the file actually read (its inode)."""
     h = hashlib.sha256()
     left = size
     with open(path, "rb") as f:
+        if opened is not None:
+            opened.append(os.fstat(f.fileno()))
         while left > 0:
             b = f.read(min(CHUNK, left))
             if not b:
-                raise IOError("%s shrank while hashing" % path)
+                raise Shrank("%s shrank while hashing" % path)
             h.update(b)
             left -= len(b)
     return h.hexdigest()
@@ -62,9 +76,54 @@ def _skip(name):
     return name.startswith(".") or name.endswith((".tmp", ".part"))
 
 
-def cmd_hash(root):
+class HashError(Exception):
+    pass
+
+
+def _hash_stable(path, tries=3):
+    """(size, sha256) of a regular file read through the inode its name points to before and
+    after the hash, which neither shrank nor was rewritten in place meanwhile (appending is
+    fine: the hash covers ``size`` bytes); None when the file was deleted; HashError when it
+    cannot be read or keeps changing."""
+    for _ in range(tries):
+        opened = []
+        try:
+            before = os.stat(path)
+            if not stat.S_ISREG(before.st_mode):
+                raise HashError("%s: not a regular file" % path)
+            digest = _sha256(path, before.st_size, opened)
+            after = os.stat(path)
+        except FileNotFoundError:
+            if not os.path.lexists(path):
+                return None
+            if os.path.islink(path) and not os.path.exists(path):
+                raise HashError("%s: a dangling symbolic link" % path)
+            continue  # replaced (renamed over) between two looks: hash the new file
+        except Shrank:
+            continue
+        except OSError as e:
+            raise HashError("%s: cannot read it: %s" % (path, e.strerror or e))
+        inodes = {(x.st_dev, x.st_ino) for x in (before, opened[0], after)}
+        rewritten = after.st_size == before.st_size and after.st_mtime_ns != before.st_mtime_ns
+        if len(inodes) == 1 and after.st_size >= before.st_size and not rewritten:
+            return before.st_size, digest
+    raise HashError("%s: kept changing while it was hashed (%d tries)" % (path, tries))
+
+
+def cmd_hash(root, missing_ok=False):
+    if not os.path.isdir(root):
+        if missing_ok and not os.path.lexists(root):
+            print("[]")
+            return 0
+        print("hash: %s is not a directory (missing runs directory?)" % root, file=sys.stderr)
+        return 3
+    errors = []
+
+    def walk_error(e):
+        errors.append("%s: cannot list it: %s" % (e.filename, e.strerror or e))
+
     names = []
-    for d, dirs, files in os.walk(root):
+    for d, dirs, files in os.walk(root, onerror=walk_error):
         dirs[:] = sorted(x for x in dirs if not x.startswith("."))
         for f in files:
             if not _skip(f):
@@ -72,13 +131,18 @@ def cmd_hash(root):
     names.sort(key=lambda n: (not n.endswith(".pt"), n))
     out = []
     for n in names:
-        p = os.path.join(root, n)
         try:
-            size = os.stat(p).st_size
-            out.append({"name": n.replace(os.sep, "/"), "size": size, "sha256": _sha256(p, size)})
-        except (OSError, IOError):
-            continue  # replaced or removed while listing: the next pass sees the new file
+            got = _hash_stable(os.path.join(root, n))
+        except HashError as e:
+            errors.append(str(e))
+            continue
+        if got is not None:
+            out.append({"name": n.replace(os.sep, "/"), "size": got[0], "sha256": got[1]})
+    if errors:
+        print("hash: " + "; ".join(errors[:10]), file=sys.stderr)
+        return 3
     print(json.dumps(out))
+    return 0
 
 
 def cmd_verify(manifest_path):
@@ -202,7 +266,7 @@ def main(argv):
         return 2
     cmd, args = argv[0], argv[1:]
     if cmd == "hash":
-        return cmd_hash(args[0]) or 0
+        return cmd_hash(args[-1], missing_ok="--missing-ok" in args[:-1])
     if cmd == "verify":
         return cmd_verify(args[0])
     if cmd == "unpack":

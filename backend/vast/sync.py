@@ -154,10 +154,18 @@ class SyncReport:
         return s
 
 
-def remote_entries(remote: Remote, python: str, helper: str, directory: str) -> list[Entry]:
-    """Files under ``directory`` on the instance with their sizes and sha256 (computed there)."""
-    r = remote.run([python, helper, "hash", directory], timeout=1800)
-    r.check("hashing on the instance")  # a missing directory lists as []; any failure is an error
+HASH_REFUSED = 3  # the helper's exit status when it cannot vouch for every file
+
+
+def remote_entries(remote: Remote, python: str, helper: str, directory: str,
+                   missing_ok: bool = True) -> list[Entry]:
+    """Files under ``directory`` on the instance with their sizes and sha256 (computed there).
+    A file that cannot be read or keeps changing raises SyncError, never a shorter listing;
+    so does a missing ``directory`` unless ``missing_ok`` (then it lists as [])."""
+    r = remote.run([python, helper, "hash", *(["--missing-ok"] if missing_ok else []), directory], timeout=1800)
+    if r.rc == HASH_REFUSED:
+        raise SyncError(f"{remote.target}: cannot vouch for the files under {directory}: {r.err.strip()[-500:]}")
+    r.check("hashing on the instance")
     try:
         return [Entry(e["name"], int(e["size"]), e["sha256"]) for e in json.loads(r.out or "[]")]
     except (ValueError, KeyError, TypeError):
@@ -319,7 +327,11 @@ class Syncer:
                         rep.failed.append((cur, str(err)))
                         break
                     self.log(f"{err}; hashing it again")
-                    fresh = {x.name: x for x in remote_entries(remote, python, helper, remote_dir)}
+                    try:
+                        fresh = {x.name: x for x in remote_entries(remote, python, helper, remote_dir)}
+                    except (SSHError, SyncError) as again:
+                        rep.failed.append((cur, f"{err}; hashing it again failed: {again}"))
+                        break
                     if cur.name not in fresh:
                         rep.failed.append((cur, "gone from the instance"))
                         break
@@ -348,9 +360,11 @@ class Syncer:
                     self.log(f"mirror push of {e.name} failed: {err}")
         return rep
 
-    def unverified(self, remote: Remote, python: str, helper: str, remote_dir: str) -> list[Entry]:
+    def unverified(self, remote: Remote, python: str, helper: str, remote_dir: str,
+                   missing_ok: bool = True) -> list[Entry]:
         """Files on the instance (under ``remote_dir``) whose exact content is not in the store."""
-        return [e for e in remote_entries(remote, python, helper, remote_dir) if not self.cas.has(e.sha256)]
+        return [e for e in remote_entries(remote, python, helper, remote_dir, missing_ok)
+                if not self.cas.has(e.sha256)]
 
 
 class Mirror:

@@ -4,7 +4,6 @@ rules that fired, and keys to record a human review verdict into ``reviews``."""
 from __future__ import annotations
 
 import difflib
-import getpass
 from dataclasses import replace
 
 import sqlite_utils
@@ -16,6 +15,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Input, Label, Static
 
+from backend import store
 from console import bidi, queries
 from console.queries import DecisionRow, GateFilter, GatePage
 from console.widgets import EmptyState, Pane, Table, selected_key
@@ -148,7 +148,7 @@ class GatePane(Pane):
         super().__init__(**kwargs)
         self.filter = GateFilter()
         self.page: GatePage | None = None
-        self.reviewer = getpass.getuser()
+        self.reviewer = store.user()
 
     def compose(self) -> ComposeResult:
         yield Static(id="gate-filter")
