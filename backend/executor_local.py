@@ -1,14 +1,17 @@
 """Local executor: run a matrix's trainer runs as subprocesses of this machine
 (`nko-ops matrix run FILE --executor local [--parallel N]`).
 
-Order of work, nothing written before step 2:
+Order of work, nothing written (not state.db, not out_root) before step 2 has passed:
 
 1. Load and validate the matrix, hash its snapshot / split / feature store and compare with
-   the pins (backend/matrix.py). Take the matrix's executor lock.
+   the pins (backend/matrix.py) and with the identities state.db pinned for the matrix.
 2. Classify each selected run: *reuse* (its directory holds a bundle that verifies, with the
-   same config), *import* (``import_from`` names a directory that passes `runs import`),
-   *resume* (``last.pt`` present: the trainer continues from it) or *train*. A completed
-   run whose config changed is refused: completed runs are immutable.
+   same config up to where its files lay: a run trained on Vast records the instance's
+   paths), *import* (``import_from`` names a directory that passes `runs import`), *resume*
+   (``last.pt`` present: the trainer continues from it) or *train*. A completed run whose
+   config changed is refused: completed runs are immutable. Then take the matrix's executor
+   lock (classifying again if another executor changed the runs meanwhile), pin the matrix
+   and record the runs.
 3. Sanity step: for each mode and each script still to train, one short run
    (``sanity.epochs`` epochs on ``sanity.subset``) under ``out_root/_sanity/``, whose bundle
    must verify (two at a time on a multi-core machine). Any failure stops the matrix
@@ -43,10 +46,10 @@ from typing import Callable
 
 from backend import store
 from backend.matrix import Identity, Matrix, MatrixError, RunSpec, config_sha256, load_matrix, resolve
-from backend.runs import BundleError, import_run, recorded_hashes, register_bundle, verify_bundle
+from backend.runs import Bundle, BundleError, import_run, recorded_hashes, register_bundle, verify_bundle
 
 POLL_S = 1.0
-MAX_LOG_LINES_PER_POLL = 200
+LOG_CHUNK = 1 << 20  # bytes of trainer output read at a time
 
 
 class ExecutorError(RuntimeError):
@@ -111,6 +114,19 @@ def _normalised(cfg: dict) -> dict:
     return RunConfig.model_validate(cfg).to_json()
 
 
+def same_config(have: dict | None, want: dict) -> bool:
+    """Whether a completed run's recorded config is ``want`` up to where its files lay (the
+    path fields): a run trained on Vast records the instance's paths (``data/snapshot-…``,
+    ``runs/<id>``). The identities behind the paths still have to match: ``snapshot_sha256``
+    is compared here, the split and recipe hashes by ``LocalExecutor.verify``."""
+    from backend.vast.remote import PATH_FIELDS  # the fields the Vast executor rewrites
+
+    def strip(cfg: dict | None) -> dict:
+        return {k: v for k, v in (cfg or {}).items() if k not in PATH_FIELDS}
+
+    return strip(have) == strip(want)
+
+
 def _write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -147,8 +163,20 @@ class LocalExecutor:
     # ------------------------------------------------------------------ planning
 
     def classify(self, specs: list[RunSpec]) -> tuple[list[RunResult], list[_Job], list[RunSpec]]:
-        """(already satisfied, jobs to run, runs to import). Raises ExecutorError on refusals."""
-        done, jobs, imports, refusals = [], [], [], []
+        """(already satisfied, jobs to run, runs to import). Raises ExecutorError on refusals,
+        before it writes anything; then registers the bundles found complete on disk."""
+        done, jobs, imports, found = self.plan(specs)
+        self.record_found(found)
+        return done, jobs, imports
+
+    def record_found(self, found: list[tuple[str, Bundle]]) -> None:
+        for run_id, b in found:
+            register_bundle(self.db, b, run_id, "local", self.m.matrix_id, message="found complete on disk")
+
+    def plan(self, specs: list[RunSpec]) -> tuple[list[RunResult], list[_Job], list[RunSpec], list[tuple[str, Bundle]]]:
+        """``classify`` without writing anything: also returns (run id, bundle) for the bundles
+        found complete on disk that state.db does not record as completed (``record_found``)."""
+        done, jobs, imports, found, refusals = [], [], [], [], []
         for spec in specs:
             cfg = self.config(spec)
             d = self.m.out_dir(spec)
@@ -162,13 +190,12 @@ class LocalExecutor:
                 if not b.ok:
                     refusals.append(f"run {spec.run_id!r}: {d} holds a completed bundle that fails verification "
                                     f"({b.problems[0]}); completed runs are immutable: move it away to re-run")
-                elif b.results.get("config") != cfg:
+                elif not same_config(b.results.get("config"), cfg):
                     refusals.append(f"run {spec.run_id!r} completed with a different config than the matrix now "
                                     f"gives; completed runs are immutable: give the changed run a new run_id")
                 else:
                     if not row or row["status"] != "completed":
-                        register_bundle(self.db, b, spec.run_id, "local", self.m.matrix_id,
-                                        message="found complete on disk")
+                        found.append((spec.run_id, b))
                     done.append(RunResult(spec.run_id, "completed", "reused", str(d), b.results.get("test_cer")))
                 continue
             if row and row["status"] == "completed" and row["executor"] == "import" and row["out_dir"]:
@@ -189,7 +216,7 @@ class LocalExecutor:
             jobs.append(_Job(spec, cfg, d, spec.run_id, how="resumed" if (d / "last.pt").exists() else "trained"))
         if refusals:
             raise ExecutorError("refusing to run the matrix:\n  " + "\n  ".join(refusals))
-        return done, jobs, imports
+        return done, jobs, imports, found
 
     def try_import(self, spec: RunSpec) -> RunResult | None:
         try:
@@ -264,16 +291,19 @@ class LocalExecutor:
                                "message": str(rec.get("status")), "data": rec,
                                "level": "error" if rec.get("status") == "failed" else "info"})
         if job.out_file is not None and job.out_file.exists():
-            size = job.out_file.stat().st_size
-            if size > job.out_offset:
-                with open(job.out_file, "rb") as f:
+            with open(job.out_file, "rb") as f:
+                while True:  # every complete line, a chunk at a time; the offset passes only what is stored
                     f.seek(job.out_offset)
-                    chunk = f.read(min(size - job.out_offset, 1 << 20))
-                end = chunk.rfind(b"\n") + 1
-                text = chunk[:end].decode("utf-8", errors="replace").splitlines()
-                for line in text[-MAX_LOG_LINES_PER_POLL:]:
-                    events.append({"run_id": job.db_id, "source": "trainer", "kind": "log", "message": line[:2000]})
-                job.out_offset += end
+                    chunk = f.read(LOG_CHUNK)
+                    end = chunk.rfind(b"\n") + 1
+                    if not end and len(chunk) == LOG_CHUNK:  # a line longer than a chunk: stored in pieces
+                        end = len(chunk)
+                    if not end:
+                        break
+                    for line in chunk[:end].decode("utf-8", errors="replace").splitlines():
+                        events.append({"run_id": job.db_id, "source": "trainer", "kind": "log",
+                                       "message": line[:2000]})
+                    job.out_offset += end
         with store.transaction(self.db):
             store.add_metrics(self.db, job.db_id, lines, metrics_offset=job.metrics_offset,
                               log_offset=job.out_offset, heartbeat_at=store.now(), **fields)
@@ -410,8 +440,8 @@ def _lock(root: Path, matrix_id: str):
     return f
 
 
-def register_matrix(db, m: Matrix, ident: Identity) -> None:
-    """Record the matrix and its identities; refuse if it ran on other ones before."""
+def check_matrix(db, m: Matrix, ident: Identity) -> None:
+    """Refuse a matrix that ran before on other snapshot / split / recipe identities."""
     row = next(iter(db.query("SELECT * FROM matrices WHERE id = ?", [m.matrix_id])), None)
     if row:
         for key in ("snapshot_sha256", "split_sha256", "recipe_hash"):
@@ -419,6 +449,11 @@ def register_matrix(db, m: Matrix, ident: Identity) -> None:
                 raise ExecutorError(f"matrix {m.matrix_id!r} ran before with {key} {row[key][:16]}…, now "
                                     f"{getattr(ident, key)[:16]}…; its runs would mix {key.split('_')[0]}s: "
                                     f"use a new matrix_id")
+
+
+def register_matrix(db, m: Matrix, ident: Identity) -> None:
+    """Record the matrix and its identities; refuse if it ran on other ones before."""
+    check_matrix(db, m, ident)
     with store.transaction(db):
         db.conn.execute(
             "INSERT INTO matrices(id, path, sha256, snapshot_sha256, split_sha256, recipe_hash, updated_at) "
@@ -492,7 +527,7 @@ def run_matrix(matrix_path: str | Path, db_path: str | Path = "state.db", execut
                only: list[str] | None = None, poll_s: float = POLL_S,
                log: Callable[[str], None] = print) -> list[RunResult]:
     """Run a matrix; returns one RunResult per selected run (see the module docstring).
-    Raises MatrixError / ExecutorError, before anything runs, when it cannot."""
+    Raises MatrixError / ExecutorError, before anything is written, when it cannot."""
     if executor == "vast":  # one instance per run on Vast.ai (backend/vast/executor.py)
         from backend.vast.executor import run_matrix_vast
 
@@ -502,11 +537,21 @@ def run_matrix(matrix_path: str | Path, db_path: str | Path = "state.db", execut
         raise ExecutorError(f"executor {executor!r} is not available (one of: local, vast)")
     m, ident = load_and_resolve(matrix_path)
     specs = m.selected(with_optional, only)
-    lock = _lock(Path(m.out_root), m.matrix_id)
-    db = store.open_db(db_path)
+    # every check that can refuse runs before anything is written: first without the lock
+    # (taking it creates out_root), then again under it if another executor changed the runs
+    check_db = store.open_db(db_path if Path(db_path).exists() else ":memory:")
     try:
+        ex = LocalExecutor(m, ident, check_db, parallel, poll_s, log)
+        seen, plan = _checked_plan(ex, specs)
+    finally:
+        check_db.close()
+    lock = _lock(Path(m.out_root), m.matrix_id)
+    db = ex.db = store.open_db(db_path)
+    try:
+        if _runs_seen(ex, specs) != seen:
+            plan = _checked_plan(ex, specs)[1]
+        done, jobs, imports, found = plan
         register_matrix(db, m, ident)
-        ex = LocalExecutor(m, ident, db, parallel, poll_s, log)
         for spec in specs:
             if store.get_run(db, spec.run_id) is None:
                 store.set_run_status(db, spec.run_id, "planned", f"in matrix {m.matrix_id}", matrix_id=m.matrix_id,
@@ -516,7 +561,7 @@ def run_matrix(matrix_path: str | Path, db_path: str | Path = "state.db", execut
                             "AND matrix_id IN (?, ?)", [m.matrix_id, m.matrix_id + "#sanity"]):
             if not _alive(row["pid"]):
                 store.set_run_status(db, row["id"], "interrupted", "its executor stopped; will resume from last.pt")
-        done, jobs, imports = ex.classify(specs)
+        ex.record_found(found)
         for spec in imports:
             r = ex.try_import(spec)
             if r is not None:
@@ -546,6 +591,19 @@ def run_matrix(matrix_path: str | Path, db_path: str | Path = "state.db", execut
     finally:
         db.close()
         lock.close()
+
+
+def _runs_seen(ex: LocalExecutor, specs: list[RunSpec]) -> list:
+    """What ``plan`` reads that another executor changes: the run rows and which run
+    directories hold manifest.json / last.pt."""
+    return [(store.get_run(ex.db, s.run_id), (ex.m.out_dir(s) / "manifest.json").exists(),
+             (ex.m.out_dir(s) / "last.pt").exists()) for s in specs]
+
+
+def _checked_plan(ex: LocalExecutor, specs: list[RunSpec]) -> tuple[list, tuple]:
+    """(``_runs_seen``, ``ex.plan``) after the matrix's identity check; raises on refusals."""
+    check_matrix(ex.db, ex.m, ex.ident)
+    return _runs_seen(ex, specs), ex.plan(specs)
 
 
 def threading_main() -> bool:

@@ -3,12 +3,15 @@
 The record (``<out>/<run_id>.json``) names the run, its snapshot / split / feature-recipe
 hashes, its metrics (overall and per partition), the artifact manifest as verified now, the
 environment it ran in, and the exact commands that reproduce it: ``<out>/<run_id>.config.json``
-is the run's own config as the trainer recorded it, so
+is the run's own config as the trainer recorded it, with this machine's paths (a run trained
+on Vast records the instance's, e.g. ``data/snapshot-…``; the record's ``reproduce.config_paths``
+then names the local ones, from the run's matrix or the config the executor launched it with), so
 
     nko-ops train --config <out>/<run_id>.config.json --out-dir NEW_DIR
 
 retrains it, and ``nko-ops evaluate --run RUN_DIR`` re-decodes its predictions byte for byte.
-Promoting the same run again is a no-op; a record that would differ is refused.
+Promoting the same run again writes nothing new but completes what an interrupted promotion
+left undone (the files first, the ``promotions`` row last); a record that would differ is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 from pathlib import Path
 
 from backend import store
+from backend.matrix import MatrixError, load_matrix, resolve
 from backend.runs import recorded_hashes, verify_bundle
 
 
@@ -63,8 +67,38 @@ def promotion_record(run_id: str, db) -> dict:
     }
 
 
+def _local_paths(db, row: dict) -> dict:
+    """{path field: path on this machine} for a run's config: from its matrix when that still
+    resolves to the run's snapshot, split and recipe, else from the config an executor
+    launched it with (state.db); {} when neither is known."""
+    from backend.vast.remote import PATH_FIELDS  # the fields the Vast executor rewrites
+
+    mrow = next(iter(db.query("SELECT path FROM matrices WHERE id = ?", [row["matrix_id"]])), None)
+    if mrow and mrow["path"]:
+        try:
+            m = load_matrix(mrow["path"])
+            spec = m.run(row["id"])
+        except MatrixError:
+            m = None
+        if m is not None:
+            ident = resolve(m)
+            if not ident.problems and (ident.snapshot_sha256, ident.split_sha256, ident.recipe_hash) == (
+                    row["snapshot_sha256"], row["split_sha256"], row["recipe_hash"]):
+                cfg = m.run_config(spec)
+                return {k: cfg[k] for k in PATH_FIELDS}
+    cfg = json.loads(row["config"]) if row["config"] else {}
+    return {k: cfg[k] for k in PATH_FIELDS if k in cfg}
+
+
+def _write(path: Path, body: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(body, encoding="utf-8")
+    tmp.replace(path)
+
+
 def promote(run_id: str, db_path: str | Path = "state.db", out_dir: str | Path = "reports/promotions") -> Path:
-    """Write (or confirm) the promotion record of ``run_id``; returns its path."""
+    """Write (or confirm, completing an interrupted promotion) the promotion record of
+    ``run_id``; returns its path."""
     if not Path(db_path).exists():
         raise PromoteError(f"state store not found: {db_path}")
     db = store.open_db(db_path)
@@ -78,22 +112,29 @@ def promote(run_id: str, db_path: str | Path = "state.db", out_dir: str | Path =
             "evaluate": f"nko-ops evaluate --run {rec['run_dir']}",
             "git_checkout": f"git checkout {rec['environment'].get('git_commit')}",
         }
+        config = rec["config"]
+        moved = {k: v for k, v in _local_paths(db, store.get_run(db, run_id)).items()
+                 if isinstance(config, dict) and k in config and config[k] != v}
+        if moved:
+            rec["reproduce"]["config_paths"] = moved
+            config = {**config, **moved}
         text = _dump(rec)
         path = out / f"{run_id}.json"
-        if path.exists():
-            if path.read_text(encoding="utf-8") == text:
-                return path
+        if path.exists() and path.read_text(encoding="utf-8") != text:
             raise PromoteError(f"{path} exists with a different record (the run or its bundle changed since it "
                                f"was promoted); promotion records are not overwritten")
+        # the files, then the row: a rerun after a failure finds the same record and adds what is missing
         out.mkdir(parents=True, exist_ok=True)
-        for p, body in ((cfg_path, _dump(rec["config"])), (path, text)):
-            tmp = p.with_name(p.name + ".tmp")
-            tmp.write_text(body, encoding="utf-8")
-            tmp.replace(p)
+        for p, body in ((cfg_path, _dump(config)), (path, text)):
+            if not p.exists() or p.read_text(encoding="utf-8") != body:
+                _write(p, body)
+        sha = hashlib.sha256(text.encode()).hexdigest()
         with store.transaction(db):
-            db.conn.execute("INSERT INTO promotions(run_id, path, record_sha256) VALUES (?,?,?)",
-                            (run_id, str(path), hashlib.sha256(text.encode()).hexdigest()))
-            store.add_event(db, f"promoted: {path}", run_id=run_id, kind="promotion", source="promote")
+            if db.conn.execute("SELECT 1 FROM promotions WHERE run_id = ? AND path = ? AND record_sha256 = ?",
+                               (run_id, str(path), sha)).fetchone() is None:
+                db.conn.execute("INSERT INTO promotions(run_id, path, record_sha256) VALUES (?,?,?)",
+                                (run_id, str(path), sha))
+                store.add_event(db, f"promoted: {path}", run_id=run_id, kind="promotion", source="promote")
         return path
     finally:
         db.close()
