@@ -121,11 +121,12 @@ def parse_row(obj: object, where: str) -> tuple[Row | None, list[str]]:
     if problems:
         return None, problems
 
-    if not normalize(obj["reference_text"]):
+    reference, asr = normalize(obj["reference_text"]), normalize(obj["asr_text"])
+    if not reference:
         bad("reference_text", "is empty")
         return None, problems
     # counted on the texts as stored: NFC, bidi controls stripped, whitespace folded (CONTRACTS §6)
-    edits, chars = row_edits(normalize(obj["reference_text"]), normalize(obj["asr_text"]))
+    edits, chars = row_edits(reference, asr)
     if obj["reference_chars"] != chars:
         bad("reference_chars", f"is {obj['reference_chars']} but the normalised reference has {chars} code points")
     if obj["cer_edits"] != edits:
@@ -135,7 +136,7 @@ def parse_row(obj: object, where: str) -> tuple[Row | None, list[str]]:
 
     return Row(
         feat_id=obj["feat_id"], audio_id=obj["audio_id"], split=obj["split"], script=obj["script"],
-        mode=obj["mode"], asr_text=normalize(obj["asr_text"]), reference_text=normalize(obj["reference_text"]),
+        mode=obj["mode"], asr_text=asr, reference_text=reference,
         cer_edits=obj["cer_edits"], reference_chars=obj["reference_chars"],
         trajectory_scalars={k: float(v) for k, v in scalars.items()}, partition=obj["partition"],
         model_partition=obj.get("model_partition"), partition_source=obj.get("partition_source"),
