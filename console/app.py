@@ -39,6 +39,8 @@ from console.widgets import Pane, usd
 
 T = TypeVar("T")
 
+QUIT_WAIT_S = 0.5  # how long quitting waits for a database call in flight
+
 PANES: tuple[tuple[str, type[Pane]], ...] = (
     ("matrix", MatrixPane), ("gate", GatePane), ("instances", InstancesPane), ("adapters", AdaptersPane),
     ("logs", LogsPane), ("sync", SyncPane))
@@ -171,7 +173,11 @@ class ConsoleApp(App):
                     return None
                 if self._db is None:
                     self._db = open_db(self.db_path)
-                return fn(self._db, self.clock())
+                try:
+                    return fn(self._db, self.clock())
+                finally:
+                    if self._closed:  # the console quit meanwhile and left the connection to us
+                        self._close_db()
         except Exception as exc:  # noqa: BLE001 - any failure is shown, the console keeps running
             self.call_from_thread(self._show_error, f"{type(exc).__name__}: {exc}")
             return None
@@ -281,13 +287,21 @@ class ConsoleApp(App):
         assert isinstance(logs, LogsPane)
         logs.open_key(kind, source_id)
 
+    def _close_db(self) -> None:
+        if self._db is not None:
+            self._db.conn.close()
+            self._db = None
+
     def on_unmount(self) -> None:
-        self.ops.close()
-        with self._lock:
-            self._closed = True
-            if self._db is not None:
-                self._db.conn.close()
-                self._db = None
+        """Quit without waiting on a database call in flight (a write can sit in SQLite's busy
+        timeout for a minute): the worker holding the lock closes the connection when done."""
+        self._closed = True
+        if self._lock.acquire(timeout=QUIT_WAIT_S):
+            try:
+                self._close_db()
+            finally:
+                self._lock.release()
+        self.ops.close()  # waits at most 2 s for a cloud action, then leaves it be
 
 
 def run(db: str = "state.db", interval: float = 2.0, vast_settings: str | Path | None = "configs/vast.toml",

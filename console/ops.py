@@ -107,6 +107,7 @@ class Ops:
         self.messages: deque[str] = deque(maxlen=200)  # the Fleet's progress lines
         self._background = False  # the action holding the lock is the console's own poll
         self._setup = threading.Lock()
+        self._closing = False
         self._settings: VastSettings | None = None
         self._fleet: Fleet | None = None
 
@@ -146,9 +147,13 @@ class Ops:
             raise OpsBusy(f"busy: {self.doing} is still running")
         self.doing, self._background = what, background
         try:
+            if self._closing:
+                raise OpsBusy("the console is closing")
             yield self.fleet()
         finally:
             self.doing, self._background = "", False
+            if self._closing:
+                self._close_fleet()
             self.lock.release()
 
     def background_interval(self) -> float:
@@ -187,10 +192,13 @@ class Ops:
             return Candidate(**base, ours=False, files=0, at_risk=())
         try:  # the same check as Fleet.unsynced: hashed on the instance, looked up in the store
             st = fleet.stager(row)
-            entries = remote_entries(st.remote, st.python, st.layout.helper, st.layout.runs)
+            entries = remote_entries(st.remote, st.python, st.layout.helper, st.layout.runs,
+                                     missing_ok=not fleet.trainer_started(iid))
         except (SSHError, SyncError, StageError) as e:
             known = tuple(AtRisk(name, None) for name in fleet.known_unverified(iid))
-            why = str(e) if isinstance(e, HostKeyChanged) else f"cannot reach the instance to check its files ({e})"
+            what = "cannot verify the files on the instance" if isinstance(e, SyncError) else \
+                "cannot reach the instance to check its files"
+            why = str(e) if isinstance(e, HostKeyChanged) else f"{what} ({e})"
             return Candidate(**base, ours=True, files=0, at_risk=known, error=why)
         at_risk = tuple(AtRisk(e.name, e.size) for e in entries if not fleet.cas.has(e.sha256))
         return Candidate(**base, ours=True, files=len(entries), at_risk=at_risk)
@@ -235,12 +243,18 @@ class Ops:
             return fleet.sweep()
 
     def close(self) -> None:
-        if not self.lock.acquire(timeout=2):  # an action still runs in a worker: leave it be
+        """Close the Fleet (SSH sessions, its connection) now, or, while an action still runs
+        in a worker, when that action ends: quitting never waits long for the cloud."""
+        self._closing = True
+        if not self.lock.acquire(timeout=2):
             return
         try:
-            if self._fleet is not None:
-                self._fleet.close()
-                self._fleet.db.close()
-                self._fleet = None
+            self._close_fleet()
         finally:
             self.lock.release()
+
+    def _close_fleet(self) -> None:
+        if self._fleet is not None:
+            self._fleet.close()
+            self._fleet.db.close()
+            self._fleet = None

@@ -318,23 +318,51 @@ def budget(db: sqlite_utils.Database) -> Budget | None:
     return Budget(name, cap, warn, max(spent or 0.0, sampled))
 
 
+# Each instance's first and last cost sample and its latest total, with index lookups only
+# (cost_samples_instance): the distinct instance ids come from a skip scan of the index (each
+# step seeks the next id), so none of this reads the samples themselves.
+_SPANS = """
+    WITH RECURSIVE ids(iid) AS (
+        SELECT min(instance_id) FROM cost_samples
+        UNION ALL
+        SELECT (SELECT min(instance_id) FROM cost_samples WHERE instance_id > iid) FROM ids WHERE iid IS NOT NULL),
+    spans AS (
+        SELECT iid,
+               (SELECT min(ts) FROM cost_samples WHERE instance_id = iid AND total_usd IS NOT NULL) AS first,
+               (SELECT ts FROM cost_samples WHERE instance_id = iid AND total_usd IS NOT NULL
+                  ORDER BY ts DESC, id DESC LIMIT 1) AS last,
+               (SELECT total_usd FROM cost_samples WHERE instance_id = iid AND total_usd IS NOT NULL
+                  ORDER BY ts DESC, id DESC LIMIT 1) AS final
+        FROM ids WHERE iid IS NOT NULL)"""
+
+
 def total_spend(db: sqlite_utils.Database) -> float:
-    # SQLite takes the bare column (total_usd) from the row that holds max(ts).
-    return sum(usd or 0.0 for usd, _ in db.execute(
-        "SELECT total_usd, max(ts) FROM cost_samples GROUP BY instance_id").fetchall())
+    """The sum of every instance's latest cumulative total."""
+    return db.execute(f"{_SPANS} SELECT coalesce(sum(final), 0.0) FROM spans").fetchone()[0]
 
 
-def spend_curve(db: sqlite_utils.Database, limit: int = 500) -> tuple[tuple[float, float], ...]:
-    """(unix time, total spend across instances) after each cost sample, the last ``limit``."""
-    latest: dict[str | None, float] = {}
-    total = 0.0
-    points = []
-    for iid, ts, usd in db.execute("SELECT instance_id, ts, total_usd FROM cost_samples "
-                                   "WHERE total_usd IS NOT NULL ORDER BY ts, id").fetchall():
-        total += usd - latest.get(iid, 0.0)
-        latest[iid] = usd
-        points.append((ts, total))
-    return tuple((t, v) for ts, v in points[-limit:] if (t := _ts(ts)) is not None)
+def spend_curve(db: sqlite_utils.Database, points: int = 200) -> tuple[tuple[float, float], ...]:
+    """(unix time, total spend across instances) at ``points`` evenly spaced times from the
+    first cost sample to the last: at each, every instance's latest cumulative total, summed.
+
+    Only instances with samples on both sides of a time need a lookup there (one index seek
+    each), so the cost grows with the points and the instances alive at once, not with the
+    number of samples (one per instance per poll, for months)."""
+    sql = f"""{_SPANS},
+    bounds AS (SELECT min(first) AS t0, max(last) AS t1, julianday(min(first)) AS j0, julianday(max(last)) AS j1
+               FROM spans WHERE first IS NOT NULL),
+    times(k, t) AS (
+        SELECT 0, t0 FROM bounds WHERE t0 IS NOT NULL
+        UNION ALL
+        SELECT k + 1, CASE WHEN k + 2 >= :n THEN t1
+                           ELSE strftime('%Y-%m-%dT%H:%M:%fZ', j0 + (j1 - j0) * (k + 1) / (:n - 1)) END
+        FROM times, bounds WHERE k + 1 < :n AND t1 > t0)
+    SELECT t.t, sum(CASE WHEN s.last <= t.t THEN s.final ELSE
+                        (SELECT c.total_usd FROM cost_samples c WHERE c.instance_id = s.iid AND c.ts <= t.t
+                           AND c.total_usd IS NOT NULL ORDER BY c.ts DESC, c.id DESC LIMIT 1) END)
+    FROM times t JOIN spans s ON s.first <= t.t
+    GROUP BY t.k ORDER BY t.k"""
+    return tuple((x, v) for ts, v in db.execute(sql, {"n": max(points, 1)}).fetchall() if (x := _ts(ts)) is not None)
 
 
 # --------------------------------------------------------------------------- adapters

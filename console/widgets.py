@@ -5,10 +5,15 @@ from __future__ import annotations
 from typing import Any, Callable, Hashable, Sequence
 
 import sqlite_utils
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.measure import Measurement
 from rich.text import Text
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
+
+from console import bidi
 
 
 class Pane(Vertical):
@@ -150,3 +155,63 @@ class EmptyState(Static):
     """The message a pane shows instead of its table when the store has nothing for it."""
 
     DEFAULT_CSS = "EmptyState { padding: 1 2; color: $text-muted; height: auto; }"
+
+
+class BidiText:
+    """A Rich renderable for one paragraph that may hold right-to-left script.
+
+    Rich would wrap a string already put in visual order, so a long N'Ko sentence would
+    start on its last screen line. This wraps the logical text at the width it is given
+    and then reorders each line (``bidi.visual_lines``); a wrapped right-to-left paragraph
+    is right-aligned. ``text`` is in logical order with its plain string normalised (build
+    it with ``bidi.normalize``), styled per character: the styles follow their letters.
+    ``prefix`` leads the first line (later lines are indented by its width), ``suffix``
+    ends the last one (or gets a line of its own when it does not fit)."""
+
+    def __init__(self, text: Text, prefix: Text | str = "", suffix: Text | str = "") -> None:
+        self.text = text
+        self.prefix = Text(prefix) if isinstance(prefix, str) else prefix
+        self.suffix = Text(suffix) if isinstance(suffix, str) else suffix
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        lead = self.prefix.cell_len
+        longest = max((cell_len(w) for w in self.text.plain.split(" ")), default=0)
+        return Measurement(lead + max(longest, 1), lead + self.text.cell_len + self.suffix.cell_len)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        lead = self.prefix.cell_len
+        width = max(1, options.max_width - lead)
+        plain = self.text.plain
+        starts, at = [], 0
+        for cluster in bidi.clusters(plain):
+            starts.append(at)
+            at += len(cluster)
+        lines = bidi.visual_lines(plain, width) or [[]]
+        widths = [sum(cell_len(c) for c, _ in line) for line in lines]
+        pad = max(widths) if len(lines) > 1 and bidi.paragraph_is_rtl(plain) else 0
+        for n, (line, w) in enumerate(zip(lines, widths)):
+            out = Text()
+            out.append_text(self.prefix if n == 0 else Text(" " * lead))  # its style on it alone
+            out.append(" " * (pad - w) if pad else "")
+            for cluster, i in line:
+                out.append(cluster, style=self.text.get_style_at_offset(console, starts[i]))
+            if n == len(lines) - 1 and self.suffix:
+                if out.cell_len + self.suffix.cell_len <= options.max_width:
+                    out.append_text(self.suffix)
+                else:
+                    yield out
+                    out = Text(" " * lead).append_text(self.suffix)
+            yield out
+
+
+def bidi_lines(text: str, style: str = "", highlight: str = "", prefix: Text | str = "") -> list[BidiText]:
+    """One BidiText per line of ``text``; ``highlight``: a word to show reversed (any case);
+    ``prefix`` leads the first line and indents the others."""
+    lead = prefix.cell_len if isinstance(prefix, Text) else cell_len(prefix)
+    out = []
+    for n, line in enumerate(text.split("\n")):
+        t = Text(bidi.normalize(line), style=style)
+        if highlight:
+            t.highlight_words([highlight], style="reverse", case_sensitive=False)
+        out.append(BidiText(t, prefix if n == 0 else " " * lead))
+    return out

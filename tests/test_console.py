@@ -4,7 +4,11 @@ of every pane on a small, fixed state.db built through backend.store like the re
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import random
+import sqlite3
+import threading
 import time
 import unicodedata
 from pathlib import Path
@@ -12,13 +16,17 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rich.cells import cell_len
+from textual.content import Content
 from textual.widgets import DataTable, Input, Static
 
 from console import bidi, queries
 from console.app import ConsoleApp, HelpScreen
 from console.panes.gate import GatePane, OverrideScreen
+from console.widgets import Curve
 
 from backend.store import add_metrics, open_db, record_artifacts, transaction, upsert_run
+from backend.vast.cost import ts as iso_ts
 
 # 2025-01-02T12:00:00Z: the console's clock in the tests, so uptimes and ages are fixed.
 NOW = 1735819200.0
@@ -34,6 +42,9 @@ DECISIONS = [
     ("ߛߏ߫ ߞߊ߲", "ߛߏ߫ ߞߊ߲ ߞߊ߲ ߞߊ߲", "ߛߏ߫ ߞߊ߲", "novelty", False, ["quarantine", "length_ratio"], 10),
 ]
 
+
+# A sentence too long for one line of the gate's diff at 60 columns.
+LONG = "ߒ ߓߊ߯ ߕߊ߯ ߛߏ߫ ߞߊ߲ ߞߏ ߓߍ߯ ߘߌ ߊ߬ ߦߋ߫ ߣߊ߬ ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ ߞߏ ߓߍ߯ ߘߌ ߛߏ߫ ߞߊ߲"
 
 def build(path: Path, *, runs: bool = True, gate: bool = True, cloud: bool = True, adapters: bool = True):
     db = open_db(path)
@@ -116,6 +127,20 @@ def build(path: Path, *, runs: bool = True, gate: bool = True, cloud: bool = Tru
     return path
 
 
+def add_decision(path: Path, asr: str, proposal: str, reference: str, note: str | None = None) -> None:
+    """One more (rejected) gate decision, with an override review when ``note`` is given."""
+    db = open_db(path)
+    with transaction(db):
+        cur = db.execute("INSERT INTO gate_decisions(feat_id, partition, accepted, rules, edit_distance, policy_hash, "
+                         "witness, asr_text, proposal, reference_text) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                         ["bam_test_9999", "boundary", 0, '["new_word"]', 1, "0" * 64, "1" * 64, asr, proposal,
+                          reference])
+        if note is not None:
+            db.execute("INSERT INTO reviews(decision_id, verdict, note, reviewer) VALUES (?, 'override', ?, 'ana')",
+                       [cur.lastrowid, note])
+    db.conn.close()
+
+
 @pytest.fixture
 def state(tmp_path: Path) -> Path:
     return build(tmp_path / "state.db")
@@ -152,8 +177,16 @@ def rows(app: ConsoleApp, table_id: str) -> list[list[str]]:
     return [[str(c) for c in table.get_row(k)] for k in table.rows]
 
 
+def screen_lines(app: ConsoleApp, widget_id: str) -> list[str]:
+    """The rows of the screen that ``widget_id`` covers, as drawn (cells, not characters)."""
+    r = app.query_one(widget_id).region.intersection(app.screen.region)
+    strips = app.screen._compositor.render_strips()
+    return [strip.crop(r.x, r.right).text for strip in strips[r.y:r.bottom]]
+
+
 def text_of(app: ConsoleApp, widget_id: str) -> str:
-    return str(app.query_one(widget_id, Static).render())
+    content = app.query_one(widget_id, Static).render()
+    return str(content) if isinstance(content, Content) else "\n".join(screen_lines(app, widget_id))
 
 
 # --------------------------------------------------------------------------- N'Ko display order
@@ -176,6 +209,30 @@ def test_visual_keeps_latin_and_digits_left_to_right():
 def test_visual_strips_bidi_controls_and_applies_nfc():
     # U+07F2 (ccc 220) typed after a tone mark (ccc 230): NFC puts it first.
     assert bidi.visual("\u200fߛߊ\u07eb\u07f2") == bidi.visual("ߛߊ\u07f2\u07eb") == "ߊ\u07f2\u07ebߛ"
+
+
+def test_visual_keeps_numbers_readable_next_to_nko():
+    assert bidi.visual("ߛߊ 12.5 ߦߋ") == "ߋߦ 12.5 ߊߛ"  # W4: a separator between digits joins them
+    assert bidi.visual("ߛߊ 1,000,000 ߦߋ") == "ߋߦ 1,000,000 ߊߛ"
+    assert bidi.visual("ߛߊ 12:30 ߦߋ") == "ߋߦ 12:30 ߊߛ"
+    assert bidi.visual("ߛߊ 50% ߦߋ") == "ߋߦ 50% ߊߛ"  # W5: terminators next to digits go with them
+    assert bidi.visual("ߛߊ $5 ߦߋ") == "ߋߦ $5 ߊߛ"
+    assert bidi.visual("ߛߊ 12. ߦߋ") == "ߋߦ .12 ߊߛ"  # W6: a full stop after the number is neutral
+    assert bidi.visual("abc 12 ߛߊ") == "abc 12 ߊߛ"  # W7: digits after a Latin letter are Latin
+    assert bidi.visual("ߛߊ abc 12 ߦߋ") == "ߋߦ abc 12 ߊߛ"  # ... also inside a right-to-left sentence
+    assert bidi.visual("ߛߊ 12 ߦߋ 3.5% ߓߊ") == "ߊߓ 3.5% ߋߦ 12 ߊߛ"
+
+
+def test_visual_lines_break_in_logical_order_then_reorder_each_line():
+    def shown(text: str, width: int) -> list[str]:
+        return ["".join(c for c, _ in line) for line in bidi.visual_lines(text, width)]
+
+    # the first line holds the beginning of the sentence (its right end is the first word)
+    assert shown("ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ", 6) == ["ߋߦ ߌ", "ߊ߲ߛ", "ߌߟߏߖ", "ߋߦ"]
+    assert shown("ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ", 100) == [bidi.visual("ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ")]
+    assert shown("abc 12 ߛߊ ߦߋ", 9) == ["abc 12 ߊߛ", "ߋߦ"]  # levels come from the whole paragraph
+    assert shown("ߖߏߟߌߖߏߟߌ", 4) == ["ߌߟߏߖ", "ߌߟߏߖ"]  # a word longer than the line is cut
+    assert shown("", 10) == []
 
 
 nko_letters = st.sampled_from([chr(c) for c in range(0x07CA, 0x07EB)] + [" ", "ߒ", "1", "a"])
@@ -271,6 +328,73 @@ def test_instances_budget_and_status(state):
     assert "1 hung adapter run" in s.alerts and "1 failed run" in s.alerts
 
 
+def test_spend_curve_samples_evenly_in_time(state, tmp_path):
+    db = open_db(state)
+    t10 = NOW - 7200  # the samples are at 10:00, 11:00, 12:00 and 13:00, for three instances
+    curve = queries.spend_curve(db, points=4)
+    assert [t for t, _ in curve] == [t10, t10 + 3600, t10 + 7200, t10 + 10800]
+    assert [v for _, v in curve] == pytest.approx([2.5, 5.0, 7.5, 10.0])
+    half = queries.spend_curve(db, points=7)  # between two polls the total stays where it was
+    assert [t for t, _ in half] == [t10 + 1800 * k for k in range(7)]
+    assert [v for _, v in half] == pytest.approx([2.5, 2.5, 5.0, 5.0, 7.5, 7.5, 10.0])
+    assert len(queries.spend_curve(db)) == 200 and queries.spend_curve(db)[-1][1] == pytest.approx(10.0)
+    assert queries.total_spend(db) == pytest.approx(10.0)
+    empty = open_db(tmp_path / "empty.db")
+    assert queries.spend_curve(empty) == () and queries.total_spend(empty) == 0.0
+
+
+def _samples(db, instances: int, per_instance: int, rng: random.Random, gaps: bool = False) -> list[tuple]:
+    """Cost samples of staggered instances over the same ten hours, inserted out of time order."""
+    rows = []
+    for i in range(instances):
+        start, total = NOW + 1800 * i, 0.0
+        for k in range(per_instance):
+            total += rng.random()
+            t = start + (36000 - 1800 * i) * k // max(per_instance - 1, 1)
+            rows.append((f"i{i}", iso_ts(t), None if gaps and rng.random() < 0.1 else round(total, 4)))
+    rng.shuffle(rows)
+    with transaction(db):
+        db.conn.executemany("INSERT INTO cost_samples(instance_id, ts, total_usd) VALUES (?, ?, ?)", rows)
+    return rows
+
+
+def test_spend_curve_matches_a_replay_of_every_sample(tmp_path):
+    db = open_db(tmp_path / "state.db")
+    rows = _samples(db, 5, 37, random.Random(7), gaps=True)
+    curve = queries.spend_curve(db, points=50)
+
+    def replay(t: float) -> float:  # each instance's latest total at t, summed
+        latest: dict[str, tuple[str, float]] = {}
+        for iid, ts, usd in rows:
+            if usd is not None and queries._ts(ts) <= t and ts >= latest.get(iid, ("", 0.0))[0]:
+                latest[iid] = (ts, usd)
+        return sum(usd for _, usd in latest.values())
+
+    timed = [queries._ts(ts) for _, ts, usd in rows if usd is not None]
+    assert len(curve) == 50 and curve[0][0] == min(timed) and curve[-1][0] == max(timed)
+    step = (curve[-1][0] - curve[0][0]) / 49
+    assert all(abs(b - a - step) < 0.01 for (a, _), (b, _) in itertools.pairwise(curve))  # even, to the ms
+    for t, v in curve:
+        assert v == pytest.approx(replay(t)), t
+
+
+def test_spend_queries_do_not_grow_with_the_samples(tmp_path):
+    """The work SQLite does (virtual machine steps) for the curve and the total is the same
+    for 100 and 3000 samples per instance: index seeks, never a scan of the samples."""
+    def steps(n: int) -> tuple[int, int]:
+        db = open_db(tmp_path / f"state-{n}.db")
+        _samples(db, 4, n, random.Random(1))
+        count = [0, 0]
+        for k, query in enumerate((lambda: queries.spend_curve(db, points=100), lambda: queries.total_spend(db))):
+            db.conn.set_progress_handler(lambda k=k: count.__setitem__(k, count[k] + 1), 10)  # returns None: go on
+            query()
+            db.conn.set_progress_handler(None, 10)
+        return count[0], count[1]
+
+    small, large = steps(100), steps(3000)
+    assert large[0] < 1.3 * small[0] and large[1] < 1.3 * small[1] + 5, (small, large)
+
+
 # --------------------------------------------------------------------------- pilot: panes
 
 @pytest.mark.asyncio
@@ -323,14 +447,68 @@ async def test_every_pane_renders_on_a_populated_db(state):
 
 @pytest.mark.asyncio
 async def test_empty_db_shows_empty_states(tmp_path):
+    """Each tab shows its message where its table would be: the message is on screen and the
+    table and detail widgets take no room (an EmptyState is displayed by default, so only
+    what the screen holds proves the pane decided)."""
     app = make_app(build(tmp_path / "state.db", runs=False, gate=False, cloud=False, adapters=False))
+    hidden = {"matrix": ("#matrix-table", "#matrix-detail"), "gate": ("#gate-table", "#gate-detail"),
+              "instances": ("#instances-table", "#instances-spend"),
+              "adapters": ("#adapters-table", "#adapters-curve", "#adapters-error"), "logs": ("#logs-body",),
+              "sync": ("#sync-runs", "#sync-header", "#sync-artifacts", "#sync-detail")}
     async with app.run_test(size=(120, 30)) as pilot:
-        for key, pane in (("1", "matrix"), ("2", "gate"), ("3", "instances"), ("4", "adapters")):
-            await pilot.press(key)
+        for key, (pane, widgets) in enumerate(hidden.items(), start=1):
+            await pilot.press(str(key))
             await settle(pilot)
-            assert app.query_one(f"#{pane}-empty").display
-            assert not app.query_one(f"#{pane}-table").display
+            await until(pilot, lambda w=widgets[0]: not app.query_one(w).display, what=f"the {pane} pane's first load")
+            for w in widgets:
+                assert not app.query_one(w).display and app.query_one(w).region.area == 0, w
+            message = " ".join(str(app.query_one(f"#{pane}-empty", Static).render()).split())
+            shown = " ".join(" ".join(screen_lines(app, f"#{pane}-empty")).split())
+            assert message and message in shown, pane
         assert "no alerts" in text_of(app, "#status-bar")
+        await pilot.press("3")
+        await pilot.pause()
+        assert "budget: none recorded" in " ".join(screen_lines(app, "#instances-budget"))
+
+
+@pytest.mark.asyncio
+async def test_wrapped_nko_diff_reads_from_its_first_line(tmp_path):
+    """At a narrow width each sentence of the diff wraps: its first screen line holds its
+    beginning (read right to left), the next line the rest."""
+    path = build(tmp_path / "state.db", runs=False, gate=False, cloud=False, adapters=False)
+    add_decision(path, LONG.replace("ߛߊ߲", "ߛߊ"), LONG, LONG)
+    app = make_app(path)
+    async with app.run_test(size=(60, 40)) as pilot:
+        await pilot.press("2")
+        await settle(pilot)
+        await until(pilot, lambda: any(x.startswith("reference ") for x in screen_lines(app, "#gate-diff")),
+                    what="the diff")
+        lines = screen_lines(app, "#gate-diff")
+        first = next(i for i, x in enumerate(lines) if x.startswith("reference "))
+        rows_ = [lines[first]] + list(itertools.takewhile(lambda x: x.startswith(" " * 10) and x.strip(),
+                                                          lines[first + 1:]))
+        shown = [x[10:].strip() for x in rows_]
+        assert len(shown) >= 2 and all(cell_len(x) <= 48 for x in shown)  # wrapped to the 48 cells left
+        assert shown[0].endswith(bidi.visual("ߒ ߓߊ߯ ߕߊ߯"))  # the first words, at the right of the first line
+        # every screen line read right to left, top line first, is the sentence
+        assert " ".join(bidi.visual(x) for x in shown) == bidi.normalize(LONG)
+        assert lines[0].startswith("ASR ") and lines[0].rstrip().endswith(bidi.visual("ߒ ߓߊ߯ ߕߊ߯"))
+        assert "edits)" not in lines[0]  # the edit count follows the sentence's end, on its last line
+
+
+@pytest.mark.asyncio
+async def test_review_note_in_nko_is_shown_in_reading_order(tmp_path):
+    path = build(tmp_path / "state.db", runs=False, gate=False, cloud=False, adapters=False)
+    add_decision(path, "ߒ ߓߊ ߕߊ߯", "ߒ ߓߊ߯ ߕߊ߯", "ߒ ߓߊ߯ ߕߊ߯", note="ߓߊ߯ ߦߋ 12.5 ߘߌ\nwrong tone on ߕߊ߯")
+    app = make_app(path)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await pilot.press("2")
+        await settle(pilot)
+        await until(pilot, lambda: "review" in text_of(app, "#gate-info"), what="the decision's review")
+        info = text_of(app, "#gate-info").splitlines()
+        review = next(i for i, x in enumerate(info) if x.startswith("review"))
+        assert info[review].rstrip() == "review override — ߌߘ 12.5 ߋߦ ߊ߯ߓ"
+        assert info[review + 1].strip() == "wrong tone on " + bidi.visual("ߕߊ߯")  # each line its own paragraph
 
 
 @pytest.mark.asyncio
@@ -476,6 +654,38 @@ async def test_database_error_is_shown_not_fatal(tmp_path):
         assert app.is_running
 
 
+@pytest.mark.asyncio
+async def test_quit_does_not_wait_for_a_database_call_in_flight(state):
+    """A read or write still running (a write can sit in SQLite's busy timeout for a minute)
+    does not hold quitting up; it closes the connection itself when it is done."""
+    app = make_app(state)
+    started, release = threading.Event(), threading.Event()
+    got: list = []
+
+    def slow(db, now):
+        started.set()
+        release.wait(120)
+        return db.execute("SELECT count(*) FROM runs").fetchone()[0]
+
+    holder = threading.Thread(target=lambda: got.append(app.read(slow)))
+    try:
+        async with app.run_test(size=(120, 30)) as pilot:
+            await settle(pilot)
+            conn = app._db.conn
+            holder.start()
+            assert started.wait(30)
+            quit_at = time.monotonic()
+        waited = time.monotonic() - quit_at
+        assert waited < 60, f"quitting waited {waited:.0f} s for the call in flight"
+        assert holder.is_alive()  # still in flight: quitting did not wait for it
+    finally:
+        release.set()
+        holder.join(60)
+    assert got == [4] and app._db is None
+    with pytest.raises(sqlite3.ProgrammingError):
+        conn.execute("SELECT 1")  # closed by the call that held it
+
+
 # --------------------------------------------------------------------------- snapshots
 
 def _snapshot_run_before(keys: tuple[str, ...]):
@@ -493,3 +703,25 @@ def test_snapshot_matrix(state, snap_compare):
 
 def test_snapshot_gate(state, snap_compare):
     assert snap_compare(make_app(state), terminal_size=(130, 36), run_before=_snapshot_run_before(("2", "down")))
+
+
+def test_snapshot_instances(state, snap_compare):
+    async def run_before(pilot) -> None:
+        await settle(pilot)
+        await pilot.press("3")
+        await settle(pilot)
+        await until(pilot, lambda: rows(pilot.app, "#instances-table")
+                    and pilot.app.query_one("#instances-spend", Curve)._series, what="the instances and spend plot")
+
+    assert snap_compare(make_app(state), terminal_size=(130, 40), run_before=run_before)
+
+
+def test_snapshot_adapters(state, snap_compare):
+    async def run_before(pilot) -> None:
+        await settle(pilot)
+        await pilot.press("4")
+        await settle(pilot)
+        await until(pilot, lambda: rows(pilot.app, "#adapters-table")
+                    and pilot.app.query_one("#adapters-curve", Curve)._series, what="the adapter runs and loss curve")
+
+    assert snap_compare(make_app(state), terminal_size=(130, 36), run_before=run_before)

@@ -19,9 +19,10 @@ from textual.widgets import Button, DataTable, Static
 from backend import store
 from console.app import ConsoleApp
 from console.panes.instances import ConfirmDestroyScreen, OrphansScreen
-from console.panes.logs import LogsPane
+from console import bidi
+from console.panes.logs import Line, LogsPane
 from console.panes.sync import SyncPane
-from test_console import NOW, build
+from test_console import LONG, NOW, build
 from vast_helpers import sshd, vast_env, write_remote  # noqa: F401
 
 
@@ -347,6 +348,68 @@ async def test_local_run_logs_come_from_events(tmp_path):
         store.add_event(db, "epoch 5 train_loss 0.500", run_id="demo-latin-baseline", kind="log", source="trainer")
         await wait_for(pilot, lambda: "epoch 5 train_loss 0.500" in pane.shown_text(), timeout=20, what="a new event")
         assert pane.shown_text().splitlines()[:2] == ["epoch 0 train_loss 3.000", "epoch 1 train_loss 1.500"]
+    db.close()
+
+
+@pytest.mark.asyncio
+async def test_nko_log_lines_are_shown_in_reading_order(tmp_path):
+    """Log lines and event messages holding N'Ko are reordered for display, a long one
+    wrapped first so that it reads from its first screen line down."""
+    path = build(tmp_path / "state.db")
+    db = store.open_db(path)
+    store.add_events(db, [{"run_id": "demo-latin-baseline", "kind": "log", "source": "trainer", "message": m}
+                          for m in ("start", "ߛߊ߲ 12.5 ߦߋ", f"{LONG} {LONG}", "end")] +
+                     [{"run_id": "demo-latin-baseline", "kind": "note", "source": "vast", "message": "ߌ ߦߋ ߛߊ߲"}])
+    db.close()
+    app = App(path, interval=3600, clock=lambda: NOW, cloud_poll=0)
+    async with app.run_test(size=(100, 40)) as pilot:
+        await ready(pilot)
+        app.open_logs("run", "demo-latin-baseline")
+        pane = app.query_one("#logs", LogsPane)
+        await wait_for(pilot, lambda: "[note]" in pane.shown_text(), timeout=20, what="the events")
+        lines = [x.strip() for x in pane.shown_text().splitlines()]
+        assert lines[1] == "ߋߦ 12.5 ߊ߲ߛ"
+        wrapped = lines[2:lines.index("end")]
+        assert len(wrapped) >= 2  # 123 cells: wider than the log view
+        assert " ".join(bidi.visual(x) for x in wrapped) == f"{LONG} {LONG}"
+        assert lines[-1].endswith("[note] " + bidi.visual("ߌ ߦߋ ߛߊ߲"))
+
+
+@pytest.mark.asyncio
+async def test_reopening_a_source_shows_each_line_once(tmp_path, monkeypatch):
+    """l pressed twice on the same run: the first tail, cancelled while it held a batch of
+    new lines, must not add them next to the second tail's copy."""
+    path = build(tmp_path / "state.db")
+    db = store.open_db(path)
+    store.add_events(db, [{"run_id": "demo-latin-baseline", "kind": "log", "source": "trainer",
+                           "message": f"epoch {e}"} for e in range(3)])
+    app = App(path, interval=3600, clock=lambda: NOW, cloud_poll=0)
+    async with app.run_test(size=(160, 40)) as pilot:
+        await ready(pilot)
+        app.open_logs("run", "demo-latin-baseline")
+        pane = app.query_one("#logs", LogsPane)
+        await wait_for(pilot, lambda: "epoch 2" in pane.shown_text(), timeout=20, what="the history")
+        first = next(w for w in app.workers if w.group == "logs-tail" and not w.is_finished)
+
+        held, release = threading.Event(), threading.Event()
+        of = Line.of.__func__
+
+        def slow_of(cls, e):  # the first tail stalls holding the new line, before it posts it
+            if e.message == "epoch 3" and not held.is_set():
+                held.set()
+                release.wait(30)
+            return of(cls, e)
+
+        monkeypatch.setattr(Line, "of", classmethod(slow_of))
+        store.add_event(db, "epoch 3", run_id="demo-latin-baseline", kind="log", source="trainer")
+        await wait_for(pilot, held.is_set, timeout=20, what="the first tail holding the new line")
+        app.open_logs("run", "demo-latin-baseline")  # the same source again
+        await wait_for(pilot, lambda: "epoch 3" in pane.shown_text(), timeout=20, what="the second tail's history")
+        release.set()
+        await wait_for(pilot, lambda: first.is_finished, timeout=20, what="the first tail to end")
+        await pilot.pause()
+        assert pane.shown_text().splitlines().count("epoch 3") == 1
+        assert [line.text for line in pane.lines].count("epoch 3") == 1
     db.close()
 
 

@@ -5,7 +5,10 @@ the API key appears in no file. The recovery run (instance lost mid-run) is mark
 from __future__ import annotations
 
 import json
+import os
+import signal
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -151,6 +154,74 @@ def test_lost_instance_is_relaunched_and_resumes(vast_env, tmp_path):
     flags = json.loads(vast_env.db.execute("SELECT flags FROM runs WHERE id = ?", [run_id]).fetchone()[0])
     assert flags["recoveries"] == 1 and flags["sanity"] == "passed"
     assert tree_contains(tmp_path, vast_env.api_key.encode()) == []
+
+
+class _PauseAtFirstCheckpoint(threading.Thread):
+    """Freezes (SIGSTOP) the trainer of ``run_id`` as soon as its first last.pt is on the
+    instance's disk, so the run is cut off part way whatever the machine's speed."""
+
+    def __init__(self, env, run_id: str):
+        super().__init__(daemon=True)
+        self.env, self.run_id, self.paused, self.done = env, run_id, threading.Event(), threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            for iid in list(self.env.cloud.instances):
+                d = self.env.instance_dir(iid)
+                if (d / "runs" / self.run_id / "last.pt").exists():
+                    runner = json.loads((d / "ctl" / self.run_id / "runner.json").read_text())
+                    os.kill(runner["trainer_pid"], signal.SIGSTOP)
+                    self.paused.set()
+                    return
+            time.sleep(0.005)
+
+
+@pytest.mark.slow
+def test_rerun_after_a_failed_relaunch_resumes_from_the_store(vast_env, tmp_path):
+    """The instance vanishes after a checkpoint was verified and no relaunch is allowed, so
+    the run fails with no last.pt in its local directory. Running the matrix again resumes
+    from the verified checkpoint in the store instead of training from scratch."""
+    from backend.vast.executor import run_matrix_vast
+
+    run_id = "e2e-rerun"
+    matrix = _matrix(tmp_path, run_id, epochs=8)
+    vast_env.settings.sync_every_s = 1.0
+    vast_env.settings.max_recoveries = 0
+    cloud = vast_env.cloud
+    vanished: list[int] = []
+    lines: list[str] = []
+    pause = _PauseAtFirstCheckpoint(vast_env, run_id)
+    pause.start()
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if pause.paused.is_set() and not vanished and "checkpoint sync" in line and vast_env.db.execute(
+                "SELECT 1 FROM artifacts WHERE run_id = ? AND name = 'last.pt' AND sync_state = 'verified'",
+                [run_id]).fetchone():
+            iid = next(iter(cloud.instances))
+            vanished.append(iid)
+            cloud.vanish(iid)  # kills the frozen trainer too
+
+    db = vast_env.tmp / "state" / "state.db"
+    kw = {"poll_s": 0.5, "settings": vast_env.settings, "budget": vast_env.budget, "provider": vast_env.provider}
+    try:
+        first = run_matrix_vast(matrix, db, skip_sanity=True, log=log, **kw)
+    finally:
+        pause.done.set()
+    assert vanished and [r.status for r in first] == ["failed"], "\n".join(lines[-30:]) + str(first)
+    assert "giving up" in first[0].error and not (tmp_path / "runs" / run_id / "last.pt").exists()
+
+    vast_env.settings.max_recoveries = 2
+    again = run_matrix_vast(matrix, db, skip_sanity=True, log=lines.append, **kw)
+    assert [(r.status, r.how) for r in again] == [("completed", "resumed")], "\n".join(lines[-30:]) + str(again)
+    _check_completed(vast_env, run_id, tmp_path / "runs" / run_id)
+    [resumed] = [json.loads(d) for (d,) in vast_env.db.execute(
+        "SELECT data FROM events WHERE run_id = ? AND kind = 'trainer-status' AND message = 'resumed'", [run_id])]
+    assert resumed["epoch"] >= 1  # continued after the verified checkpoint's epoch
+    starts = [m for (m,) in vast_env.db.execute("SELECT message FROM events WHERE run_id = ? AND kind = "
+                                                "'remote-start' ORDER BY id", [run_id])]
+    assert len(starts) == 2 and "(resuming)" in starts[1]
+    assert vast_env.provider.instances() == []
 
 
 @pytest.mark.slow

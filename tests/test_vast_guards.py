@@ -279,7 +279,9 @@ def test_lost_instance_is_kept_with_an_alert_until_its_files_are_saved(vast_env)
     assert instance_row(vast_env, row["id"])["destroyed_at"]
 
 
-def test_changed_host_key_fails_the_run_and_keeps_the_instance_with_an_alert(vast_env):
+def test_changed_host_key_fails_the_run_keeps_the_instance_and_stops_it(vast_env):
+    """Its files cannot be verified: not destroyed (an alert says so), but stopped, so it no
+    longer bills compute; its disk and the file on it stay."""
     import paramiko
 
     row = vast_env.new_instance("run-k", "run-k")
@@ -296,10 +298,16 @@ def test_changed_host_key_fails_the_run_and_keeps_the_instance_with_an_alert(vas
     rows, _ = vast_env.fleet.poll(enforce=False)
     result = run.step({str(r["id"]): r for r in rows})
     assert result.status == "failed" and "HOST KEY HAS CHANGED" in result.error and "kept" in result.error
-    assert vast_env.provider.instance(row["id"])["actual_status"] == "running"
+    assert "stopped (compute no longer bills" in result.error
+    live = vast_env.provider.instance(row["id"])
+    assert live["actual_status"] == "stopped"
+    assert vast_env.cloud.rate(vast_env.cloud.instances[row["id"]]) < live["dph_total"]  # storage only
+    assert (vast_env.instance_dir(row["id"]) / "runs" / "run-k" / "last.pt").read_bytes() == b"unsynced"
     assert instance_row(vast_env, row["id"])["destroyed_at"] is None
     [kept] = events(vast_env, "instance-kept", row["id"])
-    assert "HOST KEY HAS CHANGED" in kept["message"]
+    assert "HOST KEY HAS CHANGED" in kept["message"] and "stopped" in kept["message"]
+    [stopped] = events(vast_env, "instance-stopped", row["id"])
+    assert "compute no longer bills" in stopped["message"] and f"vast sync --instance {row['id']}" in stopped["message"]
 
 
 # --------------------------------------------------------------------------- 4. the ledger
@@ -383,3 +391,259 @@ def test_listing_instances_over_the_cap_only_observes(vast_env, tmp_path):
     assert {(i["id"], i["actual_status"]) for i in vast_env.provider.instances()} == {
         (known["id"], "running"), (orphan, "running")}
     assert not vast_env.db.execute("SELECT count(*) FROM artifacts").fetchone()[0]
+
+
+# --------------------------------------------------------------------------- 6. resuming from the store
+
+
+def test_a_changed_checkpoint_keeps_its_last_verified_version_until_the_new_one_is(vast_env):
+    """last.pt v1 is verified; v2 replaces it on the instance and its transfer keeps breaking
+    off, then the instance dies. The row holds v2's hash (not verified), and the run resumes
+    from v1, still in the store, with the logs verified alongside it."""
+    import io
+
+    import torch
+
+    from backend.vast.sync import PREVIOUS
+
+    def ckpt(log_bytes: int, extra: bytes) -> bytes:
+        buf = io.BytesIO()
+        torch.save({"log_offsets": {"train.log": log_bytes, "metrics.jsonl": 0}, "pad": extra}, buf)
+        return buf.getvalue()
+
+    row = vast_env.new_instance("run-v", "run-v")
+    log1 = b"epoch 1\n"
+    v1 = ckpt(len(log1), os.urandom(1000))
+    write_remote(vast_env, row["id"], "run-v/last.pt", v1)
+    write_remote(vast_env, row["id"], "run-v/train.log", log1)
+    fleet = vast_env.fleet
+    assert fleet.sync_instance(row, ["run-v"])[0].ok
+
+    v2 = ckpt(len(log1) * 2, os.urandom(3 * 1024 * 1024))
+    write_remote(vast_env, row["id"], "run-v/last.pt", v2)
+    write_remote(vast_env, row["id"], "run-v/train.log", log1 * 2)
+
+    def dying(f, n):  # the instance goes away during the transfer of the new checkpoint
+        if f.tell() >= 1024 * 1024:
+            raise EOFError("connection lost")
+        return f.read(n)
+
+    fleet.syncer.read_block = dying
+    rep = fleet.sync_instance(row, ["run-v"])[0]
+    assert [e.name for e, _ in rep.failed] == ["last.pt"] and "kept dropping" in rep.failed[0][1]
+    vast_env.cloud.vanish(row["id"])
+
+    a = next(iter(vast_env.db.query("SELECT * FROM artifacts WHERE run_id = 'run-v' AND name = 'last.pt'")))
+    assert a["sha256"] == sha(v2) and a["sync_state"] == "remote-only"
+    [prev] = [loc for loc in json.loads(a["locations"]) if loc["kind"] == PREVIOUS]
+    assert prev["sha256"] == sha(v1) and prev["size"] == len(v1)
+    assert fleet.syncer.last_verified("run-v", "last.pt").sha256 == sha(v1)
+    assert fleet.syncer.last_verified("run-v", "train.log").sha256 == sha(log1 * 2)
+
+    run = vast_env.vast_run(fleet, "run-v")
+    files = {f.path: f for f in run._resume_files()}
+    assert set(files) == {"runs/run-v/last.pt", "runs/run-v/train.log"}
+    assert files["runs/run-v/last.pt"].sha256 == sha(v1)
+    assert files["runs/run-v/last.pt"].local.read_bytes() == v1
+
+    # once the new version is verified, it is the one to resume from
+    fleet.syncer.read_block = lambda f, n: f.read(n)
+    again = vast_env.new_instance("run-v", "run-v")
+    write_remote(vast_env, again["id"], "run-v/last.pt", v2)
+    assert fleet.sync_instance(again, ["run-v"])[0].ok
+    a = next(iter(vast_env.db.query("SELECT * FROM artifacts WHERE run_id = 'run-v' AND name = 'last.pt'")))
+    assert a["sync_state"] == "verified" and PREVIOUS not in a["locations"]
+    assert fleet.syncer.last_verified("run-v", "last.pt").sha256 == sha(v2)
+
+
+def test_a_checkpoint_hashed_again_brings_the_logs_after_it_up_to_date(vast_env):
+    """last.pt is replaced while it is pulled (the trainer saved the next epoch): it is hashed
+    again, and so are the logs listed after it, so the verified train.log is never older than
+    the verified last.pt that records its offset (resuming from them would fail)."""
+    row = vast_env.new_instance("run-h", "run-h")
+    ckpt = write_remote(vast_env, row["id"], "run-h/last.pt", os.urandom(100_000))
+    log = write_remote(vast_env, row["id"], "run-h/train.log", b"epoch 1\n")
+    saved = []
+
+    def next_epoch(f, n):
+        if not saved:  # while the first version is read: epoch 2 is logged, then checkpointed
+            saved.append(os.urandom(100_000))
+            with open(log, "ab") as fh:
+                fh.write(b"epoch 2\n")
+            ckpt.write_bytes(saved[0])  # in place, as torch.save does
+        return f.read(n)
+
+    vast_env.fleet.syncer.read_block = next_epoch
+    rep = vast_env.fleet.sync_instance(row, ["run-h"])[0]
+    assert rep.ok, str(rep)
+    got = {e.name: e for e in rep.verified}
+    assert got["last.pt"].sha256 == sha(saved[0])
+    assert got["train.log"].sha256 == sha(b"epoch 1\nepoch 2\n")
+
+
+# --------------------------------------------------------------------------- 7. idle evidence on the instance
+
+
+def _runner(st, run_id: str, *argv: str) -> None:
+    """Start the remote runner (as rmt.start_trainer does) around ``argv``."""
+    from backend.vast.ssh import quote
+
+    ctl = st.layout.ctl_dir(run_id)
+    st.remote.makedirs(ctl)
+    st.remote.makedirs(st.layout.run_dir(run_id))
+    st.remote.run_line(f"cd {quote(st.layout.root)} && nohup setsid {quote(st.python)} {quote(st.layout.helper)} "
+                       f"runner {quote(ctl)} 0.2 -- {' '.join(quote(a) for a in argv)} > /dev/null 2>&1 < /dev/null &",
+                       timeout=60).check("starting a runner")
+
+
+def test_kill_idle_counts_idle_time_from_the_instance_on_its_first_run(vast_env):
+    """A kill-idle that never polled these instances before: the one whose trainer exited
+    longer ago than the window is destroyed at once (its runner's exit time is the evidence);
+    one with a live trainer, and one on which no trainer ever ran, are not."""
+    from backend.vast import remote as rmt
+    from backend.vast.config import IdleSettings
+
+    vast_env.settings.idle = IdleSettings(gpu_util_below=5.0, window_s=3.0, heartbeat_timeout_s=2.0)
+    done = vast_env.new_instance("run-done", "run-done")
+    busy = vast_env.new_instance("run-busy", "run-busy")
+    fresh = vast_env.new_instance("run-fresh", "run-fresh")
+    for row, argv in ((done, ("true",)), (busy, ("sleep", "60"))):
+        vast_env.fleet.mark_trainer(row["id"], row["label"])
+        _runner(vast_env.fleet.stager(row), row["label"], *argv)
+    st = vast_env.fleet.stager(done)
+    deadline = time.monotonic() + 30
+    while (ended := rmt.status(st.remote, st.layout, "run-done", st.python)["exit"]) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(max(0.0, ended["time"] + 3.5 - time.time()))
+
+    fleet = vast_env.fresh_fleet()  # a new process: no idle tracking from earlier polls
+    outcomes = fleet.kill_idle()
+    assert [(o.instance_id, o.destroyed) for o in outcomes] == [(str(done["id"]), True)]
+    assert vast_env.provider.instance(done["id"]) is None
+    assert {r["id"] for r in vast_env.provider.instances()} == {busy["id"], fresh["id"]}
+    said = "\n".join(vast_env.logs)
+    assert f"instance {done['id']}: idle (GPU below 5% for" in said and "trainer's last activity" in said
+    assert f"instance {fresh['id']}: not idle (GPU low for 0 s only" in said
+    assert f"instance {busy['id']}: not idle" in said
+    fleet.close()
+
+
+# --------------------------------------------------------------------------- 8. logs
+
+
+def test_log_lines_are_kept_when_the_metrics_read_fails(vast_env):
+    """train.log is read, then reading metrics.jsonl fails over SFTP: nothing is stored and
+    the offsets stay, so the next poll stores those train.log lines (once)."""
+    from backend import store
+    from backend.vast.logs import LogFollower
+    from backend.vast.ssh import SSHError
+
+    row = vast_env.new_instance()
+    d = vast_env.instance_dir(row["id"]) / "runs" / "run-x"
+    d.mkdir(parents=True)
+    (d / "train.log").write_text("epoch 1\nepoch 2\n")
+    (d / "metrics.jsonl").mkdir()  # stat works, reading it fails
+    f = LogFollower(vast_env.db, "run-x", vast_env.fleet.layout(row["id"]).run_dir("run-x"), str(row["id"]))
+    with pytest.raises(SSHError, match="metrics.jsonl"):
+        f.poll(vast_env.fleet.remote(row))
+    assert f.offsets == {"train.log": 0, "metrics.jsonl": 0}
+
+    (d / "metrics.jsonl").rmdir()
+    (d / "metrics.jsonl").write_text(json.dumps({"kind": "epoch", "epoch": 1, "step": 3, "val_loss": 1.5}) + "\n")
+    assert f.poll(vast_env.fleet.remote(row)) == 3
+    assert f.poll(vast_env.fleet.remote(row)) == 0
+    lines = [r["message"] for r in vast_env.db.query("SELECT message FROM events WHERE kind = 'log' ORDER BY id")]
+    assert lines == ["epoch 1", "epoch 2"]
+    run = store.get_run(vast_env.db, "run-x")
+    assert run["log_offset"] == (d / "train.log").stat().st_size and run["val_loss"] == 1.5
+
+
+# --------------------------------------------------------------------------- 9. settings
+
+
+def test_settings_and_budget_are_type_checked_naming_file_and_field(tmp_path):
+    from typer.testing import CliRunner
+
+    from backend.cli import app
+    from backend.vast.config import VastConfigError, load_budget, load_settings
+
+    vast, budget = tmp_path / "vast.toml", tmp_path / "budget.toml"
+    bad_settings = {
+        'disk_gb = "lots"': "field 'disk_gb': must be a number, got 'lots'",
+        'max_recoveries = "two"': "field 'max_recoveries': must be an integer, got 'two'",
+        "max_recoveries = -1": "field 'max_recoveries': must not be negative, got -1",
+        "sync_every_s = 0": "field 'sync_every_s': must be positive, got 0",
+        'ssh_key = 5': "field 'ssh_key': must be a string, got 5",
+        "[remote_env]\nOMP_NUM_THREADS = 8": "field 'remote_env': must be a table of strings ('OMP_NUM_THREADS' is 8)",
+        '[idle]\nwindow_s = "x"': "field 'idle.window_s': must be a number, got 'x'",
+        "[idle]\ngpu_util_below = 150": "field 'idle.gpu_util_below': must be between 0 and 100, got 150",
+        "idle = 3": "field 'idle': must be a table, got 3",
+        '[mirror]\nhost = "h"': "field 'mirror.path': required",
+        '[mirror]\nhost = "h"\npath = "/p"\nport = "22"': "field 'mirror.port': must be an integer, got '22'",
+        "[idle]\nwindow = 3": "unknown field(s) idle.window",
+    }
+    for text, want in bad_settings.items():
+        vast.write_text(text + "\n")
+        with pytest.raises(VastConfigError) as e:
+            load_settings(vast)
+        assert str(e.value).startswith(f"{vast}: {want}"), (text, str(e.value))
+    bad_budget = {
+        'cap_usd = "100"': "field 'budget.cap_usd': must be a number, got '100'",
+        "cap_usd = 0": "field 'budget.cap_usd': must be positive, got 0",
+        "cap_usd = 10\nwarn_usd = 20": "field 'budget.warn_usd': must be between 0 and cap_usd (10), got 20",
+        "poll_interval_s = true": "field 'budget.poll_interval_s': must be a number, got True",
+    }
+    for text, want in bad_budget.items():
+        budget.write_text("[budget]\n" + text + "\n")
+        with pytest.raises(VastConfigError) as e:
+            load_budget(budget)
+        assert str(e.value) == f"{budget}: {want}", (text, str(e.value))
+
+    vast.write_text('disk_gb = 80\nmax_recoveries = 3\n[idle]\nwindow_s = 60\n[remote_env]\nA = "1"\n')
+    s = load_settings(vast)
+    assert (s.disk_gb, s.max_recoveries, s.idle.window_s, s.remote_env) == (80, 3, 60, {"A": "1"})
+    budget.write_text("[budget]\ncap_usd = 10\nwarn_usd = 5\n")
+    assert load_budget(budget).cap_usd == 10
+
+    # kill-idle with a bad idle window: one line naming the field, no traceback, nothing polled
+    vast.write_text('[idle]\nwindow_s = "x"\n')
+    r = CliRunner().invoke(app, ["vast", "kill-idle", "--db", str(tmp_path / "state.db"), "--settings", str(vast),
+                                 "--budget", str(budget)])
+    assert r.exit_code == 2 and f"error: {vast}: field 'idle.window_s': must be a number, got 'x'" in r.output
+    assert "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit)
+
+
+# --------------------------------------------------------------------------- 10. the console's preview
+
+
+def test_console_preview_uses_the_destroy_rule_for_a_missing_runs_directory(vast_env, tmp_path):
+    """A trainer was started on the instance but its runs directory is missing: the preview
+    must not say that nothing would be lost (Fleet.destroy refuses it); on an instance no
+    trainer was ever started on, a missing runs directory holds nothing."""
+    from console.ops import Ops
+
+    s = vast_env.settings
+    settings = tmp_path / "vast.toml"
+    settings.write_text("\n".join([
+        f'server_url = "{s.server_url}"', f'query = "{s.query}"', f'remote_base = "{s.remote_base}"',
+        f'remote_python = "{s.remote_python}"', f'ssh_key = "{s.ssh_key}"', ""]))
+    budget = tmp_path / "budget.toml"
+    budget.write_text("[budget]\ncap_usd = 50.0\nwarn_usd = 40.0\npoll_interval_s = 5.0\n")
+    ran = vast_env.new_instance("run-r", "run-r")
+    vast_env.fleet.mark_trainer(ran["id"], "run-r")
+    never = vast_env.new_instance("run-n", "run-n")
+    assert not (vast_env.instance_dir(ran["id"]) / "runs").exists()
+
+    ops = Ops(vast_env.tmp / "state" / "state.db", settings, budget)
+    try:
+        c = ops.preview_destroy(str(ran["id"]))
+        assert c.refusal and "cannot verify the files on the instance" in c.error and "runs" in c.error
+        [o] = ops.destroy([c])
+        assert not o.destroyed and vast_env.provider.instance(ran["id"]) is not None
+        c = ops.preview_destroy(str(never["id"]))
+        assert c.refusal == "" and c.files == 0 and not c.at_risk
+        [o] = ops.destroy([c])
+        assert o.destroyed and vast_env.provider.instance(never["id"]) is None
+    finally:
+        ops.close()

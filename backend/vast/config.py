@@ -9,9 +9,9 @@ it. It is held in memory only: never written to state.db, logs, artifacts or a c
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, get_type_hints
 
 from models.tomlfile import read_toml
 
@@ -31,6 +31,12 @@ class IdleSettings:
     gpu_util_below: float = 5.0
     window_s: float = 900.0
     heartbeat_timeout_s: float = 600.0
+    section: ClassVar[str] = "idle."
+
+    def __post_init__(self) -> None:
+        _check(self, "gpu_util_below", 0 <= self.gpu_util_below <= 100, "must be between 0 and 100")
+        _check(self, "window_s", self.window_s >= 0, "must not be negative")
+        _check(self, "heartbeat_timeout_s", self.heartbeat_timeout_s >= 0, "must not be negative")
 
 
 @dataclass
@@ -42,6 +48,10 @@ class MirrorSettings:
     port: int = 22
     user: str = "root"
     key: str = "~/.ssh/id_ed25519"
+    section: ClassVar[str] = "mirror."
+
+    def __post_init__(self) -> None:
+        _check(self, "port", 0 < self.port < 65536, "must be a TCP port (1-65535)")
 
 
 @dataclass
@@ -64,6 +74,12 @@ class VastSettings:
     idle: IdleSettings = field(default_factory=IdleSettings)
     mirror: MirrorSettings | None = None
     state_dir: Path = Path(".nko-ops")
+    section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for name in ("disk_gb", "ssh_timeout_s", "boot_timeout_s", "heartbeat_s", "sync_every_s"):
+            _check(self, name, getattr(self, name) > 0, "must be positive")
+        _check(self, "max_recoveries", self.max_recoveries >= 0, "must not be negative")
 
     @property
     def known_hosts(self) -> Path:
@@ -85,24 +101,57 @@ class BudgetSettings:
     poll_interval_s: float = 60.0
     name: str = "default"
     source: str = ""
+    section: ClassVar[str] = "budget."
 
     def __post_init__(self) -> None:
-        if self.cap_usd <= 0:
-            raise VastConfigError(f"budget: field 'cap_usd' must be positive (got {self.cap_usd})")
-        if not 0 <= self.warn_usd <= self.cap_usd:
-            raise VastConfigError(f"budget: field 'warn_usd' must be between 0 and cap_usd (got {self.warn_usd})")
-        if self.poll_interval_s <= 0:
-            raise VastConfigError(f"budget: field 'poll_interval_s' must be positive (got {self.poll_interval_s})")
+        _check(self, "cap_usd", self.cap_usd > 0, "must be positive")
+        _check(self, "warn_usd", 0 <= self.warn_usd <= self.cap_usd, f"must be between 0 and cap_usd ({self.cap_usd})")
+        _check(self, "poll_interval_s", self.poll_interval_s > 0, "must be positive")
 
 
-def _build(cls, data: dict, where: str):
+def _check(obj, name: str, ok: bool, why: str) -> None:
+    if not ok:
+        raise VastConfigError(f"field '{obj.section}{name}': {why}, got {getattr(obj, name)!r}")
+
+
+def _type_problem(kind: Any, value: Any) -> str | None:
+    """Why ``value`` (as read from TOML) does not fit the annotation ``kind``; None if it does."""
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else f"must be a number, got {value!r}"
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else f"must be an integer, got {value!r}"
+    if kind in (str, Path, str | None):
+        return None if isinstance(value, str) else f"must be a string, got {value!r}"
+    if kind == dict[str, str]:
+        if not isinstance(value, dict):
+            return f"must be a table of strings, got {value!r}"
+        bad = next((k for k, v in value.items() if not isinstance(v, str)), None)
+        return None if bad is None else f"must be a table of strings ({bad!r} is {value[bad]!r})"
+    return None
+
+
+def _build(cls, data: Any, where: str, section: str = ""):
+    """``cls`` from one table of a settings file; every error names the file and the field."""
+    if not isinstance(data, dict):
+        raise VastConfigError(f"{where}: field '{section.rstrip('.')}': must be a table, got {data!r}")
+    hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise VastConfigError(f"{where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        raise VastConfigError(f"{where}: unknown field(s) {', '.join(section + u for u in unknown)} "
+                              f"(known: {', '.join(sorted(known))})")
+    for f in fields(cls):
+        if f.name not in data and f.default is MISSING and f.default_factory is MISSING:
+            raise VastConfigError(f"{where}: field '{section}{f.name}': required")
+    for name, value in data.items():
+        why = _type_problem(hints[name], value)
+        if why:
+            raise VastConfigError(f"{where}: field '{section}{name}': {why}")
     try:
         return cls(**data)
-    except TypeError as e:
+    except VastConfigError as e:
         raise VastConfigError(f"{where}: {e}") from None
 
 
@@ -113,9 +162,9 @@ def load_settings(path: str | Path | None = "configs/vast.toml", state_dir: str 
     data: dict = {}
     if path is not None and Path(path).exists():
         data = read_toml(path, VastConfigError, "Vast config")
-    idle = _build(IdleSettings, data.pop("idle", {}), f"{path} [idle]")
+    idle = _build(IdleSettings, data.pop("idle", {}), str(path), "idle.")
     mirror = data.pop("mirror", None)
-    mirror = _build(MirrorSettings, mirror, f"{path} [mirror]") if mirror else None
+    mirror = _build(MirrorSettings, mirror, str(path), "mirror.") if mirror is not None else None
     s = _build(VastSettings, {**data, "idle": idle, "mirror": mirror}, str(path))
     for k, v in overrides.items():
         if v is not None:
@@ -130,7 +179,10 @@ def load_budget(path: str | Path | None = "configs/budget.toml") -> BudgetSettin
     if path is None or not Path(path).exists():
         return BudgetSettings(source="defaults")
     data = read_toml(path, VastConfigError, "Vast config")
-    return _build(BudgetSettings, {**data.get("budget", {}), "source": str(path)}, f"{path} [budget]")
+    budget = data.get("budget", {})
+    if not isinstance(budget, dict):
+        raise VastConfigError(f"{path}: field 'budget': must be a table, got {budget!r}")
+    return _build(BudgetSettings, {**budget, "source": str(path)}, str(path), "budget.")
 
 
 def state_dir_for(db_path: str | Path) -> Path:

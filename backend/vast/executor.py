@@ -10,6 +10,11 @@ exactly as the local executor does, and the instance is destroyed (only if every
 is verified locally). If the instance is lost mid-run, the run is relaunched on a new offer
 with its last verified checkpoint and resumes (up to ``max_recoveries`` times).
 
+Whether a run resumes is decided by the local store, not by the local run directory (a Vast
+run's ``last.pt`` lives on the instance and in the store): every launch (a rerun after a
+budget stop, a failed relaunch or an interrupted executor, or a relaunch after a loss)
+uploads the run's last verified ``last.pt`` and logs when the store has one.
+
 The sanity step runs locally (a short CPU run per (script, mode) costs nothing) before any
 instance is rented. Interrupting the executor leaves the instances running their trainers;
 running the matrix again re-attaches to them.
@@ -71,7 +76,10 @@ class VastRun:
 
     # ------------------------------------------------------------------ launching
 
-    def launch(self, rows: list[dict], resume: bool = False) -> None:
+    def launch(self, rows: list[dict]) -> None:
+        """Rent an instance for the run and start its trainer there, resuming from the run's
+        last verified checkpoint in the local store when there is one."""
+        files = self._resume_files()
         offers = self.fleet.provider.offers(self.s.query, self.s.order, limit=20, storage_gb=self.s.disk_gb)
         offers = [o for o in offers if o.machine_id not in self.tried_machines]
         if not offers:
@@ -86,13 +94,15 @@ class VastRun:
         iid = str(self.fleet.provider.create(offer.id, self.s.image, self.s.disk_gb, label=self.run_id))
         self.fleet.ledger.launched(offer.dph_total)
         self.iid = iid
-        if not resume:
+        relaunch = self.recoveries > 0
+        self.job.how = "resumed" if files else "trained"
+        if not files:
             store.upsert_run(self.db, self.run_id, log_offset=0, metrics_offset=0)
         self.fleet.register(iid, self.run_id, self.run_id, {k: offer.raw.get(k) for k in (
             "id", "machine_id", "gpu_name", "num_gpus", "dph_total", "reliability", "inet_down", "geolocation")},
             since=asked_at)
         self.log(f"{self.run_id}: instance {iid} ({offer.gpu_name}, ${offer.dph_total:.3f}/h) created; waiting for SSH")
-        store.set_run_status(self.db, self.run_id, "running", f"{'relaunched' if resume else self.job.how} on "
+        store.set_run_status(self.db, self.run_id, "running", f"{'relaunched' if relaunch else self.job.how} on "
                              f"Vast instance {iid}", source="vast", executor="vast", instance_id=iid,
                              host=None, pid=None, matrix_id=self.matrix_id, script=self.job.spec.script,
                              mode=self.job.spec.mode, seed=self.job.spec.seed, config=self.job.cfg,
@@ -102,7 +112,7 @@ class VastRun:
                              recipe_hash=self.ex.ident.recipe_hash)
         try:
             row = self._wait_running(iid)
-            self._start_on(row, resume)
+            self._start_on(row, files)
         except (LaunchError, SSHError, rmt.StageError, ProviderError) as e:
             # discard destroys unchecked only an instance just created with no trainer started
             self.log(f"{self.run_id}: bringing up instance {iid} failed ({e}); destroying it")
@@ -123,14 +133,13 @@ class VastRun:
         raise LaunchError(f"not running with SSH after {self.s.boot_timeout_s:.0f} s")
 
     def _resume_files(self) -> list[rmt.StagedFile]:
-        """The run's last verified checkpoint and logs, from the local store."""
-        rows = {r["name"]: r for r in self.db.query(
-            "SELECT name, sha256, size FROM artifacts WHERE owner_kind = 'run' AND run_id = ? "
-            "AND sync_state IN ('verified', 'mirrored')", [self.run_id])}
-        if "last.pt" not in rows:
+        """The run's last verified checkpoint and logs, from the local store: of each file the
+        newest version verified there (a newer one whose transfer was cut off does not count)."""
+        found = {n: e for n in RESUME_FILES if (e := self.fleet.syncer.last_verified(self.run_id, n)) is not None}
+        if "last.pt" not in found:
             return []
-        files = [rmt.StagedFile(self.fleet.cas.path(rows[n]["sha256"]), f"runs/{self.run_id}/{n}",
-                                rows[n]["sha256"], rows[n]["size"]) for n in RESUME_FILES if n in rows]
+        files = [rmt.StagedFile(self.fleet.cas.path(e.sha256), f"runs/{self.run_id}/{n}", e.sha256, e.size)
+                 for n, e in found.items()]
         offsets = _log_offsets(files[0].local)
         for f in files:
             name = f.path.rsplit("/", 1)[-1]
@@ -139,19 +148,19 @@ class VastRun:
                 return []
         return files
 
-    def _start_on(self, row: dict, resume: bool) -> None:
+    def _start_on(self, row: dict, resume: list[rmt.StagedFile]) -> None:
+        """Stage the project, the inputs and ``resume`` (the files to resume from, or []) on
+        the instance, then start the trainer there (or attach to the one running)."""
         iid = str(row["id"])
         st = self.fleet.stager(row)
         app = st.install_wheel(self.wheel)
         inputs, fields = rmt.run_inputs(self.job.cfg)
         sent = st.stage("inputs", inputs)
         if resume:
-            files = self._resume_files()
-            if files:
-                st.stage("resume", files)
-                logs = {f.path.rsplit("/", 1)[-1]: f.size for f in files}
-                store.upsert_run(self.db, self.run_id, log_offset=logs.get("train.log", 0), metrics_offset=0)
-                self.log(f"{self.run_id}: uploaded the last verified checkpoint ({len(files)} files) to instance {iid}")
+            st.stage("resume", resume)
+            logs = {f.path.rsplit("/", 1)[-1]: f.size for f in resume}
+            store.upsert_run(self.db, self.run_id, log_offset=logs.get("train.log", 0), metrics_offset=0)
+            self.log(f"{self.run_id}: uploaded the last verified checkpoint ({len(resume)} files) to instance {iid}")
         self.log(f"{self.run_id}: staged project and {len(inputs)} input files ({sent} sent) on instance {iid}, "
                  "all verified there")
         status = rmt.status(st.remote, st.layout, self.run_id, st.python)
@@ -175,7 +184,7 @@ class VastRun:
         """Take over a run whose trainer is already running on ``row`` (executor restarted)."""
         self.iid = str(row["id"])
         self.tried_machines.add(int(row.get("machine_id") or 0))
-        self._start_on(row, resume=False)
+        self._start_on(row, [])
 
     # ------------------------------------------------------------------ each poll
 
@@ -213,7 +222,7 @@ class VastRun:
                 return self.fail("the trainer's runner keeps dying without an exit status", row=row)
             self.log(f"{self.run_id}: runner gone without an exit status; restarting (resumes from last.pt)")
             try:
-                self._start_on(row, resume=False)
+                self._start_on(row, [])
             except (SSHError, rmt.StageError) as e:
                 self.log(f"{self.run_id}: restart on instance {self.iid} failed ({e}); trying again next poll")
             return None
@@ -349,7 +358,7 @@ class VastRun:
         self.recoveries += 1
         try:
             rows, _ = self.fleet.poll()
-            self.launch(rows, resume=True)
+            self.launch(rows)
         except (LaunchError, ProviderError, SSHError) as e:
             return self._failed(f"{why}; relaunch failed: {e}", time.time() - self.started)
         return None
@@ -483,7 +492,7 @@ def _drive(fleet: Fleet, runs: list[VastRun], parallel: int, poll_s: float, log:
             while pending and len(active) < parallel:
                 run = pending.pop(0)
                 try:
-                    run.launch(rows, resume=run.job.how == "resumed")
+                    run.launch(rows)
                     active.append(run)
                 except BudgetBlocked as e:
                     results[run.run_id] = RunResult(run.run_id, "blocked", "not started", str(run.job.out_dir),
@@ -569,7 +578,7 @@ def launch_config(config_path: str | Path, db_path: str | Path = "state.db", det
         out = Path(cfg["out_dir"])
         if (out / "manifest.json").exists():
             raise LaunchError(f"{out} already holds a completed run (runs are immutable)")
-        job = _Job(_Spec(cfg), cfg, out, cfg["run_id"], how="resumed" if (out / "last.pt").exists() else "trained")
+        job = _Job(_Spec(cfg), cfg, out, cfg["run_id"])  # launch decides from the store whether it resumes
         run = VastRun(fleet, job, ex, None, rmt.build_wheel(settings.dist_dir), log)
         results = _drive(fleet, [run], 1, min(poll_s, budget.poll_interval_s), log, detach=detach)
         return results[0]

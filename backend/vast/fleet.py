@@ -17,7 +17,8 @@ Only ``discard`` destroys without that check, and only an instance this Fleet re
 new (created by this launch) on which no trainer was ever started; anything else it hands to
 ``destroy``. An instance the lane stops using (lost, abandoned) goes through ``retire``: if the
 destroy is refused it stays recorded as ours and alive, with an error event, so it is neither
-forgotten nor billed unseen.
+forgotten nor billed unseen; if it still runs it is stopped (compute stops billing, its disk
+and files stay).
 """
 
 from __future__ import annotations
@@ -325,11 +326,31 @@ class Fleet:
         iid = str(iid)
         o = self.destroy(iid, reason=reason)
         if not o.destroyed:
+            o.reason += self._stop_kept(iid, run_id)
             store.add_event(self.db, f"instance {iid} KEPT ({reason}): {o.reason}. It still bills (storage, or "
                             f"its full price if it runs again): save its files, then `nko-ops vast destroy {iid}` "
                             "(--force gives them up)", instance_id=iid, run_id=run_id, kind="instance-kept",
                             level="error", source="vast", data={"files": o.would_lose, "reason": reason})
         return o
+
+    def _stop_kept(self, iid: str, run_id: str | None) -> str:
+        """Stop a kept instance that still runs (nothing of the lane uses it any more): compute
+        stops billing, its disk and files stay. Returns what to add to the refusal."""
+        try:
+            row = self.provider.instance(iid)
+            if row is None or row.get("actual_status") != "running":
+                return ""
+            self.provider.stop(iid)
+        except ProviderError as e:
+            store.add_event(self.db, f"instance {iid} could not be stopped ({e}): it bills its full price",
+                            instance_id=iid, run_id=run_id, kind="stop-failed", level="error", source="vast")
+            return f"; stopping it failed too: {e}"
+        store.add_event(self.db, f"instance {iid} STOPPED: it could not be destroyed, so it is kept; compute no "
+                        "longer bills, its disk (storage) does. To save its files: start it "
+                        f"(`vastai start instance {iid}`), `nko-ops vast sync --instance {iid}`, then "
+                        f"`nko-ops vast destroy {iid}`", instance_id=iid, run_id=run_id, kind="instance-stopped",
+                        level="warning", source="vast")
+        return "; stopped (compute no longer bills; its disk is kept)"
 
     def kill_idle(self, force_ids: dict[str, str] | None = None) -> list[DestroyOutcome]:
         """Destroy the idle instances (module docstring's rule; ``force_ids``: id -> the id
@@ -349,21 +370,28 @@ class Fleet:
         out = []
         for row in rows:
             iid = str(row["id"])
-            v = idle.verdict(self.db, iid, self.settings.idle, now, self._remote_heartbeat(row))
+            beat, last_seen = self._remote_activity(row)
+            v = idle.verdict(self.db, iid, self.settings.idle, now, beat, last_seen)
             self.log(f"instance {iid}: {'idle' if v.idle else 'not idle'} ({v.reason})")
             if v.idle:
                 out.append((row, v))
         return out
 
-    def _remote_heartbeat(self, row: dict) -> float | None:
-        """Newest heartbeat of a live trainer on the instance (None if none or unreachable)."""
+    def _remote_activity(self, row: dict) -> tuple[float | None, float | None]:
+        """(newest heartbeat of a live trainer, last time any trainer was seen active: its
+        runner's start, heartbeat or exit) on the instance, from its runners' files; (None,
+        None) when it has none or cannot be reached."""
+        if row.get("actual_status") != "running":
+            return None, None
         try:
             st = self.stager(row)
-            r = st.helper("heartbeats", posixpath.join(st.layout.root, "ctl"), timeout=60)
-            times = [float(t) for t in json.loads(r.out).values() if t is not None]
-        except (SSHError, StageError, ValueError, TypeError, AttributeError):
-            return None
-        return max(times) if times else None
+            r = st.helper("activity", posixpath.join(st.layout.root, "ctl"), timeout=60)
+            runs = json.loads(r.out).values()
+            live = [float(a["beat"]) for a in runs if a["alive"] and a["beat"] is not None]
+            seen = [float(t) for a in runs for t in (a["started"], a["beat"], a["exit"]) if t is not None]
+        except (SSHError, StageError, ValueError, TypeError, AttributeError, KeyError):
+            return None, None
+        return max(live, default=None), max(seen, default=None)
 
     def stop_spend(self, rows: list[dict]) -> list[DestroyOutcome]:
         """Over the budget cap: destroy every instance whose files are verified (after a

@@ -4,7 +4,11 @@ a trainer decoding on the CPU has a low GPU load but a heartbeat; a hung trainer
 the GPU busy without a heartbeat.
 
 The low-utilisation start is kept in the instance's ``data`` JSON (``low_util_since``), updated
-at every poll of the instance list.
+at every poll of the instance list. That only starts when this tool looks, so an instance on
+which a trainer ran also brings its own evidence (``Fleet.idle_rows`` reads it over SSH): the
+last time a trainer was seen active there (its runner's start, last heartbeat or exit). While
+its GPU is low now, it counts as low since then if that is earlier: a kill-idle run for the
+first time hours after a trainer exited sees those hours.
 """
 
 from __future__ import annotations
@@ -51,7 +55,10 @@ def last_heartbeat(db, iid: str) -> float | None:
     return store.parse_ts(row[0]).timestamp()
 
 
-def verdict(db, iid: str, settings: IdleSettings, now: float, remote_heartbeat: float | None = None) -> IdleVerdict:
+def verdict(db, iid: str, settings: IdleSettings, now: float, remote_heartbeat: float | None = None,
+            trainer_last_seen: float | None = None) -> IdleVerdict:
+    """``remote_heartbeat``: the newest heartbeat of a live trainer on the instance;
+    ``trainer_last_seen``: when a trainer was last active there (module docstring)."""
     row = next(iter(db.query("SELECT actual_status, data FROM instances WHERE id = ?", [iid])), None)
     if row is None:
         return IdleVerdict(iid, False, "unknown to the state store")
@@ -60,6 +67,9 @@ def verdict(db, iid: str, settings: IdleSettings, now: float, remote_heartbeat: 
     if since is None:
         return IdleVerdict(iid, False, "GPU busy" if row["actual_status"] == "running" else
                            f"not running ({row['actual_status']})")
+    counted = ""
+    if trainer_last_seen is not None and trainer_last_seen < since:
+        since, counted = trainer_last_seen, " (counted from its trainer's last activity, per the instance)"
     low_for = now - since
     if low_for < settings.window_s:
         return IdleVerdict(iid, False, f"GPU low for {low_for:.0f} s only (window {settings.window_s:.0f} s)")
@@ -68,5 +78,5 @@ def verdict(db, iid: str, settings: IdleSettings, now: float, remote_heartbeat: 
         return IdleVerdict(iid, False, f"GPU low for {low_for:.0f} s but the trainer's heartbeat is "
                                        f"{now - max(beats):.0f} s old")
     beat = f"last heartbeat {now - max(beats):.0f} s ago" if beats else "no heartbeat"
-    return IdleVerdict(iid, True, f"GPU below {settings.gpu_util_below:g}% for {low_for:.0f} s and {beat}")
+    return IdleVerdict(iid, True, f"GPU below {settings.gpu_util_below:g}% for {low_for:.0f} s{counted} and {beat}")
 

@@ -6,7 +6,9 @@ snapshot, not a stream, so this is how a live tail works.
 The byte offsets live in the run row (``log_offset``, ``metrics_offset``), so a follower
 that reconnects, or a new process, resumes exactly after the last complete line it stored.
 A file that became shorter was truncated by the trainer resuming from ``last.pt``: reading
-restarts at its new end (metrics at 0: their upserts are idempotent).
+restarts at its new end (metrics at 0: their upserts are idempotent). The offsets advance, in
+memory as in the run row, only once the lines read are committed: a read that fails part way
+(SSH drop) leaves them where they were, and the next poll reads the same lines again.
 """
 
 from __future__ import annotations
@@ -33,22 +35,22 @@ class LogFollower:
         self.offsets = {"train.log": int(row.get("log_offset") or 0),
                         "metrics.jsonl": int(row.get("metrics_offset") or 0)}
 
-    def _read_new(self, remote: Remote, name: str) -> list[bytes]:
+    def _read_new(self, remote: Remote, name: str) -> tuple[list[bytes], int]:
+        """The complete lines after the stored offset of ``name``, and the offset after them."""
         path = posixpath.join(self.remote_dir, name)
         sftp = remote.sftp()
+        off = self.offsets[name]
         try:
             size = sftp.stat(path).st_size
         except FileNotFoundError:
-            return []
+            return [], off
         except (OSError, paramiko.SSHException, EOFError) as e:
             remote.close()
             raise SSHError(f"{remote.target}: stat {path}: {e}") from None
-        off = self.offsets[name]
         if size < off:
             off = 0 if name == "metrics.jsonl" else size
         if size == off:
-            self.offsets[name] = off
-            return []
+            return [], off
         try:
             with sftp.open(path, "rb") as f:
                 f.seek(off)
@@ -57,13 +59,13 @@ class LogFollower:
             remote.close()
             raise SSHError(f"{remote.target}: read {path}: {e}") from None
         end = chunk.rfind(b"\n") + 1  # complete lines only
-        self.offsets[name] = off + end
-        return chunk[:end].splitlines()
+        return chunk[:end].splitlines(), off + end
 
     def poll(self, remote: Remote) -> int:
         """Ingest what is new; returns the number of lines stored."""
-        log_lines = self._read_new(remote, "train.log")
-        raw_metrics = self._read_new(remote, "metrics.jsonl")
+        log_lines, log_end = self._read_new(remote, "train.log")
+        raw_metrics, metrics_end = self._read_new(remote, "metrics.jsonl")
+        offsets = {"train.log": log_end, "metrics.jsonl": metrics_end}
         records, fields, events = [], {}, []
         for raw in raw_metrics:
             try:
@@ -82,18 +84,18 @@ class LogFollower:
                 events.append({"run_id": self.run_id, "instance_id": self.instance_id, "source": "trainer",
                                "kind": "trainer-status", "message": str(rec.get("status")), "data": rec,
                                "level": "error" if rec.get("status") == "failed" else "info"})
-        for raw in log_lines:
-            text = raw.decode("utf-8", errors="replace")
-            events.append({"run_id": self.run_id, "instance_id": self.instance_id, "source": "trainer",
-                           "kind": "log", "message": text[:2000]})
-            if self.echo:
+        texts = [raw.decode("utf-8", errors="replace") for raw in log_lines]
+        events += [{"run_id": self.run_id, "instance_id": self.instance_id, "source": "trainer", "kind": "log",
+                    "message": text[:2000]} for text in texts]
+        if records or events:
+            with store.transaction(self.db):
+                store.add_metrics(self.db, self.run_id, records, log_offset=offsets["train.log"],
+                                  metrics_offset=offsets["metrics.jsonl"], **fields)
+                store.add_events(self.db, events)
+        self.offsets = offsets
+        if self.echo:
+            for text in texts:
                 self.echo(text)
-        if not (records or events):
-            return 0
-        with store.transaction(self.db):
-            store.add_metrics(self.db, self.run_id, records, log_offset=self.offsets["train.log"],
-                              metrics_offset=self.offsets["metrics.jsonl"], **fields)
-            store.add_events(self.db, events)
         return len(records) + len(log_lines)
 
     def follow(self, connect: Callable[[], Remote], done: Callable[[], bool], interval: float = 2.0,

@@ -16,7 +16,9 @@
                               HB seconds, write CTL/exit.json when it ends; started detached
                               (nohup setsid) so it survives the SSH session
     status CTL                {runner/trainer pids and liveness, heartbeat, exit}
-    heartbeats CTLROOT        {run id: last heartbeat time} for every runner under CTLROOT
+    activity CTLROOT          {run id: {"beat": last heartbeat time, "alive": whether that
+                              heartbeat says the trainer runs, "started", "exit": runner start
+                              and exit times}} for every runner under CTLROOT
     stop CTL                  SIGTERM the trainer (it keeps last.pt)
 """
 
@@ -241,13 +243,16 @@ def cmd_status(ctl):
     return 0
 
 
-def cmd_heartbeats(root):
+def cmd_activity(root):
     out = {}
     if os.path.isdir(root):
         for name in sorted(os.listdir(root)):
-            beat = _read_json(os.path.join(root, name, "heartbeat.json"))
-            if beat and beat.get("trainer_alive"):
-                out[name] = beat.get("time")
+            ctl = os.path.join(root, name)
+            beat = _read_json(os.path.join(ctl, "heartbeat.json")) or {}
+            runner = _read_json(os.path.join(ctl, "runner.json")) or {}
+            done = _read_json(os.path.join(ctl, "exit.json")) or {}
+            out[name] = {"beat": beat.get("time"), "alive": bool(beat.get("trainer_alive")),
+                         "started": runner.get("started"), "exit": done.get("time")}
     print(json.dumps(out))
     return 0
 
@@ -276,8 +281,8 @@ def main(argv):
         return cmd_runner(args[0], float(args[1]), args[sep + 1:])
     if cmd == "status":
         return cmd_status(args[0])
-    if cmd == "heartbeats":
-        return cmd_heartbeats(args[0])
+    if cmd == "activity":
+        return cmd_activity(args[0])
     if cmd == "stop":
         return cmd_stop(args[0])
     print("unknown command %r" % cmd, file=sys.stderr)

@@ -7,12 +7,18 @@ computed on the instance, the bytes are hashed again while they arrive, and a bl
 the store only when the two agree. Blobs are read-only and an existing hash is never
 overwritten. A transfer that breaks off (SSH drop) resumes from the bytes already received;
 one whose bytes disagree (file changed or truncated on the instance, corruption) is
-discarded and retried from a fresh hash; a local write error (disk full) removes the
-partial file. In every failure the artifact stays ``remote-only``, so kill-idle refuses
-to destroy the instance holding it.
+discarded and retried from a fresh hash (the files listed after it take their fresh hashes
+too: logs are listed after the checkpoints that record their offsets); a local write error
+(disk full) removes the partial file. In every failure the artifact stays ``remote-only``,
+so kill-idle refuses to destroy the instance holding it.
 
 Per-artifact state in state.db ``artifacts`` (owner_kind 'run', name = path in the run dir):
-remote-only -> transferring -> verified (-> mirrored), with its locations.
+remote-only -> transferring -> verified (-> mirrored), with its locations. One row per file:
+when the file changes on the instance (a new ``last.pt``) the row takes the new hash before
+the new bytes are verified, so the last verified version stays in its locations as a
+``{"kind": "previous-verified", "sha256", "size", "path"}`` entry until the new one is
+verified (``Syncer.last_verified``): a transfer cut off by a dying instance never leaves the
+run without a verified checkpoint.
 """
 
 from __future__ import annotations
@@ -155,6 +161,7 @@ class SyncReport:
 
 
 HASH_REFUSED = 3  # the helper's exit status when it cannot vouch for every file
+PREVIOUS = "previous-verified"  # location kind: the last verified version of a changed file
 
 
 def remote_entries(remote: Remote, python: str, helper: str, directory: str,
@@ -189,10 +196,17 @@ class Syncer:
     def record(self, run_id: str, e: Entry, state: str, instance_id: str | None, remote_path: str | None,
                 extra_locations: list[dict] = (), path: str | None = None) -> None:
         row = self._row(run_id, e.name)
-        locations = []
+        old = json.loads(row["locations"] or "[]") if row else []
         if row and row["sha256"] == e.sha256:
-            locations = [loc for loc in json.loads(row["locations"] or "[]")
+            locations = [loc for loc in old
                          if loc.get("kind") != "instance" or loc.get("instance_id") != str(instance_id)]
+        else:  # another version: the last verified one stays known until this one is verified
+            locations = [loc for loc in old if loc.get("kind") == PREVIOUS]
+            if row and row["sync_state"] in ("verified", "mirrored") and self.cas.has(row["sha256"]):
+                locations = [{"kind": PREVIOUS, "sha256": row["sha256"], "size": row["size"],
+                              "path": str(self.cas.path(row["sha256"])), "verified_at": row["verified_at"]}]
+        if state in ("verified", "mirrored"):
+            locations = [loc for loc in locations if loc.get("kind") != PREVIOUS]
         if instance_id is not None and remote_path is not None:
             locations.append({"kind": "instance", "instance_id": str(instance_id), "path": remote_path})
         if state in ("verified", "mirrored"):
@@ -211,6 +225,19 @@ class Syncer:
         store.record_artifacts(self.db, run_id, [{
             "name": e.name, "path": path or (str(self.cas.path(e.sha256)) if verified_at else None), "sha256": e.sha256,
             "size": e.size, "locations": locations, "sync_state": state, "verified_at": verified_at}])
+
+    def last_verified(self, run_id: str, name: str) -> Entry | None:
+        """The newest version of a run's file that was verified into the store (the current
+        one, or the one before a change not verified yet); None if none is in the store."""
+        row = self._row(run_id, name)
+        if row is None:
+            return None
+        if row["sync_state"] in ("verified", "mirrored") and self.cas.has(row["sha256"]):
+            return Entry(name, row["size"], row["sha256"])
+        prev = next((loc for loc in json.loads(row["locations"] or "[]") if loc.get("kind") == PREVIOUS), None)
+        if prev and self.cas.has(prev["sha256"]):
+            return Entry(name, int(prev["size"]), prev["sha256"])
+        return None
 
     # ------------------------------------------------------------------ pulling
 
@@ -309,7 +336,9 @@ class Syncer:
                 entries = remote_entries(remote, python, helper, remote_dir)
             except SSHError as err:
                 raise SyncError(f"{run_id}: cannot list {remote_dir} on {remote.target}: {err}") from None
-        for e in entries:
+        queue = list(entries)
+        for i in range(len(queue)):
+            e = queue[i]
             rpath = posixpath.join(remote_dir, e.name)
             if self.cas.has(e.sha256):
                 self.record(run_id, e, "verified", instance_id, rpath)
@@ -332,6 +361,9 @@ class Syncer:
                     except (SSHError, SyncError) as again:
                         rep.failed.append((cur, f"{err}; hashing it again failed: {again}"))
                         break
+                    # the files after it too: a log must not be older than the checkpoint (listed
+                    # first) that records its offset, or resuming from that checkpoint fails
+                    queue[i + 1:] = [fresh.get(x.name, x) for x in queue[i + 1:]]
                     if cur.name not in fresh:
                         rep.failed.append((cur, "gone from the instance"))
                         break

@@ -7,6 +7,7 @@ import difflib
 from dataclasses import replace
 
 import sqlite_utils
+from rich.console import Group
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -18,7 +19,7 @@ from textual.widgets import Button, DataTable, Input, Label, Static
 from backend import store
 from console import bidi, queries
 from console.queries import DecisionRow, GateFilter, GatePage
-from console.widgets import EmptyState, Pane, Table, selected_key
+from console.widgets import BidiText, EmptyState, Pane, Table, bidi_lines, selected_key
 from models.text import row_edits
 
 COLUMNS = ("id", "feat_id", "partition", "decision", "edits", "rules", "review")
@@ -44,18 +45,18 @@ def _ops(a: list[str], b: list[str]) -> tuple[set[int], set[int]]:
     return bad_a, bad_b
 
 
-def diff_line(text: str, wrong: set[int], changed: set[int]) -> Text:
-    """``text`` in display order, clusters not matching the reference in red and clusters
-    the proposal touched underlined. Styles are chosen per logical cluster first, then the
-    clusters are put in visual (right-to-left) order, so highlights stay on their letters."""
+def diff_text(units: list[str], wrong: set[int], changed: set[int]) -> Text:
+    """The clusters in logical order, those not matching the reference in red and those the
+    proposal touched underlined; BidiText puts them in display order after wrapping, so the
+    highlights stay on their letters and a long sentence starts on the first line."""
     out = Text()
-    for cluster, i in bidi.visual_clusters(text):
+    for i, cluster in enumerate(units):
         style = ("bold red" if i in wrong else "") + (" underline" if i in changed else "")
         out.append(cluster, style=style.strip())
     return out
 
 
-def diff_view(d: DecisionRow) -> Text:
+def diff_view(d: DecisionRow) -> Group:
     asr, prop, ref = bidi.units(d.asr_text), bidi.units(d.proposal), bidi.units(d.reference_text)
     asr_wrong, _ = _ops(asr, ref)
     prop_wrong, _ = _ops(prop, ref)
@@ -68,29 +69,28 @@ def diff_view(d: DecisionRow) -> Text:
         effect = Text(f"proposal adds {e_prop - e_asr} edit(s) vs reference", style="red")
     else:
         effect = Text("proposal leaves the edit count unchanged", style="dim")
-    return Text.assemble(
-        ("ASR       ", "dim"), diff_line(d.asr_text, asr_wrong, asr_changed), f"   ({e_asr} edits)\n",
-        ("proposal  ", "dim"), diff_line(d.proposal, prop_wrong, prop_changed), f"   ({e_prop} edits)\n",
-        ("reference ", "dim"), diff_line(d.reference_text, set(), set()), "\n", effect,
-        ("   red ≠ reference · underlined = changed by the proposal · N'Ko right to left", "dim"))
+    return Group(
+        BidiText(diff_text(asr, asr_wrong, asr_changed), Text("ASR       ", "dim"), f"   ({e_asr} edits)"),
+        BidiText(diff_text(prop, prop_wrong, prop_changed), Text("proposal  ", "dim"), f"   ({e_prop} edits)"),
+        BidiText(diff_text(ref, set(), set()), Text("reference ", "dim")),
+        Text.assemble(effect, ("   red ≠ reference · underlined = changed by the proposal · N'Ko right to left", "dim")))
 
 
-def info_view(d: DecisionRow) -> Text:
+def info_view(d: DecisionRow) -> Group:
     verdict = Text("ACCEPTED", style="bold green") if d.accepted else Text("REJECTED", style="bold red")
     rules = ", ".join(d.rules) if d.rules else "none (accepted)"
     out = Text.assemble(verdict, ("  decision ", "dim"), str(d.id), ("  feat ", "dim"), d.feat_id,
                         ("  run ", "dim"), d.run_id or "—", ("  partition ", "dim"), d.partition or "—", "\n",
                         ("rules fired ", "dim"), (rules, "bold"), ("  edit distance ", "dim"),
                         "—" if d.edit_distance is None else str(d.edit_distance), "\n",
-                        ("policy ", "dim"), d.policy_hash[:16] or "—", ("  witness ", "dim"), d.witness[:16] or "—", "\n",
-                        ("review ", "dim"))
-    if d.verdict:
-        out.append(d.verdict, style="green" if d.verdict == "agree" else "magenta")
-        if d.note:
-            out.append(f" — {d.note}")
-    else:
-        out.append("none yet: a agree · o override (with a note)", style="dim")
-    return out
+                        ("policy ", "dim"), d.policy_hash[:16] or "—", ("  witness ", "dim"), d.witness[:16] or "—")
+    review = Text.assemble(("review ", "dim"))
+    if not d.verdict:
+        return Group(out, review.append("none yet: a agree · o override (with a note)", style="dim"))
+    review.append(d.verdict, style="green" if d.verdict == "agree" else "magenta")
+    if not d.note:
+        return Group(out, review)
+    return Group(out, *bidi_lines(d.note, prefix=review.append(" — ")))  # the note may be N'Ko
 
 
 class OverrideScreen(ModalScreen[str | None]):

@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import sqlite_utils
+from rich.console import Group, RenderableType
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -27,9 +28,9 @@ from textual.worker import get_current_worker
 from backend.vast.logs import LogFollower
 from backend.vast.remote import Layout
 from backend.vast.ssh import HostKeyChanged, KnownHosts, Remote, SSHError, SSHTarget
-from console import queries
+from console import bidi, queries
 from console.queries import LogEvent, LogSource, TailPlan
-from console.widgets import EmptyState, Pane, Table, styled
+from console.widgets import EmptyState, Pane, Table, bidi_lines, styled
 
 COLUMNS = ("source", "status", "where")
 EMPTY = "No runs or instances in this state.db yet: nothing to follow."
@@ -45,7 +46,9 @@ class ScreenTail(LogFollower):
     writing into state.db."""
 
     def lines(self, remote: Remote) -> list[str]:
-        return [raw.decode("utf-8", errors="replace") for raw in self._read_new(remote, "train.log")]
+        raw, end = self._read_new(remote, "train.log")
+        self.offsets["train.log"] = end  # shown, not stored: nothing to commit first
+        return [line.decode("utf-8", errors="replace") for line in raw]
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,10 @@ class Line:
     def of(cls, e: LogEvent) -> "Line":
         return cls(e.message if e.kind == "log" else f"{e.ts[11:19]} [{e.kind}] {e.message}", e.kind, e.level)
 
-    def render(self, term: str = "") -> Text:
+    def render(self, term: str = "") -> RenderableType:
         style = {"error": "bold red", "warning": "yellow"}.get(self.level, "" if self.kind == "log" else "cyan")
+        if bidi.has_rtl(self.text):  # N'Ko: put in display order line by line, after wrapping
+            return Group(*bidi_lines(self.text, style, term))
         t = Text(self.text, style=style)
         if term:
             t.highlight_words([term], style="reverse", case_sensitive=False)
@@ -95,6 +100,9 @@ class LogsPane(Pane):
         self.mode = ""  # what the tail reads, for the header
         self.problem = ""  # the tail's latest connection trouble, '' when fine
         self._timer: Timer | None = None
+        # Bumped by every open: a replaced tail (even of the same source, reopened) may still
+        # post a batch it had in flight; only the current generation's posts are shown.
+        self._generation = 0
 
     def compose(self) -> ComposeResult:
         yield EmptyState(EMPTY, id="logs-empty")
@@ -148,7 +156,8 @@ class LogsPane(Pane):
         if source.key in table.items and table.cursor_row != list(table.items).index(source.key):
             table.move_cursor(row=list(table.items).index(source.key), animate=False)
         self._header()
-        self._tail(source)
+        self._generation += 1
+        self._tail(source, self._generation)
 
     def open_key(self, kind: str, source_id: str) -> None:
         """Follow a run or instance chosen elsewhere (l in the Matrix and Instances tabs)."""
@@ -158,7 +167,7 @@ class LogsPane(Pane):
     # ---------------------------------------------------------------- the tail (a thread worker)
 
     @work(thread=True, exclusive=True, group="logs-tail")
-    def _tail(self, source: LogSource) -> None:
+    def _tail(self, source: LogSource, gen: int) -> None:
         worker = get_current_worker()
         app = self.app
         settings, config_error = None, ""
@@ -196,7 +205,7 @@ class LogsPane(Pane):
             except RuntimeError:  # the app is closing
                 return False
 
-        if not post(self._started, source, mode, [Line.of(e) for e in p.history]):
+        if not post(self._started, gen, mode, [Line.of(e) for e in p.history]):
             return
         last_event, next_events, backoff, retry_at = p.last_event_id, 0.0, SSH_POLL_S, 0.0
         try:
@@ -206,20 +215,20 @@ class LogsPane(Pane):
                     retry_at = now + SSH_POLL_S
                     try:
                         lines = tail.lines(remote)
-                        if lines and not post(self._append, source, [Line(x) for x in lines]):
+                        if lines and not post(self._append, gen, [Line(x) for x in lines]):
                             break
                         if self.problem:
-                            post(self._trouble, source, "")
+                            post(self._trouble, gen, "")
                         backoff = SSH_POLL_S
                     except HostKeyChanged as e:
-                        post(self._trouble, source, str(e))
+                        post(self._trouble, gen, str(e))
                         remote.close()
                         remote = None  # never retried: a changed host key needs a person
                     except SSHError as e:
                         backoff = min(max(backoff * 2, 1.0), 30.0)
                         retry_at = now + backoff
                         remote.close()
-                        post(self._trouble, source, f"{e}; retrying in {backoff:.0f} s")
+                        post(self._trouble, gen, f"{e}; retrying in {backoff:.0f} s")
                 if now >= next_events and not worker.is_cancelled:
                     next_events = now + EVENTS_POLL_S
                     events = app.read(lambda db, _: queries.new_events(db, p.run_id, p.instance_id, last_event))
@@ -228,27 +237,27 @@ class LogsPane(Pane):
                         # Over SSH the trainer's lines come from the file itself; the lane stores
                         # the same lines as 'log' events later, which would show them twice.
                         shown = [Line.of(e) for e in events if not (remote is not None and e.kind == "log")]
-                        if shown and not post(self._append, source, shown):
+                        if shown and not post(self._append, gen, shown):
                             break
                 time.sleep(0.05)
         finally:
             if remote is not None:
                 remote.close()
 
-    def _started(self, source: LogSource, mode: str, history: list[Line]) -> None:
-        if self.source is None or source.key != self.source.key:
+    def _started(self, gen: int, mode: str, history: list[Line]) -> None:
+        if gen != self._generation:
             return
         self.mode = mode
-        self._append(source, history)
+        self._append(gen, history)
 
-    def _trouble(self, source: LogSource, problem: str) -> None:
-        if self.source is not None and source.key == self.source.key:
+    def _trouble(self, gen: int, problem: str) -> None:
+        if gen == self._generation:
             self.problem = problem
             self._header()
 
-    def _append(self, source: LogSource, lines: list[Line]) -> None:
-        if self.source is None or source.key != self.source.key:
-            return  # a tail that was replaced meanwhile
+    def _append(self, gen: int, lines: list[Line]) -> None:
+        if gen != self._generation:
+            return  # a tail that was replaced meanwhile (perhaps by one of the same source)
         self.lines.extend(lines)
         if self.following:
             view = self.query_one("#logs-view", RichLog)
