@@ -705,23 +705,22 @@ def test_snapshot_gate(state, snap_compare):
     assert snap_compare(make_app(state), terminal_size=(130, 36), run_before=_snapshot_run_before(("2", "down")))
 
 
-def test_snapshot_instances(state, snap_compare):
+def _table_and_plot_run_before(key: str, table: str, plot: str):
+    """Open tab ``key`` and wait until its table and its plot hold data."""
     async def run_before(pilot) -> None:
         await settle(pilot)
-        await pilot.press("3")
+        await pilot.press(key)
         await settle(pilot)
-        await until(pilot, lambda: rows(pilot.app, "#instances-table")
-                    and pilot.app.query_one("#instances-spend", Curve)._series, what="the instances and spend plot")
+        await until(pilot, lambda: rows(pilot.app, table) and pilot.app.query_one(plot, Curve)._series,
+                    what=f"{table} and {plot}")
+    return run_before
 
+
+def test_snapshot_instances(state, snap_compare):
+    run_before = _table_and_plot_run_before("3", "#instances-table", "#instances-spend")
     assert snap_compare(make_app(state), terminal_size=(130, 40), run_before=run_before)
 
 
 def test_snapshot_adapters(state, snap_compare):
-    async def run_before(pilot) -> None:
-        await settle(pilot)
-        await pilot.press("4")
-        await settle(pilot)
-        await until(pilot, lambda: rows(pilot.app, "#adapters-table")
-                    and pilot.app.query_one("#adapters-curve", Curve)._series, what="the adapter runs and loss curve")
-
+    run_before = _table_and_plot_run_before("4", "#adapters-table", "#adapters-curve")
     assert snap_compare(make_app(state), terminal_size=(130, 36), run_before=run_before)

@@ -23,7 +23,7 @@ from console import bidi
 from console.panes.logs import Line, LogsPane
 from console.panes.sync import SyncPane
 from test_console import LONG, NOW, build
-from vast_helpers import sshd, vast_env, write_remote  # noqa: F401
+from vast_helpers import sshd, vast_env, write_remote, write_user_configs  # noqa: F401
 
 
 class App(ConsoleApp):
@@ -52,14 +52,8 @@ def corrupt(f, n: int) -> bytes:
 @pytest.fixture
 def console_cfg(vast_env, tmp_path) -> dict:
     """configs/vast.toml and configs/budget.toml for the emulator, as a user writes them."""
-    s = vast_env.settings
-    settings = tmp_path / "vast.toml"
-    settings.write_text("\n".join([
-        f'server_url = "{s.server_url}"', f'query = "{s.query}"', f'remote_base = "{s.remote_base}"',
-        f'remote_python = "{s.remote_python}"', f'ssh_key = "{s.ssh_key}"', "ssh_timeout_s = 10.0",
-        "[idle]", "gpu_util_below = 5.0", "window_s = 0.3", "heartbeat_timeout_s = 2.0", ""]))
-    budget = tmp_path / "budget.toml"
-    budget.write_text("[budget]\ncap_usd = 50.0\nwarn_usd = 40.0\npoll_interval_s = 5.0\n")
+    settings, budget = write_user_configs(vast_env, tmp_path, "ssh_timeout_s = 10.0\n[idle]\ngpu_util_below = 5.0\n"
+                                                              "window_s = 0.3\nheartbeat_timeout_s = 2.0")
     return {"db_path": vast_env.tmp / "state" / "state.db", "vast_settings": settings, "budget": budget}
 
 

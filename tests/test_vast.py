@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vast_helpers import own_sshd, sshd, vast_env, write_remote  # noqa: F401
+from vast_helpers import own_sshd, sshd, vast_env, write_remote, write_user_configs  # noqa: F401
 
 pytestmark = pytest.mark.sshd
 REPO = Path(__file__).resolve().parents[1]
@@ -543,14 +543,7 @@ def test_cli_commands_against_the_emulator(vast_env, tmp_path):
 
     from backend.cli import app
 
-    s = vast_env.settings
-    settings = tmp_path / "vast.toml"
-    settings.write_text("\n".join([
-        f'server_url = "{s.server_url}"', f'query = "{s.query}"', f'remote_base = "{s.remote_base}"',
-        f'remote_python = "{s.remote_python}"', f'ssh_key = "{s.ssh_key}"', "[idle]", "window_s = 0.2",
-        "heartbeat_timeout_s = 1.0", ""]))
-    budget = tmp_path / "budget.toml"
-    budget.write_text("[budget]\ncap_usd = 50.0\nwarn_usd = 40.0\npoll_interval_s = 5.0\n")
+    settings, budget = write_user_configs(vast_env, tmp_path, "[idle]\nwindow_s = 0.2\nheartbeat_timeout_s = 1.0")
     db = str(vast_env.tmp / "state" / "state.db")
     common = ["--db", db, "--settings", str(settings), "--budget", str(budget)]
     runner = CliRunner()

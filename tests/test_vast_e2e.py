@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from train_helpers import build
-from vast_helpers import sshd, tree_contains, vast_env  # noqa: F401
+from vast_helpers import sshd, tree_contains, vast_env, write_user_configs  # noqa: F401
 
 pytestmark = pytest.mark.sshd
 
@@ -238,12 +238,8 @@ def test_cli_launch_detach_logs_and_reattach_with_an_odd_run_id(vast_env, tmp_pa
     cfg.update(run_id=run_id, out_dir=str(tmp_path / "runs" / run_id))
     cfg["train"]["epochs"] = 2
     (tmp_path / "run.json").write_text(json.dumps(cfg, ensure_ascii=False))
-    s = vast_env.settings
-    settings = tmp_path / "vast.toml"
-    settings.write_text("\n".join([
-        f'server_url = "{s.server_url}"', f'query = "{s.query}"', f'remote_base = "{s.remote_base}"',
-        f'remote_python = "{s.remote_python}"', f'ssh_key = "{s.ssh_key}"', "heartbeat_s = 0.5",
-        "sync_every_s = 2.0", "[remote_env]", 'OMP_NUM_THREADS = "1"', ""]))
+    settings, _ = write_user_configs(vast_env, tmp_path, 'heartbeat_s = 0.5\nsync_every_s = 2.0\n[remote_env]\n'
+                                                         'OMP_NUM_THREADS = "1"')
     common = ["--db", str(vast_env.tmp / "state" / "state.db"), "--settings", str(settings)]
     runner = CliRunner()
     r = runner.invoke(app, ["vast", "launch", "--config", str(tmp_path / "run.json"), "--detach", *common],

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from vast_helpers import sshd, vast_env, write_remote  # noqa: F401
+from vast_helpers import sshd, vast_env, write_remote, write_user_configs  # noqa: F401
 
 pytestmark = pytest.mark.sshd
 HELPER = Path(__file__).resolve().parents[1] / "backend" / "vast" / "remote_helper.py"
@@ -366,13 +366,7 @@ def test_listing_instances_over_the_cap_only_observes(vast_env, tmp_path):
 
     from backend.cli import app
 
-    s = vast_env.settings
-    settings = tmp_path / "vast.toml"
-    settings.write_text("\n".join([
-        f'server_url = "{s.server_url}"', f'query = "{s.query}"', f'remote_base = "{s.remote_base}"',
-        f'remote_python = "{s.remote_python}"', f'ssh_key = "{s.ssh_key}"', ""]))
-    budget = tmp_path / "budget.toml"
-    budget.write_text("[budget]\ncap_usd = 0.0001\nwarn_usd = 0.0\npoll_interval_s = 60.0\n")
+    settings, budget = write_user_configs(vast_env, tmp_path, budget="cap_usd = 0.0001\nwarn_usd = 0.0\npoll_interval_s = 60.0")
     common = ["--db", str(vast_env.tmp / "state" / "state.db"), "--settings", str(settings), "--budget", str(budget)]
     known = vast_env.new_instance("run-o", "run-o")
     write_remote(vast_env, known["id"], "run-o/last.pt", b"unsynced")
@@ -623,13 +617,7 @@ def test_console_preview_uses_the_destroy_rule_for_a_missing_runs_directory(vast
     trainer was ever started on, a missing runs directory holds nothing."""
     from console.ops import Ops
 
-    s = vast_env.settings
-    settings = tmp_path / "vast.toml"
-    settings.write_text("\n".join([
-        f'server_url = "{s.server_url}"', f'query = "{s.query}"', f'remote_base = "{s.remote_base}"',
-        f'remote_python = "{s.remote_python}"', f'ssh_key = "{s.ssh_key}"', ""]))
-    budget = tmp_path / "budget.toml"
-    budget.write_text("[budget]\ncap_usd = 50.0\nwarn_usd = 40.0\npoll_interval_s = 5.0\n")
+    settings, budget = write_user_configs(vast_env, tmp_path)
     ran = vast_env.new_instance("run-r", "run-r")
     vast_env.fleet.mark_trainer(ran["id"], "run-r")
     never = vast_env.new_instance("run-n", "run-n")

@@ -229,3 +229,17 @@ def tree_contains(root: Path, needle: bytes) -> list[Path]:
     return hits
 
 
+
+
+def write_user_configs(env, folder: Path, extra: str = "", budget: str = "cap_usd = 50.0\nwarn_usd = 40.0\n"
+                       "poll_interval_s = 5.0") -> tuple[Path, Path]:
+    """configs/vast.toml (for the emulator and this sshd, plus ``extra`` TOML lines) and
+    configs/budget.toml (its ``[budget]`` body), as a user writes them, under ``folder``."""
+    s = env.settings
+    settings = folder / "vast.toml"
+    settings.write_text("\n".join([
+        f'server_url = "{s.server_url}"', f'query = "{s.query}"', f'remote_base = "{s.remote_base}"',
+        f'remote_python = "{s.remote_python}"', f'ssh_key = "{s.ssh_key}"', extra, ""]))
+    budget_path = folder / "budget.toml"
+    budget_path.write_text(f"[budget]\n{budget}\n")
+    return settings, budget_path
