@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.cells import cell_len
 from textual.content import Content
-from textual.widgets import DataTable, Input, Static
+from textual.widgets import DataTable, Input, Static, TabbedContent
 
 from console import bidi, queries
 from console.app import ConsoleApp, HelpScreen
@@ -641,6 +641,37 @@ async def test_gate_paging(state):
         await pilot.press("left_square_bracket")
         await settle(pilot)
         assert [r[0] for r in rows(app, "#gate-table")] == ["3", "2"]
+
+
+@pytest.mark.asyncio
+async def test_keys_are_answered_while_a_poll_is_stuck(state):
+    """The UI thread never waits on the database: with a poll stuck in its worker, tabs
+    switch and the help opens; the switched-to tab's refresh waits its turn and lands after."""
+    app = make_app(state)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await settle(pilot)
+        started, release = threading.Event(), threading.Event()
+        load_all = app.load_all
+
+        def stuck(db, now, panes):
+            started.set()
+            release.wait(60)
+            return load_all(db, now, panes)
+
+        app.load_all = stuck
+        try:
+            app.refresh_panes()
+            await until(pilot, started.is_set, what="the stuck poll")
+            await pilot.press("2")
+            await until(pilot, lambda: app.query_one("#tabs", TabbedContent).active == "tab-gate", what="tab 2")
+            await pilot.press("question_mark")
+            await until(pilot, lambda: isinstance(app.screen, HelpScreen), what="the help screen")
+            assert not release.is_set() and app._polling  # all of that while the poll was still stuck
+            await pilot.press("escape")
+        finally:
+            release.set()
+        await settle(pilot)
+        await until(pilot, lambda: rows(app, "#gate-table"), what="the gate tab's queued refresh")
 
 
 @pytest.mark.asyncio
