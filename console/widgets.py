@@ -104,6 +104,28 @@ class Curve(PlotextPlot):
         self.refresh()
 
 
+class Bars(PlotextPlot):
+    """A horizontal bar chart of named values; redraws only when the data changes."""
+
+    def __init__(self, title: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._title = title
+        self._items: tuple[tuple[str, float], ...] = ()
+
+    def show(self, items: Sequence[tuple[str, float]]) -> None:
+        items = tuple(items)
+        if items == self._items:
+            return
+        self._items = items
+        plt = self.plt
+        plt.clear_data()
+        plt.clear_figure()
+        plt.title(self._title)
+        if items:
+            plt.bar([name for name, _ in items], [value for _, value in items], orientation="horizontal", width=0.4)
+        self.refresh()
+
+
 def num(value: float | None, digits: int = 4) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 

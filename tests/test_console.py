@@ -23,7 +23,7 @@ from textual.widgets import DataTable, Input, Static, TabbedContent
 from console import bidi, queries
 from console.app import ConsoleApp, HelpScreen
 from console.panes.gate import GatePane, OverrideScreen
-from console.widgets import Curve
+from console.widgets import Bars, Curve
 
 from backend.store import add_metrics, open_db, record_artifacts, transaction, upsert_run
 from backend.vast.cost import ts as iso_ts
@@ -408,6 +408,8 @@ async def test_every_pane_renders_on_a_populated_db(state):
         assert matrix[0][1:] == ["nko", "baseline", "42", "completed", "12", "0.9000", "0.8500 (11)", "20.57%",
                                  "9/9", "verified"]
         assert "nko-ops evaluate --run work/demo/runs/demo-nko-baseline" in text_of(app, "#matrix-command")
+        # the finished runs of the matrix side by side: test CER in %
+        assert app.query_one("#matrix-cer", Bars)._items == (("nko baseline s42", 20.57), ("nko trajectory s42", 23.57))
         status = text_of(app, "#status-bar")
         assert "$12.50 / $100.00" in status and "2 running instances" in status and "1 hung adapter run" in status
 

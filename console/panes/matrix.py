@@ -14,7 +14,7 @@ from textual.widgets import DataTable, Static
 
 from console import queries
 from console.queries import RunDetail, RunRow
-from console.widgets import Curve, EmptyState, Pane, Table, num, pct, selected_key, styled
+from console.widgets import Bars, Curve, EmptyState, Pane, Table, num, pct, selected_key, styled
 
 COLUMNS = ("run", "script", "mode", "seed", "status", "epoch", "val loss", "best (ep)", "test CER",
            "artifacts", "sync")
@@ -41,8 +41,9 @@ class MatrixPane(Pane):
     title = "Matrix"
     help = ("Runs of every matrix in the store: script, mode, seed, status, progress, losses, "
             "test CER, how many of the nine bundle files exist and their sync state. The panel "
-            "below follows the cursor: learning curve (train and validation CTC loss per epoch) "
-            "and the command that reproduces the run. l opens the run's live log.")
+            "below follows the cursor: learning curve (train and validation CTC loss per epoch), "
+            "the test CER of every finished run of the same matrix, and the command that "
+            "reproduces the run. l opens the run's live log.")
     BINDINGS = [Binding("l", "logs", "Logs")]
 
     def __init__(self, **kwargs) -> None:
@@ -55,6 +56,7 @@ class MatrixPane(Pane):
         yield Table(COLUMNS, cells, id="matrix-table")
         with Horizontal(id="matrix-detail"):
             yield Curve("learning curve", "epoch", id="matrix-curve")
+            yield Bars("test CER (%) in this matrix", id="matrix-cer")
             with Vertical(id="matrix-info"):
                 yield Static(id="matrix-summary")
                 yield Static(id="matrix-command")
@@ -73,6 +75,17 @@ class MatrixPane(Pane):
             self._runs = data.runs
             self.query_one("#matrix-table", Table).show([(r.id, r) for r in data.runs])
         self.show_detail(data.detail)
+        self.show_cer()
+
+    def show_cer(self) -> None:
+        """Test CER of the finished runs in the selected run's matrix (same snapshot and split)."""
+        runs = self._runs or ()
+        chosen = next((r for r in runs if r.id == self.selected), runs[0] if runs else None)
+        if chosen is None:
+            return
+        self.query_one("#matrix-cer", Bars).show(
+            [(f"{r.script} {r.mode}" + ("" if r.seed is None else f" s{r.seed}"), round(100 * r.test_cer, 2))
+             for r in runs if r.matrix_id == chosen.matrix_id and r.test_cer is not None])
 
     def show_detail(self, d: RunDetail | None) -> None:
         # a detail loaded for a row the cursor has since left (the next load brings the right one)
@@ -95,6 +108,7 @@ class MatrixPane(Pane):
         key = event.row_key.value if event.row_key else None
         if key and key != self.selected:
             self.selected = key
+            self.show_cer()
             self._load_detail(key)
 
     @work(thread=True, exclusive=True, group="matrix-detail")
