@@ -394,9 +394,8 @@ def run_matrix_vast(matrix_path: str | Path, db_path: str | Path = "state.db", p
     try:
         register_matrix(db, m, ident)
         ex = LocalExecutor(m, ident, db, 1, log=log)
-        done, specs_left = _reuse_vast_bundles(ex, db, m, specs)
-        more, jobs, imports = ex.classify(specs_left)
-        done += more
+        # completed bundles, Vast's included (their configs hold the instance's paths), are reused here
+        done, jobs, imports = ex.classify(specs)
         for spec in imports:
             r = ex.try_import(spec)
             if r is not None:
@@ -419,25 +418,6 @@ def run_matrix_vast(matrix_path: str | Path, db_path: str | Path = "state.db", p
         fleet.close()
         db.close()
         lock.close()
-
-
-def _reuse_vast_bundles(ex: LocalExecutor, db, m, specs) -> tuple[list[RunResult], list]:
-    """Completed runs trained on Vast: their results.json holds the config as the instance
-    saw it (relative paths), so they match the matrix up to the path fields; the snapshot,
-    split and recipe hashes are checked by the bundle verification instead."""
-    done, left = [], []
-    for spec in specs:
-        d = m.out_dir(spec)
-        row = store.get_run(db, spec.run_id)
-        if (d / "manifest.json").exists() and row and row["executor"] == "vast":
-            b = ex.verify(d)
-            have = {k: v for k, v in (b.results.get("config") or {}).items() if k not in rmt.PATH_FIELDS}
-            want = {k: v for k, v in ex.config(spec).items() if k not in rmt.PATH_FIELDS}
-            if b.ok and have == want:
-                done.append(RunResult(spec.run_id, "completed", "reused", str(d), b.results.get("test_cer")))
-                continue
-        left.append(spec)
-    return done, left
 
 
 def _ordered(results: list[RunResult], specs) -> list[RunResult]:
