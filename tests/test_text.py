@@ -24,7 +24,7 @@ def test_contract_sentence_both_directions():
     ("san", "ߛߊ߲"),              # nasal vowel at word end
     ("fanga", "ߝߊ߲ߜ߭ߊ"),          # nasal vowel before a consonant (ng is not a digraph)
     ("n ka", "ߒ ߞߊ"),            # syllabic n
-    ("ɲɛ", "ߢߍ"), ("nyɛ", "ߢߍ"),  # ny digraph
+    ("ɲɛ", "ߢߍ"), ("bonya", "ߓߏ߲ߧߊ"),  # modern orthography: ny is n + y (ߧ after a nasal)
     ("gbɛ", "ߜߍ"), ("barra", "ߓߊߚߊ"),
     ("shi", "ߛ߭ߌ"), ("vi", "ߝ߭ߌ"), ("zi", "ߖ߭ߌ"),
     ("e ɛ o ɔ", "ߋ ߍ ߏ ߐ"),      # letter-name traps
@@ -56,7 +56,9 @@ def test_latin_long_vowels_stay_doubled_letters_in_nko():
 
 
 def test_latin_normalisation():
-    assert T.normalize_latin("NYƐ  Ɔkutɔburu K’a") == "ɲɛ ɔkutɔburu k'a"
+    assert T.normalize_latin("NYƐ  Ɔkutɔburu K’a") == "nyɛ ɔkutɔburu k'a"  # modern: ny is n + y
+    assert T.normalize_latin("NYƐ  Ɔkutɔburu K’a", legacy=True) == "ɲɛ ɔkutɔburu k'a"
+    assert T.latin_to_nko("nyɛ", legacy=True) == T.latin_to_nko("ɲɛ") == "ߢߍ"
     assert T.normalize_latin("sƐgƐ, fanga!", remove_punctuation=True) == "sɛgɛ fanga"
 
 
@@ -78,7 +80,7 @@ def test_toneless_keeps_loan_dot_on_consonants_and_nasal():
 def test_script_validity_reports_positions():
     bad = T.nko_offences("ߛߊ߲ abc")
     assert [(b.position, b.char) for b in bad] == [(4, "a"), (5, "b"), (6, "c")]
-    assert "U+0061 LATIN SMALL LETTER A at position 4" == str(bad[0])
+    assert "U+0061 LATIN SMALL LETTER A at position 4 (latin)" == str(bad[0])
     assert T.is_valid_nko(NKO)
     assert not T.is_valid_nko("ߛߊ߲.", allow_punctuation=False)
 
