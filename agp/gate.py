@@ -30,6 +30,7 @@ from rapidfuzz.distance import Levenshtein
 
 from agp.lexicon import Lexicon
 from agp.rows import PARTITIONS, Row, normalize
+from models.text import VALIDITY_CLASSES, char_class
 from models.tomlfile import read_toml
 
 DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "configs" / "agp" / "gate.toml"
@@ -69,6 +70,7 @@ class GatePolicy:
     length_max: float
     budgets: dict[str, Budget]
     path: str = ""
+    script_classes: tuple[str, ...] = ()  # validity classes accepted beyond N'Ko (models.text)
 
     def as_dict(self) -> dict:
         return {
@@ -77,16 +79,17 @@ class GatePolicy:
             "lexicon_checked": sorted(self.lexicon_checked),
             "length_ratio": {"min": self.length_min, "max": self.length_max},
             "budget": {p: {"relative": b.relative, "floor": b.floor} for p, b in sorted(self.budgets.items())},
-        }
+        } | ({"script_classes": sorted(self.script_classes)} if self.script_classes else {})
 
 
 def parse_gate_policy(data: dict, path: str = "") -> GatePolicy:
     def fail(key: str, message: str) -> GateError:
         return GateError(f"{path}: key '{key}': {message}")
 
+    optional = {"script_classes"}
     known = {"version", "allowed_punctuation", "frozen", "quarantine", "lexicon_checked", "length_ratio", "budget"}
     for key in data:
-        if key not in known:
+        if key not in known | optional:
             raise fail(key, "unknown key")
     for key in known:
         if key not in data:
@@ -128,8 +131,13 @@ def parse_gate_policy(data: dict, path: str = "") -> GatePolicy:
     for p in editable:
         if p not in budgets:
             raise fail(f"budget.{p}", f"partition {p!r} may be edited, so it needs an edit budget")
+    classes = data.get("script_classes", [])
+    choosable = [c for c in VALIDITY_CLASSES if c not in ("nko", "control")]
+    if not isinstance(classes, list) or any(c not in choosable for c in classes):
+        raise fail("script_classes", f"must be a list of validity classes from {', '.join(choosable)} "
+                                     "(N'Ko is always accepted; controls never are)")
     return GatePolicy(1, punct, lists["frozen"], lists["quarantine"], lists["lexicon_checked"],
-                      float(lr["min"]), float(lr["max"]), budgets, path)
+                      float(lr["min"]), float(lr["max"]), budgets, path, tuple(sorted(set(classes))))
 
 
 def load_gate_policy(path: Path | str | None = None) -> GatePolicy:
@@ -239,6 +247,7 @@ class Gate:
         self._orphan = re.compile(f"(?:^|[^{NKO_BASES}{NKO_MARKS}])([{NKO_MARKS}]+)")
         self._cluster_tones = re.compile(f"[{NKO_BASES}]([{NKO_MARKS}]+)")  # the marks on one base
         self._strip = policy.allowed_punctuation
+        self._classes = set(policy.script_classes)
         self._frozen = set(policy.frozen)
         self._quarantine = set(policy.quarantine)
         self._lexicon_checked = set(policy.lexicon_checked)
@@ -269,7 +278,7 @@ class Gate:
             rules.append("no_op")
         else:
             dist = Levenshtein.distance(asr, p)
-            if self._bad_char.search(p):
+            if any(char_class(m.group()) not in self._classes for m in self._bad_char.finditer(p)):
                 rules.append("script")
             # misplaced marks the ASR text already had are not the proposal's doing
             if self._orphans(p) > self._orphans(asr):

@@ -15,14 +15,16 @@ split_app = typer.Typer(help="Deterministic train/val/test splits.", no_args_is_
 
 
 @text_app.command("to-nko")
-def to_nko(text: str, native_g: bool = typer.Option(False, help="Write native g as plain ߜ.")) -> None:
-    """Latin Bambara -> toneless N'Ko."""
-    typer.echo(T.latin_to_nko(text, native_g=native_g))
+def to_nko(text: str, native_g: bool = typer.Option(False, help="Write native g as plain ߜ."),
+           gbarali: bool = typer.Option(False, help="Compress same-vowel syllable pairs (kɔnɔ -> ߞߣߐ)."),
+           legacy: bool = typer.Option(False, help="Old orthography: read every 'ny' as ɲ.")) -> None:
+    """Latin Bambara -> toneless N'Ko (ߑ in true clusters)."""
+    typer.echo(T.latin_to_nko(text, native_g=native_g, gbarali=gbarali, legacy=legacy))
 
 
 @text_app.command("to-latin")
 def to_latin(text: str) -> None:
-    """N'Ko -> Latin Bambara (tone dropped)."""
+    """N'Ko -> Latin Bambara (gbarali vowels restored, tone dropped; · = undecidable vowel)."""
     typer.echo(T.nko_to_latin(text))
 
 
@@ -39,15 +41,30 @@ def normalize_cmd(text: str, script: str = typer.Option("nko", help="nko or lati
 
 
 @text_app.command("check")
-def check(text: str, punctuation: bool = typer.Option(True, help="Allow punctuation.")) -> None:
-    """Is TEXT valid N'Ko? Lists offending characters with positions; exit 1 if not."""
-    bad = T.nko_offences(T.normalize(text), allow_punctuation=punctuation)
-    if not bad:
+def check(text: str, punctuation: bool = typer.Option(True, help="Allow punctuation and typographic signs."),
+          accept: str = typer.Option("", help="Comma-separated validity classes to accept (overrides --punctuation): "
+                                              + ", ".join(T.VALIDITY_CLASSES) + "."),
+          as_json: bool = typer.Option(False, "--json")) -> None:
+    """Is TEXT valid N'Ko? Lists offending characters by class with positions; exit 1 if not."""
+    classes = [c.strip() for c in accept.split(",") if c.strip()] or None
+    try:
+        bad = T.nko_offences(T.normalize(text), allow_punctuation=punctuation, accept=classes)
+    except ValueError as e:
+        typer.echo(f"error: --accept: {e}", err=True)
+        raise typer.Exit(2)
+    groups = T.offences_by_class(bad)
+    if as_json:
+        typer.echo(json.dumps({"valid": not bad, "by_class": {k: [{"position": o.position, "codepoint": o.codepoint,
+                                                                     "name": o.name} for o in v]
+                                                            for k, v in groups.items()}}, ensure_ascii=False))
+    elif not bad:
         typer.echo("valid N'Ko")
-        return
-    for b in bad:
-        typer.echo(str(b))
-    raise typer.Exit(1)
+    for klass, found in ({} if as_json else groups).items():
+        typer.echo(f"{klass}: {len(found)} character(s)")
+        for b in found:
+            typer.echo(f"  {b}")
+    if bad:
+        raise typer.Exit(1)
 
 
 @text_app.command("cer")

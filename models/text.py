@@ -344,6 +344,8 @@ def _latin_word_to_nko(word: str, native_g: bool) -> str:
         elif u == "n":
             if nxt == "'":
                 items.append(("C", "ߣ"))  # elided n': ߣߴ (ORTHOGRAPHY "elided_n")
+            elif UNDECIDED in (prev, nxt):
+                items.append(("C", "ߣ"))  # the consonant of an undecided gbarali pair
             elif prev in _LATIN_VOWELS and nxt not in _LATIN_VOWELS:
                 items.append(("N", NASAL_MARK))  # nasal vowel: before a consonant or word end
             elif prev not in _LATIN_VOWELS and nxt not in _LATIN_VOWELS:

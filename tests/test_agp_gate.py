@@ -294,3 +294,23 @@ def test_fast_normalize_matches_a_plain_reference(text):
     nfc = unicodedata.normalize("NFC", text)
     plain = re.sub(r"\s+", " ", "".join(ch for ch in nfc if ch not in BIDI_CONTROLS | INVISIBLES)).strip()
     assert normalize(text) == plain
+
+
+def test_script_classes_choose_what_else_a_proposal_may_contain():
+    """The policy's `script_classes` (models.text validity classes) widen the script rule;
+    absent, the gate accepts N'Ko only and its policy hash is unchanged."""
+    raw = POLICY.as_dict()
+    assert "script_classes" not in raw and POLICY.script_classes == ()
+    asr = "ߌ ߦߋ ߛߊ ߖߏߟߌ ߦߋ"
+    typo = Gate(parse_gate_policy({**raw, "script_classes": ["typographic"]}), LEXICON, key=GATE.key)
+    assert typo.policy_hash != GATE.policy_hash
+    for proposal, strict, widened in [("ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ%", ("script",), ()),
+                                      ("ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ°", ("script",), ()),
+                                      ("ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦx", ("script",), ("script",)),
+                                      ("ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦ\x07", ("script",), ("script",))]:
+        row = make_row("sc", asr, asr, "boundary")
+        assert GATE.decide(row, proposal).rules == strict, proposal
+        assert typo.decide(row, proposal).rules == widened, proposal
+    for bad in (["control"], ["nko"], ["emoji"], "latin"):
+        with pytest.raises(GateError, match="key 'script_classes'"):
+            parse_gate_policy({**raw, "script_classes": bad}, "g.toml")

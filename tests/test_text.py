@@ -141,4 +141,38 @@ def test_cli_text_commands():
         empty = runner.invoke(app, ["text", "cer", "--ref", ref, "--hyp", "abc"])
         assert empty.exit_code == 2 and "--ref is empty" in empty.output and "0.000000" not in empty.output
     checked = runner.invoke(app, ["text", "check", "ߛߊ߲ x"])
-    assert checked.exit_code == 1 and "U+0078" in checked.output
+    assert checked.exit_code == 1 and "U+0078" in checked.output and "latin: 1 character(s)" in checked.output
+    # real N'Ko text uses typographic signs: accepted by default, reported by class when not
+    assert runner.invoke(app, ["text", "check", "ߛߊ߲ 50% ߞߊ°"]).exit_code == 0
+    strict = runner.invoke(app, ["text", "check", "--accept", "nko,latin", "ߛߊ߲ 50% JAS"])
+    assert strict.exit_code == 1 and "typographic: 3 character(s)" in strict.output and "latin" not in strict.output
+    by_class = json.loads(runner.invoke(app, ["text", "check", "--json", "--no-punctuation", "ߛߊ߲. x"]).output)
+    assert by_class == {"valid": False, "by_class": {
+        "punctuation": [{"position": 3, "codepoint": "U+002E", "name": "FULL STOP"}],
+        "latin": [{"position": 5, "codepoint": "U+0078", "name": "LATIN SMALL LETTER X"}]}}
+    unknown = runner.invoke(app, ["text", "check", "--accept", "emoji", "x"])
+    assert unknown.exit_code == 2 and "unknown validity class" in unknown.output
+    assert runner.invoke(app, ["text", "to-nko", "--gbarali", "kɔnɔ stanford"]).output.strip() == "ߞߣߐ ߛߑߕߊ߲ߝߏߙߑߘ"
+    assert runner.invoke(app, ["text", "to-nko", "--legacy", "nyɛ"]).output.strip() == "ߢߍ"
+    assert runner.invoke(app, ["text", "to-latin", "ߞߣߐ ߓߟߴߊ ߁߲"]).output.strip() == "kɔnɔ b·l'a 1nan"
+
+
+@pytest.mark.parametrize("char,klass", [
+    ("ߊ", "nko"), (" ", "nko"), ("\u07d1", "nko"), ("߸", "nko"), (".", "punctuation"), ("«", "punctuation"),
+    ("%", "typographic"), ("/", "typographic"), ("°", "typographic"), ("=", "typographic"), ("+", "typographic"),
+    ("×", "typographic"), ("\u00a0", "typographic"), ("\u2009", "typographic"), ("7", "typographic"),
+    ("a", "latin"), ("Ɛ", "latin"), ("é", "latin"), ("\u0301", "latin"),
+    ("α", "other"), ("ا", "other"), ("者", "other"), ("٣", "other"), ("\U0001F600", "other"),
+    ("\u202e", "control"), ("\x00", "control"), ("\u200b", "control"), ("\u07fb", "control"), ("\u2028", "control"),
+])
+def test_validity_classes(char, klass):
+    assert T.char_class(char) == klass
+
+
+def test_validity_policy_chooses_classes():
+    text = "ߛߊ߲ 50% JAS\u00a0ߞߊ α"
+    assert [o.klass for o in T.nko_offences(text)] == ["latin"] * 3 + ["other"]
+    assert set(T.offences_by_class(T.nko_offences(text, allow_punctuation=False))) == {"typographic", "latin", "other"}
+    assert T.is_valid_nko(text, accept=["nko", "typographic", "latin", "other"])
+    with pytest.raises(ValueError, match="unknown validity class"):
+        T.nko_offences(text, accept=["nko", "greek"])
