@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 import unicodedata
 
 import jiwer
@@ -176,3 +177,63 @@ def test_validity_policy_chooses_classes():
     assert T.is_valid_nko(text, accept=["nko", "typographic", "latin", "other"])
     with pytest.raises(ValueError, match="unknown validity class"):
         T.nko_offences(text, accept=["nko", "greek"])
+
+
+# --------------------------------------------------------------------------- orthography (issue 13)
+
+GOLDEN = Path(__file__).parent / "data" / "nko_golden.tsv"
+
+
+def _golden() -> list[dict]:
+    lines = [line for line in GOLDEN.read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")]
+    header = lines[0].split("\t")
+    return [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+
+
+def test_golden_file_covers_every_rule():
+    rows = _golden()
+    assert len(rows) >= 200
+    rules = {r["rule"] for r in rows}
+    assert {"gbarali_read", "gbarali_write", "gbarali_off", "dagbasinna", "undecided", "ny_modern", "ny_legacy",
+            "na_woloso", "ordinal", "elided_n", "loan", "basic"} <= rules
+    assert {s.rule for s in T.ORTHOGRAPHY} - {"nya_woloso"} <= rules | {"dagbasinna"}
+    assert all(r["note"] for r in rows)
+
+
+@pytest.mark.parametrize("row", _golden(), ids=lambda r: f"{r['rule']}-{r['direction']}-{r['latin']}")
+def test_golden_pair(row):
+    latin, nko, direction = row["latin"], row["nko"], row["direction"]
+    write = {"write": {}, "both": {}, "both_gbarali": {"gbarali": True}, "write_legacy": {"legacy": True}}
+    if direction in write:
+        assert T.latin_to_nko(latin, **write[direction]) == nko
+    if direction in ("read", "both", "both_gbarali"):
+        assert T.nko_to_latin(nko) == latin
+
+
+def test_gbarali_round_trips_and_uses_tone_where_the_text_has_it():
+    assert T.gbarali_compress("ߞߐߣߐ ߞߋߟߋߞߋߟߋߘߊ") == "ߞߣߐ ߞߟߋߞߟߋߘߊ"
+    assert T.gbarali_expand("ߞߣߐ߫") == "ߞߐ߫ߣߐ߫"  # the supplied vowel copies the tone it reads
+    assert T.gbarali_expand("ߞߣߐ߫", tones=False) == "ߞߐߣߐ߫"
+    assert T.gbarali_compress("ߓߊ߬ߙߊ") == "ߓߊ߬ߙߊ"  # different tones: written in full
+    assert T.gbarali_compress("ߓߊ߬ߙߊ߬") == "ߓߙߊ߬"
+    assert T.gbarali_compress("ߛߊ߲ߓߊ ߓߊߊߙߊ ߛߌߙߊ") == "ߛߊ߲ߓߊ ߓߊߊߙߊ ߛߌߙߊ"  # nasal, long, different vowels
+    for latin in ("kɔnɔ", "kelekeleda", "jamana bolo kɔnɔ", "baarada", "stanford", "bonya"):
+        assert T.nko_to_latin(T.latin_to_nko(latin, gbarali=True)) == latin
+
+
+def test_undecided_gbarali_is_visible_and_stable():
+    assert T.nko_to_latin("ߓߟߴߊ") == f"b{T.UNDECIDED}l'a"
+    assert T.nko_to_latin("ߝߞߞ") == "f·k·k"
+    for nko in ("ߓߟߴߊ", "ߝ߭ߊߦߣ", "ߊߣߞ", "ߞߣߴߊ"):
+        latin = T.nko_to_latin(nko)
+        assert T.latin_to_nko(latin) == nko and T.nko_to_latin(T.latin_to_nko(latin)) == latin
+
+
+def test_orthography_table_has_sources_and_drives_the_loans():
+    for s in T.ORTHOGRAPHY:
+        assert s.source and s.where and s.rule, s
+    loans = {s.nko: s.latin for s in T.ORTHOGRAPHY if s.rule == "loan"}
+    for nko, latin in loans.items():
+        assert T.nko_to_latin(nko + "ߊ") == latin + "a"
+    assert T.latin_to_nko("ja") == "ߖߊ" and T.nko_to_latin("ߗ߭ߊ") == "ja"  # ߗ߭ is read, not written
+    assert T.latin_to_nko("xa") == T.latin_to_nko("kha") == "ߞ߭ߊ"
