@@ -12,7 +12,7 @@ from backend.cli import app
 from models import sample as S
 from models.audio import resample
 from models.snapshot import describe, load
-from models.text import is_valid_nko, latin_to_nko, target_text
+from models.text import NORMALIZATION_VERSION, is_valid_nko, latin_to_nko, nko_to_latin, target_text
 from models.vocab import Vocab
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,12 +42,25 @@ def test_committed_sample_rows(rows):
         assert set(r) == {"feat_id", "nko", "latin"}
         assert 3 <= len(r["latin"].split()) <= 8, r
         assert len(r["nko"].split()) == len(r["latin"].split()), r
-        assert r["nko"] == latin_to_nko(r["latin"]), r
+        assert r["nko"] == latin_to_nko(r["latin"], **S.NKO_SPELLING), r
         assert target_text(r["latin"], "latin") == r["latin"], r
         assert is_valid_nko(r["nko"], allow_punctuation=False), r
         assert not any(ch.isdigit() for ch in r["latin"]), r
     assert Vocab.for_script("nko").unknown(target_text(r["nko"], "nko") for r in rows) == {}
     assert Vocab.for_script("latin").unknown(r["latin"] for r in rows) == {}
+
+
+def test_committed_sample_records_its_nko_spelling(rows):
+    meta = json.loads((SAMPLE / S.META_FILE).read_text(encoding="utf-8"))
+    assert meta == S.snapshot_meta(rows)
+    assert meta["nko_spelling"]["gbarali"] is True and meta["nko_spelling"]["legacy"] is False
+    assert meta["nko_spelling"]["normalization_version"] == NORMALIZATION_VERSION
+    # gbarali compression makes the N'Ko side shorter than the Latin: the N'Ko CER denominator
+    assert 0.9 < meta["chars"]["nko_per_latin"] < 1.0
+    assert any("ߑ" in r["nko"] for r in rows) and any("ߧ" in r["nko"] for r in rows)
+    # the N'Ko reads back as its Latin, but for the letters N'Ko spells like others (q -> ߞ, x -> ߞ߭ "kh", ŋ -> ߒ)
+    lossless = [r for r in rows if not set("qxŋ") & set(r["latin"])]
+    assert len(lossless) > 1400 and all(nko_to_latin(r["nko"]) == r["latin"] for r in lossless)
 
 
 def test_committed_sample_describes_ok():
@@ -120,7 +133,7 @@ def test_candidate_windows_filter(small_source):
         for latin, nko in windows:
             assert 3 <= len(latin.split()) <= 8
             assert set(latin) <= latin_ok
-            assert nko == latin_to_nko(latin)
+            assert nko == latin_to_nko(latin, **S.NKO_SPELLING)
     extra = len((S.SOURCE_DIR / S.SOURCE_FILES[0]).read_text(encoding="utf-8").splitlines()[:25])
     first = S.SOURCE_FILES[0]
     assert f"{first}:{extra + 1}" not in cands  # "a ye 1990 san": every window has digits
@@ -183,7 +196,7 @@ def test_tiny_build_makes_a_valid_snapshot(tmp_path):
     rows, meta = _jsonl(out / "pairs.jsonl"), _jsonl(out / "audio_meta.jsonl")
     assert [m["feat_id"] for m in meta] == [r["feat_id"] for r in rows]
     for r, m in zip(rows, meta):
-        assert r["nko"] == latin_to_nko(r["latin"]) and 3 <= len(r["latin"].split()) <= 8
+        assert r["nko"] == latin_to_nko(r["latin"], **S.NKO_SPELLING) and 3 <= len(r["latin"].split()) <= 8
         audio, sr = sf.read(out / "audio" / f"{r['feat_id']}.ogg")
         assert sr == 16_000 and audio.ndim == 1
         assert len(audio) / sr == pytest.approx(m["seconds"], abs=0.01) and m["seconds"] > 0.3
@@ -218,3 +231,23 @@ def test_cli_sample_build(tmp_path):
     assert describe(out)["ok"]
     bad = CliRunner().invoke(app, ["sample", "build", "--out", str(out), "--n", "0"])
     assert bad.exit_code == 1 and "--n must be at least 1" in bad.output
+
+
+@pytest.mark.espeak
+@needs_espeak
+def test_rebuild_keeps_unchanged_audio_bytes(tmp_path):
+    """A rebuild over an existing sample renders only clips whose speech changed."""
+    out = tmp_path / "sample"
+    first = S.build(out, n=4, seed=0, progress=False)
+    assert (first["clips_rendered"], first["clips_reused"]) == (4, 0)
+    before = {p.name: p.read_bytes() for p in (out / "audio").iterdir()}
+    meta = [json.loads(line) for line in (out / "audio_meta.jsonl").read_text(encoding="utf-8").splitlines()]
+    meta[1]["pitch"] += 1  # as if this clip's voice had changed
+    (out / "audio_meta.jsonl").write_text("".join(json.dumps(m, ensure_ascii=False) + "\n" for m in meta),
+                                          encoding="utf-8")
+    again = S.build(out, n=4, seed=0, progress=False)
+    assert (again["clips_rendered"], again["clips_reused"]) == (1, 3)
+    after = {p.name: p.read_bytes() for p in (out / "audio").iterdir()}
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed == {f"{meta[1]['feat_id']}.ogg"}  # a fresh render differs (Ogg stream serial)
+    assert json.loads((out / S.META_FILE).read_text(encoding="utf-8"))["nko_spelling"]["gbarali"] is True

@@ -45,7 +45,7 @@ def test_describe_reports_each_problem_with_its_line(broken):
                                    {"line": 7, "feat_id": "e", "field": "latin"}]
     [invalid] = info["invalid_nko_rows"]
     assert (invalid["line"], invalid["feat_id"]) == (5, "d")
-    assert invalid["offences"][0] == "U+0073 LATIN SMALL LETTER S at position 4"
+    assert invalid["offences"][0] == "U+0073 LATIN SMALL LETTER S at position 4 (latin)"
 
 
 def test_strict_load_names_the_offending_lines(broken):
