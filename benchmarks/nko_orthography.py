@@ -76,8 +76,13 @@ def pair_counts(lines: list[str]) -> dict:
                     k += 4
                 else:
                     k += 1
-    return {"compressed_pairs": dict(slots), "full_same_vowel_pairs": dict(full),
-            "full_same_vowel_total": full["same tone"] + full["different tone"]}
+    compressed, full_total = slots["before a vowel"], full["same tone"] + full["different tone"]
+    total = compressed + full_total
+    return {"compressed_pairs": dict(slots), "full_same_vowel_pairs": dict(full), "full_same_vowel_total": full_total,
+            # share of same-vowel pairs each rule spells as the writers did
+            "pairs_as_written": {"toneless_compress_on": round(compressed / total, 4),
+                                 "toneless_compress_off": round(full_total / total, 4),
+                                 "same_vowel_and_same_tone": round((compressed + full["different tone"]) / total, 4)}}
 
 
 def validity(lines: list[str]) -> dict:
