@@ -1,6 +1,7 @@
 import json
-from pathlib import Path
+import os
 import unicodedata
+from pathlib import Path
 
 import jiwer
 import pytest
@@ -237,3 +238,46 @@ def test_orthography_table_has_sources_and_drives_the_loans():
         assert T.nko_to_latin(nko + "ߊ") == latin + "a"
     assert T.latin_to_nko("ja") == "ߖߊ" and T.nko_to_latin("ߗ߭ߊ") == "ja"  # ߗ߭ is read, not written
     assert T.latin_to_nko("xa") == T.latin_to_nko("kha") == "ߞ߭ߊ"
+
+
+TEXT_FIXTURE = Path(__file__).parent / "data" / "bambara-text"
+SHARED_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bambara-text"
+
+
+def _char_accuracy(expected: list[str], got: list[str]) -> float:
+    edits = sum(T.row_edits(e, g)[0] for e, g in zip(expected, got))
+    return 1 - edits / sum(len(e) for e in expected)
+
+
+def _orthography_targets(nko: list[str], latin: list[str]) -> None:
+    """Issue 13 targets: a stable Latin reading of real N'Ko, the Latin round trip, and no
+    validity findings on real N'Ko beyond Latin letters and other scripts."""
+    reading = [T.nko_to_latin(x) for x in nko]
+    for gbarali in (False, True):
+        again = [T.nko_to_latin(T.latin_to_nko(r, gbarali=gbarali)) for r in reading]
+        assert _char_accuracy(reading, again) >= 0.995
+        back = [T.nko_to_latin(T.latin_to_nko(x, gbarali=gbarali)) for x in latin]
+        assert _char_accuracy([T.normalize_latin(x) for x in latin], back) >= 0.995
+    classes = {o.klass for x in nko for o in T.nko_offences(T.normalize(x))}
+    assert classes <= {"latin", "other"}, classes
+
+
+def test_orthography_targets_on_real_text_fixture():
+    nko = (TEXT_FIXTURE / "nqo_Nkoo.txt").read_text(encoding="utf-8").splitlines()
+    latin = (TEXT_FIXTURE / "bam_Latn.txt").read_text(encoding="utf-8").splitlines()
+    assert len(nko) == len(latin) >= 150
+    _orthography_targets(nko, latin)
+    typographic = [x for x in nko if any(T.char_class(ch) == "typographic" for ch in T.normalize(x))]
+    assert len(typographic) >= 30  # the fixture carries the lines that used to be false positives
+    # gbarali is restored on real text: kɔnɔ and wala, written ߞߣߐ and ߥߟߊ there, read in full
+    words = {w for x in nko for w in T.nko_to_latin(x).split()}
+    assert {"kɔnɔ", "wala", "bolo", "jamana"} <= words and not {"knɔ", "wla", "blo"} & words
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_TEXT.is_dir() and not os.environ.get("CI"), reason="../shared/data/bambara-text absent")
+def test_orthography_targets_on_all_shared_text():
+    nko = [line for f in sorted(SHARED_TEXT.glob("*nqo_Nkoo*")) for line in f.read_text(encoding="utf-8").splitlines()]
+    latin = [line for f in sorted(SHARED_TEXT.glob("*bam_Latn*")) for line in f.read_text(encoding="utf-8").splitlines()]
+    assert len(nko) == len(latin) == 8202
+    _orthography_targets(nko, latin)
