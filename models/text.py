@@ -524,6 +524,9 @@ def nko_to_latin(text: str) -> str:
             elif u.kind == "D":
                 out.append(_NKO_TO_LATIN[u.base] + (_ORDINAL if NASAL_MARK in u.marks else ""))
                 continue
+            elif u.base in _NKO_MARKS:  # a mark with no letter before it: tone dropped, nasal read n
+                out.append("n" if u.base == NASAL_MARK else "")
+                continue
             else:
                 out.append(_NKO_TO_LATIN.get(u.base, u.base))
             if u.kind == "V" and set(u.marks) & LONG_TONE_MARKS:

@@ -281,3 +281,16 @@ def test_orthography_targets_on_all_shared_text():
     latin = [line for f in sorted(SHARED_TEXT.glob("*bam_Latn*")) for line in f.read_text(encoding="utf-8").splitlines()]
     assert len(nko) == len(latin) == 8202
     _orthography_targets(nko, latin)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("aeɛioɔubptjcdrsfklmɲnhwygvz'")), min_size=1, max_size=10), st.booleans())
+def test_latin_words_read_back_exactly(word, gbarali):
+    """Every Latin word over the letters N'Ko spells one way (not q, x, ŋ) comes back from
+    N'Ko unchanged, with and without gbarali compression."""
+    w = T.normalize_latin(word)
+    assert T.nko_to_latin(T.latin_to_nko(w, gbarali=gbarali)) == w
+
+
+def test_marks_without_a_letter_are_not_copied_into_latin():
+    assert T.nko_to_latin("߫ߞߊ ߲ߓߊ") == "ka nba"
