@@ -282,21 +282,25 @@ ORTHOGRAPHY: tuple[Spelling, ...] = (
     Spelling("loan", "ߘ߭", "dh", "loan letter (Arabic dh)", "N'Ko loan-letter convention; ߘ߭ 4 times"),
     Spelling("loan", "ߙ߭", "gh", "loan letter (Arabic gh)", "N'Ko loan-letter convention; not in the data"),
     Spelling("nya_woloso", "ߧ", "y", "y starting a syllable after a nasal vowel (bonya ߓߏ߲ߧߊ)",
-             "issue 13 item 3: after a nasal vowel ߧ 690 times, ߦ 1,245; ߓߏ߲ߧߊ 56 times"),
+             "issue 13 item 3: after a nasal vowel ߧ 690 times, ߦ 1,245; ߓߏ߲ߧߊ 57 times (toneless)"),
     Spelling("na_woloso", "ߠ", "n", "n (or la -> na) after a nasal; read only: Latin -> N'Ko writes ߣ",
              "N'Ko standard; ߠ 12,723 times", writes=False),
     Spelling("elided_n", "ߣߴ", "n'", "n before an elision apostrophe (n'a, min'a)",
-             "issue 13 item 5: ߣߴ 1,172 times, ߒߴ never"),
+             "issue 13 item 5: ߣߴ 1,028 times, ߣߵ 144, ߒ + apostrophe never"),
     Spelling("ordinal", "߁߲", "1nan", "a digit run with the nasal mark is an ordinal (any digits)",
              "issue 13 item 4: 231 times (߁߉߲ 61, ߂߀߲ 27)"),
     Spelling("dagbasinna", "ߑ", "", "between the consonants of a true cluster (ߛߑߕ 'st')",
              "N'Ko standard (U+07D1); ߑ 2,922 times (ߛߑߕ 428)"),
+    Spelling("latin_only", "ߞ", "q", "Latin q (French and Arabic names); reads back k",
+             "project decision: N'Ko has no q; q 366 times in the bam_Latn lines"),
+    Spelling("latin_only", "ߒ", "ŋ", "Latin ŋ (velar nasal); reads back n",
+             "project decision: written as the syllabic nasal ߒ; ŋ 91 times in the bam_Latn lines"),
 )
 
 _LOANS = [s for s in ORTHOGRAPHY if s.rule == "loan"]
 _NKO_LOANS_TO_LATIN = {s.nko[0]: s.latin for s in _LOANS}  # base letter (with LOAN_MARK) -> Latin
 _LATIN_LOANS = {lat: s.nko for s in _LOANS if s.writes for lat in (s.latin, *s.also)}
-_LATIN_LOANS.update({"q": "ߞ", "ŋ": "ߒ"})
+_LATIN_LOANS.update({s.latin: s.nko for s in ORTHOGRAPHY if s.rule == "latin_only"})
 NYA_WOLOSO, NA_WOLOSO, DAGBASINNA = "ߧ", "ߠ", "\u07d1"
 UNDECIDED = "\u00b7"  # the vowel gbarali cannot decide (see module docstring)
 

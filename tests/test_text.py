@@ -197,7 +197,7 @@ def test_golden_file_covers_every_rule():
     rules = {r["rule"] for r in rows}
     assert {"gbarali_read", "gbarali_write", "gbarali_off", "dagbasinna", "undecided", "ny_modern", "ny_legacy",
             "na_woloso", "ordinal", "elided_n", "loan", "basic"} <= rules
-    assert {s.rule for s in T.ORTHOGRAPHY} - {"nya_woloso"} <= rules | {"dagbasinna"}
+    assert {s.rule for s in T.ORTHOGRAPHY} <= rules  # every entry of the table is tested
     assert all(r["note"] for r in rows)
 
 
