@@ -101,6 +101,9 @@ def describe(path: Path, as_json: bool = typer.Option(False, "--json")) -> None:
         typer.echo(f"rows       {info['rows']}")
         typer.echo(f"nko        {info['nko']}")
         typer.echo(f"latin      {info['latin']}")
+        if info.get("meta") and "nko_spelling" in info["meta"]:
+            spelling = {k: v for k, v in info["meta"]["nko_spelling"].items() if k != "why"}
+            typer.echo(f"nko spelling {spelling}  chars {info['meta'].get('chars')}")
         typer.echo(f"duplicates {len(info['duplicates'])}  empty {len(info['empty_texts'])}  "
                    f"invalid N'Ko {len(info['invalid_nko_rows'])}")
         for line in info["bad_lines"][:20]:

@@ -5,6 +5,7 @@ for audio, ``audio/<feat_id>.<ext>`` (or a row field ``"audio"`` relative to the
 from __future__ import annotations
 
 import hashlib
+import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from models.jsonl import iter_objects
 from models.text import nko_offences
 
 PAIRS_FILE = "pairs.jsonl"
+META_FILE = "snapshot_meta.json"  # optional: how the snapshot's text was made (models/sample.py writes it)
 AUDIO_EXTS = (".ogg", ".opus", ".flac", ".wav")
 
 
@@ -110,6 +112,15 @@ def load(path: Path, strict: bool = True) -> Snapshot:
     return snap
 
 
+def _meta(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise SnapshotError(f"{path}: not JSON: {e}") from None
+
+
 def describe(path: Path) -> dict:
     """Rows, sha256, duplicates, empty texts, invalid N'Ko rows, length stats. Each problem
     entry carries its line number in the file."""
@@ -142,5 +153,6 @@ def describe(path: Path) -> dict:
         "invalid_nko_rows": invalid_nko,
         "nko": stats("nko"),
         "latin": stats("latin"),
+        "meta": _meta(snap.root / META_FILE),
         "ok": not snap.problems and not invalid_nko,
     }

@@ -52,7 +52,7 @@ def test_committed_sample_rows(rows):
 
 def test_committed_sample_records_its_nko_spelling(rows):
     meta = json.loads((SAMPLE / S.META_FILE).read_text(encoding="utf-8"))
-    assert meta == S.snapshot_meta(rows)
+    assert meta == S.snapshot_meta(rows) == describe(SAMPLE)["meta"]
     assert meta["nko_spelling"]["gbarali"] is True and meta["nko_spelling"]["legacy"] is False
     assert meta["nko_spelling"]["normalization_version"] == NORMALIZATION_VERSION
     # gbarali compression makes the N'Ko side shorter than the Latin: the N'Ko CER denominator
