@@ -15,7 +15,12 @@ features_app = typer.Typer(help="Whisper feature stores: extract from a snapshot
 def extract_cmd(
     snapshot: Path = typer.Option(..., "--snapshot", help="Snapshot dir (pairs.jsonl + audio/)."),
     out: Path = typer.Option(..., "--out", help="Feature store dir (created, or resumed when it exists)."),
-    whisper: str = typer.Option(..., "--whisper", help="Recipe: large-v3 | tiny-random | log-mel."),
+    whisper: str = typer.Option(None, "--whisper", help="Recipe: tiny.en (packaged real weights) | large-v3 | "
+                                                        "tiny-random | log-mel."),
+    whisper_checkpoint: Path = typer.Option(None, "--whisper-checkpoint", help="An openai-whisper checkpoint "
+                                            ".pt: its encoder, dims read from the file."),
+    whisper_ct2: Path = typer.Option(None, "--whisper-ct2", help="A CTranslate2 / faster-whisper Whisper "
+                                     "directory (model.bin): its encoder, dims read from the variables."),
     mode: str = typer.Option(None, "--mode", help="padded (30 s window, default for encoders) | trimmed."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
@@ -34,6 +39,15 @@ def extract_cmd(
     from models.features import FeatureError, extract
     from models.snapshot import SnapshotError
 
+    chosen = [x for x in (whisper, whisper_checkpoint, whisper_ct2) if x is not None]
+    if len(chosen) != 1:
+        typer.echo("error: give exactly one of --whisper NAME, --whisper-checkpoint FILE.pt, --whisper-ct2 DIR",
+                   err=True)
+        raise typer.Exit(2)
+    if whisper_checkpoint is not None:
+        whisper, weights_dir = "whisper-checkpoint", whisper_checkpoint
+    elif whisper_ct2 is not None:
+        whisper, weights_dir = "whisper-ct2", whisper_ct2
     if threads:
         import torch
 
@@ -67,6 +81,8 @@ def describe_cmd(path: Path, as_json: bool = typer.Option(False, "--json")) -> N
                f"subsample {r.get('subsample', '?')} ({r.get('pool', '?')}), compute {r.get('compute_dtype', '?')}, "
                f"stored float16")
     typer.echo(f"hash        {info['recipe_hash']}")
+    if info.get("weights"):
+        typer.echo(f"weights     {info['weights']['name']}  sha256:{info['weights']['sha256']}")
     typer.echo(f"dim         {info['dim']}   frame rate {r.get('frame_rate', '?')}/s   n_mels {r.get('n_mels', '?')}")
     typer.echo(f"utterances  {info['utterances']}   frames {info['frames_total']} "
                f"(min {info['frames_min']}, mean {info['frames_mean']}, max {info['frames_max']})")
