@@ -137,3 +137,32 @@ def test_cli_import_and_describe(cache, tmp_path: Path) -> None:
     res = runner.invoke(app, ["features", "import", str(src), "--snapshot", str(snap), "--out", str(tmp_path / "g"),
                               "--pool", POOL, "--model", MODEL, "--dim", "1280"])
     assert res.exit_code == 2 and "dim 16" in res.output and not (tmp_path / "g").exists()
+
+
+def test_a_run_trains_on_an_imported_store(tmp_path: Path) -> None:
+    """Features exported as .npy / .pt per feat_id, imported, and trained on: the trainer
+    accepts the store (snapshot recorded) and the run completes with the imported recipe."""
+    import train_helpers as H
+    from models.config import parse_config
+    from models.train import train
+
+    cfg = H.build(tmp_path / "orig", n=30)
+    original = FeatureStore.open(cfg["features"])
+    src = tmp_path / "cache"
+    src.mkdir()
+    for i, fid in enumerate(original.ids):
+        a = original.get(fid).astype(np.float32)
+        if i % 2:
+            np.save(src / f"{fid}.npy", a)
+        else:
+            torch.save({"features": torch.from_numpy(a)}, src / f"{fid}.pt")
+    summary = import_features(src, cfg["snapshot"], tmp_path / "imported", pooling="none (test prototypes)",
+                              model="synthetic prototypes", frame_rate=50.0)
+    assert summary["added"] == 30
+    cfg.update(features=str(tmp_path / "imported"), out_dir=str(tmp_path / "runs" / "imp"), run_id="imp")
+    cfg["train"]["epochs"] = 2
+    run_dir = train(parse_config(cfg), echo=False)
+    result = json.loads((Path(run_dir) / "results.json").read_text(encoding="utf-8"))
+    assert result["status"] == "complete" and result["feature_recipe"] == "imported"
+    assert (Path(run_dir) / "manifest.json").is_file()
+    assert result["feature_recipe_hash"] == FeatureStore.open(tmp_path / "imported").recipe_hash
