@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ctranslate2
 import torch
 import whisper
 from typer.testing import CliRunner
@@ -23,7 +24,6 @@ from models.audio import load_audio
 from models.features import FeatureError, FeatureStore, encode, extract, featurize, load_encoder, make_recipe
 from test_features import SR, make_snapshot, tone
 
-ctranslate2 = pytest.importorskip("ctranslate2")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -52,7 +52,7 @@ def padded_mel(wave: np.ndarray, n_mels: int = 80) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def ct2_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A small random Whisper (odd dims: d=40, 5 heads, 3 encoder layers) built with
-    transformers and converted by ctranslate2's TransformersConverter at three storage types."""
+    transformers and converted by ctranslate2's TransformersConverter at each storage type."""
     from ctranslate2.converters import TransformersConverter
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
@@ -64,7 +64,7 @@ def ct2_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.manual_seed(0)
     WhisperForConditionalGeneration(cfg).save_pretrained(root / "hf")
     out = {}
-    for q in ("float32", "float16", "int8"):
+    for q in ("float32", "float16", "bfloat16", "int8", "int16"):
         out[q] = Path(TransformersConverter(str(root / "hf")).convert(str(root / f"whisper-{q}"), quantization=q))
     return out
 
@@ -119,15 +119,15 @@ def test_extract_tiny_en_trimmed(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- any CTranslate2 directory
 
 
-@pytest.mark.parametrize("storage", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("storage", ["float32", "float16", "bfloat16", "int8", "int16"])
 def test_ct2_dir_matches_ctranslate2_encode(ct2_models: dict[str, Path], storage: str) -> None:
     weights = ww.load_ct2_dir(ct2_models[storage])
     assert weights.dims == {"n_mels": 80, "n_audio_ctx": 1500, "n_audio_state": 40, "n_audio_head": 5,
                             "n_audio_layer": 3}
     assert storage in weights.name and weights.sha256 == ww.file_sha256(ct2_models[storage] / "model.bin")
     raw = ww.read_ct2(ct2_models[storage] / "model.bin")
-    if storage == "int8":
-        assert raw.dtypes["encoder/layer_0/ffn/linear_0/weight"] == "int8"
+    assert raw.dtypes["encoder/layer_0/ffn/linear_0/weight"] == storage
+    if storage in ("int8", "int16"):
         assert "encoder/layer_0/ffn/linear_0/weight_scale" in raw.variables
     mel = padded_mel(sample_clip())
     with torch.no_grad():
