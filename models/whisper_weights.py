@@ -26,6 +26,8 @@ and ``encoder/layer_i/ffn/{layer_norm, linear_0, linear_1}``, and ``encoder/laye
 from __future__ import annotations
 
 import hashlib
+import mmap
+import os
 import re
 import struct
 from dataclasses import dataclass, field
@@ -116,7 +118,9 @@ def read_ct2(path: str | Path) -> Ct2Model:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such CTranslate2 model file")
-    data = memoryview(path.read_bytes())
+    with open(path, "rb") as f:  # mapped, not read: a large-v3 model.bin is ~3 GB and only the encoder is used
+        size = os.fstat(f.fileno()).st_size
+        data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b"")
     r = _Reader(path, data)
     version = r.u("I", "binary version")
     if not 1 <= version <= CT2_MAX_BINARY_VERSION:
