@@ -78,13 +78,18 @@ def describe_cmd(path: Path, as_json: bool = typer.Option(False, "--json")) -> N
         return
     r = info["recipe"]
     typer.echo(f"store       {info['path']}")
-    typer.echo(f"recipe      {r['name']} ({r.get('model', '?')}), mode {r.get('mode', '?')}, "
-               f"subsample {r.get('subsample', '?')} ({r.get('pool', '?')}), compute {r.get('compute_dtype', '?')}, "
-               f"stored float16")
+    if r.get("name") == "imported":
+        typer.echo(f"recipe      imported ({r.get('model', '?')}), pooling as declared: {r.get('pool', '?')}, "
+                   f"stored float16")
+    else:
+        typer.echo(f"recipe      {r['name']} ({r.get('model', '?')}), mode {r.get('mode', '?')}, "
+                   f"subsample {r.get('subsample', '?')} ({r.get('pool', '?')}), "
+                   f"compute {r.get('compute_dtype', '?')}, stored float16")
     typer.echo(f"hash        {info['recipe_hash']}")
     if info.get("weights"):
         typer.echo(f"weights     {info['weights']['name']}  sha256:{info['weights']['sha256']}")
-    typer.echo(f"dim         {info['dim']}   frame rate {r.get('frame_rate') or '?'}/s   n_mels {r.get('n_mels', '?')}")
+    typer.echo(f"dim         {info['dim']}   frame rate {r.get('frame_rate') or '?'}/s"
+               + (f"   n_mels {r['n_mels']}" if "n_mels" in r else ""))
     if r.get("source_sha256"):
         typer.echo(f"imported    {r.get('source_files')} files from {r.get('source')}  sha256:{r['source_sha256']}")
     typer.echo(f"utterances  {info['utterances']}   frames {info['frames_total']} "
