@@ -41,6 +41,12 @@ def load_proposals(path: Path | str, rows: Sequence[Row]) -> list[dict]:
             seen[p["feat_id"]] = p["_line"]
         if "proposer" in p and not isinstance(p["proposer"], str):
             problems.append(f"{where}: field 'proposer': must be a string")
+        if "acoustic" in p:
+            a = p["acoustic"]
+            d = a.get("delta") if isinstance(a, dict) else None
+            if not isinstance(a, dict) or "delta" not in a or not (
+                    d is None or (isinstance(d, (int, float)) and not isinstance(d, bool))):
+                problems.append(f"{where}: field 'acoustic': must be an object with 'delta' (number or null)")
     if problems:
         raise RowError(str(path), problems)
     return items
@@ -48,7 +54,27 @@ def load_proposals(path: Path | str, rows: Sequence[Row]) -> list[dict]:
 
 def gate_all(gate: Gate, rows: Sequence[Row], proposals: Sequence[dict]) -> list[Decision]:
     by_id = {r.feat_id: r for r in rows}
-    return [gate.decide(by_id[p["feat_id"]], p["proposal"]) for p in proposals]
+    return [gate.decide(by_id[p["feat_id"]], p["proposal"], acoustic_delta(p)) for p in proposals]
+
+
+def acoustic_delta(proposal: dict) -> float | None:
+    a = proposal.get("acoustic")
+    return a.get("delta") if isinstance(a, dict) else None
+
+
+def score_proposals(proposals: list[dict], rows: Sequence[Row], run_dir: Path | str, device: str | None = None,
+                    features: Path | str | None = None) -> list[dict]:
+    """Each proposal with ``acoustic`` (models/score.py: delta = per-frame CTC log-likelihood of
+    the proposal minus the ASR text's under the run's best.pt), in place and returned."""
+    from models.score import Scorer
+
+    scorer = Scorer.from_run(run_dir, device=device, features=features)
+    by_id = {r.feat_id: r for r in rows}
+    scores = scorer.score([p["feat_id"] for p in proposals], [by_id[p["feat_id"]].asr_text for p in proposals],
+                          [p["proposal"] for p in proposals])
+    for p, s in zip(proposals, scores):
+        p["acoustic"] = s.as_dict(scorer.model_id)
+    return proposals
 
 
 def load_decisions(path: Path | str) -> list[dict]:
