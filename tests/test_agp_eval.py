@@ -252,9 +252,10 @@ def test_demo_lane_over_a_matrix_uses_train_references_only(tmp_path):
                         tmp_path / "state.db", calibrate=False,  # no checkpoint here to decode val rows with
                         gate_policy=text_only_policy(tmp_path), proposers=("lexicon",))
     assert list(out) == ["demo-nko-trajectory"]
-    s = out["demo-nko-trajectory"]
+    assert list(out["demo-nko-trajectory"]["proposers"]) == ["lexicon"]
+    s = out["demo-nko-trajectory"]["proposers"]["lexicon"]
     assert s["overall"]["rows"] == 30 and s["run_id"] == "demo-nko-trajectory"
-    lex = Lexicon.load(tmp_path / "agp" / "demo-nko-trajectory" / "lexicon.tsv")
+    lex = Lexicon.load(tmp_path / "agp" / "demo-nko-trajectory" / "lexicon" / "lexicon.tsv")
     refs = train_references(SAMPLE, tmp_path / "split.json")
     assert len(refs) == len(split.train) and lex.counts == Lexicon.from_references(refs).counts
     db = open_db(tmp_path / "state.db")
