@@ -260,14 +260,14 @@ def calibrate_gate_cmd(
     the largest validation CER gain that leaves no validation partition worse."""
     from agp.gate import load_gate_policy
     from agp.lexicon import Lexicon
-    from agp.pipeline import calibrate_gate, lane_rows, load_proposals, write_gate_policy
+    from agp.pipeline import calibrate_gate, lane_rows, load_proposals, margin_comments, write_gate_policy
 
     rs, ppolicy = lane_rows(rows, partition_policy, partition_source)
     props = load_proposals(proposals, rs)
     base = load_gate_policy(policy)
     new, report = calibrate_gate(rs, props, Lexicon.load(lexicon) if lexicon else None, base, ppolicy.identity)
     comments = [f"AGP gate policy: acoustic margins calibrated on {len(rs)} validation rows ({rows}), never test rows.",
-                f"base: {base.path}"] + [f"{p}: {c}" for p, c in report["margins"].items()]
+                f"base: {base.path}"] + margin_comments(report)
     write_gate_policy(new, out, comments)
     for p, c in report["margins"].items():
         typer.echo(f"{p}: margin {c['margin']} ({c['accepted']} of {c['candidates']} scored candidates, "

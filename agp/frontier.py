@@ -88,7 +88,8 @@ def frontier(rows: Sequence[Row], decisions: Sequence[dict], max_points: int = 8
         return {"accepted": sum(acc), "accept_rate": sum(acc) / max(len(outs), 1), "delta_cer": (after - before) / chars}
 
     points = [{"margin": _jf(m), **point(lambda o, m=m: accepted_at(o, m))} for m in grid]
-    margins = sorted({str(d.get("acoustic_margin")) for d in decisions if d.get("acoustic_margin") is not None})
+    margins = {d["partition"]: d["acoustic_margin"] for d in decisions if d.get("acoustic_margin") is not None}
+    margins = dict(sorted(margins.items()))
     return {"points": points, "gate": {"margins": margins, **point(lambda o: o.accepted)}, "rows": len(outs)}
 
 
@@ -148,6 +149,10 @@ def _slack(delta: float) -> float:
     return max(1e-6, abs(delta) * 1e-3)
 
 
+def _fmt(m) -> str:
+    return m if isinstance(m, str) else f"{m:.4f}"
+
+
 def plot_frontier(summary: dict, path: Path | str, title: str = "") -> Path:
     """Accept rate (x) against ΔCER (y) as the margin sweeps; the gate's point marked."""
     import matplotlib
@@ -162,7 +167,7 @@ def plot_frontier(summary: dict, path: Path | str, title: str = "") -> Path:
     ax.plot(xs, ys, "-o", ms=3, lw=1, color="#4c72b0", label="margin sweep (both checked partitions)")
     g = f["gate"]
     ax.plot([g["accept_rate"] * 100], [g["delta_cer"] * 100], "*", ms=14, color="#c44e52",
-            label=f"gate (margins {', '.join(g['margins'])})")
+            label="gate, margins " + ", ".join(f"{p} {_fmt(m)}" for p, m in g["margins"].items()))
     ungated = summary["overall"]["cer_ungated"] - summary["overall"]["cer_before"]
     ax.axhline(0, color="grey", lw=0.8)
     ax.axhline(ungated * 100, color="#dd8452", lw=0.8, ls="--", label=f"ungated ΔCER {ungated * 100:+.2f} pp")

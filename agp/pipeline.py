@@ -169,6 +169,20 @@ def calibrate_gate(val_rows: Sequence[Row], proposals: Sequence[dict], lexicon: 
                                                                             "accepted", "improved", "neutral", "worse")}}
 
 
+def margin_comments(report: dict) -> list[str]:
+    """One comment line per calibrated partition: its margin and what it did on the val rows."""
+    out = []
+    for p, c in report["margins"].items():
+        m = c["margin"] if isinstance(c["margin"], str) else f"{c['margin']:.6f}"
+        out.append(f"{p}: margin {m}: accepts {c['accepted']} of {c['candidates']} scored proposals that pass the "
+                   f"text rules; val gain {c['gain_edits']} edits of {c['reference_chars']} chars "
+                   f"(ΔCER {c['delta_cer'] * 100:+.2f} pp)")
+    v = report["val_overall"]
+    out.append(f"val rows overall: CER {v['cer_before']:.4f} before, {v['cer_ungated']:.4f} ungated, "
+               f"{v['cer_after']:.4f} gated ({v['improved']} improved / {v['neutral']} neutral / {v['worse']} worse)")
+    return out
+
+
 def render_gate_policy(policy: GatePolicy, comments: Sequence[str] = ()) -> str:
     """A gate policy as configs/agp/gate.toml reads it (infinite margins as TOML inf)."""
     from agp.calibrate import _toml_value
@@ -308,7 +322,7 @@ def run_demo_lane(matrix_path: Path | str, split_path: Path | str, snapshot: Pat
                     gpolicy, lane_dir / name / "gate.val.toml",
                     [f"AGP gate policy for {run.run_id} / proposer {name}: acoustic margins calibrated on "
                      f"{len(val_rows)} validation rows ({lane_dir / 'val_predictions.jsonl'}), never test rows.",
-                     f"base: {base.path}"] + [f"{p}: {c}" for p, c in gate_cal["margins"].items()]))
+                     f"base: {base.path}"] + margin_comments(gate_cal)))
             summary = run_lane(preds, proposer, lexicon, lane_dir / name, db_path, run.run_id, gpolicy, policy,
                                source, scorer=scorer)
             if gate_cal:

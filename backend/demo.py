@@ -101,7 +101,8 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
         for name, summary in lane["proposers"].items():
             margins = (summary.get("gate_calibration") or {}).get("margins", {})
             console.print(f"  proposer [bold]{name}[/bold]: acoustic margins "
-                          + (", ".join(f"{p} {c['margin']}" for p, c in margins.items()) or "not calibrated"))
+                          + (", ".join(f"{p} {c['margin']:.4f}" if not isinstance(c["margin"], str)
+                                       else f"{p} {c['margin']}" for p, c in margins.items()) or "not calibrated"))
             console.print(format_table(summary), markup=False)
 
     console.rule("6. tables, figures, claims (after the AGP lane: tables.md carries its results)")

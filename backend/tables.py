@@ -482,6 +482,7 @@ def write_tables(matrix_path: str | Path, out_dir: str | Path = "reports", db_pa
 
 # --------------------------------------------------------------------------- AGP lane
 
+AGP_PARTITIONS = ("stable", "boundary", "uncertain", "novelty")
 AGP_HEAD = ["run", "proposer", "partition", "rows", "CER before", "ungated", "gated", "Δ gated pp", "95% CI",
             "accepted", "improved", "neutral", "worse", "margin"]
 
@@ -497,7 +498,8 @@ def agp_tables(m: Matrix, agp_dir: Path) -> tuple[str, str]:
         lane = json.loads(path.read_text(encoding="utf-8"))
         for name, summ in lane.get("proposers", {}).items():
             margins = (summ.get("gate_policy") or {}).get("acoustic", {}).get("margin", {})
-            groups = [(p, g) for p, g in summ["partitions"].items() if g["rows"]] + [("overall", summ["overall"])]
+            parts = summ["partitions"]
+            groups = [(p, parts[p]) for p in AGP_PARTITIONS if parts.get(p, {}).get("rows")] + [("overall", summ["overall"])]
             for part, g in groups:
                 ci = g.get("delta_ci95")
                 margin = margins.get(part)
