@@ -9,7 +9,8 @@ from agp.gate import Gate, load_gate_policy, load_witness_key
 from agp.lexicon import Lexicon
 from agp.pipeline import run_lexicon_lane
 from agp.records import ReviewError, add_review, export_reviews, pending_reviews, record_decisions
-from agp_helpers import PAIRS, agp_home, make_row, row_dict, sample_rows, write_rows_file  # noqa: F401
+from agp_helpers import (PAIRS, agp_home, make_row, row_dict, sample_rows, text_only_policy,  # noqa: F401
+                         write_rows_file)
 from backend.cli import app
 from backend.store import open_db
 
@@ -37,19 +38,6 @@ DECISIONS = [
     dec(ROWS[3], "ߓߌߝߊߟߏ ߕߎ߲߫߫ ߦߋ", False, ["budget"]),  # rejected: stays 1
     dec(ROWS[4], ROWS[4].asr_text, False, ["no_op"]),  # abstained
 ]                                                   # F: no decision
-
-
-def text_only_policy(tmp_path):
-    """The default gate policy with rule acoustic off (for lanes with no checkpoint to score with)."""
-    import tomllib
-
-    from agp.gate import DEFAULT_POLICY
-
-    text = DEFAULT_POLICY.read_text(encoding="utf-8")
-    text = text[:text.index("[acoustic]")]
-    assert "acoustic" not in tomllib.loads(text)
-    (tmp_path / "text_only.toml").write_text(text, encoding="utf-8")
-    return tmp_path / "text_only.toml"
 
 
 def test_eval_arithmetic_on_hand_built_cases():
