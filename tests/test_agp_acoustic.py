@@ -245,3 +245,26 @@ def test_cli_lane_with_acoustic_evidence(run, tmp_path, monkeypatch):
     res = inv("score", "--rows", val, "--proposals", tmp_path / "val_props.jsonl", "--run", d,
               "--out", tmp_path / "rescored.jsonl", "--partition-source", "policy")
     assert res.exit_code == 0 and "0 without a score" in res.output, res.output
+
+
+def test_tables_show_ungated_and_gated_per_proposer(tmp_path):
+    from agp.evaluate import evaluate
+    from agp.gate import Gate, load_gate_policy
+    from backend.matrix import load_matrix
+    from backend.tables import agp_tables
+
+    rows = [make_row("a", "ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ", "ߌ ߦߋ ߛߊ ߖߏߟߌ ߦߋ", "boundary"),
+            make_row("b", "ߌ ߦߋ ߛߊ߲", "ߌ ߦߋ ߛߊ߲", "stable")]
+    gate = Gate(load_gate_policy().with_margins({"boundary": 0.02}), None, key=b"\x01" * 32)
+    decisions = [gate.decide(rows[0], "ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ", -0.01).as_dict(),
+                 gate.decide(rows[1], "ߌ ߦߋ ߛߊ", 0.3).as_dict()]
+    summary = evaluate(rows, decisions)
+    summary["gate_policy"] = gate.policy.as_dict()
+    m = load_matrix("configs/matrix/demo.json")
+    (tmp_path / "demo-nko-baseline").mkdir()
+    (tmp_path / "demo-nko-baseline" / "agp_eval.json").write_text(json.dumps({"proposers": {"nbest": summary}}))
+    md, csv = agp_tables(m, tmp_path)
+    line = next(x for x in md.splitlines() if "| nbest | boundary |" in x)
+    assert line.split(" | ")[4:8] == ["6.25", "0.00", "0.00", "-6.25"] and line.endswith("| 0.0200 |")
+    assert "| nbest | stable | 1 | 0.00 | 12.50 | 0.00 | +0.00 |" in md  # frozen: ungated damage, gated = before
+    assert csv.count("\n") == 4 and agp_tables(m, tmp_path / "none") == ("", "")
