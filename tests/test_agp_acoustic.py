@@ -268,3 +268,22 @@ def test_tables_show_ungated_and_gated_per_proposer(tmp_path):
     assert line.split(" | ")[4:8] == ["6.25", "0.00", "0.00", "-6.25"] and line.endswith("| 0.0200 |")
     assert "| nbest | stable | 1 | 0.00 | 12.50 | 0.00 | +0.00 |" in md  # frozen: ungated damage, gated = before
     assert csv.count("\n") == 4 and agp_tables(m, tmp_path / "none") == ("", "")
+
+
+@pytest.mark.slow  # trains a tiny run (module fixture)
+def test_http_proposals_get_the_acoustic_score_too(run, tmp_path):
+    from test_agp_proposers import Service
+
+    service = Service()
+    try:
+        res = CliRunner().invoke(app, ["agp", "propose", "--rows", str(run["dir"] / "test_predictions.jsonl"),
+                                       "--out", str(tmp_path / "p.jsonl"), "--proposer", "http", "--url", service.url,
+                                       "--retries", "0", "--run", str(run["dir"])])
+    finally:
+        service.close()
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert lines and all(p["proposer"] == "agp-http" and p["acoustic"]["delta"] is not None for p in lines)
+    for p in lines:
+        a = p["acoustic"]
+        assert a["delta"] == pytest.approx((a["logp_proposal"] - a["logp_asr"]) / a["frames"])
