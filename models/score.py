@@ -84,7 +84,7 @@ class Scorer:
                 raise ScoreError(f"{run_dir}: no {name} (not a completed run)")
         results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
         store_path = Path(features) if features else Path(results["resolved_paths"]["features"])
-        if not (store_path / "index.json").exists() and not store_path.exists():
+        if not store_path.is_dir():
             raise ScoreError(f"{run_dir}: feature store {store_path} is missing (pass --features)")
         store = FeatureStore.open(store_path)
         if store.recipe_hash != results["feature_recipe_hash"]:
