@@ -378,7 +378,10 @@ def review_cmd(
         if pending:
             for d in pending_reviews(conn, run_id, limit):
                 state = "ACCEPT" if d["accepted"] else "reject " + ",".join(json.loads(d["rules"]))
-                typer.echo(f"#{d['id']}  {d['feat_id']}  [{d['partition']}]  {state}  d={d['edit_distance']}\n"
+                acoustic = "" if d["acoustic_delta"] is None else f"  Δ={d['acoustic_delta']:+.4f}"
+                if d["acoustic_margin"] is not None:
+                    acoustic += f" margin={d['acoustic_margin']:.4f}"
+                typer.echo(f"#{d['id']}  {d['feat_id']}  [{d['partition']}]  {state}  d={d['edit_distance']}{acoustic}\n"
                            f"    asr:      {d['asr_text']}\n    proposal: {d['proposal']}")
             return
         if decision is None or verdict is None:

@@ -79,7 +79,7 @@ def pending_reviews(db: sqlite_utils.Database, run_id: str | None = None, limit:
     params: list = [run_id] if run_id else []
     return list(db.query(
         f"SELECT d.id, d.feat_id, d.run_id, d.partition, d.accepted, d.rules, d.edit_distance, d.asr_text, "
-        f"d.proposal FROM gate_decisions d LEFT JOIN reviews r ON r.decision_id = d.id {where} "
+        f"d.proposal, d.acoustic_delta, d.acoustic_margin FROM gate_decisions d LEFT JOIN reviews r ON r.decision_id = d.id {where} "
         f"ORDER BY d.accepted DESC, d.id DESC LIMIT ?", params + [limit]))
 
 
