@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from agp.gate import from_json_float
-from agp.rows import PARTITIONS, Row
+from agp.rows import Row
 from models.text import row_edits
 
 
