@@ -147,7 +147,22 @@ def build_corpus_cmd(
 def propose_cmd(
     rows: Path = typer.Option(..., "--rows", help="Prediction rows (test_predictions.jsonl)."),
     out: Path = typer.Option(..., "--out", help="Proposals JSONL to write ({feat_id, proposal, proposer})."),
-    proposer: str = typer.Option("lexicon", help="lexicon | http (AGP lane /propose) | chat (OpenAI-compatible, e.g. mlx_lm.server)."),
+    proposer: str = typer.Option("lexicon", help="lexicon | nbest (CTC beam search + char LM, needs --run) | http "
+                                                 "(AGP lane /propose) | chat (OpenAI-compatible, e.g. mlx_lm.server)."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (best.pt): score every proposal "
+                                                           "acoustically (rule acoustic needs it); the nbest "
+                                                           "proposer searches its posteriors."),
+    device: Optional[str] = typer.Option(None, help="Scoring device (default cuda when available, else cpu)."),
+    snapshot: Optional[Path] = typer.Option(None, "--snapshot", help="nbest: snapshot whose *train* references "
+                                                                     "(with --split) train the LM."),
+    split: Optional[Path] = typer.Option(None, "--split", help="nbest: split.json (default RUN/split.json)."),
+    lm_text: Optional[str] = typer.Option(None, "--lm-text", help="nbest: public Bambara text directory "
+                                                                  "(NLLB-Seed files; default ../shared/data/"
+                                                                  "bambara-text or $NKO_OPS_BAMBARA_TEXT), or "
+                                                                  "'none' for the training references alone."),
+    alpha: float = typer.Option(0.5, help="nbest: LM weight."),
+    beta: float = typer.Option(1.0, help="nbest: per-character bonus."),
+    beam: int = typer.Option(16, help="nbest: beam width."),
     lexicon: Optional[Path] = typer.Option(None, help="Lexicon TSV (lexicon proposer)."),
     max_distance: int = typer.Option(1, help="Lexicon proposer: largest edit distance to a lexicon word."),
     url: str = typer.Option("http://127.0.0.1:8080", help="Service URL (http / chat proposers)."),
@@ -175,10 +190,91 @@ def propose_cmd(
         p.health()
     elif proposer == "chat":
         p = ChatProposer(url, model=model, adapter=adapter, max_tokens=max_tokens, timeout=timeout, retries=retries)
+    elif proposer == "nbest":
+        if run is None:
+            raise typer.BadParameter("the nbest proposer needs --run (its best.pt gives the posteriors)")
+        from agp.nbest import NbestProposer
+        from agp.pipeline import make_lm, train_references
+        from models.score import Scorer
+
+        if snapshot is None:
+            raise typer.BadParameter("the nbest proposer needs --snapshot (its train references train the LM)")
+        scorer = Scorer.from_run(run, device=device)
+        refs = train_references(snapshot, split or run / "split.json")
+        text = True if lm_text is None else (None if lm_text == "none" else Path(lm_text))
+        p = NbestProposer(scorer, make_lm(refs, scorer.vocab.symbols, text, lambda m: typer.echo(m, err=True)),
+                          alpha=alpha, beta=beta, beam=beam)
+        p.prime(rs)
     else:
-        raise typer.BadParameter(f"--proposer must be lexicon, http or chat; got {proposer!r}")
-    n = write_jsonl(out, propose_all(p, rs))
-    typer.echo(f"{n} proposals ({p.name}) -> {out}")
+        raise typer.BadParameter(f"--proposer must be lexicon, nbest, http or chat; got {proposer!r}")
+    props = propose_all(p, rs)
+    scored = ""
+    if run is not None:
+        from agp.pipeline import score_proposals
+
+        score_proposals(props, rs, run, device=device, scorer=getattr(p, "scorer", None))
+        scored = f", scored with {props[0]['acoustic']['model'] if props else run}"
+    n = write_jsonl(out, props)
+    typer.echo(f"{n} proposals ({p.name}{scored}) -> {out}")
+
+
+@agp_app.command("score")
+@_errors_exit
+def score_cmd(
+    rows: Path = typer.Option(..., "--rows", help="Prediction rows the proposals are for."),
+    proposals: Path = typer.Option(..., "--proposals", help="Proposals JSONL (from any proposer)."),
+    run: Path = typer.Option(..., "--run", help="The rows' run directory (best.pt, vocab.json, results.json)."),
+    out: Path = typer.Option(..., "--out", help="Proposals JSONL with 'acoustic' added to each line."),
+    device: Optional[str] = typer.Option(None, help="cpu / cuda (default cuda when available)."),
+    features: Optional[Path] = typer.Option(None, help="Feature store (default: the one results.json names)."),
+    policy: Optional[Path] = _PARTITION_POLICY,
+    source: Optional[str] = _PARTITION_SOURCE,
+) -> None:
+    """Acoustic score of each proposal: delta = (log p(proposal) - log p(ASR text)) / frames
+    under the run's own CTC model (models/score.py); the gate's rule acoustic reads it."""
+    from agp.pipeline import lane_rows, load_proposals, score_proposals
+    from agp.rows import write_jsonl
+
+    rs, _ = lane_rows(rows, policy, source)
+    props = load_proposals(proposals, rs)
+    for p in props:
+        p.pop("_line", None)
+    score_proposals(props, rs, run, device=device, features=features)
+    n = write_jsonl(out, props)
+    missing = sum(p["acoustic"]["delta"] is None for p in props)
+    typer.echo(f"{n} proposals scored ({missing} without a score) -> {out}")
+
+
+@agp_app.command("calibrate-gate")
+@_errors_exit
+def calibrate_gate_cmd(
+    rows: Path = typer.Option(..., "--rows", help="Validation rows: `nko-ops evaluate --run RUN --split val --out F`."),
+    proposals: Path = typer.Option(..., "--proposals", help="Scored proposals for those rows (agp propose --run / agp score)."),
+    out: Path = typer.Option(..., "--out", help="Gate policy TOML to write, with the calibrated margins."),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="Base gate policy (default configs/agp/gate.toml)."),
+    lexicon: Optional[Path] = typer.Option(None, help="Lexicon TSV (as for agp gate)."),
+    partition_policy: Optional[Path] = _PARTITION_POLICY,
+    partition_source: Optional[str] = _PARTITION_SOURCE,
+) -> None:
+    """Acoustic margins from validation rows, never test rows: per partition, the margin with
+    the largest validation CER gain that leaves no validation partition worse."""
+    from agp.gate import load_gate_policy
+    from agp.lexicon import Lexicon
+    from agp.pipeline import calibrate_gate, lane_rows, load_proposals, margin_comments, write_gate_policy
+
+    rs, ppolicy = lane_rows(rows, partition_policy, partition_source)
+    props = load_proposals(proposals, rs)
+    base = load_gate_policy(policy)
+    new, report = calibrate_gate(rs, props, Lexicon.load(lexicon) if lexicon else None, base, ppolicy.identity)
+    comments = [f"AGP gate policy: acoustic margins calibrated on {len(rs)} validation rows ({rows}), never test rows.",
+                f"base: {base.path}"] + margin_comments(report)
+    write_gate_policy(new, out, comments)
+    for p, c in report["margins"].items():
+        typer.echo(f"{p}: margin {c['margin']} ({c['accepted']} of {c['candidates']} scored candidates, "
+                   f"val gain {c['gain_edits']} edits)")
+    v = report["val_overall"]
+    typer.echo(f"validation CER {v['cer_before']:.4f} -> gated {v['cer_after']:.4f} (ungated {v['cer_ungated']:.4f})")
+    typer.echo(f"wrote {out}")
 
 
 @agp_app.command("gate")
@@ -229,6 +325,8 @@ def eval_cmd(
     decisions: Path = typer.Option(..., "--decisions", help="Decisions JSONL from `nko-ops agp gate`."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the summary as JSON here."),
     verify: bool = typer.Option(True, help="Check every decision's witness with this install's key."),
+    frontier: Optional[Path] = typer.Option(None, "--frontier", help="Also draw the acoustic-margin frontier "
+                                                                     "(accept rate vs ΔCER) to this PNG."),
     partition_policy: Optional[Path] = _PARTITION_POLICY,
     partition_source: Optional[str] = _PARTITION_SOURCE,
 ) -> None:
@@ -248,6 +346,12 @@ def eval_cmd(
                                  f"this policy gives {ppolicy.identity} (pass the gate's --partition-policy)")
     summary = evaluate(rs, ds, key=load_witness_key() if verify else None, source=decisions.name)
     typer.echo(format_table(summary))
+    if frontier is not None:
+        if "frontier" not in summary:
+            raise typer.BadParameter("the decisions carry no acoustic margins: there is no frontier to draw")
+        from agp.frontier import plot_frontier
+
+        typer.echo(f"frontier -> {plot_frontier(summary, frontier)}")
     if json_out:
         write_json(json_out, summary)
         typer.echo(f"-> {json_out}")
@@ -274,7 +378,10 @@ def review_cmd(
         if pending:
             for d in pending_reviews(conn, run_id, limit):
                 state = "ACCEPT" if d["accepted"] else "reject " + ",".join(json.loads(d["rules"]))
-                typer.echo(f"#{d['id']}  {d['feat_id']}  [{d['partition']}]  {state}  d={d['edit_distance']}\n"
+                acoustic = "" if d["acoustic_delta"] is None else f"  Δ={d['acoustic_delta']:+.4f}"
+                if d["acoustic_margin"] is not None:
+                    acoustic += f" margin={d['acoustic_margin']:.4f}"
+                typer.echo(f"#{d['id']}  {d['feat_id']}  [{d['partition']}]  {state}  d={d['edit_distance']}{acoustic}\n"
                            f"    asr:      {d['asr_text']}\n    proposal: {d['proposal']}")
             return
         if decision is None or verdict is None:

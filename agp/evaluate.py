@@ -21,8 +21,11 @@ class EvalError(ValueError):
     pass
 
 
+BOOTSTRAP_SAMPLES = 2000
+
+
 def _empty() -> dict:
-    return {"rows": 0, "reference_chars": 0, "edits_before": 0, "edits_after": 0,
+    return {"rows": 0, "reference_chars": 0, "edits_before": 0, "edits_after": 0, "edits_ungated": 0,
             "toneless_edits_before": 0, "toneless_edits_after": 0, "proposed": 0, "accepted": 0,
             "improved": 0, "neutral": 0, "worse": 0, "rejected": 0, "no_op": 0, "not_proposed": 0,
             "rejected_by_rule": Counter()}
@@ -33,6 +36,7 @@ def _finish(g: dict) -> dict:
     g["cer_before"] = g["edits_before"] / n if n else 0.0
     g["cer_after"] = g["edits_after"] / n if n else 0.0
     g["delta_cer"] = g["cer_after"] - g["cer_before"]
+    g["cer_ungated"] = g["edits_ungated"] / n if n else 0.0
     g["toneless_cer_before"] = g["toneless_edits_before"] / n if n else 0.0
     g["toneless_cer_after"] = g["toneless_edits_after"] / n if n else 0.0
     g["rejected_by_rule"] = dict(sorted(g["rejected_by_rule"].items()))
@@ -78,19 +82,25 @@ def check_decisions(rows: Sequence[Row], decisions: Sequence[dict], key: bytes |
 
 
 def evaluate(rows: Sequence[Row], decisions: Sequence[dict], key: bytes | None = None,
-             source: str = "decisions") -> dict:
+             source: str = "decisions", seed: int = 0) -> dict:
     """Summary with ``overall`` and ``partitions`` (each: rows, reference_chars, cer_before,
     cer_after, delta_cer, toneless CERs, proposed, accepted, improved, neutral, worse,
-    rejected, no_op, not_proposed, rejected_by_rule)."""
+    rejected, no_op, not_proposed, rejected_by_rule; cer_ungated with every proposal applied,
+    and ``delta_ci95``: a paired bootstrap 95% interval of gated − before CER over rows).
+    With acoustic scores in the decisions, ``frontier`` holds the accept-rate / ΔCER curve as
+    the acoustic margin sweeps (agp/frontier.py)."""
     check_decisions(rows, decisions, key, source)
     by_id = {d["feat_id"]: d for d in decisions}
     groups = {p: _empty() for p in PARTITIONS}
     overall = _empty()
+    per_row: dict[str, list[tuple[int, int, int]]] = {p: [] for p in PARTITIONS}  # (chars, before, after)
     for row in rows:
         d = by_id.get(row.feat_id)
         after = d["proposal"] if d is not None and d["accepted"] else row.asr_text
         before_edits, chars = row_edits(row.reference_text, row.asr_text)
         after_edits, _ = row_edits(row.reference_text, after)
+        ungated_edits = row_edits(row.reference_text, d["proposal"])[0] if d is not None else before_edits
+        per_row[row.partition].append((chars, before_edits, after_edits))
         tl_ref = toneless(row.reference_text)
         tl_before, _ = row_edits(tl_ref, toneless(row.asr_text))
         tl_after, _ = row_edits(tl_ref, toneless(after))
@@ -99,6 +109,7 @@ def evaluate(rows: Sequence[Row], decisions: Sequence[dict], key: bytes | None =
             g["reference_chars"] += chars
             g["edits_before"] += before_edits
             g["edits_after"] += after_edits
+            g["edits_ungated"] += ungated_edits
             g["toneless_edits_before"] += tl_before
             g["toneless_edits_after"] += tl_after
             if d is None:
@@ -115,20 +126,51 @@ def evaluate(rows: Sequence[Row], decisions: Sequence[dict], key: bytes | None =
             g["accepted"] += 1
             outcome = "improved" if after_edits < before_edits else "worse" if after_edits > before_edits else "neutral"
             g[outcome] += 1
+    for p, g in groups.items():
+        g["delta_ci95"] = paired_bootstrap_ci(per_row[p], seed=seed)
+    overall["delta_ci95"] = paired_bootstrap_ci([t for p in PARTITIONS for t in per_row[p]], seed=seed)
     policy = sorted({d["policy_hash"] for d in decisions})
-    return {"overall": _finish(overall), "partitions": {p: _finish(g) for p, g in groups.items()},
-            "policy_hash": policy[0] if policy else None}
+    summary = {"overall": _finish(overall), "partitions": {p: _finish(g) for p, g in groups.items()},
+               "policy_hash": policy[0] if policy else None,
+               "bootstrap": {"samples": BOOTSTRAP_SAMPLES, "seed": seed, "unit": "row (paired)"}}
+    if any(d.get("acoustic_margin") is not None for d in decisions):
+        from agp.frontier import frontier
+
+        summary["frontier"] = frontier(rows, decisions)
+    return summary
+
+
+def paired_bootstrap_ci(rows: Sequence[tuple[int, int, int]], samples: int = BOOTSTRAP_SAMPLES,
+                        seed: int = 0) -> list[float] | None:
+    """95% percentile interval of (edits after − edits before) / reference chars, resampling
+    rows with replacement (before and after of a row stay paired). None for no rows."""
+    import numpy as np
+
+    if not rows:
+        return None
+    a = np.asarray(rows, dtype=np.int64)
+    chars, diff = a[:, 0], a[:, 2] - a[:, 1]
+    rng = np.random.default_rng(seed)
+    stats = np.empty(samples)
+    for start in range(0, samples, 256):  # bounded memory on 29k-row test sets
+        k = min(256, samples - start)
+        idx = rng.integers(0, len(a), size=(k, len(a)))
+        stats[start:start + k] = diff[idx].sum(1) / np.maximum(chars[idx].sum(1), 1)
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return [float(lo), float(hi)]
 
 
 def format_table(summary: dict) -> str:
     """A plain-text table of the summary (one line per partition with rows, then overall)."""
-    cols = ["partition", "rows", "ref chars", "CER before", "CER after", "ΔCER", "accepted", "improved",
-            "neutral", "worse", "rejected", "no-op", "not proposed"]
+    cols = ["partition", "rows", "ref chars", "CER before", "ungated", "gated", "ΔCER gated", "95% CI",
+            "accepted", "improved", "neutral", "worse", "rejected", "no-op", "not proposed"]
     lines = []
     groups = [(p, g) for p, g in summary["partitions"].items() if g["rows"]] + [("overall", summary["overall"])]
     for name, g in groups:
+        ci = g.get("delta_ci95")
         lines.append([name, str(g["rows"]), str(g["reference_chars"]), f"{g['cer_before']:.4f}",
-                      f"{g['cer_after']:.4f}", f"{g['delta_cer']:+.4f}", str(g["accepted"]), str(g["improved"]),
+                      f"{g['cer_ungated']:.4f}", f"{g['cer_after']:.4f}", f"{g['delta_cer']:+.4f}",
+                      f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "-", str(g["accepted"]), str(g["improved"]),
                       str(g["neutral"]), str(g["worse"]), str(g["rejected"]), str(g["no_op"]),
                       str(g["not_proposed"])])
     widths = [max(len(c), *(len(l[i]) for l in lines)) for i, c in enumerate(cols)]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
 import secrets
@@ -36,7 +37,7 @@ from models.tomlfile import read_toml
 DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "configs" / "agp" / "gate.toml"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RULE_IDS = ("empty", "no_op", "script", "orphan_mark", "stacked_tone", "frozen", "quarantine", "budget",
-            "length_ratio", "new_word")
+            "length_ratio", "new_word", "acoustic")
 NKO_LETTERS = "\u07ca-\u07ea\u07f4\u07f5\u07fa"  # letters, tone apostrophes, lajanyalan
 NKO_BASES = "\u07c0-\u07ea\u07f4\u07f5"  # what a mark may sit on: letters, digits (ordinals), apostrophes
 NKO_TONES = "\u07eb-\u07f1"  # tone marks: at most one per letter
@@ -71,6 +72,13 @@ class GatePolicy:
     budgets: dict[str, Budget]
     path: str = ""
     script_classes: tuple[str, ...] = ()  # validity classes accepted beyond N'Ko (models.text)
+    # rule `acoustic`: on these partitions accept only when delta >= -margin[partition]
+    # (delta: per-frame CTC log-likelihood of the proposal minus the ASR text's, models/score.py)
+    acoustic_checked: tuple[str, ...] = ()
+    acoustic_margins: tuple[tuple[str, float], ...] = ()
+
+    def margin(self, partition: str) -> float | None:
+        return dict(self.acoustic_margins).get(partition) if partition in self.acoustic_checked else None
 
     def as_dict(self) -> dict:
         return {
@@ -79,7 +87,28 @@ class GatePolicy:
             "lexicon_checked": sorted(self.lexicon_checked),
             "length_ratio": {"min": self.length_min, "max": self.length_max},
             "budget": {p: {"relative": b.relative, "floor": b.floor} for p, b in sorted(self.budgets.items())},
+            **({"acoustic": {"checked": sorted(self.acoustic_checked),
+                             "margin": {p: json_float(m) for p, m in sorted(self.acoustic_margins)}}}
+               if self.acoustic_checked else {}),
         } | ({"script_classes": sorted(self.script_classes)} if self.script_classes else {})
+
+    def with_margins(self, margins: dict[str, float]) -> "GatePolicy":
+        """The same policy with new acoustic margins (calibration)."""
+        from dataclasses import replace
+
+        merged = dict(self.acoustic_margins) | margins
+        return replace(self, acoustic_margins=tuple(sorted(merged.items())))
+
+
+def json_float(x: float | None) -> float | str | None:
+    """JSON has no infinities: they are written as the strings "inf" / "-inf"."""
+    if x is None or math.isfinite(x):
+        return x
+    return "inf" if x > 0 else "-inf"
+
+
+def from_json_float(x) -> float | None:
+    return float(x) if isinstance(x, str) else x
 
 
 def parse_gate_policy(data: dict, path: str = "") -> GatePolicy:
@@ -89,7 +118,7 @@ def parse_gate_policy(data: dict, path: str = "") -> GatePolicy:
     optional = {"script_classes"}
     known = {"version", "allowed_punctuation", "frozen", "quarantine", "lexicon_checked", "length_ratio", "budget"}
     for key in data:
-        if key not in known | optional:
+        if key not in known | optional | {"acoustic"}:
             raise fail(key, "unknown key")
     for key in known:
         if key not in data:
@@ -136,8 +165,34 @@ def parse_gate_policy(data: dict, path: str = "") -> GatePolicy:
     if not isinstance(classes, list) or any(c not in choosable for c in classes):
         raise fail("script_classes", f"must be a list of validity classes from {', '.join(choosable)} "
                                      "(N'Ko is always accepted; controls never are)")
+    checked, margins = _parse_acoustic(data.get("acoustic"), fail)
     return GatePolicy(1, punct, lists["frozen"], lists["quarantine"], lists["lexicon_checked"],
-                      float(lr["min"]), float(lr["max"]), budgets, path, tuple(sorted(set(classes))))
+                      float(lr["min"]), float(lr["max"]), budgets, path, tuple(sorted(set(classes))), checked, margins)
+
+
+def _parse_acoustic(table, fail) -> tuple[tuple[str, ...], tuple[tuple[str, float], ...]]:
+    """``[acoustic] checked = [...]`` with ``[acoustic.margin] <partition> = float`` (may be inf/-inf:
+    -inf accepts nothing there, inf accepts any scored proposal). Absent: the rule is off."""
+    if table is None:
+        return (), ()
+    if not isinstance(table, dict) or set(table) != {"checked", "margin"}:
+        raise fail("acoustic", "must be a table with 'checked' (list of partitions) and 'margin' (partition -> float)")
+    checked = table["checked"]
+    if not isinstance(checked, list) or any(p not in PARTITIONS for p in checked):
+        raise fail("acoustic.checked", f"must be a list of partitions from {', '.join(PARTITIONS)}")
+    raw = table["margin"]
+    if not isinstance(raw, dict):
+        raise fail("acoustic.margin", "must be a table of partition -> float")
+    margins = {}
+    for part, m in raw.items():
+        m = from_json_float(m) if m in ("inf", "-inf") else m
+        if part not in PARTITIONS or not isinstance(m, (int, float)) or isinstance(m, bool) or math.isnan(m):
+            raise fail(f"acoustic.margin.{part}", "must be a partition with a number (inf / -inf allowed)")
+        margins[part] = float(m)
+    for part in checked:
+        if part not in margins:
+            raise fail(f"acoustic.margin.{part}", f"partition {part!r} is acoustically checked, so it needs a margin")
+    return tuple(checked), tuple(sorted(margins.items()))
 
 
 def load_gate_policy(path: Path | str | None = None) -> GatePolicy:
@@ -187,6 +242,7 @@ def load_witness_key(path: Path | None = None) -> bytes:
 
 
 WITNESSED = ("feat_id", "policy_hash", "proposal", "accepted", "rules", "edit_distance", "partition", "asr_text")
+ACOUSTIC_WITNESSED = ("acoustic_delta", "acoustic_margin")  # JSON-safe (json_float)
 
 
 def witness(key: bytes, decision: dict) -> str:
@@ -194,6 +250,9 @@ def witness(key: bytes, decision: dict) -> str:
     proposal, and the verdict on them."""
     values = [decision[k] for k in WITNESSED]
     values[WITNESSED.index("rules")] = list(values[WITNESSED.index("rules")])
+    acoustic = [decision.get(k) for k in ACOUSTIC_WITNESSED]
+    if any(v is not None for v in acoustic):  # decisions of a gate without the rule keep their old witness
+        values.append(acoustic)
     msg = json.dumps(values, ensure_ascii=False).encode()
     return hmac.digest(key, msg, "sha256").hex()
 
@@ -223,12 +282,18 @@ class Decision:
     asr_text: str
     proposal: str  # normalised; what would be applied
     normalized: bool  # normalisation changed the proposal as submitted
+    acoustic_delta: float | None = None  # the proposal's acoustic score, as given to the gate
+    acoustic_margin: float | str | None = None  # margin of the row's partition when rule `acoustic` checks it
 
     def as_dict(self) -> dict:
-        return {"feat_id": self.feat_id, "accepted": self.accepted, "rules": list(self.rules),
-                "edit_distance": self.edit_distance, "policy_hash": self.policy_hash, "witness": self.witness,
-                "partition": self.partition, "partition_source": self.partition_source,
-                "asr_text": self.asr_text, "proposal": self.proposal, "normalized": self.normalized}
+        d = {"feat_id": self.feat_id, "accepted": self.accepted, "rules": list(self.rules),
+             "edit_distance": self.edit_distance, "policy_hash": self.policy_hash, "witness": self.witness,
+             "partition": self.partition, "partition_source": self.partition_source,
+             "asr_text": self.asr_text, "proposal": self.proposal, "normalized": self.normalized}
+        if self.acoustic_delta is not None or self.acoustic_margin is not None:
+            d["acoustic_delta"] = self.acoustic_delta
+            d["acoustic_margin"] = self.acoustic_margin
+        return d
 
 
 class Gate:
@@ -251,6 +316,7 @@ class Gate:
         self._frozen = set(policy.frozen)
         self._quarantine = set(policy.quarantine)
         self._lexicon_checked = set(policy.lexicon_checked)
+        self._margins = {p: policy.margin(p) for p in policy.acoustic_checked}
 
     def _orphans(self, text: str) -> int:
         return sum(len(m) for m in self._orphan.findall(text))
@@ -262,7 +328,8 @@ class Gate:
     def _words(self, text: str) -> set[str]:
         return {w.strip(self._strip) for w in text.split(" ")} - {""}
 
-    def decide(self, row: Row, proposal: str) -> Decision:
+    def decide(self, row: Row, proposal: str, acoustic_delta: float | None = None) -> Decision:
+        """``acoustic_delta``: the proposal's score from models/score.py (None: not scored)."""
         if row.partition_source and row.partition_source != self.partition_source:
             raise GateError(f"{row.feat_id}: row partition source {row.partition_source!r} is not the gate's "
                             f"{self.partition_source!r}")
@@ -299,7 +366,13 @@ class Gate:
                 new = self._words(p) - self._words(asr)
                 if any(self.lexicon is None or w not in self.lexicon for w in new):
                     rules.append("new_word")
+            margin = self._margins.get(part)
+            if margin is not None and (acoustic_delta is None or not acoustic_delta >= -margin):
+                rules.append("acoustic")  # no score, NaN, or the audio prefers the ASR text by more than the margin
+        delta = json_float(acoustic_delta) if acoustic_delta is None or not math.isnan(acoustic_delta) else None
+        margin_out = json_float(self._margins.get(part))
         verdict = {"feat_id": row.feat_id, "policy_hash": self.policy_hash, "proposal": p, "accepted": not rules,
-                   "rules": rules, "edit_distance": dist, "partition": part, "asr_text": asr}
+                   "rules": rules, "edit_distance": dist, "partition": part, "asr_text": asr,
+                   "acoustic_delta": delta, "acoustic_margin": margin_out}
         return Decision(row.feat_id, not rules, tuple(rules), dist, self.policy_hash, witness(self.key, verdict),
-                        part, self.partition_source, asr, p, p != proposal)
+                        part, self.partition_source, asr, p, p != proposal, delta, margin_out)

@@ -9,9 +9,10 @@ from typing import Sequence
 
 import sqlite_utils
 
-from agp.gate import Decision
+from agp.gate import Decision, from_json_float
 from agp.rows import write_jsonl
 from backend.store import transaction
+from models.text import row_edits
 
 VERDICTS = ("agree", "override")
 
@@ -42,11 +43,15 @@ def record_decisions(db: sqlite_utils.Database, run_id: str | None, proposals: S
                 continue
             cur = conn.execute("INSERT INTO proposals(feat_id, run_id, proposer, proposal) VALUES (?,?,?,?)",
                                (p["feat_id"], run_id, p.get("proposer") or "file", p["proposal"]))
+            ref = references.get(d.feat_id)
+            change = row_edits(ref, d.proposal)[0] - row_edits(ref, d.asr_text)[0] if ref is not None else None
             cur = conn.execute(
                 "INSERT INTO gate_decisions(feat_id, run_id, proposal_id, partition, accepted, rules, edit_distance, "
-                "policy_hash, witness, asr_text, proposal, reference_text) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "policy_hash, witness, asr_text, proposal, reference_text, acoustic_delta, acoustic_margin, "
+                "ref_edit_change) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (d.feat_id, run_id, cur.lastrowid, d.partition, int(d.accepted), json.dumps(list(d.rules)),
-                 d.edit_distance, d.policy_hash, d.witness, d.asr_text, d.proposal, references.get(d.feat_id)))
+                 d.edit_distance, d.policy_hash, d.witness, d.asr_text, d.proposal, ref,
+                 from_json_float(d.acoustic_delta), from_json_float(d.acoustic_margin), change))
             ids.append(cur.lastrowid)
     return ids
 
@@ -74,7 +79,7 @@ def pending_reviews(db: sqlite_utils.Database, run_id: str | None = None, limit:
     params: list = [run_id] if run_id else []
     return list(db.query(
         f"SELECT d.id, d.feat_id, d.run_id, d.partition, d.accepted, d.rules, d.edit_distance, d.asr_text, "
-        f"d.proposal FROM gate_decisions d LEFT JOIN reviews r ON r.decision_id = d.id {where} "
+        f"d.proposal, d.acoustic_delta, d.acoustic_margin FROM gate_decisions d LEFT JOIN reviews r ON r.decision_id = d.id {where} "
         f"ORDER BY d.accepted DESC, d.id DESC LIMIT ?", params + [limit]))
 
 

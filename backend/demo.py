@@ -1,8 +1,9 @@
 """`nko-ops demo`: the main job on the embedded sample corpus.
 
 Steps: check the sample snapshot, make the split, extract log-mel features, run the demo
-matrix on the local executor (sanity step first), write tables, figures and claims, then
-run the offline AGP lane (lexicon proposer + gate + eval) on the N'Ko rows. Everything
+matrix on the local executor (sanity step first), run the offline AGP lane on the N'Ko rows
+(lexicon and N-best proposers, acoustic score, gate, eval), then write tables, figures and
+claims (the tables include the AGP lane's results). Everything
 lands in state.db and under work/demo and reports/; reruns reuse what is already built.
 """
 
@@ -84,7 +85,27 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
         console.print(str(r))
     failed = [r for r in results if r.status != "completed"]
 
-    console.rule("5. tables, figures, claims")
+    console.rule("5. AGP lane: N'Ko test rows; partitions and acoustic margins calibrated on val rows; "
+                 "lexicon and N-best proposers, acoustic score, gate, eval")
+    from agp.evaluate import format_table
+    from agp.pipeline import run_demo_lane
+
+    lanes = run_demo_lane(MATRIX, split_path, SAMPLE, REPORTS / "agp", db_path,
+                          log=lambda msg: console.print(f"[yellow]{escape(msg)}[/yellow]"))
+    for run_id, lane in lanes.items():
+        cal = lane["partition_calibration"]
+        console.print(f"[bold]{run_id}[/bold]  partitions: {cal['identity']} (calibrated on "
+                      f"{cal['val_rows']}, val CER {cal['val_cer']:.4f})")
+        for warning in cal["warnings"]:
+            console.print(f"  [yellow]calibration: {escape(warning)}[/yellow]")
+        for name, summary in lane["proposers"].items():
+            margins = (summary.get("gate_calibration") or {}).get("margins", {})
+            console.print(f"  proposer [bold]{name}[/bold]: acoustic margins "
+                          + (", ".join(f"{p} {c['margin']:.4f}" if not isinstance(c["margin"], str)
+                                       else f"{p} {c['margin']}" for p, c in margins.items()) or "not calibrated"))
+            console.print(format_table(summary), markup=False)
+
+    console.rule("6. tables, figures, claims (after the AGP lane: tables.md carries its results)")
     from backend.claims import check_claims
     from backend.tables import write_tables
 
@@ -94,19 +115,6 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
     claims_text = "\n".join(str(v) for v in verdicts) + "\n"
     (REPORTS / "claims.txt").write_text(claims_text, encoding="utf-8")
     console.print(claims_text)
-
-    console.rule("6. AGP lane: partitions calibrated on val rows, lexicon proposer + gate + eval on the N'Ko test rows")
-    from agp.evaluate import format_table
-    from agp.pipeline import run_demo_lane
-
-    lanes = run_demo_lane(MATRIX, split_path, SAMPLE, REPORTS / "agp", db_path)
-    for run_id, summary in lanes.items():
-        cal = summary["partition_calibration"]
-        console.print(f"[bold]{run_id}[/bold]  partitions: {cal['identity']} (calibrated on "
-                      f"{cal['val_rows']}, val CER {cal['val_cer']:.4f})")
-        for warning in cal["warnings"]:
-            console.print(f"  [yellow]calibration: {escape(warning)}[/yellow]")
-        console.print(format_table(summary), markup=False)
 
     console.rule("done")
     console.print(f"finished in {time.time() - t0:.0f} s")

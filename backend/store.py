@@ -165,10 +165,20 @@ _THUNDER_ADAPTER_RUNS = [
     "CREATE INDEX adapter_metrics_run ON adapter_metrics(adapter_run_id, name, rank, iteration)",
 ]
 
+# AGP rule `acoustic` (agp/gate.py): each decision's acoustic score and the margin it was held
+# to, and how applying the proposal would change the row's edits against the reference
+# (NULL when the reference was not known): the Gate pane's "accepted but worse" filter.
+_GATE_ACOUSTIC = [
+    "ALTER TABLE gate_decisions ADD COLUMN acoustic_delta REAL",
+    "ALTER TABLE gate_decisions ADD COLUMN acoustic_margin REAL",
+    "ALTER TABLE gate_decisions ADD COLUMN ref_edit_change INTEGER",
+]
+
 # (version, name, statements). Append; never edit a migration that has shipped.
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "initial schema", _V1),
     (2, "thunder adapter runs", _THUNDER_ADAPTER_RUNS),
+    (3, "gate decisions: acoustic evidence", _GATE_ACOUSTIC),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

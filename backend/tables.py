@@ -470,9 +470,50 @@ def write_tables(matrix_path: str | Path, out_dir: str | Path = "reports", db_pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in [("tables.md", markdown(s)), ("tables.tex", latex(s)), *csvs(s).items()]:
+    agp_md, agp_csv = agp_tables(m, out / "agp")
+    for name, text in [("tables.md", markdown(s) + agp_md), ("tables.tex", latex(s)), *csvs(s).items(),
+                       *([("agp.csv", agp_csv)] if agp_csv else [])]:
         p = out / f"{m.matrix_id}-{name}"
         _write(p, text)
         written.append(p)
     written += _figures(s, out)
     return written
+
+
+# --------------------------------------------------------------------------- AGP lane
+
+AGP_PARTITIONS = ("stable", "boundary", "uncertain", "novelty")
+AGP_HEAD = ["run", "proposer", "partition", "rows", "CER before", "ungated", "gated", "Δ gated pp", "95% CI",
+            "accepted", "improved", "neutral", "worse", "margin"]
+
+
+def agp_tables(m: Matrix, agp_dir: Path) -> tuple[str, str]:
+    """The AGP lane's results (``agp_dir/<run_id>/agp_eval.json``, written by the demo's lane
+    before the tables) as a markdown section and a CSV; empty strings when there are none."""
+    rows = []
+    for spec in m.runs:
+        path = agp_dir / spec.run_id / "agp_eval.json"
+        if not path.exists():
+            continue
+        lane = json.loads(path.read_text(encoding="utf-8"))
+        for name, summ in lane.get("proposers", {}).items():
+            margins = (summ.get("gate_policy") or {}).get("acoustic", {}).get("margin", {})
+            parts = summ["partitions"]
+            groups = [(p, parts[p]) for p in AGP_PARTITIONS if parts.get(p, {}).get("rows")] + [("overall", summ["overall"])]
+            for part, g in groups:
+                ci = g.get("delta_ci95")
+                margin = margins.get(part)
+                rows.append([spec.run_id, name, part, str(g["rows"]), _pct(g["cer_before"]), _pct(g["cer_ungated"]),
+                             _pct(g["cer_after"]), _pct(g["delta_cer"], True),
+                             f"[{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]" if ci else "—", str(g["accepted"]),
+                             str(g["improved"]), str(g["neutral"]), str(g["worse"]),
+                             "—" if margin is None else (margin if isinstance(margin, str) else f"{margin:.4f}")])
+    if not rows:
+        return "", ""
+    md = ["## AGP lane: CER before, ungated and gated (test rows)", "",
+          "Each proposer's proposals on the N'Ko test rows: CER % with every proposal applied (ungated) and with "
+          "only the gate's accepted ones (gated); Δ gated = gated − before with a paired bootstrap 95% CI over "
+          "rows; margin = the acoustic margin of rule `acoustic` for the partition, calibrated on validation "
+          "rows (`reports/agp/<run>/<proposer>/gate.val.toml`; figure `frontier.png` beside it).", "",
+          _md_table(AGP_HEAD, rows), ""]
+    return "\n".join(md), _csv(AGP_HEAD, rows)

@@ -147,6 +147,7 @@ class GateFilter:
     partition: str | None = None  # one of PARTITIONS, or None for all
     accepted: bool | None = None  # True accepted, False rejected, None both
     unreviewed: bool = False
+    worse: bool = False  # only accepted decisions whose proposal is further from the reference
     offset: int = 0
     limit: int = 500
 
@@ -160,6 +161,8 @@ class GateFilter:
             args.append(1 if self.accepted else 0)
         if self.unreviewed:
             clauses.append("NOT EXISTS (SELECT 1 FROM reviews v WHERE v.decision_id = d.id)")
+        if self.worse:
+            clauses.append("d.accepted = 1 AND d.ref_edit_change > 0")
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
 
@@ -179,6 +182,9 @@ class DecisionRow:
     witness: str
     verdict: str  # latest review verdict, '' when none
     note: str
+    acoustic_delta: float | None = None  # the proposal's acoustic score (agp rule acoustic)
+    acoustic_margin: float | None = None  # the margin of the row's partition, None when not checked
+    ref_edit_change: int | None = None  # edits(ref, proposal) - edits(ref, ASR); None without a reference
 
 
 @dataclass(frozen=True)
@@ -203,13 +209,14 @@ def gate_decisions(db: sqlite_utils.Database, flt: GateFilter = GateFilter()) ->
     sql = f"""
         SELECT d.id, d.feat_id, d.run_id, d.partition, d.accepted, d.rules, d.edit_distance,
                d.asr_text, d.proposal, d.reference_text, d.policy_hash, d.witness,
-               v.verdict, v.note
+               v.verdict, v.note, d.acoustic_delta, d.acoustic_margin, d.ref_edit_change
         FROM (SELECT * FROM gate_decisions d{where} ORDER BY d.id DESC LIMIT ? OFFSET ?) d
         LEFT JOIN reviews v ON v.id = (SELECT max(id) FROM reviews WHERE decision_id = d.id)
         ORDER BY d.id DESC"""
     rows = tuple(
         DecisionRow(r[0], r[1] or "", r[2] or "", r[3] or "", bool(r[4]), _rules(r[5]), r[6],
-                    r[7] or "", r[8] or "", r[9] or "", r[10] or "", r[11] or "", r[12] or "", r[13] or "")
+                    r[7] or "", r[8] or "", r[9] or "", r[10] or "", r[11] or "", r[12] or "", r[13] or "",
+                    r[14], r[15], r[16])
         for r in db.execute(sql, [*args, flt.limit, flt.offset]).fetchall())
     return GatePage(flt, total, rows)
 

@@ -64,3 +64,17 @@ def agp_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("nko_ops_home")
     monkeypatch.setenv("NKO_OPS_HOME", str(home))
     return home
+
+
+def text_only_policy(tmp_path: Path) -> Path:
+    """The default gate policy with rule acoustic off, for lanes with no checkpoint to score
+    proposals with (the text rules are what such tests exercise)."""
+    import tomllib
+
+    from agp.gate import DEFAULT_POLICY
+
+    text = DEFAULT_POLICY.read_text(encoding="utf-8")
+    text = text[:text.index("[acoustic]")]
+    assert "acoustic" not in tomllib.loads(text)
+    (tmp_path / "text_only.toml").write_text(text, encoding="utf-8")
+    return tmp_path / "text_only.toml"

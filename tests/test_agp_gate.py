@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from rapidfuzz.distance import Levenshtein
 
-from agp.gate import (RULE_IDS, Gate, GateError, load_gate_policy, load_witness_key, parse_gate_policy,
+from agp.gate import (RULE_IDS, Gate, GateError, from_json_float, load_gate_policy, load_witness_key, parse_gate_policy,
                       verify_witness, witness_key_path)
 from agp.lexicon import Lexicon
 from agp_helpers import PAIRS, agp_home, make_row  # noqa: F401
@@ -20,7 +20,7 @@ ROWS = [make_row(f"r{i}_{part}", ref, asr, part)
 ROWS.append(make_row("empty_asr", "ߦߋ", "", "boundary"))
 
 
-def violations(row, d) -> list[str]:
+def violations(row, d, delta) -> list[str]:
     """An independent reading of configs/agp/gate.toml: what an accepted proposal must satisfy."""
     p, asr, out = d.proposal, row.asr_text, []
     if not p:
@@ -75,18 +75,29 @@ def violations(row, d) -> list[str]:
         new = {w.strip(POLICY.allowed_punctuation) for w in p.split(" ")} - set(asr.split(" ")) - {""}
         if any(w not in LEXICON for w in new):
             out.append("new word")
+    if row.partition in ("boundary", "uncertain"):  # rule acoustic: scored, and delta >= -margin
+        margin = dict(POLICY.acoustic_margins)[row.partition]
+        if delta is None or delta != delta or delta < -margin:
+            out.append("acoustic evidence")
+        recorded = from_json_float(d.acoustic_delta)  # infinities are recorded as "inf" / "-inf" (JSON)
+        if from_json_float(d.acoustic_margin) != margin or not (recorded == delta or recorded is delta is None
+                                                                or (delta != delta and recorded is None)):
+            out.append("acoustic fields misreported")
     return out
 
 
-def check(row, proposal):
-    d = GATE.decide(row, proposal)
+def check(row, proposal, delta=0.0):
+    d = GATE.decide(row, proposal, delta)
     assert d.accepted == (not d.rules)
     assert set(d.rules) <= set(RULE_IDS)
     assert d.policy_hash == GATE.policy_hash and len(d.witness) == 64
-    assert GATE.decide(row, proposal) == d  # deterministic
+    assert GATE.decide(row, proposal, delta) == d  # deterministic
     if d.accepted:
-        assert violations(row, d) == []
+        assert violations(row, d, delta) == []
     return d
+
+
+DELTAS = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -0.0, -1e-9]))
 
 
 NKO = [chr(c) for c in range(0x07C0, 0x0800)]
@@ -131,15 +142,15 @@ def adversarial(draw):
         p = draw(st.sampled_from(BIDI + CONTROL)) + asr + draw(st.sampled_from(BIDI + CONTROL))
     else:
         p = asr.upper() + draw(st.sampled_from(["", " ", "abc", "مرحبا"]))
-    return row, p
+    return row, p, draw(DELTAS)
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(adversarial())
 def test_fuzz_no_exception_and_no_accepted_violation(case):
-    row, proposal = case
-    decision = check(row, proposal)  # check() asserts every invariant of the decision
-    assert not decision.accepted or violations(row, decision) == []
+    row, proposal, delta = case
+    decision = check(row, proposal, delta)  # check() asserts every invariant of the decision
+    assert not decision.accepted or violations(row, decision, delta) == []
 
 
 def test_random_mutations_hit_both_outcomes():
@@ -159,7 +170,7 @@ def test_random_mutations_hit_both_outcomes():
             p = "".join(chars)
         else:
             p = "".join(rng.choice(ALPHABET) for _ in range(rng.randrange(40)))
-        d = check(row, p)
+        d = check(row, p, rng.choice([None, -0.5, -0.01, 0.0, 0.02, float("nan")]))
         accepted += d.accepted
         rejected += not d.accepted
     assert accepted > 100 and rejected > 100
@@ -196,6 +207,41 @@ def test_rules_on_hand_built_cases(part, proposal, rules):
     assert list(d.rules) == rules
 
 
+@pytest.mark.parametrize("part,delta,margin,accepted", [
+    ("boundary", None, 0.0, False),            # not scored: rejected where the rule checks
+    ("boundary", -0.01, 0.0, False),           # the audio prefers the ASR text
+    ("boundary", -0.01, 0.02, True),           # ...by less than the margin
+    ("boundary", -0.03, 0.02, False),
+    ("uncertain", float("nan"), 1.0, False),
+    ("uncertain", 5.0, float("-inf"), False),  # -inf: nothing passes there
+    ("boundary", -9.0, float("inf"), True),    # inf: any scored proposal passes
+])
+def test_acoustic_rule(part, delta, margin, accepted):
+    policy = POLICY.with_margins({part: margin})
+    gate = Gate(policy, LEXICON, key=GATE.key)
+    d = gate.decide(r(part), "ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ", delta)
+    assert d.accepted == accepted and d.rules == (() if accepted else ("acoustic",))
+    rec = d.as_dict()
+    assert rec["acoustic_margin"] == (margin if abs(margin) != float("inf") else ("inf" if margin > 0 else "-inf"))
+    assert verify_witness(GATE.key, rec)
+    # the score and the margin are witnessed: raising a rejected delta does not verify
+    assert not verify_witness(GATE.key, {**rec, "acoustic_delta": 1.0})
+    assert not verify_witness(GATE.key, {**rec, "acoustic_margin": 100.0})
+    assert (gate.policy_hash == GATE.policy_hash) == (margin == 0.0)  # the margins are part of the policy
+    # stable / novelty rows are not acoustically checked: their own rules decide
+    assert gate.decide(r("stable"), "ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ", None).rules == ("frozen",)
+
+
+def test_acoustic_policy_errors():
+    raw = POLICY.as_dict()
+    with pytest.raises(GateError, match="acoustic.margin.uncertain.*needs a margin"):
+        parse_gate_policy({**raw, "acoustic": {"checked": ["boundary", "uncertain"], "margin": {"boundary": 0.1}}})
+    with pytest.raises(GateError, match="acoustic.margin.boundary"):
+        parse_gate_policy({**raw, "acoustic": {"checked": ["boundary"], "margin": {"boundary": "lots"}}})
+    off = parse_gate_policy({k: v for k, v in raw.items() if k != "acoustic"})
+    assert off.acoustic_checked == () and Gate(off, LEXICON, key=GATE.key).decide(r("boundary"), "ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ").accepted
+
+
 def test_orphan_marks_the_asr_already_had_are_not_the_proposals_fault():
     row = make_row("o", "ߊ ߓߊ߲ ߞߊ", "ߊ ߲ߓ ߞߊ", "boundary")
     assert check(row, "ߊ ߲ߓ ߞߊ߫").accepted                     # keeps the ASR's malformed word
@@ -203,7 +249,7 @@ def test_orphan_marks_the_asr_already_had_are_not_the_proposals_fault():
 
 
 def test_decision_fields_and_witness():
-    d = GATE.decide(r("boundary"), "ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ\u200f")
+    d = GATE.decide(r("boundary"), "ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ\u200f", 0.0)
     assert d.accepted and d.normalized and d.proposal == "ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ" and d.edit_distance == 1
     rec = d.as_dict()
     assert set(rec) >= {"feat_id", "accepted", "rules", "edit_distance", "policy_hash", "witness"}
@@ -231,7 +277,7 @@ def test_block_symbols_need_listing_as_punctuation():
     raw = POLICY.as_dict()
     bare = Gate(parse_gate_policy({**raw, "allowed_punctuation": ""}), LEXICON, key=GATE.key)
     for sym in "߶߷߸߹߾߿":
-        assert bare.decide(r("boundary"), "ߌ ߦߋ ߛߊ ߖߏߟߌ ߦߋ" + sym).rules == ("script",), sym
+        assert bare.decide(r("boundary"), "ߌ ߦߋ ߛߊ ߖߏߟߌ ߦߋ" + sym, 0.0).rules == ("script",), sym
 
 
 def test_policy_hash_covers_policy_lexicon_and_partition_source(tmp_path):
@@ -299,17 +345,18 @@ def test_fast_normalize_matches_a_plain_reference(text):
 def test_script_classes_choose_what_else_a_proposal_may_contain():
     """The policy's `script_classes` (models.text validity classes) widen the script rule;
     absent, the gate accepts N'Ko only and its policy hash is unchanged."""
-    raw = POLICY.as_dict()
-    assert "script_classes" not in raw and POLICY.script_classes == ()
+    assert "script_classes" not in POLICY.as_dict() and POLICY.script_classes == ()
+    raw = {k: v for k, v in POLICY.as_dict().items() if k != "acoustic"}  # unscored proposals here
+    strict_gate = Gate(parse_gate_policy(raw), LEXICON, key=GATE.key)
     asr = "ߌ ߦߋ ߛߊ ߖߏߟߌ ߦߋ"
     typo = Gate(parse_gate_policy({**raw, "script_classes": ["typographic"]}), LEXICON, key=GATE.key)
-    assert typo.policy_hash != GATE.policy_hash
+    assert typo.policy_hash != strict_gate.policy_hash
     for proposal, strict, widened in [("ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ%", ("script",), ()),
                                       ("ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ°", ("script",), ()),
                                       ("ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦx", ("script",), ("script",)),
                                       ("ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦ\x07", ("script",), ("script",))]:
         row = make_row("sc", asr, asr, "boundary")
-        assert GATE.decide(row, proposal).rules == strict, proposal
+        assert strict_gate.decide(row, proposal).rules == strict, proposal
         assert typo.decide(row, proposal).rules == widened, proposal
     for bad in (["control"], ["nko"], ["emoji"], "latin"):
         with pytest.raises(GateError, match="key 'script_classes'"):

@@ -27,6 +27,7 @@ from console.widgets import Bars, Curve
 
 from backend.store import add_metrics, open_db, record_artifacts, transaction, upsert_run
 from backend.vast.cost import ts as iso_ts
+from models.text import row_edits
 
 # 2025-01-02T12:00:00Z: the console's clock in the tests, so uptimes and ages are fixed.
 NOW = 1735819200.0
@@ -83,11 +84,14 @@ def build(path: Path, *, runs: bool = True, gate: bool = True, cloud: bool = Tru
     if gate:
         with transaction(db):
             for i, (asr, prop, ref, part, acc, rules, dist) in enumerate(DECISIONS):
+                checked = part in ("boundary", "uncertain")  # rule acoustic's partitions
                 db.execute("INSERT INTO gate_decisions(feat_id, run_id, partition, accepted, rules, edit_distance, "
-                           "policy_hash, witness, asr_text, proposal, reference_text, created_at) "
-                           "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                           "policy_hash, witness, asr_text, proposal, reference_text, created_at, acoustic_delta, "
+                           "acoustic_margin, ref_edit_change) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                            [f"bam_test_{i:04d}", "demo-nko-trajectory", part, int(acc), json.dumps(rules), dist,
-                            "a1b2c3d4e5f60718" * 4, f"{i:016x}" * 4, asr, prop, ref, "2025-01-02T11:30:00.000Z"])
+                            "a1b2c3d4e5f60718" * 4, f"{i:016x}" * 4, asr, prop, ref, "2025-01-02T11:30:00.000Z",
+                            -0.0125 * i, 0.05 if checked else None,
+                            row_edits(ref, prop)[0] - row_edits(ref, asr)[0]])
     if cloud:
         with transaction(db):
             db.execute("INSERT INTO budgets(name, cap_usd, warn_usd, spent_usd) VALUES ('bundle', 100, 80, 12.5)")
@@ -532,6 +536,33 @@ async def test_gate_filter_keys(state):
         await pilot.press("p", "p", "p", "d")  # -> uncertain, novelty, all; rejected -> all
         await settle(pilot)
         assert len(rows(app, "#gate-table")) == 5
+
+
+@pytest.mark.asyncio
+async def test_gate_shows_acoustic_evidence_and_filters_accepted_but_worse(state):
+    db = open_db(state)
+    with transaction(db):  # an accepted proposal that moved the row away from its reference
+        db.execute("INSERT INTO gate_decisions(feat_id, run_id, partition, accepted, rules, edit_distance, policy_hash, "
+                   "witness, asr_text, proposal, reference_text, acoustic_delta, acoustic_margin, ref_edit_change) "
+                   "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                   ["bam_test_0099", "demo-nko-trajectory", "boundary", 1, "[]", 1, "a1b2c3d4e5f60718" * 4, "f" * 64,
+                    "ߞߏ ߓߍ߯ ߘߌ", "ߞߏ ߓߍ ߘߌ", "ߞߏ ߓߍ߯ ߘߌ", -0.031, 0.04, 1])
+    db.close()
+    app = make_app(state)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await pilot.press("2")
+        await settle(pilot)
+        assert len(rows(app, "#gate-table")) == 6
+        await pilot.press("w")
+        await settle(pilot)
+        table = rows(app, "#gate-table")
+        assert [r[0] for r in table] == ["6"] and "-0.0310" in table[0] and "0.0400" in table[0]
+        assert "accepted but worse only yes" in text_of(app, "#gate-filter")
+        info = text_of(app, "#gate-info")
+        assert "acoustic Δ -0.0310" in info and "margin 0.0400" in info
+        await pilot.press("w")
+        await settle(pilot)
+        assert len(rows(app, "#gate-table")) == 6
 
 
 @pytest.mark.asyncio

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agp.lexicon import Lexicon
-from agp_helpers import PAIRS, agp_home, row_dict, sample_rows, write_rows_file  # noqa: F401
+from agp_helpers import PAIRS, agp_home, row_dict, sample_rows, text_only_policy, write_rows_file  # noqa: F401
 from backend.thunder.agp_eval import AgpEvalError, evaluate_adapter, heldout_rows, main, score
 from thunder_helpers import REPO, build_corpus_like_the_cli
 
@@ -34,7 +34,7 @@ def _adapter(tmp_path: Path) -> Path:
     return d
 
 
-def test_heldout_rows_are_the_full_test_split_and_show_damage_to_correct_rows(built):
+def test_heldout_rows_are_the_full_test_split_and_show_damage_to_correct_rows(built, tmp_path):
     rows_path, corpus, manifest = built
     test_rows, train_refs, policy, _ = heldout_rows(rows_path, corpus)
     assert [r.feat_id for r in test_rows] == manifest["split_feat_ids"]["test"]
@@ -47,14 +47,19 @@ def test_heldout_rows_are_the_full_test_split_and_show_damage_to_correct_rows(bu
     proposals = [{"feat_id": r.feat_id, "proposal": asr_of[r.reference_text] if r in correct else r.reference_text}
                  for r in test_rows]
     lexicon = Lexicon.from_references(train_refs)
-    summary, decisions, _ = score(test_rows, proposals, lexicon, policy.identity)
+    # no acoustic model here: the text rules alone (rule acoustic would refuse every unscored
+    # change on boundary/uncertain rows and hide what this checks)
+    text_only = str(text_only_policy(tmp_path))
+    unscored, _, _ = score(test_rows, proposals, lexicon, policy.identity)
+    assert unscored["overall"]["rejected_by_rule"].get("acoustic", 0) > 0
+    summary, decisions, _ = score(test_rows, proposals, lexicon, policy.identity, text_only)
     damaged = summary["already_correct"]
     assert damaged["rows"] == len(correct) and damaged["worse"] >= 1 and damaged["cer_after"] > 0
     assert summary["overall"]["worse"] == damaged["worse"]
     # scored on the error pairs alone (what corpus.json's example ids hold) the harm is invisible
     errors = [r for r in test_rows if r not in correct]
     only_errors, _, _ = score(errors, [p for p in proposals if p["feat_id"] in {r.feat_id for r in errors}],
-                              lexicon, policy.identity)
+                              lexicon, policy.identity, text_only)
     assert only_errors["overall"]["worse"] == 0 and only_errors["already_correct"]["rows"] == 0
 
 

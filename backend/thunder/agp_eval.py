@@ -150,7 +150,10 @@ def score(test_rows: list[Row], proposals: list[dict], lexicon: Lexicon, partiti
 
 def evaluate_adapter(model: str, adapter: str, corpus: str, rows: str, out: Path | str, max_tokens: int = 256,
                      gate_policy: str | None = None, partition_policy: str | None = None,
-                     partition_source: str | None = None) -> dict:
+                     partition_source: str | None = None, acoustic_run: str | None = None) -> dict:
+    """``acoustic_run``: the rows' ASR run directory (best.pt and its feature store): the
+    proposals get their acoustic score (agp rule ``acoustic``); without it they carry none and
+    the gate refuses them on the partitions that rule checks."""
     out = Path(out)
     adapter_file = Path(adapter) / "adapters.safetensors"
     if not adapter_file.exists():
@@ -166,12 +169,17 @@ def evaluate_adapter(model: str, adapter: str, corpus: str, rows: str, out: Path
         finally:
             proposer.close()
     propose_s = time.monotonic() - t0
+    if acoustic_run:
+        from agp.pipeline import score_proposals
+
+        score_proposals(proposals, test_rows, acoustic_run)
     summary, decisions, policy_hash = score(test_rows, proposals, lexicon, ppolicy.identity, gate_policy)
     summary.update({
         "split": "test", "model": model, "adapter": adapter, "adapter_sha256": _sha256(adapter_file),
         "corpus": corpus, "corpus_files": manifest.get("files", {}), "rows": rows, "rows_sha256": manifest["rows_sha256"],
         "proposer": "chat (mlx_lm.server + adapter)", "max_tokens": max_tokens, "policy_hash": policy_hash,
         "partition_source": ppolicy.identity, "lexicon_words": len(lexicon), "propose_seconds": round(propose_s, 2),
+        "acoustic_run": acoustic_run,
         "files": {n: str(out / n) for n in ("proposals.jsonl", "decisions.jsonl", "agp_eval.json", "agp_eval.txt")},
     })
     write_jsonl(out / "proposals.jsonl", proposals)
@@ -192,10 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gate-policy")
     ap.add_argument("--partition-policy")
     ap.add_argument("--partition-source", choices=("model", "policy"))
+    ap.add_argument("--acoustic-run", help="the rows' ASR run directory: score proposals with its best.pt")
     a = ap.parse_args(argv)
     try:
         summary = evaluate_adapter(a.model, a.adapter, a.corpus, a.rows, a.out, a.max_tokens, a.gate_policy,
-                                   a.partition_policy, a.partition_source)
+                                   a.partition_policy, a.partition_source, a.acoustic_run)
     except Exception as e:
         print(f"agp eval failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -22,17 +22,26 @@ from console.queries import DecisionRow, GateFilter, GatePage
 from console.widgets import BidiText, EmptyState, Pane, Table, bidi_lines, selected_key
 from models.text import row_edits
 
-COLUMNS = ("id", "feat_id", "partition", "decision", "edits", "rules", "review")
+COLUMNS = ("id", "feat_id", "partition", "decision", "edits", "Δ acoustic", "margin", "rules", "review")
 PARTITION_CYCLE = (None, *queries.PARTITIONS)
 ACCEPT_CYCLE = (None, True, False)
 EMPTY = "No gate decisions in this state.db yet. `nko-ops demo` (AGP lane) or `nko-ops agp gate` records them."
 
 
+def _num(x: float | None) -> str:
+    if x is None:
+        return "—"
+    return f"{x:+.4f}" if x == x and abs(x) != float("inf") else ("-inf" if x < 0 else "inf")
+
+
 def cells(d: DecisionRow) -> tuple:
     decision = Text("accept", style="green") if d.accepted else Text("reject", style="red")
+    if d.accepted and d.ref_edit_change is not None and d.ref_edit_change > 0:
+        decision = Text("accept ✗", style="bold red")  # accepted but worse against the reference
     review = Text(d.verdict, style="green" if d.verdict == "agree" else "magenta") if d.verdict else Text("—", style="dim")
+    margin = "—" if d.acoustic_margin is None else _num(d.acoustic_margin).lstrip("+")
     return (str(d.id), d.feat_id, d.partition, decision, "—" if d.edit_distance is None else str(d.edit_distance),
-            ", ".join(d.rules) or "—", review)
+            _num(d.acoustic_delta), margin, ", ".join(d.rules) or "—", review)
 
 
 def _ops(a: list[str], b: list[str]) -> tuple[set[int], set[int]]:
@@ -83,6 +92,10 @@ def info_view(d: DecisionRow) -> Group:
                         ("  run ", "dim"), d.run_id or "—", ("  partition ", "dim"), d.partition or "—", "\n",
                         ("rules fired ", "dim"), (rules, "bold"), ("  edit distance ", "dim"),
                         "—" if d.edit_distance is None else str(d.edit_distance), "\n",
+                        ("acoustic Δ ", "dim"), _num(d.acoustic_delta), ("  margin ", "dim"),
+                        "not checked" if d.acoustic_margin is None else _num(d.acoustic_margin).lstrip("+"),
+                        (f"  (accepts Δ ≥ {_num(-d.acoustic_margin)})" if d.acoustic_margin is not None else "", "dim"),
+                        "\n",
                         ("policy ", "dim"), d.policy_hash[:16] or "—", ("  witness ", "dim"), d.witness[:16] or "—")
     review = Text.assemble(("review ", "dim"))
     if not d.verdict:
@@ -130,8 +143,9 @@ class OverrideScreen(ModalScreen[str | None]):
 
 class GatePane(Pane):
     title = "Gate"
-    help = ("Gate decisions, newest first. p cycles the partition filter, d accepted/rejected, "
-            "u unreviewed only, [ and ] page. The panel shows ASR text, proposal and reference "
+    help = ("Gate decisions, newest first, with each proposal's acoustic score Δ and the margin it was held to. "
+            "p cycles the partition filter, d accepted/rejected, u unreviewed only, w accepted but worse "
+            "against the reference (marked ✗), [ and ] page. The panel shows ASR text, proposal and reference "
             "(N'Ko drawn right to left), the rules that fired and the review. a records 'agree', "
             "o records an override with a note; both go to the reviews table.")
     BINDINGS = [
@@ -140,6 +154,7 @@ class GatePane(Pane):
         Binding("p", "cycle_partition", "Partition"),
         Binding("d", "cycle_accepted", "Accept/reject"),
         Binding("u", "toggle_unreviewed", "Unreviewed"),
+        Binding("w", "toggle_worse", "Accepted but worse"),
         Binding("right_square_bracket", "page(1)", "Older", show=False),
         Binding("left_square_bracket", "page(-1)", "Newer", show=False),
     ]
@@ -182,7 +197,8 @@ class GatePane(Pane):
         part = f.partition or "all"
         acc = {None: "all", True: "accepted", False: "rejected"}[f.accepted]
         text = Text.assemble(("partition ", "dim"), (part, "bold"), ("  decisions ", "dim"), (acc, "bold"),
-                             ("  unreviewed only ", "dim"), ("yes" if f.unreviewed else "no", "bold"))
+                             ("  unreviewed only ", "dim"), ("yes" if f.unreviewed else "no", "bold"),
+                             ("  accepted but worse only ", "dim"), ("yes" if f.worse else "no", "bold"))
         if page is not None:
             last = min(page.total, f.offset + len(page.rows))
             text.append(f"   showing {f.offset + 1 if page.rows else 0}–{last} of {page.total}", style="dim")
@@ -221,6 +237,9 @@ class GatePane(Pane):
 
     def action_toggle_unreviewed(self) -> None:
         self._set_filter(unreviewed=not self.filter.unreviewed, offset=0)
+
+    def action_toggle_worse(self) -> None:
+        self._set_filter(worse=not self.filter.worse, offset=0)
 
     def action_page(self, step: int) -> None:
         total = self.page.total if self.page else 0
