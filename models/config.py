@@ -133,8 +133,11 @@ class RunConfig(_Section):
     @field_validator("run_id")
     @classmethod
     def _run_id(cls, v: str) -> str:
-        if "/" in v or v.strip() != v:
-            raise ValueError("must not contain '/' or surrounding spaces")
+        from models.runid import run_id_problem
+
+        why = run_id_problem(v)
+        if why:
+            raise ValueError(why)
         return v
 
     def to_json(self) -> dict:
