@@ -72,13 +72,14 @@ class VastSettings:
     heartbeat_s: float = 15.0
     sync_every_s: float = 300.0
     max_recoveries: int = 2
+    stop_wait_s: float = 60.0  # before a destroy: how long a trainer gets to exit after SIGTERM
     idle: IdleSettings = field(default_factory=IdleSettings)
     mirror: MirrorSettings | None = None
     state_dir: Path = Path(".nko-ops")
     section: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        for name in ("disk_gb", "ssh_timeout_s", "boot_timeout_s", "heartbeat_s", "sync_every_s"):
+        for name in ("disk_gb", "ssh_timeout_s", "boot_timeout_s", "heartbeat_s", "sync_every_s", "stop_wait_s"):
             _check(self, name, getattr(self, name) > 0, "must be positive")
         _check(self, "max_recoveries", self.max_recoveries >= 0, "must not be negative")
 

@@ -261,8 +261,19 @@ def _stop_this_instance():
     """Ask Vast to stop the instance this runs on, with the instance's own API key (Vast puts
     CONTAINER_ID and CONTAINER_API_KEY in every instance's environment). Returns what
     happened, for exit.json."""
-    iid, key = os.environ.get("CONTAINER_ID"), os.environ.get("CONTAINER_API_KEY")
-    url = os.environ.get("VAST_SERVER_URL") or "https://console.vast.ai"
+    env = dict(os.environ)
+    if not env.get("CONTAINER_API_KEY"):  # an SSH session may not carry the container's environment
+        try:
+            with open("/proc/1/environ", "rb") as f:
+                for item in f.read().split(b"\0"):
+                    k, _, v = item.decode("utf-8", "replace").partition("=")
+                    if k in ("CONTAINER_ID", "CONTAINER_API_KEY") and v:
+                        env.setdefault(k, v)
+                        env[k] = env[k] or v
+        except OSError:
+            pass
+    iid, key = env.get("CONTAINER_ID"), env.get("CONTAINER_API_KEY")
+    url = env.get("VAST_SERVER_URL") or "https://console.vast.ai"
     if not iid or not key:
         return "no CONTAINER_ID / CONTAINER_API_KEY: instance left running (trainer stopped)"
     import urllib.request
