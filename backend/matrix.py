@@ -49,7 +49,7 @@ class RunSpec(_Strict):
     run_id: str
     script: Literal["nko", "latin"]
     mode: Literal["baseline", "trajectory", "tar", "ttt"]
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1)
     optional: bool = False
     note: str = ""
     # An existing run directory that satisfies this run when it passes `nko-ops runs import`

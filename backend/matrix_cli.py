@@ -132,7 +132,7 @@ def list_cmd(matrix_id: Optional[str] = typer.Option(None, "--matrix-id"), db: s
 
     if not Path(db).exists():
         _fail(FileNotFoundError(f"state store not found: {db}"))
-    handle = open_db(db)
+    handle = open_db(db, read_only=True)
     sql = "SELECT id, matrix_id, script, mode, seed, status, executor, epoch, heartbeat_at, test_cer, out_dir FROM runs"
     rows = list(handle.query(sql + (" WHERE matrix_id = ?" if matrix_id else "") + " ORDER BY id",
                              [matrix_id] if matrix_id else []))

@@ -110,7 +110,7 @@ class RunConfig(_Section):
     run_id: str = Field(min_length=1)
     script: Literal["nko", "latin"]
     mode: Literal["baseline", "trajectory", "tar", "ttt"]
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1)  # numpy and torch seeds: 0 .. 2^32-1
     snapshot: str
     snapshot_sha256: str | None = None
     split: str
