@@ -34,6 +34,11 @@ from backend.vast.provider import ProviderError, VastProvider
 MAX_LEASE_S = 30 * 86400.0
 
 
+def stop_deadline(poll_interval_s: float) -> float:
+    """How long the guard lets a budget stop sync before it stops the instance instead."""
+    return max(1.0, 0.5 * poll_interval_s)
+
+
 def runway_until(state: BudgetState, now: float) -> float:
     """When the budget runs out at the fleet's current rate: the spend plus one poll interval
     of the fleet reaches the cap (the same line the guard stops spend at)."""
@@ -59,7 +64,7 @@ class BudgetGuard:
         self.db_path, self.settings, self.budget, self.provider = str(db_path), settings, budget, provider
         self.log, self.clock = log, clock
         self.interval = budget.poll_interval_s
-        self.stop_deadline = max(1.0, 0.5 * self.interval)
+        self.stop_deadline = stop_deadline(self.interval)
         self.over = threading.Event()
         self.state: BudgetState | None = None
         self.error: str | None = None
