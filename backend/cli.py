@@ -7,6 +7,7 @@ import sqlite3
 
 import click
 import typer
+from typer._click import exceptions as _click_exceptions
 from typer.core import TyperGroup
 
 from agp.cli import agp_app
@@ -34,6 +35,11 @@ def one_line_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+# usage errors, --help, typer.Exit: click's own handling (typer vendors its click as typer._click)
+_PASS_THROUGH = (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, typer.Exit, typer.Abort,
+                 _click_exceptions.ClickException)
+
+
 class RootGroup(TyperGroup):
     """The CLI root: any error a command did not turn into its own message ends as ONE line on
     stderr (exit 2; 1 for an unexpected one), never a traceback. NKO_OPS_TRACEBACK=1 re-raises
@@ -42,7 +48,7 @@ class RootGroup(TyperGroup):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, typer.Exit, typer.Abort):
+        except _PASS_THROUGH:
             raise
         except Exception as e:
             if os.environ.get("NKO_OPS_TRACEBACK"):
