@@ -283,6 +283,9 @@ def _open_read_only(path: str, timeout: float) -> sqlite_utils.Database:
             conn = None
             if "not a database" in str(e) or "malformed" in str(e) or extra == tries[-1]:
                 raise _opening_error(path, e, True) from None
+    if current == 0:
+        conn.close()
+        raise StoreError(f"{path}: not an nko-ops state store (an empty or foreign SQLite file: no schema)")
     if current < SCHEMA_VERSION:
         conn.close()
         if os.access(path, os.W_OK) and os.access(Path(path).resolve().parent, os.W_OK):

@@ -434,3 +434,22 @@ def test_8_malformed_requests_get_a_400_not_a_dropped_connection(vast_env):
         status = req(method, path, body, length)
         assert 400 <= status < 500, (method, path, body, status)
     assert req("GET", "/api/v1/instances/") == 200  # and it still answers
+
+
+# --------------------------------------------------------------------------- the budget simulation
+
+
+def test_budget_simulation_never_bills_more_than_cap_plus_one_poll_of_the_fleet():
+    """1,000 randomised fleets, boot delays, sync durations and poll intervals on a simulated
+    clock (benchmarks/budget_sim.py): billed <= cap + one poll interval x fleet $/h, every time."""
+    import random
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import budget_sim
+
+    rng = random.Random(20261206)
+    cases = [budget_sim.simulate(budget_sim.make_case(rng, rng.randrange(1 << 30))) for _ in range(1000)]
+    bad = [(c.seed, c.billed, c.bound) for c in cases if c.billed > c.bound]
+    assert not bad, bad[:5]
+    assert sum(c.over for c in cases) > 300  # the cap is actually reached in a good share of them
+    assert sum(c.kept for c in cases) > 0  # and the deadline (stop instead of destroy) is exercised

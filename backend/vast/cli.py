@@ -60,8 +60,9 @@ def _fleet(db: str, config: Path, budget: Path):
     from backend.vast.provider import provider_from_settings
 
     settings = load_settings(config, state_dir=state_dir_for(db))
+    budget_settings = load_budget(budget)  # every file checked before anything is opened or created
     provider = provider_from_settings(settings)
-    return Fleet(open_db(db), settings, load_budget(budget), provider, log=lambda s: typer.echo(s, err=True))
+    return Fleet(open_db(db), settings, budget_settings, provider, log=lambda s: typer.echo(s, err=True))
 
 
 def _echo_json(obj) -> None:
