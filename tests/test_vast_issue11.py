@@ -453,3 +453,17 @@ def test_budget_simulation_never_bills_more_than_cap_plus_one_poll_of_the_fleet(
     assert not bad, bad[:5]
     assert sum(c.over for c in cases) > 300  # the cap is actually reached in a good share of them
     assert sum(c.kept for c in cases) > 0  # and the deadline (stop instead of destroy) is exercised
+
+
+def test_1_a_temporary_file_gone_between_listing_and_pull_is_not_a_failed_sync(vast_env):
+    from backend.vast.sync import Entry
+
+    row = vast_env.new_instance("run-t", "run-t")
+    p = write_remote(vast_env, row["id"], "run-t/last.pt.tmp", b"half a checkpoint")
+    e = Entry("last.pt.tmp", p.stat().st_size, sha(p.read_bytes()))
+    p.unlink()  # renamed into place by the trainer after the listing
+    st = vast_env.fleet.stager(row)
+    rep = vast_env.fleet.syncer.sync_dir(st.remote, st.python, st.layout.helper, "run-t", st.layout.run_dir("run-t"),
+                                         str(row["id"]), entries=[e])
+    assert rep.ok and not rep.verified
+    assert not list(vast_env.db.query("SELECT * FROM artifacts WHERE run_id = 'run-t'"))
