@@ -273,14 +273,24 @@ def test_5_the_instance_stops_its_trainer_and_itself_when_its_lease_runs_out(vas
     assert r.status_code == 403 and int(iid) in vast_env.cloud.instances
 
 
-def test_5_a_launch_writes_the_lease_and_the_runner_watches_it():
-    from backend.vast import remote as rmt
+def test_5_each_guard_tick_renews_the_leases_to_the_budgets_runway(vast_env):
+    from backend.store import db_path
+    from backend.vast.guard import BudgetGuard, runway_until
 
-    src = Path(rmt.__file__).read_text()
-    assert "--lease-grace" in src  # the runner is started with the backstop on
-    from backend.vast import executor
-
-    assert "write_lease(self.fleet, row, runway_until(" in Path(executor.__file__).read_text()
+    row = vast_env.new_instance("run-g", "run-g")
+    vast_env.fleet.mark_trainer(row["id"], "run-g")
+    other = vast_env.new_instance("run-n", "run-n")  # no trainer on it: no lease
+    guard = BudgetGuard(db_path(vast_env.db), vast_env.settings, vast_env.budget, vast_env.provider,
+                        log=vast_env.logs.append)
+    try:
+        t0 = time.time()
+        state = guard.tick()
+        lease = json.loads((vast_env.instance_dir(row["id"]) / "ctl" / "lease.json").read_text())
+        assert not state.over and not guard.over.is_set()
+        assert abs(lease["until"] - runway_until(state, t0)) < 30
+        assert not (vast_env.instance_dir(other["id"]) / "ctl" / "lease.json").exists()
+    finally:
+        guard.stop()
 
 
 # --------------------------------------------------------------------------- 6. opening the state store

@@ -267,9 +267,8 @@ def _stop_this_instance():
             with open("/proc/1/environ", "rb") as f:
                 for item in f.read().split(b"\0"):
                     k, _, v = item.decode("utf-8", "replace").partition("=")
-                    if k in ("CONTAINER_ID", "CONTAINER_API_KEY") and v:
-                        env.setdefault(k, v)
-                        env[k] = env[k] or v
+                    if k in ("CONTAINER_ID", "CONTAINER_API_KEY") and v and not env.get(k):
+                        env[k] = v
         except OSError:
             pass
     iid, key = env.get("CONTAINER_ID"), env.get("CONTAINER_API_KEY")
