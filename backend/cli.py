@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 
-import click
 import typer
-from typer._click import exceptions as _click_exceptions
 from typer.core import TyperGroup
 
 from agp.cli import agp_app
@@ -19,6 +17,7 @@ from models.cli import snapshot_app, split_app, text_app
 from models.features_cli import features_app
 from models.sample import sample_app
 from models.train_cli import evaluate_cmd, train_cmd
+
 
 def one_line_error(e: BaseException) -> str:
     """What a user sees for an error no command handled itself: one line, naming the file."""
@@ -35,9 +34,13 @@ def one_line_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-# usage errors, --help, typer.Exit: click's own handling (typer vendors its click as typer._click)
-_PASS_THROUGH = (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, typer.Exit, typer.Abort,
-                 _click_exceptions.ClickException)
+try:  # typer >= 0.2x vendors its click as typer._click
+    from typer._click.exceptions import ClickException
+except ImportError:  # older typer: the click package
+    from click import ClickException
+
+# usage errors, --help, typer.Exit: click's own handling
+_PASS_THROUGH = (typer.Exit, typer.Abort, ClickException)
 
 
 class RootGroup(TyperGroup):
@@ -45,7 +48,7 @@ class RootGroup(TyperGroup):
     stderr (exit 2; 1 for an unexpected one), never a traceback. NKO_OPS_TRACEBACK=1 re-raises
     (for developers)."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except _PASS_THROUGH:
