@@ -373,10 +373,13 @@ def review_cmd(
     from agp.records import add_review, pending_reviews
     from backend.store import open_db, user
 
-    conn = open_db(db)
+    conn = open_db(db, read_only=pending)  # listing only reads
     try:
         if pending:
-            for d in pending_reviews(conn, run_id, limit):
+            found = pending_reviews(conn, run_id, limit)
+            if not found:
+                typer.echo(f"no gate decisions waiting for a review in {db}")
+            for d in found:
                 state = "ACCEPT" if d["accepted"] else "reject " + ",".join(json.loads(d["rules"]))
                 acoustic = "" if d["acoustic_delta"] is None else f"  Δ={d['acoustic_delta']:+.4f}"
                 if d["acoustic_margin"] is not None:
@@ -403,7 +406,7 @@ def export_reviews_cmd(
     from agp.records import export_reviews
     from backend.store import open_db
 
-    conn = open_db(db)
+    conn = open_db(db, read_only=True)
     try:
         n = export_reviews(conn, out, run_id)
     finally:

@@ -41,7 +41,11 @@ class Lexicon:
         if not path.exists():
             raise FileNotFoundError(f"lexicon not found: {path}")
         counts = {}
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+        for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             word, sep, n = line.partition("\t")

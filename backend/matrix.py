@@ -31,8 +31,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from models.runid import RUN_ID_RE as _RUN_ID, RUN_ID_RULE  # one run id pattern everywhere
+
 IDENTITY_FIELDS = (("snapshot", "snapshot_sha256"), ("split", "split_sha256"), ("features", "recipe_hash"))
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -48,7 +49,7 @@ class RunSpec(_Strict):
     run_id: str
     script: Literal["nko", "latin"]
     mode: Literal["baseline", "trajectory", "tar", "ttt"]
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1)
     optional: bool = False
     note: str = ""
     # An existing run directory that satisfies this run when it passes `nko-ops runs import`
@@ -210,9 +211,8 @@ def _cross_checks(m: Matrix) -> list[str]:
     seen: dict[str, int] = {}
     for i, r in enumerate(m.runs):
         who = f"run {r.run_id!r} (runs[{i}])"
-        if not _RUN_ID.match(r.run_id):
-            problems.append(f"{who}: field 'run_id' must be letters, digits and . _ + - "
-                            "(not starting with a symbol)")
+        if not _RUN_ID.fullmatch(r.run_id):
+            problems.append(f"{who}: field 'run_id' {RUN_ID_RULE}")
         if r.run_id in seen:
             problems.append(f"{who}: field 'run_id' duplicates runs[{seen[r.run_id]}]; run ids must be unique")
         else:
@@ -236,7 +236,7 @@ def _cross_checks(m: Matrix) -> list[str]:
     for j, rid in enumerate(m.agp_dumps):
         if rid not in ids:
             problems.append(f"matrix: field 'agp_dumps[{j}]' names {rid!r}, which is not a run of this matrix")
-    if not _RUN_ID.match(m.matrix_id):
+    if not _RUN_ID.fullmatch(m.matrix_id):
         problems.append("matrix: field 'matrix_id' must be letters, digits and . _ + -")
     return problems
 

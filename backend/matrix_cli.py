@@ -112,11 +112,17 @@ def import_cmd(run_dir: Path, run_id: Optional[str] = typer.Option(None, "--run-
             from backend.executor_local import load_and_resolve
 
             m, ident = load_and_resolve(matrix)
+        created = not Path(db).exists()
         handle = open_db(db)
         try:
             b = import_run(handle, run_dir, run_id, m, ident, allow_no_manifest)
-        finally:
+        except BaseException:
             handle.close()
+            if created:  # refused: leave no state store behind that only this attempt made
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{db}{suffix}").unlink(missing_ok=True)
+            raise
+        handle.close()
     except _user_errors() as e:
         _fail(e)
     typer.echo(f"imported {run_id or b.run_id} from {run_dir}: test CER {b.results.get('test_cer')}, "
@@ -132,7 +138,7 @@ def list_cmd(matrix_id: Optional[str] = typer.Option(None, "--matrix-id"), db: s
 
     if not Path(db).exists():
         _fail(FileNotFoundError(f"state store not found: {db}"))
-    handle = open_db(db)
+    handle = open_db(db, read_only=True)
     sql = "SELECT id, matrix_id, script, mode, seed, status, executor, epoch, heartbeat_at, test_cer, out_dir FROM runs"
     rows = list(handle.query(sql + (" WHERE matrix_id = ?" if matrix_id else "") + " ORDER BY id",
                              [matrix_id] if matrix_id else []))
@@ -140,6 +146,8 @@ def list_cmd(matrix_id: Optional[str] = typer.Option(None, "--matrix-id"), db: s
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return
+    if not rows:
+        typer.echo(f"no runs in {db}" + (f" for matrix {matrix_id}" if matrix_id else ""))
     for r in rows:
         cer = f"{r['test_cer']:.4f}" if r["test_cer"] is not None else "—"
         typer.echo(f"{r['id']:<32} {r['matrix_id'] or '':<14} {r['script'] or '':<6} {r['mode'] or '':<10} "

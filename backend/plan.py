@@ -97,7 +97,7 @@ def plan_matrix(matrix_path: str | Path, db_path: str | Path | None = "state.db"
     if db_path is not None and Path(db_path).exists():
         from backend.store import open_db
 
-        db = open_db(db_path)
+        db = open_db(db_path, read_only=True)
     try:
         epoch_s, source = _epoch_seconds(m, db, ident.split_sizes.get("train"))
         runs = []

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.jsonl import iter_objects
+from models.runid import run_id_problem
 from models.snapshot import sha256_file
 
 BUNDLE_FILES = ("results.json", "train.log", "run.log", "split.json", "vocab.json", "best.pt",
@@ -159,6 +160,9 @@ def verify_bundle(run_dir: str | Path, snapshot_sha256: str | None = None, split
             b.results = json.loads((d / "results.json").read_text(encoding="utf-8"))
             if not isinstance(b.results, dict):
                 raise ValueError("not a JSON object")
+        except json.JSONDecodeError as e:
+            b.problems.append(f"results.json: not valid JSON, truncated or corrupt ({e})")
+            b.results = {}
         except ValueError as e:
             b.problems.append(f"results.json: not a JSON object ({e})")
             b.results = {}
@@ -307,7 +311,11 @@ def import_run(db, run_dir: str | Path, run_id: str | None = None, matrix=None, 
                     b.problems.append(f"results.json: {key} {b.results.get(key)!r}, but matrix run {rid!r} "
                                       f"is {getattr(spec, key)!r}")
     if not rid:
-        b.problems.append("no run id: results.json has no 'run_id'; pass --run-id")
+        b.problems.append("no run id: results.json has no 'run_id'; pass --run-id" if b.results else
+                          "no run id: results.json could not be read (above); pass --run-id")
+    elif run_id_problem(rid):
+        b.problems.append(f"run id {rid!r}" + (" (--run-id)" if run_id else " (results.json's run_id)")
+                          + f": {run_id_problem(rid)}")
     b.raise_if_bad()
     existing = store.get_run(db, rid)
     if existing and existing["status"] == "completed" and existing["out_dir"] != str(b.dir.resolve()):

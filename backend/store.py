@@ -13,6 +13,7 @@ transaction holding the lock; sqlite-utils' own writes use explicit BEGIN/COMMIT
 from __future__ import annotations
 
 import contextlib
+import errno
 import getpass
 import json
 import os
@@ -32,6 +33,10 @@ SYNC_STATES = ("local", "remote-only", "transferring", "verified", "mirrored", "
 
 class StoreError(RuntimeError):
     pass
+
+
+class StoreReadOnly(StoreError):
+    """The state store exists but cannot be written (read-only file or disk)."""
 
 
 def now() -> str:
@@ -186,10 +191,7 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 def _migrate(conn: sqlite3.Connection, path: str) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
-        current = conn.execute("PRAGMA user_version").fetchone()[0]
-        if current > SCHEMA_VERSION:
-            raise StoreError(f"{path}: schema version {current} is newer than this code knows "
-                             f"({SCHEMA_VERSION}); update nko-ops")
+        current = _check_version(conn, path)
         for version, name, statements in MIGRATIONS:
             if version <= current:
                 continue
@@ -204,20 +206,109 @@ def _migrate(conn: sqlite3.Connection, path: str) -> None:
         raise
 
 
-def open_db(path: str | Path = "state.db", timeout: float = BUSY_TIMEOUT_S) -> sqlite_utils.Database:
-    """Open (creating and migrating when needed) the state store at ``path``."""
+def _opening_error(path: str, e: BaseException, read_only: bool) -> StoreError:
+    """One line naming the file for whatever opening ``path`` ran into."""
+    text = str(e)
+    if isinstance(e, sqlite3.DatabaseError) and ("not a database" in text or "malformed" in text):
+        return StoreError(f"{path}: not a readable state store (corrupt, or not an SQLite file): {text}")
+    unwritable = Path(path).exists() and not (os.access(path, os.W_OK) and os.access(Path(path).parent, os.W_OK))
+    if unwritable or "readonly" in text or "read-only" in text or \
+            (isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES)):
+        return StoreReadOnly(f"{path}: cannot be written ({text}); commands that only read (runs list, matrix plan, "
+                          "the console's views) open it read-only" + ("" if read_only else "; this one writes"))
+    if isinstance(e, OSError):
+        return StoreError(f"{getattr(e, 'filename', None) or path}: {e.strerror or e}")
+    return StoreError(f"{path}: cannot open the state store: {text}")
+
+
+def _check_path(path: str) -> None:
+    if path != ":memory:" and Path(path).is_dir():
+        raise StoreError(f"{path}: is a directory, not a state store file (--db names the file, e.g. state.db)")
+
+
+def open_db(path: str | Path = "state.db", timeout: float = BUSY_TIMEOUT_S,
+            read_only: bool = False) -> sqlite_utils.Database:
+    """Open (creating and migrating when needed) the state store at ``path``. ``read_only``:
+    for commands that only read: the file must exist, is never written (a backup on a
+    read-only disk can be browsed) and must already have this code's schema. Every failure
+    (corrupt file, newer schema, read-only file or disk, a directory) is a StoreError of one
+    line naming the file."""
     path = str(path)
-    if path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if path != ":memory:" and mode.lower() != "wal":
-        raise StoreError(f"{path}: could not switch to WAL journal mode (got {mode!r})")
-    conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; commits are not fsync'd twice
-    conn.execute("PRAGMA foreign_keys = ON")
-    _migrate(conn, path)
+    _check_path(path)
+    if read_only:
+        return _open_read_only(path, timeout)
+    conn = None
+    try:
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+        _check_version(conn, path)
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if path != ":memory:" and mode.lower() != "wal":
+            raise StoreError(f"{path}: could not switch to WAL journal mode (got {mode!r})")
+        conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; commits are not fsync'd twice
+        conn.execute("PRAGMA foreign_keys = ON")
+        _migrate(conn, path)
+    except StoreError:
+        if conn is not None:
+            conn.close()
+        raise
+    except (sqlite3.Error, OSError) as e:
+        if conn is not None:
+            conn.close()
+        raise _opening_error(path, e, False) from None
     return sqlite_utils.Database(conn)
+
+
+def _check_version(conn: sqlite3.Connection, path: str) -> int:
+    current = conn.execute("PRAGMA user_version").fetchone()[0]
+    if current > SCHEMA_VERSION:
+        raise StoreError(f"{path}: schema version {current} is newer than this code knows "
+                         f"({SCHEMA_VERSION}); update nko-ops")
+    return current
+
+
+def _open_read_only(path: str, timeout: float) -> sqlite_utils.Database:
+    if path == ":memory:" or not Path(path).exists():
+        raise StoreError(f"state store not found: {path}")
+    uri = Path(path).resolve().as_uri()
+    conn = None
+    tries = ["?mode=ro"]
+    if not os.access(Path(path).resolve().parent, os.W_OK):  # a read-only disk: nobody can change it
+        tries.append("?mode=ro&immutable=1")  # (immutable: no -shm file needed, no changes seen)
+    for extra in tries:
+        try:
+            conn = sqlite3.connect(uri + extra, uri=True, timeout=timeout, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            current = _check_version(conn, path)
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            break
+        except StoreError:
+            conn.close()
+            raise
+        except sqlite3.DatabaseError as e:
+            conn.close() if conn is not None else None
+            conn = None
+            if "not a database" in str(e) or "malformed" in str(e) or extra == tries[-1]:
+                raise _opening_error(path, e, True) from None
+    if current == 0:
+        conn.close()
+        raise StoreError(f"{path}: not an nko-ops state store (an empty or foreign SQLite file: no schema)")
+    if current < SCHEMA_VERSION:
+        conn.close()
+        if os.access(path, os.W_OK) and os.access(Path(path).resolve().parent, os.W_OK):
+            open_db(path, timeout).close()  # migrate it once, then read
+            return _open_read_only(path, timeout)
+        raise StoreError(f"{path}: schema version {current} is older than this code's ({SCHEMA_VERSION}) and the "
+                         "file cannot be written to bring it up to date; copy it somewhere writable")
+    return sqlite_utils.Database(conn)
+
+
+def db_path(db: sqlite_utils.Database) -> str:
+    """The file behind an open store ('' for an in-memory one)."""
+    return db.execute("PRAGMA database_list").fetchone()[2] or ""
 
 
 def schema_version(db: sqlite_utils.Database) -> int:

@@ -129,7 +129,7 @@ def load_runs(m: Matrix, db_path: str | Path | None = None) -> tuple[list[RunDat
     if db_path is not None and Path(db_path).exists():
         from backend.store import open_db
 
-        db = open_db(db_path)
+        db = open_db(db_path, read_only=True)
     loaded, missing = [], []
     for spec in m.runs:
         d, recorded = _run_dir(m, spec, db)

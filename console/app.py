@@ -25,7 +25,7 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Markdown, Static, TabbedContent, TabPane
 
-from backend.store import open_db
+from backend.store import StoreReadOnly, open_db
 from console import queries
 from console.panes.adapters import AdaptersPane
 from console.panes.gate import GatePane
@@ -172,7 +172,10 @@ class ConsoleApp(App):
                 if self._closed:
                     return None
                 if self._db is None:
-                    self._db = open_db(self.db_path)
+                    try:
+                        self._db = open_db(self.db_path)
+                    except StoreReadOnly:  # a backup on a read-only disk: browse it, writes fail
+                        self._db = open_db(self.db_path, read_only=True)
                 try:
                     return fn(self._db, self.clock())
                 finally:

@@ -110,7 +110,7 @@ class RunConfig(_Section):
     run_id: str = Field(min_length=1)
     script: Literal["nko", "latin"]
     mode: Literal["baseline", "trajectory", "tar", "ttt"]
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1)  # numpy and torch seeds: 0 .. 2^32-1
     snapshot: str
     snapshot_sha256: str | None = None
     split: str
@@ -133,8 +133,11 @@ class RunConfig(_Section):
     @field_validator("run_id")
     @classmethod
     def _run_id(cls, v: str) -> str:
-        if "/" in v or v.strip() != v:
-            raise ValueError("must not contain '/' or surrounding spaces")
+        from models.runid import run_id_problem
+
+        why = run_id_problem(v)
+        if why:
+            raise ValueError(why)
         return v
 
     def to_json(self) -> dict:

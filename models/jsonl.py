@@ -10,8 +10,13 @@ from typing import Iterator
 def iter_objects(path: Path | str) -> Iterator[tuple[int, dict | None, str | None]]:
     """(line number, object, None) for each non-blank line holding a JSON object, and
     (line number, None, problem) for each line that does not."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:  # named by line here, by file by the caller
+                yield lineno, None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                continue
             if not line.strip():
                 continue
             try:

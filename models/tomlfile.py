@@ -15,3 +15,5 @@ def read_toml(path: Path | str, error: type[Exception], what: str = "file") -> d
         raise error(f"{what} not found: {path}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path}: not valid TOML ({e})") from None
+    except OSError as e:  # a directory, no permission, an I/O error
+        raise error(f"{path}: cannot read it ({e.strerror or e})") from None

@@ -226,26 +226,36 @@ def test_rerun_after_a_failed_relaunch_resumes_from_the_store(vast_env, tmp_path
 
 @pytest.mark.slow
 def test_cli_launch_detach_logs_and_reattach_with_an_odd_run_id(vast_env, tmp_path):
-    """`vast launch --config --detach` with a run id full of shell syntax, `vast logs`, then
-    `vast launch` again re-attaches, finishes, verifies and auto-destroys."""
+    """`vast launch --config --detach` with a run id full of shell syntax is refused (one run id
+    pattern, issue 11); with an odd but legal one: `vast logs`, then `vast launch` again
+    re-attaches, finishes, verifies and auto-destroys."""
     from typer.testing import CliRunner
 
     from backend.cli import app
     from backend.vast import remote as rmt
 
-    run_id = "it's a \"run\"; touch PWNED & $(x)"
+    settings, budget = write_user_configs(vast_env, tmp_path, 'heartbeat_s = 0.5\nsync_every_s = 2.0\n'
+                                                              '[remote_env]\nOMP_NUM_THREADS = "1"')
+    common = ["--db", str(vast_env.tmp / "state" / "state.db"), "--settings", str(settings), "--budget", str(budget)]
+    runner = CliRunner()
     cfg = build(tmp_path / "data", n=40)
+    hostile = "it's a \"run\"; touch PWNED & $(x)"
+    cfg.update(run_id=hostile, out_dir=str(tmp_path / "runs" / "hostile"))
+    (tmp_path / "run.json").write_text(json.dumps(cfg, ensure_ascii=False))
+    r = runner.invoke(app, ["vast", "launch", "--config", str(tmp_path / "run.json"), "--detach", *common])
+    assert r.exit_code == 2 and "run_id" in r.output and vast_env.provider.instances() == [], r.output
+
+    run_id = "odd.run+id_-1"
     cfg.update(run_id=run_id, out_dir=str(tmp_path / "runs" / run_id))
     cfg["train"]["epochs"] = 2
     (tmp_path / "run.json").write_text(json.dumps(cfg, ensure_ascii=False))
-    settings, _ = write_user_configs(vast_env, tmp_path, 'heartbeat_s = 0.5\nsync_every_s = 2.0\n[remote_env]\n'
-                                                         'OMP_NUM_THREADS = "1"')
-    common = ["--db", str(vast_env.tmp / "state" / "state.db"), "--settings", str(settings)]
-    runner = CliRunner()
     r = runner.invoke(app, ["vast", "launch", "--config", str(tmp_path / "run.json"), "--detach", *common],
                       catch_exceptions=False)
     assert r.exit_code == 0 and "running" in r.stdout, r.stdout
     [row] = vast_env.provider.instances()
+    # the backstop left behind: the runner's lease runs to the budget's runway ($50 cap: far off)
+    lease = json.loads((vast_env.instance_dir(row["id"]) / "ctl" / "lease.json").read_text())
+    assert lease["until"] > time.time() + 3600
     fleet = vast_env.fresh_fleet()
     st = fleet.stager(row)
     deadline = time.monotonic() + 120

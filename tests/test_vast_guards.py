@@ -586,7 +586,7 @@ def test_settings_and_budget_are_type_checked_naming_file_and_field(tmp_path):
         'cap_usd = "100"': "field 'budget.cap_usd': must be a number, got '100'",
         "cap_usd = 0": "field 'budget.cap_usd': must be positive, got 0",
         "cap_usd = 10\nwarn_usd = 20": "field 'budget.warn_usd': must be between 0 and cap_usd (10), got 20",
-        "poll_interval_s = true": "field 'budget.poll_interval_s': must be a number, got True",
+        "cap_usd = 10\npoll_interval_s = true": "field 'budget.poll_interval_s': must be a number, got True",
     }
     for text, want in bad_budget.items():
         budget.write_text("[budget]\n" + text + "\n")

@@ -44,6 +44,15 @@ def _errors() -> tuple:
             ExecutorError, ConfigError)
 
 
+def _check_run_id(run: str) -> None:
+    from backend.vast.config import VastConfigError
+    from models.runid import run_id_problem
+
+    why = run_id_problem(run)
+    if why:
+        raise VastConfigError(f"run id: {why}")
+
+
 def _fleet(db: str, config: Path, budget: Path):
     from backend.store import open_db
     from backend.vast.config import load_budget, load_settings, state_dir_for
@@ -51,8 +60,9 @@ def _fleet(db: str, config: Path, budget: Path):
     from backend.vast.provider import provider_from_settings
 
     settings = load_settings(config, state_dir=state_dir_for(db))
+    budget_settings = load_budget(budget)  # every file checked before anything is opened or created
     provider = provider_from_settings(settings)
-    return Fleet(open_db(db), settings, load_budget(budget), provider, log=lambda s: typer.echo(s, err=True))
+    return Fleet(open_db(db), settings, budget_settings, provider, log=lambda s: typer.echo(s, err=True))
 
 
 def _echo_json(obj) -> None:
@@ -153,6 +163,7 @@ def logs_cmd(run: str = typer.Argument(..., help="Run id."), follow: bool = type
     from backend.vast.logs import LogFollower
 
     try:
+        _check_run_id(run)
         fleet = _fleet(db, config, budget)
         r = store.get_run(fleet.db, run)
         if not r or not r["instance_id"]:
@@ -194,6 +205,8 @@ def sync_cmd(run: Optional[str] = typer.Argument(None, help="Run id (default: ev
     from backend import store
 
     try:
+        if run:
+            _check_run_id(run)
         fleet = _fleet(db, config, budget)
         rows, _ = fleet.poll(enforce=False)
         if run:

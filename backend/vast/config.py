@@ -8,6 +8,7 @@ it. It is held in memory only: never written to state.db, logs, artifacts or a c
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -71,13 +72,14 @@ class VastSettings:
     heartbeat_s: float = 15.0
     sync_every_s: float = 300.0
     max_recoveries: int = 2
+    stop_wait_s: float = 60.0  # before a destroy: how long a trainer gets to exit after SIGTERM
     idle: IdleSettings = field(default_factory=IdleSettings)
     mirror: MirrorSettings | None = None
     state_dir: Path = Path(".nko-ops")
     section: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        for name in ("disk_gb", "ssh_timeout_s", "boot_timeout_s", "heartbeat_s", "sync_every_s"):
+        for name in ("disk_gb", "ssh_timeout_s", "boot_timeout_s", "heartbeat_s", "sync_every_s", "stop_wait_s"):
             _check(self, name, getattr(self, name) > 0, "must be positive")
         _check(self, "max_recoveries", self.max_recoveries >= 0, "must not be negative")
 
@@ -97,14 +99,20 @@ class VastSettings:
 @dataclass
 class BudgetSettings:
     cap_usd: float = 100.0
-    warn_usd: float = 80.0
+    warn_usd: float | None = None  # None: 80% of the cap
     poll_interval_s: float = 60.0
     name: str = "default"
     source: str = ""
     section: ClassVar[str] = "budget."
 
     def __post_init__(self) -> None:
+        for name in ("cap_usd", "warn_usd", "poll_interval_s"):
+            v = getattr(self, name)
+            _check(self, name, v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                             and math.isfinite(v)), "must be a finite number")
         _check(self, "cap_usd", self.cap_usd > 0, "must be positive")
+        if self.warn_usd is None:
+            self.warn_usd = 0.8 * self.cap_usd
         _check(self, "warn_usd", 0 <= self.warn_usd <= self.cap_usd, f"must be between 0 and cap_usd ({self.cap_usd})")
         _check(self, "poll_interval_s", self.poll_interval_s > 0, "must be positive")
 
@@ -116,8 +124,10 @@ def _check(obj, name: str, ok: bool, why: str) -> None:
 
 def _type_problem(kind: Any, value: Any) -> str | None:
     """Why ``value`` (as read from TOML) does not fit the annotation ``kind``; None if it does."""
-    if kind is float:
+    if kind in (float, float | None):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):
+            return f"must be a finite number, got {value!r}"
         return None if ok else f"must be a number, got {value!r}"
     if kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
@@ -175,13 +185,34 @@ def load_settings(path: str | Path | None = "configs/vast.toml", state_dir: str 
     return s
 
 
-def load_budget(path: str | Path | None = "configs/budget.toml") -> BudgetSettings:
-    if path is None or not Path(path).exists():
-        return BudgetSettings(source="defaults")
-    data = read_toml(path, VastConfigError, "Vast config")
-    budget = data.get("budget", {})
+BUDGET_FIELDS = ("cap_usd", "warn_usd", "poll_interval_s", "name")
+
+
+def load_budget(path: str | Path = "configs/budget.toml") -> BudgetSettings:
+    """The budget from ``path``, strictly: the file must exist and hold exactly one
+    ``[budget]`` table with a finite positive ``cap_usd`` (and optionally ``warn_usd``,
+    default 80% of the cap, ``poll_interval_s`` and ``name``); anything else is an error
+    naming the file, never a silent default cap."""
+    if path is None:
+        raise VastConfigError("no budget file given: the Vast lane needs a cap (configs/budget.toml)")
+    if not Path(path).exists():
+        raise VastConfigError(f"{path}: budget file not found; the Vast lane spends money only under a cap "
+                              "(a [budget] table with cap_usd)")
+    data = read_toml(path, VastConfigError, "budget file")
+    unknown = sorted(set(data) - {"budget"})
+    if unknown:
+        raise VastConfigError(f"{path}: unknown table(s) or key(s) {', '.join(unknown)} (only [budget])")
+    if "budget" not in data:
+        raise VastConfigError(f"{path}: no [budget] table (it must set cap_usd)")
+    budget = data["budget"]
     if not isinstance(budget, dict):
         raise VastConfigError(f"{path}: field 'budget': must be a table, got {budget!r}")
+    extra = sorted(set(budget) - set(BUDGET_FIELDS))
+    if extra:
+        raise VastConfigError(f"{path}: unknown field(s) {', '.join('budget.' + k for k in extra)} "
+                              f"(known: {', '.join(BUDGET_FIELDS)})")
+    if "cap_usd" not in budget:
+        raise VastConfigError(f"{path}: field 'budget.cap_usd': required (the most this budget may spend, USD)")
     return _build(BudgetSettings, {**budget, "source": str(path)}, str(path), "budget.")
 
 

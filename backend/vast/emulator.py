@@ -10,10 +10,17 @@ Endpoints (paths as the SDK builds them):
     GET  /api/v0/instances/{id}/         one instance -> {"instances": row | null}
     PUT  /api/v0/instances/{id}/         {"label": ...} or {"state": "running" | "stopped"}
     DELETE /api/v0/instances/{id}/       destroy
+    POST /api/v0/asks/bulk/              create on several offers ({"ids": [...], ...}: `vastai create instances`)
+    DELETE /api/v0/instances/            destroy several ({"instance_ids": [...]}: `vastai destroy instances`)
+    PUT  /api/v0/instances/              start / stop several ({"ids": [...], "state": ...})
     GET  /api/v0/instances/filters/      distinct filter values (the CLI's table view)
     GET  /api/v0/users/current           the account
 
-Every call needs ``Authorization: Bearer <key>`` (the key the emulator was started with).
+Every call needs ``Authorization: Bearer <key>`` (the key the emulator was started with), or
+an instance's own key (``Cloud.container_key(id)``, what Vast puts in an instance's
+``CONTAINER_API_KEY``), which may only read, start and stop that one instance. A malformed
+request (bad JSON, wrong types, a bad Content-Length) gets a 400 naming the problem, never a
+dropped connection. Instance rows carry ``image_runtype`` (``vastai ssh-url`` reads it).
 
 Billing follows Vast: ``dph_total`` per second while an instance runs (it includes its
 disk), storage alone while it exists otherwise (loading or stopped), nothing once destroyed.
@@ -39,6 +46,7 @@ import base64
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import threading
@@ -217,6 +225,17 @@ class Cloud:
         self._billed: dict[int, float] = {}  # instance id -> USD billed up to _billed_at
         self._billed_at: dict[int, float] = {}
         self.gone: dict[int, str] = {}  # id -> "destroyed" | "vanished"
+        self._container_keys: dict[int, str] = {}  # id -> the instance's own API key
+
+    def container_key(self, iid: int) -> str:
+        """The instance's own API key (Vast's CONTAINER_API_KEY): it may read, start and stop
+        that instance only."""
+        with self.lock:
+            return self._container_keys[int(iid)]
+
+    def key_instance(self, key: str) -> int | None:
+        with self.lock:
+            return next((i for i, k in self._container_keys.items() if k == key), None)
 
     # ------------------------------------------------------------------ billing
 
@@ -299,7 +318,13 @@ class Cloud:
             self._next_id += 1
             iid = self._next_id
             now = self.clock()
-            disk = float(body.get("disk") or 10)
+            try:
+                disk = float(body.get("disk") or 10)
+            except (TypeError, ValueError):
+                raise CloudError(400, f"field 'disk': must be a number, got {body.get('disk')!r}", "invalid_args") \
+                    from None
+            if not 0 < disk < 1e6:
+                raise CloudError(400, f"field 'disk': must be a positive size in GB, got {disk!r}", "invalid_args")
             storage_total = round(offer["storage_cost"] * disk / HOURS_PER_MONTH, 6)
             env = body.get("env") or {}
             self.instances[iid] = {
@@ -317,10 +342,12 @@ class Cloud:
                 "direct_port_start": -1, "direct_port_end": -1, "ports": {},
                 "label": body.get("label"), "image_uuid": body.get("image"), "image_args": body.get("args") or [],
                 "onstart": body.get("onstart"), "extra_env": [[k, str(v)] for k, v in env.items()],
+                "image_runtype": str(body.get("runtype") or "ssh"),
                 "template_hash_id": body.get("template_hash_id"), "is_bid": body.get("price") is not None,
                 "min_bid": offer["min_bid"], "verification": "verified", "time_remaining": "",
             }
             self._billed[iid], self._billed_at[iid] = 0.0, now
+            self._container_keys[iid] = "ck_" + secrets.token_hex(16)
             if self.workspace_base is not None:
                 self.workspace(iid).mkdir(parents=True, exist_ok=True)
             self._tick()
@@ -357,6 +384,11 @@ class Cloud:
             row = self.instances.get(iid)
             if row is None:
                 raise CloudError(404, f"instance {iid} not found", "no_such_instance")
+            if body.get("state") not in (None, "running", "stopped"):
+                raise CloudError(400, f"field 'state': must be 'running' or 'stopped', got {body['state']!r}",
+                                 "invalid_args")
+            if "label" in body and not isinstance(body["label"], (str, type(None))):
+                raise CloudError(400, f"field 'label': must be a string, got {body['label']!r}", "invalid_args")
             now = self.clock()
             self._accrue(iid, now)
             if "label" in body:
@@ -441,6 +473,9 @@ _ROUTES = [
     ("GET", re.compile(r"^/api/v0/instances/(\d+)/?$"), "get"),
     ("PUT", re.compile(r"^/api/v0/instances/(\d+)/?$"), "update"),
     ("DELETE", re.compile(r"^/api/v0/instances/(\d+)/?$"), "destroy"),
+    ("POST", re.compile(r"^/api/v0/asks/bulk/?$"), "create_bulk"),
+    ("DELETE", re.compile(r"^/api/v0/instances/?$"), "destroy_bulk"),
+    ("PUT", re.compile(r"^/api/v0/instances/?$"), "update_bulk"),
     ("GET", re.compile(r"^/api/v0/users/current/?$"), "user"),
 ]
 
@@ -469,17 +504,34 @@ class _Handler(BaseHTTPRequestHandler):
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up: nothing to answer
+            self.close_connection = True
 
     def _body(self) -> dict:
-        n = int(self.headers.get("Content-Length") or 0)
-        if not n:
-            return {}
+        if hasattr(self, "_read_body"):
+            return self._read_body
+        raw = self.headers.get("Content-Length")
         try:
-            body = json.loads(self.rfile.read(n))
+            n = int(raw or 0)
         except ValueError:
-            raise CloudError(400, "request body is not JSON", "invalid_args") from None
-        return body if isinstance(body, dict) else {}
+            n = -1
+        if n < 0 or n > 16 << 20:
+            self.close_connection = True
+            raise CloudError(400, f"bad Content-Length {raw!r}", "invalid_request")
+        data = self.rfile.read(n) if n else b""
+        if not data.strip():
+            body = {}
+        else:
+            try:
+                body = json.loads(data)
+            except (ValueError, UnicodeDecodeError):
+                raise CloudError(400, "request body is not JSON", "invalid_args") from None
+        if not isinstance(body, dict):
+            raise CloudError(400, f"request body must be a JSON object, got {type(body).__name__}", "invalid_args")
+        self._read_body = body
+        return body
 
     def _admin(self, method: str, path: str) -> None:
         c = self.cloud
@@ -504,7 +556,9 @@ class _Handler(BaseHTTPRequestHandler):
         c = self.cloud
         url = urlsplit(self.path)
         path, qs = url.path, parse_qs(url.query)
+        self.__dict__.pop("_read_body", None)  # one handler serves every request of a keep-alive connection
         try:
+            self._body()  # read (and check) it now: an unread body would corrupt the next request
             if path.startswith("/_emulator/"):
                 return self._admin(method, path)
             with c.lock:
@@ -523,7 +577,14 @@ class _Handler(BaseHTTPRequestHandler):
             if slow:
                 time.sleep(slow)
             auth = self.headers.get("Authorization", "")
-            if not auth.startswith("Bearer ") or (c.api_key is not None and auth[7:] != c.api_key):
+            own = c.key_instance(auth[7:]) if auth.startswith("Bearer ") else None
+            if own is not None:  # an instance's own key: that instance only, read / start / stop
+                m = re.match(r"^/api/v0/instances/(\d+)/?$", path)
+                if not m or int(m.group(1)) != own or method not in ("GET", "PUT") or \
+                        (method == "PUT" and set(self._body()) - {"state"}):
+                    raise CloudError(403, "an instance's own key may only read, start and stop that instance",
+                                     "forbidden")
+            elif not auth.startswith("Bearer ") or (c.api_key is not None and auth[7:] != c.api_key):
                 raise CloudError(401, "Invalid or missing API key", "invalid_api_key")
             for m, pattern, name in _ROUTES:
                 match = pattern.match(path)
@@ -532,6 +593,12 @@ class _Handler(BaseHTTPRequestHandler):
             raise CloudError(404, f"{method} {path}: no such endpoint", "not_found")
         except CloudError as e:
             self._send(e.status, {"success": False, "error": e.error, "msg": e.msg})
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as e:
+            # a request the emulator could not make sense of: say so instead of dropping it
+            self._send(400, {"success": False, "error": "invalid_request",
+                             "msg": f"malformed request ({type(e).__name__}: {e})"})
+        except Exception as e:
+            self._send(500, {"success": False, "error": "server_error", "msg": f"{type(e).__name__}: {e}"})
 
     def _search(self, qs):
         return self._send(200, {"offers": self.cloud.search(self._body())})
@@ -569,6 +636,50 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, {"success": False, "error": "destroy_failed",
                                     "msg": f"instance {iid} could not be destroyed right now"})
         return self._send(200, {"success": True})
+
+    def _ids(self, key: str) -> list[int]:
+        ids = self._body().get(key)
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                           for i in ids):
+            raise CloudError(400, f"field {key!r}: must be a non-empty list of integer ids, got {ids!r}",
+                             "invalid_args")
+        return ids
+
+    def _create_bulk(self, qs):
+        body = self._body()
+        results = []
+        for ask in self._ids("ids"):
+            try:
+                results.append({"id": ask, "success": True, "new_contract": self.cloud.create(ask, body)})
+            except CloudError as e:
+                results.append({"id": ask, "success": False, "error": e.error, "msg": e.msg})
+        return self._send(200, {"success": all(r["success"] for r in results), "results": results,
+                                "new_contracts": [r["new_contract"] for r in results if r["success"]]})
+
+    def _destroy_bulk(self, qs):
+        results = []
+        for iid in self._ids("instance_ids"):
+            try:
+                ok = self.cloud.destroy(iid)
+                results.append({"id": iid, "success": ok} if ok else
+                               {"id": iid, "success": False, "msg": f"instance {iid} could not be destroyed right now"})
+            except CloudError as e:
+                results.append({"id": iid, "success": False, "error": e.error, "msg": e.msg})
+        return self._send(200, {"success": all(r["success"] for r in results), "results": results})
+
+    def _update_bulk(self, qs):
+        body = self._body()
+        if body.get("state") not in ("running", "stopped"):
+            raise CloudError(400, f"field 'state': must be 'running' or 'stopped', got {body.get('state')!r}",
+                             "invalid_args")
+        results = []
+        for iid in self._ids("ids"):
+            try:
+                self.cloud.update(iid, {"state": body["state"]})
+                results.append({"id": iid, "success": True})
+            except CloudError as e:
+                results.append({"id": iid, "success": False, "error": e.error, "msg": e.msg})
+        return self._send(200, {"success": all(r["success"] for r in results), "results": results})
 
     def _user(self, qs):
         return self._send(200, self.cloud.user())

@@ -40,6 +40,7 @@ from backend.vast.config import (BudgetSettings, VastConfigError, VastSettings, 
                                   state_dir_for)
 from backend.vast.cost import ts
 from backend.vast.fleet import Fleet
+from backend.vast.guard import BudgetGuard, runway_until, write_lease
 from backend.vast.logs import LogFollower
 from backend.vast.provider import ProviderError, VastProvider, provider_from_settings
 from backend.vast.ssh import HostKeyChanged, SSHError
@@ -93,6 +94,8 @@ class VastRun:
         asked_at = self.fleet.clock()
         iid = str(self.fleet.provider.create(offer.id, self.s.image, self.s.disk_gb, label=self.run_id))
         self.fleet.ledger.launched(offer.dph_total)
+        if self.fleet.guard is not None:
+            self.fleet.guard.launched(offer.dph_total)
         self.iid = iid
         relaunch = self.recoveries > 0
         self.job.how = "resumed" if files else "trained"
@@ -124,6 +127,9 @@ class VastRun:
     def _wait_running(self, iid: str) -> dict:
         deadline = time.monotonic() + self.s.boot_timeout_s
         while time.monotonic() < deadline:
+            guard = self.fleet.guard
+            if guard is not None and guard.over.is_set():
+                raise BudgetBlocked(f"budget cap reached while the instance was starting ({guard.state})")
             row = self.fleet.provider.instance(iid)
             if row is None:
                 raise LaunchError("the instance disappeared while starting")
@@ -172,8 +178,14 @@ class VastRun:
             # the runs directory first, then the mark: a destroy then insists on seeing that directory
             st.remote.makedirs(st.layout.run_dir(self.run_id))
             self.fleet.mark_trainer(iid, self.run_id)
+            # the server-side backstop: the runner stops the trainer (and the instance) once the
+            # budget's runway has passed without a controller renewing the lease
+            state = self.fleet.ledger.state(self.fleet.provider.instances())
+            write_lease(self.fleet, row, runway_until(state, self.fleet.clock()))
+            env = {"CONTAINER_ID": iid, **({"VAST_SERVER_URL": self.s.server_url} if self.s.server_url else {}),
+                   **self.s.remote_env}
             rmt.start_trainer(st.remote, st.layout, self.run_id, cfg_remote, st.python, app,
-                              self.s.remote_env, self.s.heartbeat_s)
+                              env, self.s.heartbeat_s, lease_grace_s=0.0)
         self.follower = LogFollower(self.db, self.run_id, st.layout.run_dir(self.run_id), iid)
         store.upsert_run(self.db, self.run_id, host=f"{row['ssh_host']}:{row['ssh_port']}", instance_id=iid)
         store.add_event(self.db, f"trainer started on instance {iid}" + (" (resuming)" if resume else ""),
@@ -357,7 +369,9 @@ class VastRun:
             return self._failed(f"{why}; {self.recoveries} recoveries already, giving up", time.time() - self.started)
         self.recoveries += 1
         try:
-            rows, _ = self.fleet.poll()
+            rows, state = _poll(self.fleet)
+            if state.over:
+                raise BudgetBlocked(f"budget cap reached ({state})")
             self.launch(rows)
         except (LaunchError, ProviderError, SSHError) as e:
             return self._failed(f"{why}; relaunch failed: {e}", time.time() - self.started)
@@ -436,8 +450,13 @@ def _drive(fleet: Fleet, runs: list[VastRun], parallel: int, poll_s: float, log:
             previous[sig] = signal.signal(sig, lambda s, f: stop.append(s))
     results: dict[str, RunResult] = {}
     pending, active = [], []
+    guard = None
     try:
         rows, state = fleet.poll()
+        db_file = fleet.db.execute("PRAGMA database_list").fetchone()[2]
+        if db_file:  # the cap is enforced on the guard's own timer from here on (backend/vast/guard.py)
+            guard = fleet.guard = BudgetGuard(db_file, fleet.settings, fleet.ledger.budget, fleet.provider,
+                                              log=log, clock=fleet.clock).start()
         by_id = {str(r["id"]): r for r in rows}
         for run in runs:  # re-attach to trainers still running from an earlier executor
             row_db = store.get_run(fleet.db, run.run_id) or {}
@@ -487,7 +506,7 @@ def _drive(fleet: Fleet, runs: list[VastRun], parallel: int, poll_s: float, log:
                 return [results[r.run_id] for r in runs if r.run_id in results]
             time.sleep(poll_s)
             try:
-                rows, state = fleet.poll()
+                rows, state = _poll(fleet)
             except ProviderError as e:  # the API is unreachable for now: the trainers keep going
                 log(f"cannot poll the Vast API ({e}); trying again in {poll_s:g} s")
                 continue
@@ -508,9 +527,27 @@ def _drive(fleet: Fleet, runs: list[VastRun], parallel: int, poll_s: float, log:
             for run in pending:
                 results[run.run_id] = RunResult(run.run_id, "interrupted", "not started", str(run.job.out_dir))
     finally:
+        if guard is not None:
+            guard.stop()
+            fleet.guard = None
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return [results[r.run_id] for r in runs if r.run_id in results]
+
+
+def _poll(fleet: Fleet):
+    """The executor's own poll. With a guard, the guard alone enforces the cap: this poll only
+    observes, and when it sees the cap reached first it asks the guard for a tick now."""
+    guard = fleet.guard
+    if guard is None:
+        return fleet.poll()
+    rows, state = fleet.poll(enforce=False)
+    if state.over and not guard.over.is_set():
+        guard.tick()
+    if guard.over.is_set() and guard.state is not None:
+        state = guard.state
+        rows = fleet.provider.instances()
+    return rows, state
 
 
 # --------------------------------------------------------------------------- one run, no matrix

@@ -72,6 +72,7 @@ class Fleet:
         self._remotes: dict[str, Remote] = {}
         self._helpers: set[str] = set()
         self._created: set[str] = set()  # instances this Fleet registered as new (see discard)
+        self.guard = None  # the BudgetGuard of the executor session driving this Fleet, if any
 
     # ------------------------------------------------------------------ polling
 
@@ -250,6 +251,9 @@ class Fleet:
                                               "disk holds is unknown here; look at it, then use --force")
         if not force:
             try:
+                stopped = self.stop_trainers(row)
+                if stopped is not None:
+                    return DestroyOutcome(iid, False, stopped, self.known_unverified(iid))
                 reports = self.sync_instance(row)
                 lose = self.unsynced(row)
             except HostKeyChanged as e:
@@ -259,6 +263,9 @@ class Fleet:
                     "cannot verify the files on the instance"
                 return DestroyOutcome(iid, False, f"{what} ({e}); use --force to destroy anyway",
                                       self.known_unverified(iid))
+            except UnicodeError as e:  # a name that cannot be sent over SFTP: never a shorter listing
+                return DestroyOutcome(iid, False, f"a file name on the instance cannot be encoded ({e}); rename "
+                                                  "it there or use --force", self.known_unverified(iid))
             if lose:
                 why = "; ".join(f"{e.name}: {w}" for rep in reports for e, w in rep.failed) or "not in the local store"
                 return DestroyOutcome(iid, False, f"sync failed, destroying would lose data ({why})", lose, reports)
@@ -290,6 +297,33 @@ class Fleet:
                         ", every file verified locally"), instance_id=iid, run_id=row.get("label"),
                         kind="instance-destroyed", source="vast")
         return DestroyOutcome(iid, True, reason, lose if force else [], reports, force)
+
+    def stop_trainers(self, row: dict) -> str | None:
+        """Before the final sync of an instance about to be destroyed: stop every trainer on it
+        (SIGTERM, ``stop_wait_s``, then SIGKILL) and confirm it exited, so no file changes
+        between the last listing and the destroy. None when none runs any more; else why the
+        destroy must be refused. Raises SSHError / StageError when the instance cannot be asked."""
+        iid = str(row["id"])
+        if row.get("actual_status") != "running" or not self.trainer_started(iid):
+            return None
+        st = self.stager(row)
+        wait = self.settings.stop_wait_s
+        r = st.helper("quiesce", posixpath.join(st.layout.root, "ctl"), f"{wait:g}", timeout=wait + 60, check=False)
+        try:
+            runs = json.loads(r.out)
+        except ValueError:
+            raise StageError(f"instance {iid}: stopping its trainers failed: {(r.err or r.out).strip()[-300:]}") \
+                from None
+        stopped = sorted(rid for rid, a in runs.items() if a.get("was_running"))
+        if stopped:
+            store.add_event(self.db, f"instance {iid}: trainer(s) of {', '.join(stopped)} stopped before the final "
+                            "sync (exit confirmed)", instance_id=iid, kind="trainer-stopped", source="vast",
+                            data={"runs": runs})
+        if r.rc != 0:
+            alive = sorted(rid for rid, a in runs.items() if not a.get("exited"))
+            return (f"the trainer of {', '.join(alive) or '?'} on instance {iid} did not exit after SIGTERM and "
+                    "SIGKILL: its files may still change, so they cannot be verified")
+        return None
 
     def is_ours(self, iid: int | str) -> bool:
         """Whether this project created the instance (for a run)."""

@@ -245,9 +245,11 @@ class Stager:
 # --------------------------------------------------------------------------- the trainer
 
 def start_trainer(remote: Remote, layout: Layout, run_id: str, cfg_remote: dict, python: str, app: str,
-                  env: dict[str, str], heartbeat_s: float) -> None:
+                  env: dict[str, str], heartbeat_s: float, lease_grace_s: float | None = None) -> None:
     """Write the run's config on the instance and start runner + trainer detached
-    (``nohup setsid``: they survive the SSH session). Waits for runner.json."""
+    (``nohup setsid``: they survive the SSH session). Waits for runner.json.
+    ``lease_grace_s``: the runner stops the trainer that long after ``ctl/lease.json`` expires
+    (the server-side budget backstop, see backend/vast/guard.py); None: no lease."""
     ctl = layout.ctl_dir(run_id)
     cfg_path = posixpath.join(ctl, "config.json")
     remote.makedirs(ctl)
@@ -263,7 +265,9 @@ def start_trainer(remote: Remote, layout: Layout, run_id: str, cfg_remote: dict,
     argv = [python, "-m", "backend.cli", "train", "--config", cfg_path]
     line = (f"cd {quote(layout.root)} && nohup setsid env "
             + " ".join(quote(f"{k}={v}") for k, v in full_env.items())
-            + f" {quote(python)} {quote(layout.helper)} runner {quote(ctl)} {heartbeat_s:g} -- {shlex.join(argv)}"
+            + f" {quote(python)} {quote(layout.helper)} runner {quote(ctl)} {heartbeat_s:g}"
+            + (f" --lease-grace {lease_grace_s:g}" if lease_grace_s is not None else "")
+            + f" -- {shlex.join(argv)}"
             + f" > {quote(posixpath.join(ctl, 'runner.out'))} 2>&1 < /dev/null &")
     remote.run_line(line, timeout=60).check("starting the trainer")
     deadline = time.monotonic() + 60

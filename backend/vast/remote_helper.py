@@ -1,12 +1,15 @@
 """Runs ON the instance (uploaded as ``<root>/nko_remote.py``; standard library only).
 
-    hash [--missing-ok] DIR   JSON list of {name, size, sha256} for the files under DIR; the
+    hash [--missing-ok] DIR   JSON list of {name, size, sha256} for EVERY file under DIR (hidden
+                              files, dot-directories, *.tmp / *.part included); the
                               hash covers exactly ``size`` bytes (logs keep growing), and
                               checkpoints (*.pt) are hashed first, so logs are captured after
                               the checkpoint that records their offsets. A missing DIR, a file
                               that cannot be read, or one replaced or rewritten while hashed
                               (after a few tries) is an error (exit 3): the listing is used to
-                              decide that an instance holds nothing left to lose. A file deleted
+                              decide that an instance holds nothing left to lose. So is a name
+                              that is not UTF-8 (it cannot be named to the syncer), a symbolic
+                              link to a directory, or anything not a regular file. A file deleted
                               before it is hashed is left out (nothing of it is left to lose).
                               --missing-ok: a missing DIR lists as []
     verify MANIFEST           check {"root", "files": [{path, sha256, size}]}; prints
@@ -20,6 +23,20 @@
                               heartbeat says the trainer runs, "started", "exit": runner start
                               and exit times}} for every runner under CTLROOT
     stop CTL                  SIGTERM the trainer (it keeps last.pt)
+    quiesce CTLROOT WAIT_S    stop every trainer under CTLROOT and confirm it exited: SIGTERM,
+                              up to WAIT_S seconds for it (and its runner) to exit, then
+                              SIGKILL; prints {run id: {"was_running", "exited", "rc"}}; exit 3
+                              when one cannot be confirmed gone. Run before the final sync of
+                              an instance about to be destroyed: no file changes after it.
+    lease CTLROOT UNTIL       write CTLROOT/lease.json {"until": UNTIL} (unix time): the
+                              controller's promise to look again before then
+
+Server-side backstop (runner --lease-grace G): every heartbeat the runner reads
+CTLROOT/lease.json; once ``until`` is more than G seconds in the past (no controller has
+looked at this instance for that long: executor gone, detached, crashed) it stops its
+trainer (SIGTERM, then SIGKILL) and records ``{"reason": "lease-expired"}`` in exit.json; if
+the instance carries its own Vast API key (CONTAINER_ID and CONTAINER_API_KEY, with
+VAST_SERVER_URL) it then asks Vast to stop the instance itself, so compute stops billing.
 """
 
 import hashlib
@@ -74,8 +91,17 @@ def _sha256(path, size, opened=None):
     return h.hexdigest()
 
 
-def _skip(name):
-    return name.startswith(".") or name.endswith((".tmp", ".part"))
+def _shown(path):
+    """A path as text even when its name is not UTF-8 (undecodable bytes as \\xNN)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _nameable(name):
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 class HashError(Exception):
@@ -122,26 +148,35 @@ def cmd_hash(root, missing_ok=False):
     errors = []
 
     def walk_error(e):
-        errors.append("%s: cannot list it: %s" % (e.filename, e.strerror or e))
+        errors.append("%s: cannot list it: %s" % (_shown(e.filename or root), e.strerror or e))
 
     names = []
     for d, dirs, files in os.walk(root, onerror=walk_error):
-        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        for x in list(dirs):
+            if os.path.islink(os.path.join(d, x)):  # os.walk would not go in: its files would be left out
+                dirs.remove(x)
+                errors.append("%s: a symbolic link to a directory, not a regular file" % _shown(os.path.join(d, x)))
+        dirs.sort()
         for f in files:
-            if not _skip(f):
-                names.append(os.path.relpath(os.path.join(d, f), root))
+            n = os.path.relpath(os.path.join(d, f), root)
+            if not _nameable(n):
+                errors.append("%s: its name is not UTF-8, so it cannot be synced by name; rename it"
+                              % _shown(os.path.join(d, f)))
+                continue
+            names.append(n)
     names.sort(key=lambda n: (not n.endswith(".pt"), n))
     out = []
     for n in names:
         try:
             got = _hash_stable(os.path.join(root, n))
         except HashError as e:
-            errors.append(str(e))
+            errors.append(_shown(str(e)))
             continue
         if got is not None:
             out.append({"name": n.replace(os.sep, "/"), "size": got[0], "sha256": got[1]})
     if errors:
-        print("hash: " + "; ".join(errors[:10]), file=sys.stderr)
+        more = " (and %d more)" % (len(errors) - 20) if len(errors) > 20 else ""
+        print("hash: " + "; ".join(errors[:20]) + more, file=sys.stderr)
         return 3
     print(json.dumps(out))
     return 0
@@ -204,7 +239,55 @@ def _gpu_util():
         return None
 
 
-def cmd_runner(ctl, hb, argv):
+def _lease_until(ctl):
+    lease = _read_json(os.path.join(os.path.dirname(ctl.rstrip("/")), "lease.json")) or {}
+    try:
+        return float(lease["until"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _stop_proc(proc, wait_s=30.0):
+    """SIGTERM ``proc``, SIGKILL it after ``wait_s``; returns its exit status."""
+    try:
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def _stop_this_instance():
+    """Ask Vast to stop the instance this runs on, with the instance's own API key (Vast puts
+    CONTAINER_ID and CONTAINER_API_KEY in every instance's environment). Returns what
+    happened, for exit.json."""
+    env = dict(os.environ)
+    if not env.get("CONTAINER_API_KEY"):  # an SSH session may not carry the container's environment
+        try:
+            with open("/proc/1/environ", "rb") as f:
+                for item in f.read().split(b"\0"):
+                    k, _, v = item.decode("utf-8", "replace").partition("=")
+                    if k in ("CONTAINER_ID", "CONTAINER_API_KEY") and v and not env.get(k):
+                        env[k] = v
+        except OSError:
+            pass
+    iid, key = env.get("CONTAINER_ID"), env.get("CONTAINER_API_KEY")
+    url = env.get("VAST_SERVER_URL") or "https://console.vast.ai"
+    if not iid or not key:
+        return "no CONTAINER_ID / CONTAINER_API_KEY: instance left running (trainer stopped)"
+    import urllib.request
+
+    req = urllib.request.Request("%s/api/v0/instances/%s/" % (url.rstrip("/"), iid), method="PUT",
+                                 data=json.dumps({"state": "stopped"}).encode(),
+                                 headers={"Authorization": "Bearer " + key, "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return "instance stop requested: HTTP %d" % r.status
+    except Exception as e:  # any failure is only reported: the trainer is stopped already
+        return "instance stop failed: %s" % (getattr(e, "code", None) or type(e).__name__)
+
+
+def cmd_runner(ctl, hb, argv, lease_grace=None):
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     os.makedirs(ctl, exist_ok=True)
     for name in ("exit.json", "heartbeat.json"):
@@ -220,6 +303,7 @@ def cmd_runner(ctl, hb, argv):
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    extra = {}
     while True:
         try:
             rc = proc.wait(timeout=hb)
@@ -227,7 +311,15 @@ def cmd_runner(ctl, hb, argv):
         except subprocess.TimeoutExpired:
             _write_json(os.path.join(ctl, "heartbeat.json"),
                         {"time": time.time(), "trainer_alive": True, "gpu_util": _gpu_util()})
-    _write_json(os.path.join(ctl, "exit.json"), {"rc": rc, "time": time.time()})
+        until = _lease_until(ctl) if lease_grace is not None else None
+        if until is not None and time.time() > until + lease_grace:
+            rc = _stop_proc(proc)
+            extra = {"reason": "lease-expired", "lease_until": until}
+            break
+    _write_json(os.path.join(ctl, "exit.json"), dict({"rc": rc, "time": time.time()}, **extra))
+    if extra:
+        extra["instance"] = _stop_this_instance()
+        _write_json(os.path.join(ctl, "exit.json"), dict({"rc": rc, "time": time.time()}, **extra))
     _write_json(os.path.join(ctl, "heartbeat.json"), {"time": time.time(), "trainer_alive": False,
                                                       "gpu_util": None})
     return 0
@@ -265,6 +357,49 @@ def cmd_stop(ctl):
     return 0
 
 
+def cmd_quiesce(root, wait_s):
+    out, ok = {}, True
+    names = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    for name in names:
+        ctl = os.path.join(root, name)
+        runner = _read_json(os.path.join(ctl, "runner.json")) or {}
+        tpid, rpid = runner.get("trainer_pid"), runner.get("runner_pid")
+        was = _alive(tpid)
+        if was:
+            try:
+                os.kill(tpid, signal.SIGTERM)
+            except OSError:
+                pass
+        out[name] = {"was_running": was, "exited": False, "rc": None}
+    deadline = time.time() + wait_s
+    for name in names:
+        ctl = os.path.join(root, name)
+        runner = _read_json(os.path.join(ctl, "runner.json")) or {}
+        tpid, rpid = runner.get("trainer_pid"), runner.get("runner_pid")
+        while (_alive(tpid) or _alive(rpid)) and time.time() < deadline:
+            time.sleep(0.05)
+        if _alive(tpid):
+            try:
+                os.kill(tpid, signal.SIGKILL)
+            except OSError:
+                pass
+            end = time.time() + 10
+            while (_alive(tpid) or _alive(rpid)) and time.time() < end:
+                time.sleep(0.05)
+        gone = not _alive(tpid)
+        ok = ok and gone
+        out[name]["exited"] = gone
+        out[name]["rc"] = (_read_json(os.path.join(ctl, "exit.json")) or {}).get("rc")
+    print(json.dumps(out))
+    return 0 if ok else 3
+
+
+def cmd_lease(root, until):
+    os.makedirs(root, exist_ok=True)
+    _write_json(os.path.join(root, "lease.json"), {"until": float(until), "written": time.time()})
+    return 0
+
+
 def main(argv):
     if not argv:
         print(__doc__, file=sys.stderr)
@@ -278,7 +413,13 @@ def main(argv):
         return cmd_unpack(args[0], args[1])
     if cmd == "runner":
         sep = args.index("--")
-        return cmd_runner(args[0], float(args[1]), args[sep + 1:])
+        opts = args[2:sep]
+        grace = float(opts[opts.index("--lease-grace") + 1]) if "--lease-grace" in opts else None
+        return cmd_runner(args[0], float(args[1]), args[sep + 1:], grace)
+    if cmd == "quiesce":
+        return cmd_quiesce(args[0], float(args[1]))
+    if cmd == "lease":
+        return cmd_lease(args[0], args[1])
     if cmd == "status":
         return cmd_status(args[0])
     if cmd == "activity":

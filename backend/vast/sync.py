@@ -49,6 +49,11 @@ class IntegrityError(SyncError):
     """The bytes received do not hash to what the instance reported."""
 
 
+class Gone(SyncError):
+    """The file was deleted on the instance after it was listed (a temporary file): nothing
+    of it is left to lose."""
+
+
 class LocalStoreError(SyncError):
     """The local store cannot take the file (disk full, quota, read-only)."""
 
@@ -226,6 +231,14 @@ class Syncer:
             "name": e.name, "path": path or (str(self.cas.path(e.sha256)) if verified_at else None), "sha256": e.sha256,
             "size": e.size, "locations": locations, "sync_state": state, "verified_at": verified_at}])
 
+    def _forget_unverified(self, run_id: str, name: str) -> None:
+        """Drop the row of a file that vanished from the instance before any version of it
+        was verified (a listing of a temporary file); a row with a verified version stays."""
+        if self.last_verified(run_id, name) is None:
+            with store.transaction(self.db):
+                self.db.conn.execute("DELETE FROM artifacts WHERE owner_kind = 'run' AND run_id = ? AND name = ? "
+                                     "AND sync_state IN ('remote-only', 'transferring')", (run_id, name))
+
     def last_verified(self, run_id: str, name: str) -> Entry | None:
         """The newest version of a run's file that was verified into the store (the current
         one, or the one before a change not verified yet); None if none is in the store."""
@@ -261,7 +274,7 @@ class Syncer:
                     part.unlink(missing_ok=True)
                     raise LocalStoreError(f"{e.name}: {err.strerror or err}") from None
                 if err.errno == errno.ENOENT:
-                    raise SyncError(f"{e.name}: gone from the instance") from None
+                    raise Gone(f"{e.name}: gone from the instance") from None
                 drops = self._dropped(remote, e, part, drops, err)
                 continue
             except (SSHError, paramiko.SSHException, EOFError) as err:
@@ -371,6 +384,9 @@ class Syncer:
                     if self.cas.has(cur.sha256):
                         break
                     continue
+                except Gone:  # deleted since it was listed (a .tmp renamed into place): not a loss
+                    self._forget_unverified(run_id, cur.name)
+                    break
                 except SyncError as err:
                     self.record(run_id, cur, "remote-only", instance_id, rpath)
                     rep.failed.append((cur, str(err)))
