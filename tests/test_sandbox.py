@@ -22,7 +22,7 @@ from textual.widgets import Button, DataTable, Static
 REPO = Path(__file__).resolve().parents[1]
 
 PANES = {"1": "#matrix-table", "2": "#gate-table", "3": "#instances-table", "4": "#adapters-table",
-         "5": "#logs-sources", "6": "#sync-table"}
+         "5": "#logs-sources", "6": "#sync-artifacts"}
 
 
 async def wait_for(pilot, cond, timeout: float = 60.0, what: str = "") -> None:
@@ -46,8 +46,8 @@ def text_of(node, widget_id: str) -> str:
 
 @pytest.fixture
 def decoy_home(tmp_path, monkeypatch):
-    """A home whose vastai key files hold a 'real' key; every open of a file under it is
-    recorded (an audit hook), so the test can say the sandbox never read it."""
+    """A home whose vastai key files hold a 'real' key; every open of a vastai file under it
+    is recorded (an audit hook), so the test can say the sandbox never read it."""
     home = tmp_path / "home"
     for f in (home / ".config" / "vastai" / "vast_api_key", home / ".vast_api_key"):
         f.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +60,7 @@ def decoy_home(tmp_path, monkeypatch):
     def hook(event, args):
         if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
             path = os.fsdecode(args[0])
-            if path.startswith(str(home)):
+            if path.startswith(str(home)) and "vast" in path:
                 opened.append(path)
 
     sys.addaudithook(hook)  # cannot be removed; it only appends paths under this test's home
@@ -73,18 +73,20 @@ def decoy_home(tmp_path, monkeypatch):
 @pytest.mark.asyncio
 async def test_sandbox_panes_kill_idle_and_clean_stop(tmp_path, monkeypatch, decoy_home):
     from backend.sandbox import build
+    from backend.store import open_db
     from backend.sandbox.procs import Record, alive, listening
     from backend.vast.emulator import _processes_in
     from backend.vast.provider import VastProvider
     from console.app import ConsoleApp
     from console.panes.instances import ConfirmDestroyScreen
+    from console.panes.logs import LogsPane
 
     home, opened = decoy_home
     lines: list[str] = []
     root = tmp_path / "sb"
     t0 = time.monotonic()
     try:
-        sb = build.start(root, log=lines.append, epochs=3, hang=False)
+        sb = build.start(root, log=lines.append, epochs=3, hang=False, live_epochs=30)
     except build.SandboxError as e:
         if "install OpenSSH" in str(e) and not os.environ.get("CI"):
             pytest.skip(str(e))
@@ -97,7 +99,8 @@ async def test_sandbox_panes_kill_idle_and_clean_stop(tmp_path, monkeypatch, dec
     assert set(procs) == {"sshd", "emulator"} and all(alive(*v) for v in procs.values())
     assert sb.console_command.startswith("nko-ops sandbox console")
     provider = VastProvider(p.key_file.read_text().strip(), sb.url)
-    assert [str(r["id"]) for r in provider.instances()] == [sb.idle_instance]
+    live = {str(r["id"]): r["label"] for r in provider.instances()}
+    assert sb.idle_instance in live and build.LIVE_RUN_ID in live.values() and len(live) == 2
 
     try:
         for k, v in build.sandbox_env(p).items():  # what `nko-ops sandbox console` sets
@@ -115,7 +118,15 @@ async def test_sandbox_panes_kill_idle_and_clean_stop(tmp_path, monkeypatch, dec
             assert bar.startswith("SANDBOX") and "budget" in bar
             assert "sandbox-nko-baseline" in [r[0] for r in rows(app, "#matrix-table")]
             assert any(r[2] == "completed" for r in rows(app, "#adapters-table"))
-            assert any("verified" in " ".join(r) for r in rows(app, "#sync-table"))
+            assert any("verified" in " ".join(r) for r in rows(app, "#sync-artifacts"))
+
+            # the live run's train.log, tailed over SSH, grows on screen
+            app.open_logs("run", build.LIVE_RUN_ID)
+            pane = app.query_one("#logs", LogsPane)
+            await wait_for(pilot, lambda: "epoch" in pane.shown_text(), timeout=90, what="the live run's log")
+            assert "SSH" in text_of(app, "#logs-header")
+            first = pane.shown_text().count("\n")
+            await wait_for(pilot, lambda: pane.shown_text().count("\n") > first, timeout=90, what="new log lines")
 
             await pilot.press("3")
             await wait_for(pilot, lambda: any(r[0] == sb.idle_instance and r[4] == "running"
@@ -141,13 +152,16 @@ async def test_sandbox_panes_kill_idle_and_clean_stop(tmp_path, monkeypatch, dec
             await wait_for(pilot, lambda: [r[4] for r in rows(app, "#instances-table") if r[0] == sb.idle_instance]
                            == ["destroyed"], what="the destroyed row")
 
-        # gone from the emulator; nothing left on the account, so nothing billing
-        assert provider.instance(sb.idle_instance) is None and provider.instances() == []
-        credit = provider.user()["credit"]
-        time.sleep(1.5)
-        assert provider.user()["credit"] == credit
+        # gone from the emulator; only the live run's instance is left on the account
+        assert provider.instance(sb.idle_instance) is None
+        db = open_db(p.db)
+        assert db.execute("SELECT destroyed_at FROM instances WHERE id = ?", [sb.idle_instance]).fetchone()[0]
+        db.close()
+        assert [r["label"] for r in provider.instances()] == [build.LIVE_RUN_ID]
     finally:
         stopped = build.stop(root, log=lines.append)
+    # stop destroyed the rest (and checked the account was empty before stopping the emulator)
+    assert any(s.startswith("instance ") and build.LIVE_RUN_ID in s for s in stopped), stopped
 
     assert {s.split()[0] for s in stopped} >= {"sshd", "emulator"}
     time.sleep(0.2)

@@ -42,6 +42,7 @@ SAMPLE = REPO / "data" / "sample"
 RUN_ID = "sandbox-nko-baseline"
 IDLE_RUN_ID = "sandbox-idle"
 IDLE_FILE = "checkpoint-unsynced.pt"
+LIVE_RUN_ID = "sandbox-live-nko-trajectory"
 ADAPTER_RUN = "sandbox-adapter"
 HUNG_RUN = "sandbox-adapter-hang"
 
@@ -261,6 +262,24 @@ def _idle_instance(p: Paths, fleet, log) -> str:
     return str(iid)
 
 
+def _live_run(p: Paths, data: dict, settings, budget, provider, log, epochs: int) -> None:
+    """A run left training on its instance (detached, as `nko-ops vast launch --detach`):
+    its train.log grows on the instance, the console tails it over SSH and its cost rises."""
+    from backend.vast.executor import launch_config
+
+    cfg = {"run_id": LIVE_RUN_ID, "script": "nko", "mode": "trajectory", "seed": 42, **data,
+           "out_dir": str(p.root / "runs" / LIVE_RUN_ID), "model": {"preset": "demo"}, "device": "cpu",
+           "train": {"epochs": epochs, "batch_size": 16, "lr": 0.002, "warmup_epochs": 1, "patience": epochs,
+                     "log_every": 2}}
+    path = p.root / f"{LIVE_RUN_ID}.json"
+    path.write_text(json.dumps(cfg, indent=1))
+    r = launch_config(path, p.db, detach=True, poll_s=1.0, log=log, settings=settings, budget=budget,
+                      provider=provider)
+    if r.status != "running":
+        raise SandboxError(f"the sandbox's live run did not start: {r}")
+    log(f"{LIVE_RUN_ID}: training on its instance ({epochs} epochs), left running for the console")
+
+
 def _thunder(p: Paths, log, hang: bool) -> None:
     """A LoRA adapter run on a 2-rank mlx[cpu] ring on 127.0.0.1 (a tiny llama built here,
     the AGP corpus from the sandbox run's test predictions), and, with ``hang``, a second run
@@ -378,9 +397,10 @@ class Sandbox:
 
 
 def start(root: str | Path = DEFAULT_ROOT, log: Callable[[str], None] = print, rows: int = 240, epochs: int = 4,
-          hang: bool = True) -> Sandbox:
+          hang: bool = True, live_epochs: int = 60) -> Sandbox:
     """Build a fresh sandbox in ``root`` (an earlier one there is stopped first) and leave the
-    emulator and the sshd running; on any failure everything started is stopped again."""
+    emulator and the sshd running, with the idle instance and (``live_epochs`` > 0) a run
+    still training on its own instance; on any failure everything started is stopped again."""
     try:
         require_openssh()
     except LocalSSHError as e:
@@ -423,6 +443,8 @@ def start(root: str | Path = DEFAULT_ROOT, log: Callable[[str], None] = print, r
             fleet.close()
             db.close()
         _thunder(p, log, hang)
+        if live_epochs:
+            _live_run(p, data, settings, budget, provider, log, live_epochs)
     except BaseException:
         stop(root, log=lambda s: None)
         raise
@@ -440,33 +462,56 @@ def stop(root: str | Path = DEFAULT_ROOT, log: Callable[[str], None] = print) ->
         log(f"no sandbox in {p.root}")
         return []
     rec = Record(p.root)
-    stopped = []
+    stopped, problems = [], []
     url = rec.data.get("server_url")
     if url and "emulator" in rec.running():
-        stopped += _destroy_all(p, url, log)
+        try:
+            stopped += _destroy_all(p, url)
+        except SandboxError as e:
+            problems.append(str(e))
     stopped += rec.stop_all()
     _kill_in(p.disks)
     still = [f"{n}:{port}" for n, port in rec.data.get("ports", {}).items() if listening(port)]
     if still:
-        raise SandboxError(f"still listening after stop: {', '.join(still)}")
+        problems.append(f"still listening after stop: {', '.join(still)}")
     rec.data["stopped_at"] = time.time()
     rec.save()
     for s in stopped:
         log(f"stopped {s}")
+    if problems:
+        raise SandboxError("; ".join(problems))
     return stopped
 
 
-def _destroy_all(p: Paths, url: str, log) -> list[str]:
+def _destroy_all(p: Paths, url: str) -> list[str]:
+    """Destroy every instance on the emulated account (the emulator kills what runs on its
+    disk) and record it in the sandbox's state.db."""
+    from backend import store
     from backend.vast.provider import ProviderError, VastProvider
 
     out = []
     try:
         provider = VastProvider(p.key_file.read_text().strip(), url, attempts=2, backoff_s=0.1)
-        for row in provider.instances():
+        rows = provider.instances()
+        for row in rows:
             provider.destroy(row["id"])
             out.append(f"instance {row['id']} ({row.get('label') or 'no label'})")
+        left = provider.instances()
     except (ProviderError, OSError) as e:
-        log(f"could not list the emulated instances ({e}); their processes are killed below")
+        raise SandboxError(f"could not destroy the emulated instances ({e}); their processes were killed") from None
+    if rows and p.db.exists():
+        db = store.open_db(p.db)
+        try:
+            for row in rows:
+                db.execute("UPDATE instances SET destroyed_at = ?, actual_status = 'destroyed' WHERE id = ? "
+                           "AND destroyed_at IS NULL", [store.now(), str(row["id"])])
+                store.add_event(db, f"instance {row['id']} destroyed: sandbox stopped", instance_id=str(row["id"]),
+                                kind="instance-destroyed", source="sandbox")
+            db.conn.commit()
+        finally:
+            db.close()
+    if left:
+        raise SandboxError(f"instances still on the emulated account after destroy: {[r['id'] for r in left]}")
     return out
 
 

@@ -29,7 +29,7 @@ def sandbox_main(ctx: typer.Context, root: Path = DIR) -> None:
     """Without a subcommand: build the sandbox, open the console on it (on a terminal), and
     stop everything when the console closes."""
     if ctx.invoked_subcommand is None:
-        _start(root, open_console=sys.stdout.isatty(), rows=240, epochs=4, hang=True)
+        _start(root, open_console=sys.stdout.isatty(), rows=240, epochs=4, hang=True, live_epochs=60)
 
 
 @sandbox_app.command("start")
@@ -38,13 +38,16 @@ def start_cmd(root: Path = DIR,
               rows: int = typer.Option(240, "--rows", min=60, help="Rows of data/sample the sandbox run trains on."),
               epochs: int = typer.Option(4, "--epochs", min=1, help="Epochs of the sandbox run."),
               hang: bool = typer.Option(True, "--hang/--no-hang",
-                                        help="Also an adapter run that hangs, for the watchdog.")) -> None:
+                                        help="Also an adapter run that hangs, for the watchdog."),
+              live_epochs: int = typer.Option(60, "--live-epochs", min=0,
+                                              help="Epochs of the run left training for the console (0: none).")
+              ) -> None:
     """Build the sandbox and leave it running (the emulator and the sshd); prints the command
     that opens the console on it."""
-    _start(root, open_console, rows, epochs, hang)
+    _start(root, open_console, rows, epochs, hang, live_epochs)
 
 
-def _start(root: Path, open_console: bool, rows: int, epochs: int, hang: bool) -> None:
+def _start(root: Path, open_console: bool, rows: int, epochs: int, hang: bool, live_epochs: int) -> None:
     from backend.sandbox import build
 
     def on_signal(signum, frame):  # a terminal closed or a kill: the finally below stops everything
@@ -53,7 +56,8 @@ def _start(root: Path, open_console: bool, rows: int, epochs: int, hang: bool) -
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
     try:
-        sb = build.start(root, log=lambda s: typer.echo(s, err=True), rows=rows, epochs=epochs, hang=hang)
+        sb = build.start(root, log=lambda s: typer.echo(s, err=True), rows=rows, epochs=epochs, hang=hang,
+                         live_epochs=live_epochs)
     except build.SandboxError as e:
         _fail(e)
     except KeyboardInterrupt:
