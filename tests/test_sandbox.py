@@ -204,3 +204,38 @@ asyncio.run(main())
     assert out.returncode == 0, out.stderr[-2000:]
     assert "CLOUD: cloud not polled (no provider)" in out.stdout, out.stdout + out.stderr[-2000:]
     assert "encoding" not in out.stdout and "configuration error" not in out.stdout
+
+
+def test_start_refuses_a_directory_that_is_not_a_sandbox(tmp_path):
+    """The sandbox empties its directory: one that holds anything else is refused, untouched."""
+    from backend.sandbox import build
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(build.SandboxError, match="not a sandbox directory|install OpenSSH"):
+        build.start(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert build.stop(tmp_path, log=lambda s: None) == []
+
+
+def test_record_stops_its_processes_and_their_children_by_pid(tmp_path):
+    from backend.sandbox.procs import Record, alive, descendants, start_time
+
+    proc = subprocess.Popen(["sh", "-c", "sleep 300 & sleep 300 & wait"], start_new_session=True)
+    rec = Record(tmp_path)
+    rec.add_process("shell", proc.pid)
+    deadline = time.monotonic() + 10
+    while len(descendants(proc.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    children = descendants(proc.pid)
+    assert len(children) == 2
+    unrelated = subprocess.Popen(["sleep", "300"])
+    try:
+        stopped = Record(tmp_path).stop_all(grace_s=3)  # read back from sandbox.json, as `stop` does
+        proc.wait(5)
+        assert stopped[0] == f"shell (pid {proc.pid})" and len(stopped) == 3
+        assert not any(alive(pid) for pid in children)
+        assert alive(unrelated.pid, start_time(unrelated.pid))  # nothing it did not start
+        assert Record(tmp_path).data["processes"] == {}
+    finally:
+        unrelated.kill()
+        unrelated.wait()

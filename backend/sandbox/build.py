@@ -408,6 +408,9 @@ def start(root: str | Path = DEFAULT_ROOT, log: Callable[[str], None] = print, r
     p = paths(root)
     if p.marker.exists():
         stop(root, log=lambda s: None)
+    elif p.root.exists() and any(c.name != "data" for c in p.root.iterdir()):
+        raise SandboxError(f"{p.root} is not a sandbox directory (no {MARKER}) and not empty: the sandbox "
+                           "empties its directory, so give it a new one (--dir)")
     t0 = time.monotonic()
     _fresh(p)
     rec = Record(p.root)

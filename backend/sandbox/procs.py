@@ -61,20 +61,42 @@ class Record:
     def stop_all(self, grace_s: float = 5.0) -> list[str]:
         """SIGTERM every recorded process still alive, SIGKILL what is left after ``grace_s``;
         returns what was stopped, as 'name (pid N)'."""
-        procs = {n: p for n, p in self.data["processes"].items() if alive(p["pid"], p.get("started"))}
-        for p in procs.values():
+        procs = [(n, p) for n, p in self.data["processes"].items() if alive(p["pid"], p.get("started"))]
+        for name, p in list(procs):  # e.g. sshd's per-connection processes
+            procs += [(f"{name} child", {"pid": c, "started": start_time(c)}) for c in descendants(p["pid"])]
+        for _, p in procs:
             _signal(p["pid"], signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(alive(p["pid"], p.get("started")) for p in procs.values()):
+        while time.monotonic() < deadline and any(alive(p["pid"], p.get("started")) for _, p in procs):
             time.sleep(0.05)
-        for p in procs.values():
+        for _, p in procs:
             if alive(p["pid"], p.get("started")):
                 _signal(p["pid"], signal.SIGKILL)
-        for p in procs.values():
+        for _, p in procs:
             _reap(p["pid"])
         self.data["processes"] = {}
         self.save()
-        return [f"{n} (pid {p['pid']})" for n, p in procs.items()]
+        return [f"{n} (pid {p['pid']})" for n, p in procs]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children, ...), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def _signal(pid: int, sig: int) -> None:
