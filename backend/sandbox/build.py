@@ -262,7 +262,7 @@ def _idle_instance(p: Paths, fleet, log) -> str:
     return str(iid)
 
 
-def _live_run(p: Paths, data: dict, settings, budget, provider, log, epochs: int) -> None:
+def _live_run(p: Paths, rec: Record, data: dict, settings, budget, provider, log, epochs: int) -> None:
     """A run left training on its instance (detached, as `nko-ops vast launch --detach`):
     its train.log grows on the instance, the console tails it over SSH and its cost rises."""
     from backend.vast.executor import launch_config
@@ -277,7 +277,17 @@ def _live_run(p: Paths, data: dict, settings, budget, provider, log, epochs: int
                       provider=provider)
     if r.status != "running":
         raise SandboxError(f"the sandbox's live run did not start: {r}")
-    log(f"{LIVE_RUN_ID}: training on its instance ({epochs} epochs), left running for the console")
+    # the lane's executor re-attaches to it (as `nko-ops vast launch` run again does): metrics and
+    # log lines into state.db, checkpoint syncs, and at the end registration and destroy
+    out = open(p.logs / "live-executor.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "vast", "launch", "--config", str(path),
+                             "--db", str(p.db), "--settings", str(p.vast_toml), "--budget", str(p.budget_toml)],
+                            cwd=REPO, env={**os.environ, **sandbox_env(p)}, stdin=subprocess.DEVNULL, stdout=out,
+                            stderr=out, start_new_session=True)
+    out.close()
+    rec.add_process("executor", proc.pid)
+    log(f"{LIVE_RUN_ID}: training on its instance ({epochs} epochs), followed by the Vast executor "
+        f"(pid {proc.pid}, log {p.logs / 'live-executor.log'})")
 
 
 def _thunder(p: Paths, log, hang: bool) -> None:
@@ -336,7 +346,7 @@ def _hung_run(cluster, db, log) -> None:
     from backend.thunder.records import get_adapter_run
 
     cfg = cluster(train={"iters": 100000, "steps_per_report": 1, "steps_per_eval": 100000, "save_every": 100000},
-                  watchdog={"window_s": 15.0, "startup_window_s": 600, "poll_s": 0.5, "stop_grace_s": 1})
+                  watchdog={"window_s": 8.0, "startup_window_s": 600, "poll_s": 0.5, "stop_grace_s": 1})
     started = launch(cfg, db, run_id=HUNG_RUN, name="sandbox LoRA, rank 1 stalled (watchdog)")
     mon = Monitor(cfg, db, HUNG_RUN, proc=started.proc)
     pids: dict[int, int] = {}
@@ -396,7 +406,7 @@ class Sandbox:
         return f"nko-ops sandbox console{extra}"
 
 
-def start(root: str | Path = DEFAULT_ROOT, log: Callable[[str], None] = print, rows: int = 240, epochs: int = 4,
+def start(root: str | Path = DEFAULT_ROOT, log: Callable[[str], None] = print, rows: int = 240, epochs: int = 10,
           hang: bool = True, live_epochs: int = 60) -> Sandbox:
     """Build a fresh sandbox in ``root`` (an earlier one there is stopped first) and leave the
     emulator and the sshd running, with the idle instance and (``live_epochs`` > 0) a run
@@ -447,7 +457,7 @@ def start(root: str | Path = DEFAULT_ROOT, log: Callable[[str], None] = print, r
             db.close()
         _thunder(p, log, hang)
         if live_epochs:
-            _live_run(p, data, settings, budget, provider, log, live_epochs)
+            _live_run(p, rec, data, settings, budget, provider, log, live_epochs)
     except BaseException:
         stop(root, log=lambda s: None)
         raise

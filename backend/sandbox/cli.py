@@ -29,14 +29,14 @@ def sandbox_main(ctx: typer.Context, root: Path = DIR) -> None:
     """Without a subcommand: build the sandbox, open the console on it (on a terminal), and
     stop everything when the console closes."""
     if ctx.invoked_subcommand is None:
-        _start(root, open_console=sys.stdout.isatty(), rows=240, epochs=4, hang=True, live_epochs=60)
+        _start(root, open_console=sys.stdout.isatty(), rows=240, epochs=10, hang=True, live_epochs=60)
 
 
 @sandbox_app.command("start")
 def start_cmd(root: Path = DIR,
               open_console: bool = typer.Option(False, "--open", help="Open the console now; stop all on exit."),
               rows: int = typer.Option(240, "--rows", min=60, help="Rows of data/sample the sandbox run trains on."),
-              epochs: int = typer.Option(4, "--epochs", min=1, help="Epochs of the sandbox run."),
+              epochs: int = typer.Option(10, "--epochs", min=1, help="Epochs of the sandbox run."),
               hang: bool = typer.Option(True, "--hang/--no-hang",
                                         help="Also an adapter run that hangs, for the watchdog."),
               live_epochs: int = typer.Option(60, "--live-epochs", min=0,
