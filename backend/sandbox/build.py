@@ -476,6 +476,8 @@ def stop(root: str | Path = DEFAULT_ROOT, log: Callable[[str], None] = print) ->
         return []
     rec = Record(p.root)
     stopped, problems = [], []
+    # first what acts on the account (the live run's executor), so nothing rents or syncs meanwhile
+    stopped += rec.stop_all(only=[n for n in rec.data["processes"] if n not in ("emulator", "sshd")])
     url = rec.data.get("server_url")
     if url and "emulator" in rec.running():
         try:

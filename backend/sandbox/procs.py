@@ -58,10 +58,12 @@ class Record:
     def running(self) -> dict[str, int]:
         return {name: p["pid"] for name, p in self.data["processes"].items() if alive(p["pid"], p.get("started"))}
 
-    def stop_all(self, grace_s: float = 5.0) -> list[str]:
-        """SIGTERM every recorded process still alive, SIGKILL what is left after ``grace_s``;
-        returns what was stopped, as 'name (pid N)'."""
-        procs = [(n, p) for n, p in self.data["processes"].items() if alive(p["pid"], p.get("started"))]
+    def stop_all(self, grace_s: float = 5.0, only: list[str] | None = None) -> list[str]:
+        """SIGTERM every recorded process (of ``only``, when given) still alive, and their
+        descendants, SIGKILL what is left after ``grace_s``; returns what was stopped, as
+        'name (pid N)'."""
+        procs = [(n, p) for n, p in self.data["processes"].items()
+                 if (only is None or n in only) and alive(p["pid"], p.get("started"))]
         for name, p in list(procs):  # e.g. sshd's per-connection processes
             procs += [(f"{name} child", {"pid": c, "started": start_time(c)}) for c in descendants(p["pid"])]
         for _, p in procs:
@@ -74,7 +76,7 @@ class Record:
                 _signal(p["pid"], signal.SIGKILL)
         for _, p in procs:
             _reap(p["pid"])
-        self.data["processes"] = {}
+        self.data["processes"] = {n: p for n, p in self.data["processes"].items() if only is not None and n not in only}
         self.save()
         return [f"{n} (pid {p['pid']})" for n, p in procs]
 
