@@ -13,8 +13,9 @@ import typer
 
 from backend.sandbox.build import DEFAULT_ROOT
 
-sandbox_app = typer.Typer(help="A local cloud sandbox: emulated Vast account, sshd instance, MLX ring, gate review.",
-                          invoke_without_command=True)
+sandbox_app = typer.Typer(help="A local cloud sandbox: emulated Vast account, sshd instance, MLX ring, gate review. "
+                               "Without a command: build it, open the console on it (on a terminal) and stop "
+                               "everything when the console closes.", invoke_without_command=True)
 
 DIR = typer.Option(DEFAULT_ROOT, "--dir", help="The sandbox's directory (its own state.db, keys, settings, disks).")
 
