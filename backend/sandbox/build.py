@@ -312,8 +312,6 @@ def _thunder(p: Paths, log, hang: bool) -> None:
     model = build_tiny_llama(t / "model", texts * 3, vocab_size=300, hidden_size=32, layers=2)
 
     def cluster(**over):
-        from backend.thunder.launch import run_dir  # noqa: F401
-
         port = _port_pair()
         data = {"name": "sandbox", "python": sys.executable, "workdir": str(REPO), "model": str(model),
                 "data": str(t / "corpus"), "run_root": str(t / "runs"), "local_root": str(t / "local"),
