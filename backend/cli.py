@@ -10,6 +10,7 @@ from typer.core import TyperGroup
 
 from agp.cli import agp_app
 from backend.matrix_cli import register_backend
+from backend.sandbox.cli import sandbox_app
 from backend.thunder.cli import thunder_app
 from backend.vast.cli import vast_app
 from console.cli import console_cmd
@@ -77,6 +78,7 @@ app.add_typer(agp_app, name="agp")
 app.add_typer(vast_app, name="vast")
 app.add_typer(thunder_app, name="thunder")
 app.command("console")(console_cmd)
+app.add_typer(sandbox_app, name="sandbox")
 
 
 @app.command()

@@ -25,6 +25,7 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Markdown, Static, TabbedContent, TabPane
 
+from backend.sandbox import is_sandbox
 from backend.store import StoreReadOnly, open_db
 from console import queries
 from console.panes.adapters import AdaptersPane
@@ -46,7 +47,17 @@ PANES: tuple[tuple[str, type[Pane]], ...] = (
     ("logs", LogsPane), ("sync", SyncPane))
 
 
-def status_text(s: Status | None, error: str = "", cloud: Text | str = "") -> Text:
+SANDBOX_LABEL = Text("SANDBOX", style="bold black on yellow")
+
+
+def status_text(s: Status | None, error: str = "", cloud: Text | str = "", sandbox: bool = False) -> Text:
+    """The status bar; a sandbox's (``nko-ops sandbox``) starts with SANDBOX, so nothing
+    emulated passes for a real account."""
+    text = status_line(s, error, cloud)
+    return Text.assemble(SANDBOX_LABEL, ("  emulated account, no real money  │  ", "yellow"), text) if sandbox else text
+
+
+def status_line(s: Status | None, error: str = "", cloud: Text | str = "") -> Text:
     if error:
         return Text.assemble(("state.db error: ", "bold red"), error)
     if s is None:
@@ -105,6 +116,7 @@ class ConsoleApp(App):
         rows, costs, idle timers); None takes the budget's poll_interval_s, 0 turns it off."""
         super().__init__()
         self.db_path = str(db_path)
+        self.sandbox = is_sandbox(db_path)
         self.ops = Ops(db_path, vast_settings, budget)
         self.event_alerts = EventAlerts()
         self.interval = interval
@@ -127,7 +139,7 @@ class ConsoleApp(App):
         # tears its screens down, when a query would find nothing (CI saw exactly that).
         self._panes: dict[str, Pane] = {name: cls(id=name) for name, cls in PANES}
         self._tabs = TabbedContent(id="tabs")
-        self._status_bar = Static(status_text(None), id="status-bar")
+        self._status_bar = Static(status_text(None, sandbox=self.sandbox), id="status-bar")
         with self._tabs:
             for name, pane in self._panes.items():
                 with TabPane(pane.title, id=f"tab-{name}"):
@@ -136,7 +148,7 @@ class ConsoleApp(App):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = Path(self.db_path).name
+        self.sub_title = ("SANDBOX · " if self.sandbox else "") + Path(self.db_path).name
         self.refresh_panes()
         self.set_interval(self.interval, self.refresh_panes)
         if self.cloud_poll != 0:
@@ -190,7 +202,7 @@ class ConsoleApp(App):
 
     def _show_error(self, message: str) -> None:
         self.error = message
-        self._status_bar.update(status_text(self.status, message, self.cloud))
+        self._status_bar.update(status_text(self.status, message, self.cloud, self.sandbox))
         self.notify(message, severity="error", timeout=6)
 
     def load_all(self, db: sqlite_utils.Database, now: float, panes: list[Pane]) -> tuple[Status, list[Any]]:
@@ -199,7 +211,7 @@ class ConsoleApp(App):
 
     def apply(self, status: Status, panes: list[Pane], results: list[Any]) -> None:
         self.status, self.error = status, ""
-        self._status_bar.update(status_text(status, cloud=self.cloud))
+        self._status_bar.update(status_text(status, cloud=self.cloud, sandbox=self.sandbox))
         for pane, data in zip(panes, results):
             pane.show(data)
 

@@ -20,11 +20,14 @@ then syncs and verifies once more at that moment and refuses if anything changed
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+import vastai  # noqa: F401  (see _quiet_sdk)
 
 from backend import store
 from backend.vast.config import VastConfigError, VastSettings, load_budget, load_settings, state_dir_for
@@ -40,6 +43,28 @@ ERRORS = (VastConfigError, ProviderError, SSHError, SyncError, StageError)
 
 # A poll is one API call plus one heartbeat read per instance; a user's action waits that long.
 BACKGROUND_WAIT_S = 120.0
+
+
+class _ToMessages(logging.Handler):
+    def __init__(self, messages: deque) -> None:
+        super().__init__(logging.INFO)
+        self.messages = messages
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(f"vastai: {record.getMessage()}")
+
+
+def _quiet_sdk(messages: deque) -> None:
+    """Nothing from the vastai SDK reaches the terminal while the UI runs. It is imported
+    above, at module load, because its import reads ``sys.stdout.encoding``, which Textual's
+    print capture lacks (an SDK first imported inside the running app fails with
+    AttributeError); its logger writes to the stderr of import time, so its records go to
+    the action messages instead."""
+    log = logging.getLogger("vastai")
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    log.addHandler(_ToMessages(messages))
+    log.propagate = False
 
 
 class OpsUnavailable(RuntimeError):
@@ -105,6 +130,7 @@ class Ops:
         self.lock = threading.Lock()
         self.doing = ""
         self.messages: deque[str] = deque(maxlen=200)  # the Fleet's progress lines
+        _quiet_sdk(self.messages)
         self._background = False  # the action holding the lock is the console's own poll
         self._setup = threading.Lock()
         self._closing = False

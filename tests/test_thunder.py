@@ -193,6 +193,27 @@ def test_preflight_compares_the_eval_code_too(fx, tmp_path):
     assert row.status == "FAIL" and row.host == "b" and f"{REPO}/agp missing" in row.detail
 
 
+def test_preflight_passes_nothing_it_could_not_run(fx, tmp_path):
+    """Neither host answers over ssh: every check that needed them is SKIP or FAIL, none PASS."""
+    import shutil
+
+    from backend.localssh import free_port
+
+    if not shutil.which("ssh"):
+        pytest.skip("no ssh client")
+    closed = free_port()  # nothing listens there
+    hosts = [{"name": "a", "ssh": "127.0.0.1", "ip": "127.0.0.1"}, {"name": "b", "ssh": "127.0.0.1", "ip": "127.0.0.2"}]
+    cfg = local_cluster(fx, tmp_path / "runs", tmp_path / "local", hosts=hosts,
+                        ssh_options=["-p", str(closed), "-o", "BatchMode=yes", "-o", "ConnectTimeout=3"])
+    r = run_preflight(cfg, reach_timeout=2)
+    assert not r.ok
+    assert [c for c in r.checks if c.ok] == [], r.table()
+    assert "PASS" not in r.table()
+    assert {c.status for c in r.find("ssh")} == {"FAIL"}
+    (py,) = r.find("python")
+    assert py.status == "SKIP" and "not run on a, b" in py.detail
+
+
 # --------------------------------------------------------------------------- preflight over a real sshd
 
 

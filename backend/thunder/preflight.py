@@ -341,7 +341,11 @@ def run_preflight(cluster: ClusterConfig, reach_timeout: float = 5.0) -> Preflig
     usable = list(probes)
 
     pythons = {h.name: h.python for h in hosts}
-    if len(set(pythons.values())) == 1:
+    unprobed = [h.name for h in hosts if h.name not in probes]
+    if len(set(pythons.values())) == 1 and unprobed:  # nothing ran there: no PASS for what was not seen
+        checks.append(Check("python", "all", None, f"{cluster.python} not run on {', '.join(unprobed)} "
+                                                   "(not reachable over ssh)"))
+    elif len(set(pythons.values())) == 1:
         checks.append(Check("python", "all", True, f"{cluster.python} and workdir {cluster.workdir} on every host"))
     else:
         checks.append(Check("python", "all", False, "mlx.launch starts every rank with one --python; hosts differ: "

@@ -46,6 +46,13 @@ def cells(r: InstanceRow) -> tuple:
             styled(r.status), duration(r.uptime_s), usd(r.spend_usd), util, idle)
 
 
+def sandbox_cells(r: InstanceRow) -> tuple:
+    """A sandbox's row (``nko-ops sandbox``): its label says so, whatever the instance is called."""
+    row = list(cells(r))
+    row[1] = Text.assemble(("SANDBOX ", "bold black on yellow"), str(row[1]))
+    return tuple(row)
+
+
 def budget_bar(b: Budget | None, width: int = 40) -> Text:
     if b is None:
         return Text("budget: none recorded (configs/budget.toml is read by the Vast lane)", style="dim")
@@ -237,10 +244,13 @@ class InstancesPane(Pane):
         super().__init__(**kwargs)
         self._data: InstancesData | None = None
 
+    def cells(self, r: InstanceRow) -> tuple:
+        return sandbox_cells(r) if getattr(self.app, "sandbox", False) else cells(r)
+
     def compose(self) -> ComposeResult:
         yield Static(id="instances-budget")
         yield EmptyState(EMPTY, id="instances-empty")
-        yield Table(COLUMNS, cells, id="instances-table")
+        yield Table(COLUMNS, self.cells, id="instances-table")
         yield Curve("spend (USD)", "hours since first sample", id="instances-spend")
 
     def load(self, db: sqlite_utils.Database, now: float) -> InstancesData:
