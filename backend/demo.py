@@ -1,9 +1,11 @@
 """`nko-ops demo`: the main job on the embedded sample corpus.
 
-Steps: check the sample snapshot, make the split, extract log-mel features, run the demo
-matrix on the local executor (sanity step first), write tables, figures and claims, then
-run the offline AGP lane (lexicon proposer + gate + eval) on the N'Ko rows. Everything
-lands in state.db and under work/demo and reports/; reruns reuse what is already built.
+Steps: check the sample snapshot, make the split, extract the demo features (``FEATURES``),
+run the demo matrix on the local executor (sanity step first), write tables, figures and
+claims, then run the offline AGP lane (lexicon proposer + gate + eval) on the N'Ko rows.
+Everything lands in state.db and under work/demo and reports/; reruns reuse what is already
+built. The wall time of every stage is printed at the end and written to
+``reports/demo-timing.json``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,32 @@ SAMPLE = Path("data/sample")
 MATRIX = Path("configs/matrix/demo.json")
 CLAIMS = Path("configs/claims.toml")
 REPORTS = Path("reports")
+# The feature recipe the demo matrix is pinned to (its recipe_hash): models/features.py extract()
+FEATURES = {"recipe": "log-mel", "mode": "trimmed", "subsample": 2}
+
+
+class _Stages:
+    """Wall time per demo stage, in order."""
+
+    def __init__(self) -> None:
+        self.t0 = self.last = time.time()
+        self.rows: list[tuple[str, float]] = []
+
+    def done(self, name: str) -> None:
+        now = time.time()
+        self.rows.append((name, now - self.last))
+        self.last = now
+
+    def write(self, path: Path, runs: dict, console) -> None:
+        import json
+
+        total = time.time() - self.t0
+        console.print("wall time by stage: " + ", ".join(f"{n} {s:.0f} s" for n, s in self.rows)
+                      + f"; total {total:.0f} s")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"stages_s": {n: round(s, 1) for n, s in self.rows}, "total_s": round(total, 1),
+                                    "cpus": os.cpu_count(), "features": FEATURES, "runs": runs}, indent=1) + "\n",
+                        encoding="utf-8")
 
 
 def run_demo(db: str = "state.db", parallel: int = 2) -> int:
@@ -27,6 +55,7 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
     db_path = Path(db).resolve()
     os.chdir(REPO)  # the demo matrix names its paths relative to the repository
     t0 = time.time()
+    stages = _Stages()
 
     from backend.matrix import load_matrix
     from models.snapshot import describe, load
@@ -40,6 +69,7 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
     if not info["ok"]:
         console.print("[red]the sample snapshot is broken: run `nko-ops snapshot describe data/sample`")
         return 1
+    stages.done("snapshot")
 
     console.rule("2. split (seed 42, 80/10/10)")
     split_path = Path(m.split)
@@ -52,8 +82,9 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
         split_path.parent.mkdir(parents=True, exist_ok=True)
         split.save(split_path)
     console.print(f"{split.sizes()} sha256 {split.sha256[:16]}…")
+    stages.done("split")
 
-    console.rule("3. features (log-mel recipe, 50 frames/s)")
+    console.rule(f"3. features ({FEATURES['recipe']} recipe, {FEATURES['mode']}, subsample {FEATURES['subsample']})")
     import shutil
 
     from models.features import FeatureError, check_same_snapshot, extract
@@ -63,7 +94,8 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
     except FeatureError:  # the demo's own store, from an earlier version of data/sample
         console.print(f"{m.features} holds features of an earlier data/sample: rebuilding it")
         shutil.rmtree(m.features)
-    extract(SAMPLE, Path(m.features), "log-mel", subsample=2)
+    extract(SAMPLE, Path(m.features), FEATURES["recipe"], mode=FEATURES["mode"], subsample=FEATURES["subsample"])
+    stages.done("features")
 
     console.rule(f"4. demo matrix on the local executor (parallel {parallel})")
     from backend.executor_local import run_matrix
@@ -83,17 +115,19 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
     for r in results:
         console.print(str(r))
     failed = [r for r in results if r.status != "completed"]
+    stages.done("matrix")
 
     console.rule("5. tables, figures, claims")
-    from backend.claims import check_claims
+    from backend.claims import check_claims, report
     from backend.tables import write_tables
 
     written = write_tables(MATRIX, REPORTS, db_path)
     console.print("wrote " + ", ".join(str(p) for p in written))
     verdicts = check_claims(CLAIMS, MATRIX, db_path)
-    claims_text = "\n".join(str(v) for v in verdicts) + "\n"
+    claims_text = report(verdicts)
     (REPORTS / "claims.txt").write_text(claims_text, encoding="utf-8")
     console.print(claims_text)
+    stages.done("tables+claims")
 
     console.rule("6. AGP lane: partitions calibrated on val rows, lexicon proposer + gate + eval on the N'Ko test rows")
     from agp.evaluate import format_table
@@ -108,7 +142,10 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
             console.print(f"  [yellow]calibration: {escape(warning)}[/yellow]")
         console.print(format_table(summary), markup=False)
 
+    stages.done("agp")
+
     console.rule("done")
+    stages.write(REPORTS / "demo-timing.json", _run_times(m), console)
     console.print(f"finished in {time.time() - t0:.0f} s")
     console.print(f"state:   {db_path}  (browse it with `nko-ops console --db {db_path}`)")
     console.print(f"runs:    {REPO / m.out_root}")
@@ -116,3 +153,17 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
     if failed:
         console.print(f"[red]{len(failed)} run(s) did not complete: " + ", ".join(r.run_id for r in failed))
     return 1 if failed else 0
+
+
+def _run_times(m) -> dict:
+    """Per run: its own wall and training time from results.json (0 s when reused)."""
+    import json
+
+    out = {}
+    for spec in m.runs:
+        p = Path(m.out_root) / spec.run_id / "results.json"
+        if p.is_file():
+            r = json.loads(p.read_text(encoding="utf-8"))
+            out[spec.run_id] = {"wall_time_s": r.get("wall_time_s"), "train_time_s": r.get("train_time_s"),
+                                "epochs_run": r.get("epochs_run"), "stop_reason": r.get("stop_reason")}
+    return out
