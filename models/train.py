@@ -546,6 +546,7 @@ def finish(cfg: RunConfig, out: Path, data: RunData, device: torch.device, logs:
                            "features": str(Path(cfg.features).resolve())},
         "snapshot_sha256": data.snapshot_sha256, "split_sha256": data.split.sha256,
         "feature_recipe": data.store.recipe.get("name"), "feature_recipe_hash": data.store.recipe_hash,
+        "feature_weights": data.store.weights,  # {"name", "sha256"} of the encoder weights, or None
         "model_dims": asdict(data.dims), "params": model.num_params() - (0 if model.anticipation is None else
                                                                           sum(p.numel() for p in model.anticipation.parameters())),
         "best_epoch": state["best_epoch"], "best_val_loss": state["best_val_loss"], "epochs_run": state["epoch"],
