@@ -114,11 +114,18 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
     stages.done("features")
 
     console.rule(f"4. demo matrix on the local executor (parallel {parallel})")
-    from backend.executor_local import run_matrix
+    from backend.executor_local import ExecutorError, run_matrix
     from backend.matrix import MatrixError
 
     try:
         results = run_matrix(MATRIX, db_path, executor="local", parallel=parallel, log=console.print)
+    except ExecutorError as e:
+        console.print(f"[red]{escape(str(e))}", highlight=False)
+        if "recipe_hash" in str(e):
+            console.print(f"{db_path.name} holds demo runs on other features (the log-mel demo before tiny.en). "
+                          f"Keep them apart and start a new state store: `mv {db_path.name} state-logmel.db && "
+                          f"mv {m.out_root} {m.out_root}-logmel-old`, then run the demo again.")
+        return 1
     except MatrixError as e:
         console.print(f"[red]{escape(str(e))}", highlight=False)
         if "pins" in str(e):
