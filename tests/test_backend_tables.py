@@ -419,3 +419,22 @@ than = { script = "nko", mode = "trajectory" }
     assert run_lines["traj-s1"].rstrip(" |").endswith("epoch limit 4, STILL IMPROVING")
     assert run_lines["traj-s2"].rstrip(" |").endswith("early stop @4")
     assert "| N'Ko | trajectory | 1, 2, 3 |" in md and "1/3 STILL IMPROVING" in md
+
+
+def test_ttt_section_says_when_ttt_cannot_help(tmp_path):
+    sel = {"split": "val", "grid": [{"lr": 1.0, "steps": 1, "val_cer": 0.12, "val_changed": 2},
+                                    {"lr": 3.0, "steps": 1, "val_cer": 0.125, "val_changed": 5}],
+           "no_ttt_val_cer": 0.12, "best_val_cer": 0.12, "chosen": {"lr": 1.0, "steps": 1}, "helps_on_val": False}
+    ttt = {"lr": 1.0, "steps": 1, "selection": sel, "ttt_steps": 40, "ttt_guard_reverts": 0, "test_changed": 3,
+           "test_changed_cer_before": 0.25, "test_changed_cer_after": 0.3125, "test_cer_no_ttt": 0.03}
+    noop = dict(ttt, selection=None, test_changed=0, test_changed_cer_before=None, test_changed_cer_after=None)
+    runs = {("traj-s1", "nko", "trajectory", 1): [0, 1], ("ttt-s1", "nko", "ttt", 1): [0, 1],
+            ("ttt-s2", "nko", "ttt", 2): [0, 1]}
+    m = _three_seed_matrix(tmp_path, runs, {"ttt-s1": {"results_extra": {"ttt": ttt}},
+                                            "ttt-s2": {"results_extra": {"ttt": noop}}})
+    md = write_tables(m, tmp_path / "rep", None)[0].read_text()
+    assert "## Test-time training" in md
+    assert "| ttt-s1 | 1 | 1 | val grid | 12.00 → 12.00 | 1×1: 12.00, 3×1: 12.50 | 3 / 20 | 25.00 → 31.25 | 0 |" in md
+    assert ("- `ttt-s1`: TTT cannot help on this data: no setting of the grid lowered the validation CER "
+            "(12.00% at best vs 12.00% without TTT).") in md
+    assert "- `ttt-s2`: TTT cannot help on this data: TTT changed no test hypothesis: it is a no-op on this data." in md
