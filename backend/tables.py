@@ -383,6 +383,9 @@ def _header(s: Summary) -> list[str]:
     ident = ("snapshot `{}`, split `{}`, feature recipe `{}`, {} test utterances".format(
         r0.results["snapshot_sha256"][:12], r0.results["split_sha256"][:12], r0.results["feature_recipe_hash"][:12],
         len(r0.ids)) if r0 else "no completed runs")
+    w = r0.results.get("feature_weights") if r0 else None
+    if w:
+        ident += f", features from {w.get('name')} (weights sha256 `{w.get('sha256')}`)"
     return [ident, f"reference run `{s.reference}`" if s.reference else "no reference run with a bundle: no ΔCER"]
 
 

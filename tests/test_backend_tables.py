@@ -383,7 +383,9 @@ def test_three_seed_claims_are_always_decided_and_tables_flag_unfinished_runs(tm
         runs[(f"traj-s{s}", "nko", "trajectory", s)] = [0, 1]
         runs[(f"base-s{s}", "nko", "baseline", s)] = [2, 3] if s != 2 else [0, 1]  # seed 2 as good as trajectory
         runs[(f"tar-s{s}", "nko", "tar", s)] = [3, 4]
-    extra = {"traj-s1": {"best_epoch": 4, "epochs": 4, "results_extra": {"stop_reason": "max_epochs"}},
+    weights = {"name": "tiny.en model.bin", "sha256": "ab" * 32}
+    extra = {"traj-s1": {"best_epoch": 4, "epochs": 4, "results_extra": {"stop_reason": "max_epochs",
+                                                                         "feature_weights": weights}},
              "traj-s2": {"best_epoch": 2, "epochs": 4, "results_extra": {"stop_reason": "early_stop"}}}
     m = _three_seed_matrix(tmp_path, runs, extra)
     claims = tmp_path / "c.toml"
@@ -413,6 +415,7 @@ than = { script = "nko", mode = "trajectory" }
     assert v["traj-tar"].numbers["paired_seeds"] is True
     md = write_tables(m, tmp_path / "rep", None)[0].read_text()
     assert "hierarchical bootstrap" in md and "STILL IMPROVING" in md
+    assert f"features from tiny.en model.bin (weights sha256 `{'ab' * 32}`)" in md
     assert "| traj-s1 | N'Ko | trajectory | 1 |" in md
     run_lines = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines()
                  if line.startswith("| ") and " | N'Ko | " in line}  # the "By run" table
