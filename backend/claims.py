@@ -254,9 +254,10 @@ DISCLAIMER = ("What this can and cannot show: the demo runs on synthetic speech 
               "290,596 pairs, Whisper-large-v3 and the 46.9M-parameter V3 head.")
 
 
-def report(verdicts: list[Verdict]) -> str:
+def report(verdicts: list[Verdict], caveat: str | None = None) -> str:
     """The text of ``claims.txt``: how verdicts are reached, one block per claim, a tally of
-    agreement with the program's published directions and what the comparison can show."""
+    agreement with the program's published directions and ``caveat`` (for the demo's
+    matrices: DISCLAIMER, what a synthetic sample can and cannot show)."""
     head = [f"Claims: {len(verdicts)} checked. ΔCER = mean CER(better) − mean CER(than) over seeds; 95% CI from a "
             f"{stats.HIERARCHICAL} ({stats.RESAMPLES:,} resamples, seed {stats.SEED}).",
             "SUPPORTED: CI below 0 and every seed of the better side below every seed of the other; REFUTED: the "
@@ -270,5 +271,6 @@ def report(verdicts: list[Verdict]) -> str:
         tail.append(f"Published direction: the demo agrees on {len(agree)} of {len(pubs)} claims with published "
                     f"figures" + (f" ({', '.join(agree)})" if agree else "")
                     + (f"; disagrees on {', '.join(disagree)}" if disagree else "") + ".")
-    tail.append(DISCLAIMER)
+    if caveat:
+        tail.append(caveat)
     return "\n".join(head + body + tail) + "\n"

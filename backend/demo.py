@@ -141,13 +141,13 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
     stages.done("matrix")
 
     console.rule("5. tables, figures, claims")
-    from backend.claims import check_claims, report
+    from backend.claims import DISCLAIMER, check_claims, report
     from backend.tables import write_tables
 
     written = write_tables(MATRIX, REPORTS, db_path)
     console.print("wrote " + ", ".join(str(p) for p in written))
     verdicts = check_claims(CLAIMS, MATRIX, db_path)
-    claims_text = report(verdicts)
+    claims_text = report(verdicts, DISCLAIMER)
     (REPORTS / "claims.txt").write_text(claims_text, encoding="utf-8")
     console.print(claims_text)
     stages.done("tables+claims")

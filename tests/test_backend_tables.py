@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from backend import stats, store
-from backend.claims import (INCONCLUSIVE, INSUFFICIENT, REFUTED, SUPPORTED, ClaimsError, check_claims, load_claims,
+from backend.claims import (DISCLAIMER, INCONCLUSIVE, INSUFFICIENT, REFUTED, SUPPORTED, ClaimsError, check_claims, load_claims,
                             report)
 from backend.matrix import parse_matrix
 from backend.promote import PromoteError, promote
@@ -194,7 +194,7 @@ min_seeds = 1
     assert text.startswith("SUPPORTED") and "95% CI" in text and "P(improvement) 1.000" in text
     assert "N'Ko trajectory 20.57 vs Latin trajectory 32.81 (Δ -12.24 pp); the demo agrees in direction" in text
     assert v["latin-vs-nko"].numbers["published"]["agrees"] is True  # both say Latin is worse
-    rep = report(list(v.values()))
+    rep = report(list(v.values()), DISCLAIMER)
     assert "hierarchical bootstrap" in rep and "agrees on 2 of 2 claims" in rep
     assert "proves nothing about the paper" in rep
     # through the CLI
