@@ -279,14 +279,20 @@ def _ttt_summary(r: RunData) -> dict | None:
     if out["changed"] is None:
         problems.append("this bundle does not record which test hypotheses TTT changed")
     elif out["changed"] == 0:
-        problems.append("TTT changed no test hypothesis: it is a no-op on this data")
+        problems.append("it changed no test hypothesis (a no-op here)")
     if sel and sel.get("best_val_cer") is not None and sel.get("no_ttt_val_cer") is not None \
             and sel["best_val_cer"] >= sel["no_ttt_val_cer"]:
         problems.append(f"no setting of the grid lowered the validation CER ({100 * sel['best_val_cer']:.2f}% at "
                         f"best vs {100 * sel['no_ttt_val_cer']:.2f}% without TTT)")
     elif out["changed"] and out["cer_after"] is not None and out["cer_after"] >= out["cer_before"]:
         problems.append("on the test utterances it changed, TTT did not lower the CER")
-    out["verdict"] = ("TTT cannot help on this data: " + "; ".join(problems)) if problems else "TTT acts and helps"
+    if problems:
+        out["verdict"] = "TTT cannot help on this data: " + "; ".join(problems)
+    else:
+        out["verdict"] = (f"TTT acts: it changed {out['changed']} of {out['rows']} test hypotheses, CER on those "
+                          f"{100 * out['cer_before']:.2f}% → {100 * out['cer_after']:.2f}%"
+                          + (f"; val CER {100 * sel['no_ttt_val_cer']:.2f}% → {100 * sel['best_val_cer']:.2f}% "
+                             f"at the chosen setting" if sel else ""))
     return out
 
 

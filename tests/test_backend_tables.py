@@ -440,4 +440,4 @@ def test_ttt_section_says_when_ttt_cannot_help(tmp_path):
     assert "| ttt-s1 | 1 | 1 | val grid | 12.00 → 12.00 | 1×1: 12.00, 3×1: 12.50 | 3 / 20 | 25.00 → 31.25 | 0 |" in md
     assert ("- `ttt-s1`: TTT cannot help on this data: no setting of the grid lowered the validation CER "
             "(12.00% at best vs 12.00% without TTT).") in md
-    assert "- `ttt-s2`: TTT cannot help on this data: TTT changed no test hypothesis: it is a no-op on this data." in md
+    assert "- `ttt-s2`: TTT cannot help on this data: it changed no test hypothesis (a no-op here)." in md
