@@ -191,6 +191,12 @@ def judge(claim: Claim, runs: list[RunData], missing: list[tuple[str, str]], mat
                           "paired_seeds": sorted(seeds[:na]) == sorted(seeds[na:])})
     if claim.published is not None:
         v.numbers["published"] = _published(claim, d)
+    both = [r for r in runs if claim.better.matches(r) or claim.than.matches(r)]
+    unconverged = [r.run_id for r in both if r.still_improving]
+    v.numbers["still_improving"] = unconverged
+    if unconverged:
+        v.reasons.append(f"{len(unconverged)} of {len(both)} runs stopped at their epoch limit still improving: "
+                         f"a comparison within the training budget, not of converged models")
     if insufficient:
         v.reasons = insufficient + v.reasons
         return v

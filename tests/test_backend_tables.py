@@ -413,6 +413,8 @@ than = { script = "nko", mode = "trajectory" }
     assert v["traj-base"].verdict == INCONCLUSIVE  # baseline seed 2 ties trajectory: seeds overlap
     assert all(x.verdict != INSUFFICIENT for x in v.values())
     assert v["traj-tar"].numbers["paired_seeds"] is True
+    assert v["traj-tar"].numbers["still_improving"] == ["traj-s1"]
+    assert "1 of 6 runs stopped at their epoch limit still improving" in str(v["traj-tar"])
     md = write_tables(m, tmp_path / "rep", None)[0].read_text()
     assert "hierarchical bootstrap" in md and "STILL IMPROVING" in md
     assert f"features from tiny.en model.bin (weights sha256 `{'ab' * 32}`)" in md
