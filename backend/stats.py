@@ -130,3 +130,30 @@ def all_pairs(edits: np.ndarray, chars: np.ndarray, resamples: int = RESAMPLES, 
         for j in range(i + 1, runs):
             out[(i, j)] = delta_from_samples(point[j] - point[i], cer[:, j] - cer[:, i])
     return out
+
+
+def seed_draws(seeds: list[int], resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
+    """[resamples, k] positions into ``seeds`` (k of them) drawn with replacement, the
+    seed-level half of the hierarchical bootstrap. Deterministic in (seeds, resamples, seed):
+    two groups with the same seed list get the same draws, so their seed resampling is paired."""
+    key = np.random.SeedSequence([seed, len(seeds), *[s & 0xFFFFFFFF for s in sorted(seeds)]])
+    return np.random.Generator(np.random.PCG64(key)).integers(0, len(seeds), size=(resamples, len(seeds)))
+
+
+def hierarchical_means(cer_b: np.ndarray, cols: list[int], seeds: list[int], seed: int = SEED) -> np.ndarray:
+    """[resamples] mean CER of a group of runs under the hierarchical bootstrap: per resample,
+    the group's seeds are drawn with replacement (``seed_draws``) and each drawn run is scored
+    on that resample's utterances (``cer_b`` [resamples, runs] from ``resampled_cer``, one
+    utterance draw shared by every run). ``cols`` are the group's columns in ``cer_b``, in the
+    order of ``seeds``. A single-seed group reduces to the utterance bootstrap."""
+    order = np.argsort(seeds, kind="stable")
+    cols = np.asarray(cols)[order]
+    if len(cols) == 1:
+        return cer_b[:, cols[0]]
+    pos = seed_draws(list(seeds), cer_b.shape[0], seed)
+    return np.take_along_axis(cer_b[:, cols], pos, axis=1).mean(axis=1)
+
+
+HIERARCHICAL = ("hierarchical bootstrap: each resample draws the test utterances with replacement (one draw shared "
+                "by all runs, so comparisons are paired by utterance) and, within every group of seeds, the seeds "
+                "with replacement (groups with the same seeds share the seed draw, so they are paired by seed too)")

@@ -6,10 +6,15 @@ row's own ``cer_edits`` and against ``results.json``), best validation loss and 
 ``results.json``, learning curves from ``metrics.jsonl``. Outputs (``<out>/<matrix_id>-*``):
 Markdown, LaTeX (booktabs) and CSV tables and two PNG figures, byte-identical on rerun.
 
-ΔCER of a group (script × mode, mean over its seeds) or of a run is against the matrix's
-``reference_run``, with a 95% paired bootstrap CI over test utterances (backend/stats.py,
-10,000 resamples, fixed seed) and P(improvement) = share of resamples in which the CER is
-lower than the reference's.
+A group (script × mode) shows the mean ± sd of test CER over its seeds and a 95% CI from a
+hierarchical bootstrap that resamples seeds and test utterances together (backend/stats.py,
+10,000 resamples, fixed seed), so the CI carries seed variance as well as utterance
+sampling. A group's ΔCER is against the group holding the matrix's ``reference_run`` (means
+over seeds, same hierarchical bootstrap); a run's ΔCER is against the reference run itself
+(paired bootstrap over test utterances). P(improvement) = share of resamples in which the
+CER is lower than the reference's. A run that stopped at its epoch limit while its
+validation loss was still improving (its last epoch set a new best) is flagged; so is a TTT
+run whose adaptation changed no test hypothesis or did not help on the validation split.
 """
 
 from __future__ import annotations
@@ -60,6 +65,22 @@ class RunData:
     @property
     def toneless_cer(self) -> float:
         return float(self.tl_edits.sum() / self.tl_chars.sum())
+
+    @property
+    def still_improving(self) -> bool:
+        """Stopped at the epoch limit with the last epoch a new best validation loss."""
+        if "still_improving" in self.results:
+            return bool(self.results["still_improving"])
+        if self.results.get("stop_reason") == "early_stop" or self.results.get("early_stopped"):
+            return False
+        vals = [c["val_loss"] for c in self.curve if "val_loss" in c]
+        return len(vals) >= 2 and vals[-1] < min(vals[:-1])
+
+    def stop_text(self) -> str:
+        ep = self.results.get("epochs_run") or (self.curve[-1]["epoch"] if self.curve else None)
+        if self.results.get("stop_reason") == "early_stop" or self.results.get("early_stopped"):
+            return f"early stop @{ep}"
+        return f"epoch limit {ep}" + (", STILL IMPROVING" if self.still_improving else "")
 
     @property
     def identity(self) -> tuple:
@@ -162,6 +183,7 @@ class Summary:
     per_run: list[dict]
     partitions: list[dict]
     pairs: list[dict]
+    ttt: list[dict] = field(default_factory=list)
 
 
 def _group_key(r: RunData) -> tuple[int, int]:
@@ -185,13 +207,24 @@ def summarise(m: Matrix, runs: list[RunData], missing: list[tuple[str, str]], re
         d = stats.delta_from_samples(point[cols].mean() - point[ref], cer_b[:, cols].mean(axis=1) - cer_b[:, ref])
         return d.as_dict()
 
+    def hier(cols: list[int]) -> np.ndarray:
+        return stats.hierarchical_means(cer_b, cols, [runs[i].spec.seed for i in cols], seed)
+
+    ref_cols = [i for i, r in enumerate(runs) if ref is not None and _group_key(r) == _group_key(runs[ref])]
+
+    def group_delta(cols: list[int]) -> dict:
+        if ref is None or cols == ref_cols:
+            return {}
+        return stats.delta_from_samples(point[cols].mean() - point[ref_cols].mean(),
+                                        hier(cols) - hier(ref_cols)).as_dict()
+
     groups = []
     keys = sorted({_group_key(r) for r in runs})
     for key in keys:
-        cols = [i for i, r in enumerate(runs) if _group_key(r) == key]
+        cols = sorted((i for i, r in enumerate(runs) if _group_key(r) == key), key=lambda i: runs[i].spec.seed)
         members = [runs[i] for i in cols]
         cers = [r.cer for r in members]
-        lo, hi = stats.ci_from_samples(cer_b[:, cols].mean(axis=1))
+        lo, hi = stats.ci_from_samples(hier(cols))
         groups.append({
             "script": SCRIPTS[key[0]], "mode": MODES[key[1]], "runs": [r.run_id for r in members],
             "seeds": [r.spec.seed for r in members], "cer_mean": statistics.fmean(cers),
@@ -201,7 +234,8 @@ def summarise(m: Matrix, runs: list[RunData], missing: list[tuple[str, str]], re
             "best_epochs": [int(r.results["best_epoch"]) for r in members],
             "reference_chars": sorted({int(r.chars.sum()) for r in members}),
             "is_reference": reference in [r.run_id for r in members],
-            **{f"d_{k}": v for k, v in delta(cols).items()},
+            "still_improving": [r.run_id for r in members if r.still_improving],
+            **{f"d_{k}": v for k, v in group_delta(cols).items()},
         })
     per_run = []
     for i, r in enumerate(runs):
@@ -210,6 +244,7 @@ def summarise(m: Matrix, runs: list[RunData], missing: list[tuple[str, str]], re
             "cer": r.cer, "toneless_cer": r.toneless_cer, "best_val_loss": float(r.results["best_val_loss"]),
             "best_epoch": int(r.results["best_epoch"]), "reference_chars": int(r.chars.sum()),
             "rows": len(r.ids), "source": "imported" if r.dir.resolve() != m.out_dir(r.spec).resolve() else "trained",
+            "stop": r.stop_text(), "still_improving": r.still_improving,
             **{f"d_{k}": v for k, v in (delta([i]) if i != ref else {}).items()},
         })
     partitions = []
@@ -227,7 +262,38 @@ def summarise(m: Matrix, runs: list[RunData], missing: list[tuple[str, str]], re
         for j in range(i + 1, len(runs)):
             d = stats.delta_from_samples(point[j] - point[i], cer_b[:, j] - cer_b[:, i])
             pairs.append({"a": runs[i].run_id, "b": runs[j].run_id, **d.as_dict()})
-    return Summary(m, runs, missing, reference if ref is not None else None, groups, per_run, partitions, pairs)
+    ttt = [t for t in (_ttt_summary(r) for r in runs) if t is not None]
+    return Summary(m, runs, missing, reference if ref is not None else None, groups, per_run, partitions, pairs, ttt)
+
+
+def _ttt_summary(r: RunData) -> dict | None:
+    """What test-time training did in a TTT run, from its results.json (None for other modes)."""
+    t = r.results.get("ttt")
+    if r.spec.mode != "ttt" or not isinstance(t, dict):
+        return None
+    out = {"run_id": r.run_id, "lr": t.get("lr"), "steps": t.get("steps"), "selection": t.get("selection"),
+           "changed": t.get("test_changed"), "rows": len(r.ids), "cer_before": t.get("test_changed_cer_before"),
+           "cer_after": t.get("test_changed_cer_after"), "guard_reverts": t.get("ttt_guard_reverts")}
+    sel = t.get("selection") or {}
+    problems = []
+    if out["changed"] is None:
+        problems.append("this bundle does not record which test hypotheses TTT changed")
+    elif out["changed"] == 0:
+        problems.append("it changed no test hypothesis (a no-op here)")
+    if sel and sel.get("best_val_cer") is not None and sel.get("no_ttt_val_cer") is not None \
+            and sel["best_val_cer"] >= sel["no_ttt_val_cer"]:
+        problems.append(f"no setting of the grid lowered the validation CER ({100 * sel['best_val_cer']:.2f}% at "
+                        f"best vs {100 * sel['no_ttt_val_cer']:.2f}% without TTT)")
+    elif out["changed"] and out["cer_after"] is not None and out["cer_after"] >= out["cer_before"]:
+        problems.append("on the test utterances it changed, TTT did not lower the CER")
+    if problems:
+        out["verdict"] = "TTT cannot help on this data: " + "; ".join(problems)
+    else:
+        out["verdict"] = (f"TTT acts: it changed {out['changed']} of {out['rows']} test hypotheses, CER on those "
+                          f"{100 * out['cer_before']:.2f}% → {100 * out['cer_after']:.2f}%"
+                          + (f"; val CER {100 * sel['no_ttt_val_cer']:.2f}% → {100 * sel['best_val_cer']:.2f}% "
+                             f"at the chosen setting" if sel else ""))
+    return out
 
 
 # --------------------------------------------------------------------------- formatting
@@ -252,26 +318,36 @@ def _group_rows(s: Summary) -> list[list[str]]:
     out = []
     for g in s.groups:
         cer = _pct(g["cer_mean"]) + (f" ± {100 * g['cer_sd']:.2f}" if g["cer_sd"] is not None else "")
-        ref_mark = " (ref)" if g["is_reference"] and len(g["runs"]) == 1 else ""
+        ref_mark = ""
+        if g["is_reference"]:
+            g = {**g, "d_delta": 0.0}
+            ref_mark = " (ref)"
         out.append([SCRIPT_NAMES[g["script"]], g["mode"], ", ".join(map(str, g["seeds"])), cer,
-                    _pct(g["toneless_cer_mean"]), f"{g['best_val_loss_mean']:.4f}",
+                    f"[{_pct(g['cer_ci'][0])}, {_pct(g['cer_ci'][1])}]", _pct(g["toneless_cer_mean"]), f"{g['best_val_loss_mean']:.4f}",
                     ", ".join(map(str, g["best_epochs"])), ", ".join(map(str, g["reference_chars"])),
                     (_pct(g.get("d_delta"), True) + ref_mark) if "d_delta" in g else "—", _ci(g),
-                    f"{g['d_p_improvement']:.3f}" if "d_p_improvement" in g else "—"])
+                    f"{g['d_p_improvement']:.3f}" if "d_p_improvement" in g else "—",
+                    _still(g)])
     return out
 
 
-GROUP_HEAD = ["script", "mode", "seeds", "CER % (mean ± sd)", "toneless CER %", "best val loss",
-              "best epoch", "ref chars", "ΔCER pp", "95% CI", "P(improvement)"]
+def _still(g: dict) -> str:
+    n = len(g["still_improving"])
+    return f"{n}/{len(g['runs'])}" + (" STILL IMPROVING" if n else "")
+
+
+GROUP_HEAD = ["script", "mode", "seeds", "CER % (mean ± sd)", "CER 95% CI", "toneless CER %", "best val loss",
+              "best epoch", "ref chars", "ΔCER pp", "95% CI", "P(improvement)",
+              "at epoch limit, still improving"]
 RUN_HEAD = ["run", "script", "mode", "seed", "CER %", "toneless CER %", "best val loss", "best epoch",
-            "ref chars", "ΔCER pp", "95% CI", "P(improvement)", "source"]
+            "ref chars", "ΔCER pp", "95% CI", "P(improvement)", "source", "stopped"]
 
 
 def _run_rows(s: Summary) -> list[list[str]]:
     return [[r["run_id"], SCRIPT_NAMES[r["script"]], r["mode"], str(r["seed"]), _pct(r["cer"]),
              _pct(r["toneless_cer"]), f"{r['best_val_loss']:.4f}", str(r["best_epoch"]), str(r["reference_chars"]),
              ("reference" if r["run_id"] == s.reference else _pct(r.get("d_delta"), True) if "d_delta" in r else "—"),
-             _ci(r), f"{r['d_p_improvement']:.3f}" if "d_p_improvement" in r else "—", r["source"]]
+             _ci(r), f"{r['d_p_improvement']:.3f}" if "d_p_improvement" in r else "—", r["source"], r["stop"]]
             for r in s.per_run]
 
 
@@ -282,6 +358,24 @@ def _partition_rows(s: Summary) -> list[list[str]]:
 
 def _pair_rows(s: Summary) -> list[list[str]]:
     return [[p["b"], p["a"], _pct(p["delta"], True), _ci(p, ""), f"{p['p_improvement']:.3f}"] for p in s.pairs]
+
+
+TTT_HEAD = ["run", "lr", "steps", "chosen on", "val CER % no TTT → chosen", "grid (lr×steps: val CER %)",
+            "test rows changed", "CER % on changed rows before → after", "guard reverts"]
+
+
+def _ttt_rows(s: Summary) -> list[list[str]]:
+    out = []
+    for t in s.ttt:
+        sel = t["selection"] or {}
+        grid = ", ".join(f"{g['lr']:g}×{g['steps']}: {_pct(g['val_cer'])}" for g in sel.get("grid", [])) or "—"
+        out.append([t["run_id"], f"{t['lr']:g}" if t["lr"] is not None else "—", str(t["steps"]),
+                    "val grid" if sel else "config",
+                    (f"{_pct(sel.get('no_ttt_val_cer'))} → {_pct(sel.get('best_val_cer'))}" if sel else "—"), grid,
+                    "—" if t["changed"] is None else f"{t['changed']} / {t['rows']}",
+                    (f"{_pct(t['cer_before'])} → {_pct(t['cer_after'])}" if t["changed"] else "—"),
+                    "—" if t["guard_reverts"] is None else str(t["guard_reverts"])])
+    return out
 
 
 def _md_table(head: list[str], rows: list[list[str]]) -> str:
@@ -295,6 +389,9 @@ def _header(s: Summary) -> list[str]:
     ident = ("snapshot `{}`, split `{}`, feature recipe `{}`, {} test utterances".format(
         r0.results["snapshot_sha256"][:12], r0.results["split_sha256"][:12], r0.results["feature_recipe_hash"][:12],
         len(r0.ids)) if r0 else "no completed runs")
+    w = r0.results.get("feature_weights") if r0 else None
+    if w:
+        ident += f", features from {w.get('name')} (weights sha256 `{w.get('sha256')}`)"
     return [ident, f"reference run `{s.reference}`" if s.reference else "no reference run with a bundle: no ΔCER"]
 
 
@@ -302,11 +399,18 @@ def markdown(s: Summary) -> str:
     m = s.matrix
     out = [f"# Matrix `{m.matrix_id}`", ""]
     out += [f"{line}." for line in _header(s)]
-    out += ["", f"ΔCER = CER − reference CER in percentage points (negative is better); 95% CI and "
-            f"P(improvement) from a paired bootstrap over test utterances ({stats.RESAMPLES:,} resamples, "
-            f"seed {stats.SEED}). Groups use the mean CER over their seeds.", ""]
+    out += ["", f"ΔCER = CER − reference CER in percentage points (negative is better). By script × mode: "
+            f"CER is the mean ± sd over the group's seeds; its 95% CI, and the ΔCER CI against the reference run's "
+            f"group, come from a {stats.HIERARCHICAL} ({stats.RESAMPLES:,} resamples, seed {stats.SEED}), so they "
+            f"include seed variance as well as utterance sampling. By run: ΔCER against the reference run with a "
+            f"paired bootstrap over test utterances (same resamples). P(improvement) = share of resamples with a "
+            f"lower CER than the reference. \"STILL IMPROVING\": the run stopped at its epoch limit with its last "
+            f"epoch a new best validation loss (not converged; a longer budget may change its CER).", ""]
     out += ["## By script × mode", "", _md_table(GROUP_HEAD, _group_rows(s)), ""]
     out += ["## By run", "", _md_table(RUN_HEAD, _run_rows(s)), ""]
+    if s.ttt:
+        out += ["## Test-time training", "", _md_table(TTT_HEAD, _ttt_rows(s)), ""]
+        out += [f"- `{t['run_id']}`: {t['verdict']}." for t in s.ttt] + [""]
     out += ["## CER % by partition (rows)", "",
             _md_table(["run", *PARTITIONS, "overall"], _partition_rows(s)), ""]
     if s.pairs:
@@ -339,14 +443,15 @@ def _tex_table(caption: str, label: str, head: list[str], rows: list[list[str]],
 
 def latex(s: Summary) -> str:
     m = s.matrix
-    note = (f"ΔCER vs {s.reference} in pp; 95% paired bootstrap CI over test utterances "
-            f"({stats.RESAMPLES} resamples)." if s.reference else "No reference run.")
+    note = (f"ΔCER vs {s.reference} (by script and mode: vs its group) in pp; 95% CIs by script and mode from a "
+            f"hierarchical bootstrap resampling seeds and test utterances together, by run from a paired bootstrap "
+            f"over test utterances ({stats.RESAMPLES} resamples)." if s.reference else "No reference run.")
     parts = [f"% generated by `nko-ops tables` from the run artifacts of matrix {m.matrix_id}; do not edit",
              "% needs \\usepackage{booktabs}",
              _tex_table(f"Test CER by script and mode. {note}", f"tab:{m.matrix_id}-groups", GROUP_HEAD,
-                        _group_rows(s), "llllrrlrlrr"),
+                        _group_rows(s), "lllllrrlrlrrl"),
              _tex_table(f"Test CER by run. {note}", f"tab:{m.matrix_id}-runs", RUN_HEAD, _run_rows(s),
-                        "llllrrrrrlrrl"),
+                        "llllrrrrrlrrll"),
              _tex_table("Test CER (%) by partition, with rows.", f"tab:{m.matrix_id}-partitions",
                         ["run", *PARTITIONS, "overall"], _partition_rows(s), "lrrrrr")]
     return "\n\n".join(parts) + "\n"
@@ -369,16 +474,17 @@ def csvs(s: Summary) -> dict[str, str]:
 
     groups = _csv(["script", "mode", "runs", "seeds", "cer_mean", "cer_sd", "cer_ci_lo", "cer_ci_hi",
                    "toneless_cer_mean", "best_val_loss_mean", "best_epochs", "reference_chars", "reference_run",
-                   *d_cols],
+                   *d_cols, "still_improving"],
                   [[g["script"], g["mode"], " ".join(g["runs"]), " ".join(map(str, g["seeds"])), _num(g["cer_mean"]),
                     _num(g["cer_sd"]), _num(g["cer_ci"][0]), _num(g["cer_ci"][1]), _num(g["toneless_cer_mean"]),
                     _num(g["best_val_loss_mean"]), " ".join(map(str, g["best_epochs"])),
-                    " ".join(map(str, g["reference_chars"])), s.reference or "", *dvals(g)] for g in s.groups])
+                    " ".join(map(str, g["reference_chars"])), s.reference or "", *dvals(g),
+                    " ".join(g["still_improving"])] for g in s.groups])
     runs = _csv(["run_id", "script", "mode", "seed", "cer", "toneless_cer", "best_val_loss", "best_epoch",
-                 "reference_chars", "rows", "source", "reference_run", *d_cols],
+                 "reference_chars", "rows", "source", "reference_run", *d_cols, "stopped", "still_improving"],
                 [[r["run_id"], r["script"], r["mode"], r["seed"], _num(r["cer"]), _num(r["toneless_cer"]),
                   _num(r["best_val_loss"]), r["best_epoch"], r["reference_chars"], r["rows"], r["source"],
-                  s.reference or "", *dvals(r)] for r in s.per_run])
+                  s.reference or "", *dvals(r), r["stop"], int(r["still_improving"])] for r in s.per_run])
     parts = _csv(["run_id", "partition", "rows", "cer", "toneless_cer"],
                  [[p["run_id"], k, p[k]["rows"], _num(p[k]["cer"]), _num(p[k]["toneless_cer"])]
                   for p in s.partitions for k in (*PARTITIONS, "overall")])

@@ -91,6 +91,25 @@ class TTTConfig(_Section):
     guard: bool = True
     guard_ratio: float = Field(0.5, ge=0, le=1)
     layer: int = -1
+    # A TTT run with both grids set decodes the validation split at every (lr, steps) of the
+    # grid and decodes test with the setting of lowest validation CER (models/train.py
+    # choose_ttt); results.json records the grid and the choice. Unset: ``lr``/``steps`` as given.
+    grid_lr: list[float] | None = None
+    grid_steps: list[int] | None = None
+
+    @field_validator("grid_lr")
+    @classmethod
+    def _grid_lr(cls, v):
+        if v is not None and (not v or any(x <= 0 for x in v)):
+            raise ValueError("must be a non-empty list of learning rates > 0")
+        return v
+
+    @field_validator("grid_steps")
+    @classmethod
+    def _grid_steps(cls, v):
+        if v is not None and (not v or any(x < 1 for x in v)):
+            raise ValueError("must be a non-empty list of step counts >= 1")
+        return v
 
 
 class TARConfig(_Section):

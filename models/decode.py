@@ -129,6 +129,9 @@ def decode_utterances(model: CTCModel, store, utts: list[Utterance], cfg: RunCon
     """One §4 record per utterance (in ``utts`` order, from ``split``) and decode stats."""
     model.eval()
     rows, stats = [], {"ttt_steps": 0, "ttt_guard_reverts": 0}
+    if use_ttt:  # what TTT changed: hypotheses that differ from the same model's output without TTT
+        stats.update(changed=0, changed_edits_before=0, changed_edits_after=0, changed_chars=0,
+                     no_ttt_edits=0, chars=0)
     for u in utts:
         x = torch.from_numpy(store.get(u.feat_id)).float()[None].to(device)
         n = torch.tensor([x.shape[1]], device=device)
@@ -136,12 +139,22 @@ def decode_utterances(model: CTCModel, store, utts: list[Utterance], cfg: RunCon
             out = model(x, n)
         logits = out.logits[0]
         if use_ttt:
+            before = greedy(logits.float().cpu(), vocab)
             logits, s = ttt_logits(model, x, n, cfg.ttt, vocab.blank)
             stats["ttt_steps"] += s["steps"]
             stats["ttt_guard_reverts"] += s["guard_reverts"]
         logits, hidden = logits.float().cpu(), out.hidden[0].float().cpu()
         hyp = greedy(logits, vocab)
         edits, chars = T.row_edits(u.reference_text, hyp)
+        if use_ttt:
+            edits_before = T.row_edits(u.reference_text, before)[0]
+            stats["no_ttt_edits"] += edits_before
+            stats["chars"] += chars
+            if before != hyp:
+                stats["changed"] += 1
+                stats["changed_edits_before"] += edits_before
+                stats["changed_edits_after"] += edits
+                stats["changed_chars"] += chars
         summary = summarise(hidden, logits, vocab.blank)
         rows.append({"feat_id": u.feat_id, "audio_id": u.audio_id, "split": split, "script": cfg.script,
                      "mode": cfg.mode, "asr_text": hyp, "reference_text": u.reference_text, "cer_edits": edits,

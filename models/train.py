@@ -468,14 +468,65 @@ def decode_test(cfg: RunConfig, data: RunData, model: CTCModel, device: torch.de
     return decode_utterances(model, data.store, data.parts[split], cfg, data.vocab, device, policy, use_ttt, split)
 
 
+def _cer(edits: int, chars: int) -> float | None:
+    return edits / chars if chars else None
+
+
+def choose_ttt(cfg: RunConfig, data: RunData, model: CTCModel, device: torch.device, policy: dict,
+               log=lambda msg: None) -> tuple[RunConfig, dict]:
+    """Pick TTT's lr and steps on the validation split: decode val with TTT at every point of
+    ``ttt.grid_lr`` × ``ttt.grid_steps`` and keep the lowest val CER (ties: the earlier point,
+    i.e. the smaller lr, then fewer steps). Returns the config to decode test with and the
+    record for results.json (every point, the no-TTT val CER, the choice)."""
+    grid = []
+    for lr in sorted(cfg.ttt.grid_lr):
+        for steps in sorted(cfg.ttt.grid_steps):
+            c = cfg.model_copy(update={"ttt": cfg.ttt.model_copy(update={"lr": lr, "steps": steps})})
+            t = time.time()
+            rows, st = decode_test(c, data, model, device, policy, use_ttt=True, split="val")
+            edits, chars = sum(r["cer_edits"] for r in rows), sum(r["reference_chars"] for r in rows)
+            point = {"lr": lr, "steps": steps, "val_cer": _cer(edits, chars), "val_changed": st["changed"],
+                     "guard_reverts": st["ttt_guard_reverts"], "seconds": round(time.time() - t, 3)}
+            no_ttt = _cer(st["no_ttt_edits"], st["chars"])
+            grid.append(point)
+            log(f"ttt grid on val: lr {lr:g} steps {steps}: val CER {point['val_cer']:.4f} (no TTT {no_ttt:.4f}), "
+                f"{st['changed']}/{len(rows)} hypotheses changed, {st['ttt_guard_reverts']} guard reverts "
+                f"({point['seconds']:.1f}s)")
+    best = min(grid, key=lambda p: p["val_cer"])  # min keeps the first of equal values
+    chosen = cfg.model_copy(update={"ttt": cfg.ttt.model_copy(update={"lr": best["lr"], "steps": best["steps"]})})
+    record = {"split": "val", "grid": grid, "no_ttt_val_cer": no_ttt, "best_val_cer": best["val_cer"],
+              "chosen": {"lr": best["lr"], "steps": best["steps"]},
+              "helps_on_val": best["val_cer"] < no_ttt}
+    log(f"ttt: chose lr {best['lr']:g} steps {best['steps']} (val CER {best['val_cer']:.4f} vs {no_ttt:.4f} without"
+        f" TTT)" + ("" if record["helps_on_val"] else "; no grid point lowered the val CER: TTT cannot help here"))
+    return chosen, record
+
+
 def finish(cfg: RunConfig, out: Path, data: RunData, device: torch.device, logs: Logs, state: dict, t0: float,
            batching: dict) -> Path:
     """Decode the test set with best.pt and write the bundle; manifest.json last."""
     policy = load_policy(DEFAULT_POLICY)
     model, best = load_model(out / "best.pt", device)
+    dcfg, selection = cfg, None
+    if cfg.mode == "ttt" and cfg.ttt.grid_lr and cfg.ttt.grid_steps:
+        t_sel = time.time()
+        dcfg, selection = choose_ttt(cfg, data, model, device, policy, logs.run)
+        selection["seconds"] = round(time.time() - t_sel, 3)
     t_dec = time.time()
-    rows, dstats = decode_test(cfg, data, model, device, policy)
+    rows, dstats = decode_test(dcfg, data, model, device, policy)
     logs.run(f"decoded {len(rows)} test utterances with best.pt (epoch {best['epoch']}) in {time.time() - t_dec:.1f}s")
+    ttt_record = None
+    if cfg.mode == "ttt":
+        ttt_record = {**dcfg.ttt.model_dump(), "ttt_steps": dstats["ttt_steps"],
+                      "ttt_guard_reverts": dstats["ttt_guard_reverts"], "selection": selection,
+                      "test_changed": dstats["changed"],
+                      "test_changed_cer_before": _cer(dstats["changed_edits_before"], dstats["changed_chars"]),
+                      "test_changed_cer_after": _cer(dstats["changed_edits_after"], dstats["changed_chars"]),
+                      "test_cer_no_ttt": _cer(dstats["no_ttt_edits"], dstats["chars"])}
+        logs.run(f"ttt (lr {dcfg.ttt.lr:g}, steps {dcfg.ttt.steps}) changed {dstats['changed']} of {len(rows)} test "
+                 f"hypotheses" + (f": CER on those {ttt_record['test_changed_cer_before']:.4f} -> "
+                                  f"{ttt_record['test_changed_cer_after']:.4f}" if dstats["changed"] else
+                                  " (a no-op on this test set)"))
 
     shutil.copyfile(data.split_path, out / "split.json")
     data.vocab.save(out / "vocab.json")
@@ -500,6 +551,7 @@ def finish(cfg: RunConfig, out: Path, data: RunData, device: torch.device, logs:
                                                                           sum(p.numel() for p in model.anticipation.parameters())),
         "best_epoch": state["best_epoch"], "best_val_loss": state["best_val_loss"], "epochs_run": state["epoch"],
         "stop_reason": state["stop_reason"], "early_stopped": state["stop_reason"] == "early_stop",
+        "still_improving": state["stop_reason"] == "max_epochs" and state["best_epoch"] == state["epoch"],
         "steps": state["step"],
         "test_cer": overall["cer"], "test_toneless_cer": overall["toneless_cer"], "test_rows": overall["rows"],
         "test_reference_chars": overall["reference_chars"], "test_edits": overall["edits"],
@@ -508,7 +560,7 @@ def finish(cfg: RunConfig, out: Path, data: RunData, device: torch.device, logs:
         "utterances": {p: len(us) for p, us in data.parts.items()}, "ctc_infeasible": data.infeasible(),
         "skipped": data.skipped, "out_of_vocabulary": data.out_of_vocabulary,
         **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in batching.items()},
-        "ttt": {**cfg.ttt.model_dump(), **dstats} if cfg.mode == "ttt" else None,
+        "ttt": ttt_record,
         "tar": {**cfg.tar.model_dump(), "definition": TAR_DEFINITION} if cfg.mode == "tar" else None,
         "train_time_s": round(state["train_time_s"], 3), "wall_time_s": round(time.time() - t0, 3),
         "git_commit": git_commit(), "torch_version": torch.__version__, "python_version": platform.python_version(),
@@ -556,6 +608,9 @@ def evaluate_run(run_dir: str | Path, out_path: str | Path | None = None, device
                     features=results["resolved_paths"]["features"])
     if device:
         data_cfg["device"] = device
+    chosen = ((results.get("ttt") or {}).get("selection") or {}).get("chosen")
+    if chosen:  # the test predictions were decoded with the lr/steps chosen on val
+        data_cfg["ttt"] = {**data_cfg["ttt"], **chosen}
     if ttt:
         data_cfg["ttt"] = {**data_cfg["ttt"], **ttt}
         if data_cfg["mode"] == "trajectory":

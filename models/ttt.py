@@ -68,33 +68,44 @@ def _nonblank(logits: torch.Tensor, blank: int) -> torch.Tensor:
     return logits.argmax(-1) != blank
 
 
-def _adapt(forward, params: list[torch.Tensor], sl: slice, cfg: TTTConfig, blank: int, stats: dict) -> None:
-    """Up to cfg.steps SGD steps on the entropy of frames ``sl`` of ``forward()``'s logits."""
-    with torch.no_grad():
-        start = forward()[sl]
+def _adapt(forward, params: list[torch.Tensor], sl: slice, cfg: TTTConfig, blank: int, stats: dict,
+           full: torch.Tensor) -> torch.Tensor:
+    """Up to cfg.steps SGD steps on the entropy of frames ``sl`` of ``forward()``'s logits.
+    ``full`` = forward() at the current parameters; returns forward() at the parameters it
+    leaves. Each guard check's forward pass is also the next step's, so a step costs one
+    forward and one backward pass."""
+    start = full[sl]
     keep = _nonblank(start, blank) if cfg.frames == "nonblank" else torch.ones(start.shape[0], dtype=torch.bool,
                                                                               device=start.device)
     if not keep.any():
-        return
+        return full
     ref = _nonblank(start, blank).float().mean().item()
+    current = None  # forward() at the current parameters, with its graph
     for _ in range(cfg.steps):
         with torch.enable_grad():
-            loss = entropy(forward()[sl])[keep].mean()
+            logits = current if current is not None else forward()
+            loss = entropy(logits[sl])[keep].mean()
             grads = torch.autograd.grad(loss, params)
         before = [p.detach().clone() for p in params]
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p.sub_(cfg.lr * g)
         stats["steps"] += 1
+        current = None
         if cfg.guard:
-            with torch.no_grad():
-                now = _nonblank(forward()[sl], blank).float().mean().item()
+            with torch.enable_grad():
+                current = forward()
+            now = _nonblank(current.detach()[sl], blank).float().mean().item()
             if now < cfg.guard_ratio * ref:
                 with torch.no_grad():
                     for p, b in zip(params, before):
                         p.copy_(b)
                 stats["guard_reverts"] += 1
-                return
+                return logits.detach()  # forward() at the restored parameters
+    if current is None:
+        with torch.no_grad():
+            return forward()
+    return current.detach()
 
 
 def ttt_logits(model: CTCModel, feats: torch.Tensor, length: torch.Tensor, cfg: TTTConfig,
@@ -114,9 +125,7 @@ def ttt_logits(model: CTCModel, feats: torch.Tensor, length: torch.Tensor, cfg: 
         params = [p for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()]
         saved = [p.detach().clone() for p in params]
         try:
-            _adapt(forward, params, slice(None), cfg, blank, stats)
-            with torch.no_grad():
-                return forward(), stats
+            return _adapt(forward, params, slice(None), cfg, blank, stats, base), stats
         finally:
             with torch.no_grad():
                 for p, s in zip(params, saved):
@@ -125,11 +134,11 @@ def ttt_logits(model: CTCModel, feats: torch.Tensor, length: torch.Tensor, cfg: 
     adapter = InPlaceTTTAdapter(model, cfg.rank, cfg.layer)
     try:
         out = []
+        full = base  # a fresh adapter (B = 0) adds exactly zero
         for a in range(0, base.shape[0], cfg.chunk_size):
             sl = slice(a, a + cfg.chunk_size)
-            _adapt(forward, adapter.params(), sl, cfg, blank, stats)
-            with torch.no_grad():
-                out.append(forward()[sl])
+            full = _adapt(forward, adapter.params(), sl, cfg, blank, stats, full)
+            out.append(full[sl])
         return torch.cat(out), stats
     finally:
         adapter.remove()

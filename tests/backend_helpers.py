@@ -42,7 +42,7 @@ def make_corpus(root: Path, n: int = 40, seed: int = 42) -> dict:
 def write_bundle(run_dir: Path, corpus: dict, run_id: str, script: str, mode: str, seed: int,
                  hyps: dict[str, str], refs: dict[str, str], partitions: dict[str, str] | None = None,
                  best_val_loss: float = 1.0, best_epoch: int = 3, epochs: int = 4, config: dict | None = None,
-                 manifest: bool = True) -> Path:
+                 manifest: bool = True, results_extra: dict | None = None) -> Path:
     """A complete run directory whose predictions are ``hyps`` against ``refs`` (by feat_id)."""
     d = Path(run_dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,8 @@ def write_bundle(run_dir: Path, corpus: dict, run_id: str, script: str, mode: st
                "best_epoch": best_epoch, "best_val_loss": best_val_loss, "epochs_run": epochs,
                "test_cer": edits / chars, "test_toneless_cer": sum(e for e, _ in tl) / sum(c for _, c in tl),
                "test_rows": len(rows), "test_reference_chars": chars, "test_edits": edits,
-               "git_commit": "0" * 40, "torch_version": "test", "python_version": "3", "device": "cpu"}
+               "git_commit": "0" * 40, "torch_version": "test", "python_version": "3", "device": "cpu",
+               **(results_extra or {})}
     (d / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
     if manifest:
         files = sorted(p.name for p in d.iterdir() if p.is_file() and p.name != "manifest.json")

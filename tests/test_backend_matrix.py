@@ -62,6 +62,23 @@ def test_repo_matrices_are_valid():
     assert p4.run(p4.reference_run).import_from
 
 
+def test_demo_runs_three_seeds_and_its_log_mel_ablation_stays_comparable():
+    root = Path(__file__).resolve().parents[1]
+    demo = load_matrix(root / "configs" / "matrix" / "demo.json")
+    seeds: dict[tuple, set] = {}
+    for r in demo.runs:
+        if not r.optional:
+            seeds.setdefault((r.script, r.mode), set()).add(r.seed)
+    assert all(len(s) >= 3 for s in seeds.values()) and len(seeds) == 6
+    assert demo.defaults.ttt["grid_lr"] and demo.defaults.ttt["grid_steps"]
+    ablation = load_matrix(root / "configs" / "matrix" / "demo-logmel.json")
+    assert ablation.split == demo.split and ablation.split_sha256 == demo.split_sha256
+    assert ablation.defaults.train == demo.defaults.train and ablation.defaults.model == demo.defaults.model
+    assert ablation.recipe_hash != demo.recipe_hash
+    assert {(r.mode, r.seed) for r in ablation.runs} == {(m, s) for (sc, m), ss in seeds.items()
+                                                         if sc == "nko" and m in ("baseline", "trajectory") for s in ss}
+
+
 def test_duplicate_run_ids_are_named():
     raw = base()
     raw["runs"].append(dict(raw["runs"][0]))

@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from backend import stats, store
-from backend.claims import INSUFFICIENT, NOT_SUPPORTED, SUPPORTED, ClaimsError, check_claims, load_claims
+from backend.claims import (DISCLAIMER, INCONCLUSIVE, INSUFFICIENT, REFUTED, SUPPORTED, ClaimsError, check_claims, load_claims,
+                            report)
 from backend.matrix import parse_matrix
 from backend.promote import PromoteError, promote
 from backend.runs import BundleError, import_run, verify_bundle
@@ -139,12 +140,16 @@ id = "nko-vs-latin"
 text = "N'Ko trajectory beats Latin trajectory"
 better = { script = "nko", mode = "trajectory" }
 than = { script = "latin", mode = "trajectory" }
+min_seeds = 2
+published = { better = 20.57, than = 32.81 }
 
 [[claim]]
 id = "latin-vs-nko"
 text = "Latin trajectory beats N'Ko trajectory"
 better = { script = "latin", mode = "trajectory" }
 than = { script = "nko", mode = "trajectory" }
+min_seeds = 2
+published = { better = 32.81, than = 20.57 }
 
 [[claim]]
 id = "one-seed"
@@ -177,20 +182,26 @@ min_seeds = 1
     n = v["nko-vs-latin"].numbers
     assert n["delta"] == pytest.approx((0.03125 + 0.0625) / 2 - (0.28125 + 0.3125) / 2)
     assert n["ci_hi"] < 0 and n["p_improvement"] == 1.0 and n["better"]["seeds"] == [1, 2]
-    assert v["latin-vs-nko"].verdict == NOT_SUPPORTED and "other way" in v["latin-vs-nko"].reasons[0]
-    assert v["one-seed"].verdict == INSUFFICIENT and "1 seed(s) for N'Ko tar" in v["one-seed"].reasons[0]
+    assert v["latin-vs-nko"].verdict == REFUTED and "other way" in v["latin-vs-nko"].reasons[0]
+    assert v["one-seed"].verdict == INSUFFICIENT
+    assert "1 seed(s) for N'Ko tar; this claim needs 3" in v["one-seed"].reasons[0]  # min_seeds defaults to 3
     assert v["one-seed-allowed"].verdict == SUPPORTED
     assert v["missing"].verdict == INSUFFICIENT
     assert v["missing"].reasons[0] == "no completed run for N'Ko ttt"
     assert any("nko-ttt-s1 left out: not run yet" in r for r in v["missing"].reasons)
-    assert v["equal"].verdict == NOT_SUPPORTED and "includes 0" in v["equal"].reasons[0]
+    assert v["equal"].verdict == INCONCLUSIVE and "includes 0" in v["equal"].reasons[0]
     text = str(v["nko-vs-latin"])
     assert text.startswith("SUPPORTED") and "95% CI" in text and "P(improvement) 1.000" in text
+    assert "N'Ko trajectory 20.57 vs Latin trajectory 32.81 (Δ -12.24 pp); the demo agrees in direction" in text
+    assert v["latin-vs-nko"].numbers["published"]["agrees"] is True  # both say Latin is worse
+    rep = report(list(v.values()), DISCLAIMER)
+    assert "hierarchical bootstrap" in rep and "agrees on 2 of 2 claims" in rep
+    assert "proves nothing about the paper" in rep
     # through the CLI
     res = runner.invoke(app, ["claims", "check", "--claims", str(claims), "--matrix", str(bundle["matrix"]),
                               "--db", str(bundle["tmp"] / "none.db"), "--json"])
     assert res.exit_code == 0, res.output
-    assert [x["verdict"] for x in json.loads(res.output)][:2] == [SUPPORTED, NOT_SUPPORTED]
+    assert [x["verdict"] for x in json.loads(res.output)][:2] == [SUPPORTED, REFUTED]
 
 
 def test_claim_is_insufficient_when_a_side_is_on_another_split(bundle, tmp_path):
@@ -204,7 +215,7 @@ def test_claim_is_insufficient_when_a_side_is_on_another_split(bundle, tmp_path)
                      {f: LATIN_REF for f in test})
     claims = tmp_path / "c.toml"
     claims.write_text('[[claim]]\nid = "c"\ntext = "t"\nbetter = { script = "nko", mode = "trajectory" }\n'
-                      'than = { script = "latin", mode = "trajectory" }\n')
+                      'than = { script = "latin", mode = "trajectory" }\nmin_seeds = 2\n')
     (v,) = check_claims(claims, bundle["matrix"], None)
     assert v.verdict == INSUFFICIENT
     assert v.reasons[0] == "no completed run for Latin trajectory"
@@ -324,3 +335,111 @@ def test_matrix_runs_satisfied_by_imports_including_one_without_manifest(bundle,
         run_matrix(mpath, dbp, log=lambda s: None)
     md = write_tables(mpath, tmp_path / "rep", dbp)[0].read_text()
     assert "`nko-base-s1`: train.log: sha256" in md and "state.db's record" in md
+
+
+# --------------------------------------------------------------------------- seeds
+
+def test_hierarchical_bootstrap_carries_seed_variance():
+    # two groups of 3 seeds on 400 utterances; group b is 1 pp worse on average but its seeds
+    # spread over ±6 pp: the utterance-only CI of the mean difference excludes 0, the
+    # hierarchical one (seeds resampled too) does not.
+    rng = np.random.default_rng(0)
+    chars = np.full(400, 50)
+    rates = [0.10, 0.10, 0.10, 0.05, 0.11, 0.17]
+    edits = np.stack([rng.binomial(chars, p) for p in rates])
+    c = np.stack([chars] * 6)
+    cer_b = stats.resampled_cer(edits, c, resamples=4000, seed=1)
+    utt_only = cer_b[:, :3].mean(axis=1) - cer_b[:, 3:].mean(axis=1)
+    hier = (stats.hierarchical_means(cer_b, [0, 1, 2], [1, 2, 3], seed=1)
+            - stats.hierarchical_means(cer_b, [3, 4, 5], [1, 2, 3], seed=1))
+    lo_u, hi_u = stats.ci_from_samples(utt_only)
+    lo_h, hi_h = stats.ci_from_samples(hier)
+    assert hi_u < 0 < hi_h and lo_h < lo_u
+    # one seed per group: the hierarchical bootstrap is the utterance bootstrap
+    assert np.array_equal(stats.hierarchical_means(cer_b, [4], [7]), cer_b[:, 4])
+    # the seed draw depends on the seed list only, so groups with the same seeds are paired
+    assert np.array_equal(stats.seed_draws([3, 1, 2], 50), stats.seed_draws([1, 2, 3], 50))
+
+
+def _three_seed_matrix(tmp_path, edits_by_run: dict, extra: dict | None = None):
+    corpus = make_corpus(tmp_path / "data", n=200)
+    test = corpus["split_obj"].test
+    out = tmp_path / "runs"
+    runs = []
+    for (rid, script, mode, seed), ks in edits_by_run.items():
+        refs = {f: REF for f in test}
+        write_bundle(out / rid, corpus, rid, script, mode, seed,
+                     {f: noisy(REF, ks[i % len(ks)]) for i, f in enumerate(test)}, refs,
+                     **(extra or {}).get(rid, {}))
+        runs.append({"run_id": rid, "script": script, "mode": mode, "seed": seed})
+    f = tmp_path / "matrix.json"
+    f.write_text(json.dumps(matrix_dict(corpus, out, runs, reference=runs[0]["run_id"])))
+    return f
+
+
+def test_three_seed_claims_are_always_decided_and_tables_flag_unfinished_runs(tmp_path):
+    runs = {}
+    for s in (1, 2, 3):
+        runs[(f"traj-s{s}", "nko", "trajectory", s)] = [0, 1]
+        runs[(f"base-s{s}", "nko", "baseline", s)] = [2, 3] if s != 2 else [0, 1]  # seed 2 as good as trajectory
+        runs[(f"tar-s{s}", "nko", "tar", s)] = [3, 4]
+    weights = {"name": "tiny.en model.bin", "sha256": "ab" * 32}
+    extra = {"traj-s1": {"best_epoch": 4, "epochs": 4, "results_extra": {"stop_reason": "max_epochs",
+                                                                         "feature_weights": weights}},
+             "traj-s2": {"best_epoch": 2, "epochs": 4, "results_extra": {"stop_reason": "early_stop"}}}
+    m = _three_seed_matrix(tmp_path, runs, extra)
+    claims = tmp_path / "c.toml"
+    claims.write_text('''
+[[claim]]
+id = "traj-base"
+text = "trajectory beats baseline"
+better = { script = "nko", mode = "trajectory" }
+than = { script = "nko", mode = "baseline" }
+
+[[claim]]
+id = "traj-tar"
+text = "trajectory beats TAR"
+better = { script = "nko", mode = "trajectory" }
+than = { script = "nko", mode = "tar" }
+
+[[claim]]
+id = "tar-traj"
+text = "TAR beats trajectory"
+better = { script = "nko", mode = "tar" }
+than = { script = "nko", mode = "trajectory" }
+''')
+    v = {x.id: x for x in check_claims(claims, m, None)}
+    assert v["traj-tar"].verdict == SUPPORTED and v["tar-traj"].verdict == REFUTED
+    assert v["traj-base"].verdict == INCONCLUSIVE  # baseline seed 2 ties trajectory: seeds overlap
+    assert all(x.verdict != INSUFFICIENT for x in v.values())
+    assert v["traj-tar"].numbers["paired_seeds"] is True
+    assert v["traj-tar"].numbers["still_improving"] == ["traj-s1"]
+    assert "1 of 6 runs stopped at their epoch limit still improving" in str(v["traj-tar"])
+    md = write_tables(m, tmp_path / "rep", None)[0].read_text()
+    assert "hierarchical bootstrap" in md and "STILL IMPROVING" in md
+    assert f"features from tiny.en model.bin (weights sha256 `{'ab' * 32}`)" in md
+    assert "| traj-s1 | N'Ko | trajectory | 1 |" in md
+    run_lines = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines()
+                 if line.startswith("| ") and " | N'Ko | " in line}  # the "By run" table
+    assert run_lines["traj-s1"].rstrip(" |").endswith("epoch limit 4, STILL IMPROVING")
+    assert run_lines["traj-s2"].rstrip(" |").endswith("early stop @4")
+    assert "| N'Ko | trajectory | 1, 2, 3 |" in md and "1/3 STILL IMPROVING" in md
+
+
+def test_ttt_section_says_when_ttt_cannot_help(tmp_path):
+    sel = {"split": "val", "grid": [{"lr": 1.0, "steps": 1, "val_cer": 0.12, "val_changed": 2},
+                                    {"lr": 3.0, "steps": 1, "val_cer": 0.125, "val_changed": 5}],
+           "no_ttt_val_cer": 0.12, "best_val_cer": 0.12, "chosen": {"lr": 1.0, "steps": 1}, "helps_on_val": False}
+    ttt = {"lr": 1.0, "steps": 1, "selection": sel, "ttt_steps": 40, "ttt_guard_reverts": 0, "test_changed": 3,
+           "test_changed_cer_before": 0.25, "test_changed_cer_after": 0.3125, "test_cer_no_ttt": 0.03}
+    noop = dict(ttt, selection=None, test_changed=0, test_changed_cer_before=None, test_changed_cer_after=None)
+    runs = {("traj-s1", "nko", "trajectory", 1): [0, 1], ("ttt-s1", "nko", "ttt", 1): [0, 1],
+            ("ttt-s2", "nko", "ttt", 2): [0, 1]}
+    m = _three_seed_matrix(tmp_path, runs, {"ttt-s1": {"results_extra": {"ttt": ttt}},
+                                            "ttt-s2": {"results_extra": {"ttt": noop}}})
+    md = write_tables(m, tmp_path / "rep", None)[0].read_text()
+    assert "## Test-time training" in md
+    assert "| ttt-s1 | 1 | 1 | val grid | 12.00 → 12.00 | 1×1: 12.00, 3×1: 12.50 | 3 / 20 | 25.00 → 31.25 | 0 |" in md
+    assert ("- `ttt-s1`: TTT cannot help on this data: no setting of the grid lowered the validation CER "
+            "(12.00% at best vs 12.00% without TTT).") in md
+    assert "- `ttt-s2`: TTT cannot help on this data: it changed no test hypothesis (a no-op here)." in md

@@ -143,6 +143,32 @@ def test_ttt_run_adapts_at_test_time(base):
     assert report["identical"]  # TTT decoding is deterministic too
 
 
+def test_ttt_grid_chooses_lr_and_steps_on_val_and_records_what_changed(base):
+    out = run(base, "ttt-grid", mode="ttt", ttt__chunk_size=16, ttt__grid_lr=[0.01, 0.5], ttt__grid_steps=[1, 2])
+    results = json.loads((out / "results.json").read_text())
+    t = results["ttt"]
+    sel = t["selection"]
+    assert sel["split"] == "val" and [(g["lr"], g["steps"]) for g in sel["grid"]] == [(0.01, 1), (0.01, 2),
+                                                                                   (0.5, 1), (0.5, 2)]
+    best = min(sel["grid"], key=lambda g: g["val_cer"])
+    assert sel["chosen"] == {"lr": best["lr"], "steps": best["steps"]} == {"lr": t["lr"], "steps": t["steps"]}
+    assert sel["helps_on_val"] == (best["val_cer"] < sel["no_ttt_val_cer"])
+    assert results["config"]["ttt"]["grid_lr"] == [0.01, 0.5]  # the config stays as given
+    # the changed-row counts agree with the trajectory model's own predictions (same seed, same weights)
+    traj = {r["feat_id"]: r for r in lines(run(base, "trajectory", mode="trajectory") / "test_predictions.jsonl")}
+    rows = lines(out / "test_predictions.jsonl")
+    changed = [r for r in rows if r["asr_text"] != traj[r["feat_id"]]["asr_text"]]
+    assert t["test_changed"] == len(changed)
+    if changed:
+        chars = sum(r["reference_chars"] for r in changed)
+        assert t["test_changed_cer_after"] == pytest.approx(sum(r["cer_edits"] for r in changed) / chars)
+        assert t["test_changed_cer_before"] == pytest.approx(
+            sum(traj[r["feat_id"]]["cer_edits"] for r in changed) / chars)
+    run_log = (out / "run.log").read_text()
+    assert run_log.count("ttt grid on val:") == 4 and "ttt: chose lr" in run_log
+    assert evaluate_run(out)["identical"]  # evaluate decodes with the chosen setting
+
+
 # ---------------------------------------------------------------- resume
 
 
