@@ -297,7 +297,8 @@ def run_demo_lane(matrix_path: Path | str, split_path: Path | str, snapshot: Pat
         lane_dir = Path(out_dir) / run.run_id
         policy, calibration = calibrate_on_val(run_dir, lane_dir) if calibrate else (None, None)
         source = "policy" if policy else None
-        scorer = Scorer.from_run(run_dir) if (run_dir / "best.pt").exists() else None
+        # the matrix's own feature store: a run trained on a Vast instance recorded the instance's path
+        scorer = Scorer.from_run(run_dir, features=m.features) if (run_dir / "best.pt").exists() else None
         summaries = {}
         for name in proposers:
             if name == "lexicon":

@@ -484,7 +484,12 @@ def stop(root: str | Path = DEFAULT_ROOT, log: Callable[[str], None] = print) ->
             problems.append(str(e))
     stopped += rec.stop_all()
     _kill_in(p.disks)
-    still = [f"{n}:{port}" for n, port in rec.data.get("ports", {}).items() if listening(port)]
+    deadline = time.monotonic() + 5.0  # a killed process's sockets close as the kernel tears it down
+    while True:
+        still = [f"{n}:{port}" for n, port in rec.data.get("ports", {}).items() if listening(port)]
+        if not still or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     if still:
         problems.append(f"still listening after stop: {', '.join(still)}")
     rec.data["stopped_at"] = time.time()
