@@ -267,9 +267,9 @@ def make_lm(train_refs: Sequence[str], symbols: Sequence[str], lm_text: Path | s
 def run_demo_lane(matrix_path: Path | str, split_path: Path | str, snapshot: Path | str, out_dir: Path | str,
                   db_path: Path | str, calibrate: bool = True, gate_policy: Path | str | None = None,
                   proposers: Sequence[str] = ("lexicon", "nbest"), lm_text: Path | str | None | bool = True,
-                  log=print) -> dict:
-    """The lane on every completed N'Ko run of a matrix (its ``agp_dumps`` when it names
-    some), each proposer into ``out_dir/<run_id>/<proposer>``; returns
+                  log=print, runs: Sequence[str] | None = None) -> dict:
+    """The lane on every completed N'Ko run of a matrix (``runs``, else its ``agp_dumps`` when
+    it names some), each proposer into ``out_dir/<run_id>/<proposer>``; returns
     ``{run_id: {"run_id", "proposers": {name: summary}, "partition_calibration"}}``.
 
     With ``calibrate``, everything the gate uses is set on the run's *validation* rows, never
@@ -283,7 +283,8 @@ def run_demo_lane(matrix_path: Path | str, split_path: Path | str, snapshot: Pat
     from models.score import Scorer
 
     m = load_matrix(matrix_path)
-    runs = [m.run(r) for r in m.agp_dumps] if m.agp_dumps else m.selected()
+    names = runs if runs is not None else m.agp_dumps
+    runs = [m.run(r) for r in names] if names else m.selected()
     refs = train_references(snapshot, split_path)
     lexicon = Lexicon.from_references(refs)
     base = load_gate_policy(gate_policy)
