@@ -49,6 +49,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_pair() -> int:
+    """A port p with p and p+1 free on 127.0.0.1 (rank 0 and rank 1 of a local MLX ring)."""
+    for _ in range(50):
+        p = free_port()
+        if p > 64000:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", p))
+                b.bind(("127.0.0.1", p + 1))
+            return p
+        except OSError:
+            continue
+    raise LocalSSHError("no two free neighbouring ports on 127.0.0.1")
+
+
 def keygen(path: Path) -> Path:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True,
                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)

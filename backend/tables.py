@@ -392,7 +392,29 @@ def _header(s: Summary) -> list[str]:
     w = r0.results.get("feature_weights") if r0 else None
     if w:
         ident += f", features from {w.get('name')} (weights sha256 `{w.get('sha256')}`)"
-    return [ident, f"reference run `{s.reference}`" if s.reference else "no reference run with a bundle: no ΔCER"]
+    lines = [ident]
+    spelling = _nko_spelling(s)
+    if spelling:
+        lines.append(spelling)
+    return lines + [f"reference run `{s.reference}`" if s.reference else "no reference run with a bundle: no ΔCER"]
+
+
+def _nko_spelling(s: Summary) -> str | None:
+    """How the snapshot spells its N'Ko references (``snapshot_meta.json`` beside its pairs,
+    written by ``nko-ops sample build``): the spelling sets the denominator of every N'Ko CER."""
+    nko = next((r for r in s.runs if r.results.get("script") == "nko"), None)
+    snapshot = ((nko.results.get("resolved_paths") or {}).get("snapshot") if nko else None)
+    meta_path = Path(snapshot).parent / "snapshot_meta.json" if snapshot else None
+    if meta_path is None or not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    spell, chars = meta.get("nko_spelling") or {}, meta.get("chars") or {}
+    if not spell or not chars.get("nko_per_latin"):
+        return None
+    how = "with gbarali compression" if spell.get("gbarali") else "without gbarali compression"
+    return (f"N'Ko references: `{spell.get('function')}` {how} ({spell.get('normalization_version')}), "
+            f"{chars['nko_per_latin']:.3f} N'Ko characters per Latin character over the snapshot: the spelling "
+            f"sets the denominator of every N'Ko CER (snapshot_meta.json)")
 
 
 def markdown(s: Summary) -> str:

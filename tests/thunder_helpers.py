@@ -4,7 +4,6 @@ hostfile they are 127.0.0.1, which mlx.launch starts without ssh)."""
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from agp.corpus import SYSTEM_PROMPT, build_corpus, prompt_messages
 from agp.pipeline import lane_rows
 from agp.tiny_model import build_tiny_llama
 from agp_helpers import PAIRS, row_dict, sample_rows, write_rows_file
+from backend.localssh import free_port_pair
 from backend.thunder.config import ClusterConfig, parse_config
 from models.snapshot import sha256_file
 
@@ -40,24 +40,6 @@ def build_fixture(root: Path) -> dict:
     texts = [SYSTEM_PROMPT] + [m["content"] for r in rows for m in prompt_messages(r)] + [r.reference_text for r in rows]
     model = build_tiny_llama(root / "model", texts * 3, vocab_size=300, hidden_size=32, layers=2)
     return {"rows": rows_path, "corpus": root / "corpus", "model": model}
-
-
-def free_port_pair() -> int:
-    """A port p with p and p+1 free on 127.0.0.1 (rank 0 and rank 1 of a local ring)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1]
-        if p > 64000:
-            continue
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", p))
-                b.bind(("127.0.0.1", p + 1))
-            return p
-        except OSError:
-            continue
-    raise RuntimeError("no free pair of ports")
 
 
 def local_cluster(fx: dict, run_root: Path, local_root: Path, hosts: list[dict] | None = None, **over) -> ClusterConfig:

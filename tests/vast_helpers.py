@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -20,62 +17,7 @@ from pathlib import Path
 
 import pytest
 
-SSHD_BIN = shutil.which("sshd") or "/usr/sbin/sshd"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def keygen(path: Path) -> Path:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True,
-                   stdin=subprocess.DEVNULL)
-    return path
-
-
-@dataclass
-class SSHD:
-    dir: Path
-    port: int
-    client_key: Path
-    proc: subprocess.Popen | None = None
-    host_key: Path | None = None
-
-    def start(self, new_host_key: bool = False) -> "SSHD":
-        if self.host_key is None or new_host_key:
-            hk = self.dir / f"host_ed25519_{int(time.time() * 1000)}"
-            self.host_key = keygen(hk)
-        cfg = self.dir / "sshd_config"
-        cfg.write_text("\n".join([
-            f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {self.host_key}",
-            f"PidFile {self.dir / 'sshd.pid'}", f"AuthorizedKeysFile {self.dir / 'authorized_keys'}",
-            "PermitRootLogin yes", "StrictModes no", "PubkeyAuthentication yes", "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no", "UsePAM no", "Subsystem sftp internal-sftp", "LogLevel ERROR",
-            "MaxStartups 100", "MaxSessions 100", "UseDNS no", ""]))
-        self.proc = subprocess.Popen([SSHD_BIN, "-D", "-e", "-f", str(cfg)], stdout=subprocess.DEVNULL,
-                                     stderr=open(self.dir / "sshd.log", "ab"))
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"sshd exited: {(self.dir / 'sshd.log').read_text()[-500:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    if s.recv(4).startswith(b"SSH"):
-                        return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("sshd did not come up")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc = None
+from backend.localssh import SSHD, LocalSSHError, free_port, new_sshd  # noqa: F401 (free_port: re-exported to tests)
 
 
 def _skip(reason: str) -> None:
@@ -86,24 +28,10 @@ def _skip(reason: str) -> None:
 
 
 def _start_sshd(root: Path) -> SSHD:
-    if not Path(SSHD_BIN).exists():
-        _skip("OpenSSH sshd is not installed")
-    if not shutil.which("ssh-keygen"):
-        _skip("ssh-keygen is not installed")
-    priv = Path("/run/sshd")  # privilege separation directory sshd insists on
-    if not priv.exists():
-        try:
-            priv.mkdir(mode=0o755, parents=True)
-        except OSError:
-            _skip("sshd needs /run/sshd and it cannot be created")
-    root.mkdir(parents=True, exist_ok=True)
-    client = keygen(root / "client_ed25519")
-    (root / "authorized_keys").write_text((root / "client_ed25519.pub").read_text())
-    d = SSHD(root, free_port(), client)
     try:
-        return d.start()
-    except RuntimeError as e:
-        _skip(f"cannot start sshd here: {e}")
+        return new_sshd(root).start()
+    except LocalSSHError as e:  # no OpenSSH here, or it cannot start
+        _skip(str(e))
 
 
 @pytest.fixture(scope="session")

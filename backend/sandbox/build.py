@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from backend.localssh import LocalSSHError, free_port, new_sshd, require_openssh
+from backend.localssh import LocalSSHError, free_port, free_port_pair, new_sshd, require_openssh
 from backend.sandbox import MARKER
 from backend.sandbox.procs import Record, alive, listening
 
@@ -312,7 +312,7 @@ def _thunder(p: Paths, log, hang: bool) -> None:
     model = build_tiny_llama(t / "model", texts * 3, vocab_size=300, hidden_size=32, layers=2)
 
     def cluster(**over):
-        port = _port_pair()
+        port = free_port_pair()
         data = {"name": "sandbox", "python": sys.executable, "workdir": str(REPO), "model": str(model),
                 "data": str(t / "corpus"), "run_root": str(t / "runs"), "local_root": str(t / "local"),
                 "starting_port": port,
@@ -368,23 +368,6 @@ def _hung_run(cluster, db, log) -> None:
         for pid in pids.values():
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
-
-
-def _port_pair() -> int:
-    import socket
-
-    for _ in range(50):
-        p = free_port()
-        if p > 64000:
-            continue
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", p))
-                b.bind(("127.0.0.1", p + 1))
-            return p
-        except OSError:
-            continue
-    raise SandboxError("no two free neighbouring ports for the ring")
 
 
 # --------------------------------------------------------------------------- start / stop
