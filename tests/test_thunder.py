@@ -69,6 +69,23 @@ def test_defaults_are_the_safe_shape_and_config_names_bad_fields(tmp_path):
         parse_config({**base, "hosts": base["hosts"][:1]})
 
 
+def test_agp_eval_gets_the_asr_run_for_acoustic_scores():
+    """[eval] acoustic_run (the rows' ASR run on the hosts) reaches agp_eval as --acoustic-run,
+    so the adapter's proposals are scored like every other proposer's."""
+    from backend.thunder.monitor import agp_eval_args
+
+    base = {"python": "/p", "workdir": "/w", "model": "/m", "data": "/d", "run_root": "/r",
+            "hosts": [{"name": "a", "ssh": "a", "ip": "10.0.0.1"}, {"name": "b", "ssh": "b", "ip": "10.0.0.2"}],
+            "eval": {"rows": "/runs/asr/test_predictions.jsonl"}}
+    args = agp_eval_args(parse_config(base), "/r/x/adapters", "/r/x/agp_eval")
+    assert "--acoustic-run" not in args and args[args.index("--rows") + 1] == "/runs/asr/test_predictions.jsonl"
+    scored = parse_config({**base, "eval": {**base["eval"], "acoustic_run": "/runs/asr"}})
+    args = agp_eval_args(scored, "/r/x/adapters", "/r/x/agp_eval")
+    assert args[args.index("--acoustic-run") + 1] == "/runs/asr"
+    with pytest.raises(ConfigError, match=r"field 'eval\.acoustic_run'.*absolute"):
+        parse_config({**base, "eval": {**base["eval"], "acoustic_run": "work/demo/runs/x"}})
+
+
 def test_hostfile_is_mlx_format_with_numeric_ips(tmp_path):
     from mlx._distributed_utils.common import Hostfile
 

@@ -109,8 +109,11 @@ class EvalConfig(_Section):
     gate_policy: str | None = None  # default: the repository's configs/agp/gate.toml on the host
     partition_policy: str | None = None  # must give the corpus' partition_source (agp_eval checks)
     partition_source: Literal["model", "policy"] | None = None  # overrides the policy file's ``source``
+    # the rows' ASR run directory on the hosts (best.pt + its feature store): proposals get their
+    # acoustic score; without it the default gate refuses every boundary/uncertain edit (rule acoustic)
+    acoustic_run: str | None = None
 
-    @field_validator("rows", "gate_policy", "partition_policy")
+    @field_validator("rows", "gate_policy", "partition_policy", "acoustic_run")
     @classmethod
     def _abs(cls, v: str | None, info) -> str | None:
         return _absolute(v, info.field_name)

@@ -313,14 +313,7 @@ class Monitor:
     def _agp_eval_on_host(self, adapter: str) -> dict:
         ev, host = self.cluster.eval, self.hosts[0]
         out = f"{self.run_dir}/agp_eval"
-        args = ["--model", self.cluster.model, "--adapter", adapter, "--corpus", self.cluster.data,
-                "--rows", ev.rows, "--out", out, "--max-tokens", str(ev.max_tokens)]
-        if ev.gate_policy:
-            args += ["--gate-policy", ev.gate_policy]
-        if ev.partition_policy:
-            args += ["--partition-policy", ev.partition_policy]
-        if ev.partition_source:
-            args += ["--partition-source", ev.partition_source]
+        args = agp_eval_args(self.cluster, adapter, out)
         envs = "".join(f"{shlex.quote(e)} " for e in self.cluster.env)
         cmd = (f"cd {shlex.quote(self.cluster.workdir)} && exec env {envs}{shlex.quote(host.python)} -m "
                f"backend.thunder.agp_eval {' '.join(shlex.quote(a) for a in args)}")
@@ -352,3 +345,15 @@ p = sys.argv[1]
 print(json.dumps([os.path.getsize(p), hashlib.sha256(open(p, "rb").read()).hexdigest()]))
 '''
 
+
+def agp_eval_args(cluster: ClusterConfig, adapter: str, out: str) -> list[str]:
+    """The arguments of ``backend.thunder.agp_eval`` for a finished adapter (``[eval]`` of the
+    cluster config)."""
+    ev = cluster.eval
+    args = ["--model", cluster.model, "--adapter", adapter, "--corpus", cluster.data,
+            "--rows", ev.rows, "--out", out, "--max-tokens", str(ev.max_tokens)]
+    for flag, value in (("--gate-policy", ev.gate_policy), ("--partition-policy", ev.partition_policy),
+                        ("--partition-source", ev.partition_source), ("--acoustic-run", ev.acoustic_run)):
+        if value:
+            args += [flag, value]
+    return args
