@@ -149,7 +149,7 @@ def test_split_rejects_duplicate_ids_and_bad_fractions():
 
 
 def test_cli_split_make_on_the_sample(tmp_path):
-    out = tmp_path / "split.json"
+    out = tmp_path / "new" / "folder" / "split.json"  # the folder is created
     result = CliRunner().invoke(app, ["split", "make", str(SAMPLE), "--out", str(out)])
     assert result.exit_code == 0, result.output
     split = Split.load(out)
@@ -157,3 +157,4 @@ def test_cli_split_make_on_the_sample(tmp_path):
     assert sum(split.sizes().values()) == n
     assert split.sizes()["test"] == split.sizes()["val"] == int(n * 0.1 + 0.5)
     assert split.snapshot_sha256 == sha256_file(SAMPLE / "pairs.jsonl")
+    assert [p.name for p in out.parent.iterdir()] == ["split.json"]  # no temporary file left
