@@ -4,6 +4,7 @@ the API key appears in no file. The recovery run (instance lost mid-run) is mark
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -76,9 +77,12 @@ def test_matrix_on_emulated_cloud_end_to_end(vast_env, tmp_path):
                     continue
                 in_flight.append([cmd] if key in env or key in cmd.encode() else [])
 
+    # sync at the first poll after the start: the tiny run can finish within the fixture's 3 s
+    # sync interval on a quiet machine, and the in-flight check needs a sync while it trains
+    settings = dataclasses.replace(vast_env.settings, sync_every_s=0.5)
     t0 = time.monotonic()
     results = run_matrix_vast(matrix, vast_env.tmp / "state" / "state.db", skip_sanity=True, poll_s=0.5,
-                              log=log, settings=vast_env.settings, budget=vast_env.budget,
+                              log=log, settings=settings, budget=vast_env.budget,
                               provider=vast_env.provider)
     assert [r.status for r in results] == ["completed"], "\n".join(lines[-20:]) + str(results)
     assert time.monotonic() - t0 < 120
