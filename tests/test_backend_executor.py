@@ -124,7 +124,11 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow  # ~25 s on an idle 2-core machine, 80 s+ on a loaded one (four trainer starts)
-def test_killing_the_executor_mid_run_resumes_from_last_pt(tmp_path):
+def test_killing_the_executor_mid_run_resumes_from_last_pt(tmp_path, monkeypatch):
+    # one torch thread per trainer: bit-exact comparison needs the same reduction order in every
+    # process (with two threads best_val_loss once differed in its 7th digit between two runs)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, "1")
     runs = [{"run_id": "long", "script": "nko", "mode": "trajectory", "seed": 7}]
     mpath = make_matrix(tmp_path, runs, epochs=40)
     dbp = tmp_path / "state.db"
