@@ -61,7 +61,6 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
 
     from backend.matrix import load_matrix
     from models.snapshot import describe, load
-    from models.split import Split, make_split
 
     m = load_matrix(MATRIX)
 
@@ -74,19 +73,60 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
     stages.done("snapshot")
 
     console.rule("2. split (seed 42, 80/10/10)")
-    split_path = Path(m.split)
     snap = load(SAMPLE)
+    split_path = _split(m, snap, console)
+    stages.done("split")
+
+    console.rule(f"3. features ({FEATURES['recipe']} recipe, {FEATURES['mode']}, subsample {FEATURES['subsample']})")
+    _features(m, snap, console)
+    stages.done("features")
+
+    console.rule(f"4. demo matrix on the local executor (parallel {parallel})")
+    results = _matrix(m, db_path, parallel, console)
+    if results is None:
+        return 1
+    failed = [r for r in results if r.status != "completed"]
+    stages.done("matrix")
+
+    console.rule("5. AGP lane: N'Ko test rows; partitions and acoustic margins calibrated on val rows; "
+                 "lexicon and N-best proposers, acoustic score, gate, eval")
+    _agp_lane(split_path, db_path, console)
+    stages.done("agp")
+
+    console.rule("6. tables, figures, claims (after the AGP lane: tables.md carries its results)")
+    _tables_and_claims(db_path, console)
+    stages.done("tables+claims")
+
+    console.rule("done")
+    stages.write(REPORTS / "demo-timing.json", _run_times(m), console)
+    console.print(f"finished in {time.time() - t0:.0f} s")
+    console.print(f"state:   {db_path}  (browse it with `nko-ops console --db {db_path}`)")
+    console.print(f"runs:    {REPO / m.out_root}")
+    console.print(f"reports: {REPO / REPORTS} (tables.md, tables.tex, *.csv, figures, claims.txt, agp/)")
+    if failed:
+        console.print(f"[red]{len(failed)} run(s) did not complete: " + ", ".join(r.run_id for r in failed))
+    return 1 if failed else 0
+
+
+def _split(m, snap, console) -> Path:
+    """The matrix's split.json for the sample (seed 42), reused when it is already that split."""
+    from models.split import Split, make_split
+
+    split_path = Path(m.split)
     split = make_split(snap.feat_ids, seed=42, snapshot_sha256=snap.sha256)
     old = Split.load(split_path) if split_path.exists() else None
     if old is not None and (old.sha256, old.snapshot_sha256) == (split.sha256, split.snapshot_sha256):
         console.print(f"reusing {split_path}")
     else:
-        split_path.parent.mkdir(parents=True, exist_ok=True)
         split.save(split_path)
     console.print(f"{split.sizes()} sha256 {split.sha256[:16]}…")
-    stages.done("split")
+    return split_path
 
-    console.rule(f"3. features ({FEATURES['recipe']} recipe, {FEATURES['mode']}, subsample {FEATURES['subsample']})")
+
+def _features(m, snap, console) -> None:
+    """The demo's feature store: a store of an earlier sample is rebuilt, one of another recipe
+    (the log-mel demo before tiny.en) is moved aside, then extraction fills in what is missing."""
+    import json
     import shutil
 
     from models.features import FeatureError, check_same_snapshot, extract
@@ -96,11 +136,9 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
     except FeatureError:  # the demo's own store, from an earlier version of data/sample
         console.print(f"{m.features} holds features of an earlier data/sample: rebuilding it")
         shutil.rmtree(m.features)
-    old = Path(m.features) / "index.json"
-    if old.is_file():  # a store of another recipe (the log-mel demo before tiny.en): keep it apart
-        import json
-
-        recipe = json.loads(old.read_text(encoding="utf-8")).get("recipe", {})
+    index = Path(m.features) / "index.json"
+    if index.is_file():
+        recipe = json.loads(index.read_text(encoding="utf-8")).get("recipe", {})
         if recipe.get("hash") != m.recipe_hash:
             aside = Path(f"{m.features}-{recipe.get('name', 'old')}".replace("log-mel", "logmel"))
             if aside.exists():
@@ -111,9 +149,11 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
                 done = f"moved it to {aside}"
             console.print(f"{m.features} held {recipe.get('name')} features, not the demo's recipe: {done}")
     extract(SAMPLE, Path(m.features), FEATURES["recipe"], mode=FEATURES["mode"], subsample=FEATURES["subsample"])
-    stages.done("features")
 
-    console.rule(f"4. demo matrix on the local executor (parallel {parallel})")
+
+def _matrix(m, db_path: Path, parallel: int, console) -> list | None:
+    """The demo matrix on the local executor; None (after saying why and what to do) when it
+    cannot run on this state store."""
     from backend.executor_local import ExecutorError, run_matrix
     from backend.matrix import MatrixError
 
@@ -125,7 +165,7 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
             console.print(f"{db_path.name} holds demo runs on other features (the log-mel demo before tiny.en). "
                           f"Keep them apart and start a new state store: `mv {db_path.name} state-logmel.db && "
                           f"mv {m.out_root} {m.out_root}-logmel-old`, then run the demo again.")
-        return 1
+        return None
     except MatrixError as e:
         console.print(f"[red]{escape(str(e))}", highlight=False)
         if "pins" in str(e):
@@ -134,14 +174,14 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
                           "Restore data/sample (`git checkout data/sample`), or, after an upgrade that changed it, "
                           f"run the demo on a new state store with the old outputs moved aside: "
                           f"`mv {m.out_root} {m.out_root}.old && nko-ops demo --db demo.db`.")
-        return 1
+        return None
     for r in results:
         console.print(str(r))
-    failed = [r for r in results if r.status != "completed"]
-    stages.done("matrix")
+    return results
 
-    console.rule("5. AGP lane: N'Ko test rows; partitions and acoustic margins calibrated on val rows; "
-                 "lexicon and N-best proposers, acoustic score, gate, eval")
+
+def _agp_lane(split_path: Path, db_path: Path, console) -> None:
+    """The offline AGP lane on the matrix's ``agp_dumps`` runs, printed per run and proposer."""
     from agp.evaluate import format_table
     from agp.pipeline import run_demo_lane
 
@@ -160,29 +200,16 @@ def run_demo(db: str = "state.db", parallel: int = 2) -> int:
                                        else f"{p} {c['margin']}" for p, c in margins.items()) or "not calibrated"))
             console.print(format_table(summary), markup=False)
 
-    stages.done("agp")
 
-    console.rule("6. tables, figures, claims (after the AGP lane: tables.md carries its results)")
+def _tables_and_claims(db_path: Path, console) -> None:
     from backend.claims import DISCLAIMER, check_claims, report
     from backend.tables import write_tables
 
     written = write_tables(MATRIX, REPORTS, db_path)
     console.print("wrote " + ", ".join(str(p) for p in written))
-    verdicts = check_claims(CLAIMS, MATRIX, db_path)
-    claims_text = report(verdicts, DISCLAIMER)
+    claims_text = report(check_claims(CLAIMS, MATRIX, db_path), DISCLAIMER)
     (REPORTS / "claims.txt").write_text(claims_text, encoding="utf-8")
     console.print(claims_text)
-    stages.done("tables+claims")
-
-    console.rule("done")
-    stages.write(REPORTS / "demo-timing.json", _run_times(m), console)
-    console.print(f"finished in {time.time() - t0:.0f} s")
-    console.print(f"state:   {db_path}  (browse it with `nko-ops console --db {db_path}`)")
-    console.print(f"runs:    {REPO / m.out_root}")
-    console.print(f"reports: {REPO / REPORTS} (tables.md, tables.tex, *.csv, figures, claims.txt, agp/)")
-    if failed:
-        console.print(f"[red]{len(failed)} run(s) did not complete: " + ", ".join(r.run_id for r in failed))
-    return 1 if failed else 0
 
 
 def _run_times(m) -> dict:
