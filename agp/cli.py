@@ -305,7 +305,7 @@ def gate_cmd(
     where = ""
     if not no_db:  # first, in one transaction: a failure leaves neither the records nor the file
         from agp.records import record_decisions
-        from backend.store import open_db
+        from state.store import open_db
 
         conn = open_db(db)
         try:
@@ -371,7 +371,7 @@ def review_cmd(
 ) -> None:
     """Record a human verdict on a gate decision, or list pending ones."""
     from agp.records import add_review, pending_reviews
-    from backend.store import open_db, user
+    from state.store import open_db, user
 
     conn = open_db(db, read_only=pending)  # listing only reads
     try:
@@ -404,7 +404,7 @@ def export_reviews_cmd(
 ) -> None:
     """Write review verdicts with their decisions, for tuning the gate policy."""
     from agp.records import export_reviews
-    from backend.store import open_db
+    from state.store import open_db
 
     conn = open_db(db, read_only=True)
     try:

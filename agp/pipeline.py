@@ -107,7 +107,7 @@ def run_lane(predictions_jsonl: Path | str, proposer, lexicon: Lexicon, out_dir:
     when the decisions carry acoustic margins, frontier.png under ``out_dir``; returns the
     evaluation summary (plus run_id, proposer, files, partition counts, lexicon size)."""
     from agp.records import record_decisions
-    from backend.store import open_db
+    from state.store import open_db
 
     predictions_jsonl = Path(predictions_jsonl)
     out = Path(out_dir)

@@ -1,4 +1,4 @@
-"""The AGP lane's records in the state store (``backend.store``): proposals, gate decisions
+"""The AGP lane's records in the state store (``state.store``): proposals, gate decisions
 and human review verdicts (agree / override + note), and their export for policy tuning."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sqlite_utils
 
 from agp.gate import Decision, from_json_float
 from agp.rows import write_jsonl
-from backend.store import transaction
+from state.store import transaction
 from models.text import row_edits
 
 VERDICTS = ("agree", "override")

@@ -22,7 +22,7 @@ from models.train_cli import evaluate_cmd, train_cmd
 
 def one_line_error(e: BaseException) -> str:
     """What a user sees for an error no command handled itself: one line, naming the file."""
-    from backend.store import StoreError
+    from state.store import StoreError
 
     if isinstance(e, UnicodeDecodeError):
         return f"a file is not valid UTF-8 ({e.reason} at byte {e.start})"
@@ -57,7 +57,7 @@ class RootGroup(TyperGroup):
         except Exception as e:
             if os.environ.get("NKO_OPS_TRACEBACK"):
                 raise
-            from backend.store import StoreError
+            from state.store import StoreError
 
             expected = isinstance(e, (OSError, UnicodeError, sqlite3.Error, StoreError, ValueError))
             typer.echo(f"error: {one_line_error(e)}", err=True)

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from backend import store
+from state import store
 from backend.matrix import Identity, Matrix, MatrixError, RunSpec, config_sha256, load_matrix, resolve
 from backend.runs import Bundle, BundleError, import_run, recorded_hashes, register_bundle, verify_bundle
 

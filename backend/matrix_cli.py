@@ -28,7 +28,7 @@ def _user_errors() -> tuple:
     from backend.matrix import MatrixError
     from backend.promote import PromoteError
     from backend.runs import BundleError
-    from backend.store import StoreError
+    from state.store import StoreError
     from backend.tables import TablesError
 
     return MatrixError, ExecutorError, BundleError, TablesError, ClaimsError, PromoteError, StoreError
@@ -104,7 +104,7 @@ def import_cmd(run_dir: Path, run_id: Optional[str] = typer.Option(None, "--run-
                db: str = DB) -> None:
     """Register an existing run directory after checking its files, hashes, snapshot and split."""
     from backend.runs import import_run
-    from backend.store import open_db
+    from state.store import open_db
 
     try:
         m = ident = None
@@ -134,7 +134,7 @@ def import_cmd(run_dir: Path, run_id: Optional[str] = typer.Option(None, "--run-
 def list_cmd(matrix_id: Optional[str] = typer.Option(None, "--matrix-id"), db: str = DB,
              as_json: bool = typer.Option(False, "--json")) -> None:
     """Runs in the state store with status, heartbeat and test CER."""
-    from backend.store import open_db
+    from state.store import open_db
 
     if not Path(db).exists():
         _fail(FileNotFoundError(f"state store not found: {db}"))

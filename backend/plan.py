@@ -95,7 +95,7 @@ def plan_matrix(matrix_path: str | Path, db_path: str | Path | None = "state.db"
     ident = resolve(m)
     db = None
     if db_path is not None and Path(db_path).exists():
-        from backend.store import open_db
+        from state.store import open_db
 
         db = open_db(db_path, read_only=True)
     try:
@@ -117,7 +117,7 @@ def plan_matrix(matrix_path: str | Path, db_path: str | Path | None = "state.db"
             elif row and row["status"] == "running":
                 age = ""
                 if row["heartbeat_at"]:
-                    from backend.store import parse_ts
+                    from state.store import parse_ts
 
                     age = f", heartbeat {time.time() - parse_ts(row['heartbeat_at']).timestamp():.0f} s ago"
                 pr.state = f"running (pid {row['pid']}{age})"

@@ -20,7 +20,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from backend import store
+from state import store
 from backend.matrix import MatrixError, load_matrix, resolve
 from backend.runs import recorded_hashes, verify_bundle
 

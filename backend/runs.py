@@ -238,7 +238,7 @@ def register_bundle(db, bundle: Bundle, run_id: str, executor: str, matrix_id: s
                     flags: dict | None = None, message: str = "bundle verified") -> None:
     """Record a verified bundle: run row (completed, metrics from results.json), snapshot and
     split rows, artifacts, the run's learning curve from metrics.jsonl, and an event."""
-    from backend import store
+    from state import store
 
     r = bundle.results
     cfg = r.get("config") if isinstance(r.get("config"), dict) else {}
@@ -280,7 +280,7 @@ def register_bundle(db, bundle: Bundle, run_id: str, executor: str, matrix_id: s
 def recorded_hashes(db, run_id: str) -> dict[str, dict] | None:
     """For a run imported without manifest.json: {name: {sha256, size}} as state.db recorded
     them at import (verify_bundle's ``recorded``); None for every other run."""
-    from backend import store
+    from state import store
 
     row = store.get_run(db, run_id)
     if not row or json.loads(row["flags"] or "{}").get("manifest") != "absent":
@@ -293,7 +293,7 @@ def import_run(db, run_dir: str | Path, run_id: str | None = None, matrix=None, 
                allow_no_manifest: bool = False) -> Bundle:
     """Verify ``run_dir`` (against the matrix's snapshot/split/recipe when given) and register
     it as a completed run. Raises BundleError listing every problem; writes nothing then."""
-    from backend import store
+    from state import store
 
     want = identity
     b = verify_bundle(run_dir, snapshot_sha256=getattr(want, "snapshot_sha256", None),

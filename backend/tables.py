@@ -148,7 +148,7 @@ def load_runs(m: Matrix, db_path: str | Path | None = None) -> tuple[list[RunDat
     Runs on another snapshot/split/recipe or test set than the first loaded one are left out."""
     db = None
     if db_path is not None and Path(db_path).exists():
-        from backend.store import open_db
+        from state.store import open_db
 
         db = open_db(db_path, read_only=True)
     loaded, missing = [], []

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.store import open_db  # noqa: E402
+from state.store import open_db  # noqa: E402
 from backend.vast.config import BudgetSettings  # noqa: E402
 from backend.vast.cost import Ledger  # noqa: E402
 from backend.vast.emulator import Cloud, default_offers  # noqa: E402

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from backend import store  # noqa: E402
+from state import store  # noqa: E402
 from backend.vast.config import BudgetSettings, load_settings, state_dir_for  # noqa: E402
 from backend.vast.emulator import Cloud, Emulator  # noqa: E402
 from backend.vast.fleet import Fleet  # noqa: E402

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from backend.store import open_db, transaction, upsert_run
+from state.store import open_db, transaction, upsert_run
 from console import queries
 from console.app import ConsoleApp
 

@@ -1,4 +1,4 @@
-"""state.db ingest rate: events written through `backend.store.add_events` in batches (one
+"""state.db ingest rate: events written through `state.store.add_events` in batches (one
 transaction per batch, as the executors and log tails write them), against one transaction
 per event; and metrics.jsonl records through `add_metrics`. A fresh WAL database in a
 temporary directory on the local disk.
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from backend import store  # noqa: E402
+from state import store  # noqa: E402
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, Markdown, Static, TabbedContent, TabPane
 
 from backend.sandbox import is_sandbox
-from backend.store import StoreReadOnly, open_db
+from state.store import StoreReadOnly, open_db
 from console import queries
 from console.panes.adapters import AdaptersPane
 from console.panes.gate import GatePane

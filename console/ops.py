@@ -29,7 +29,7 @@ from typing import Iterator
 
 import vastai  # noqa: F401  (see _quiet_sdk)
 
-from backend import store
+from state import store
 from backend.vast.config import VastConfigError, VastSettings, load_budget, load_settings, state_dir_for
 from backend.vast.fleet import DestroyOutcome, Fleet
 from backend.vast.provider import ProviderError, provider_from_settings

@@ -1,6 +1,6 @@
 """Everything the console reads from (and the one thing it writes to) ``state.db``.
 
-Plain functions over a ``sqlite_utils.Database`` from ``backend.store.open_db``; they run in
+Plain functions over a ``sqlite_utils.Database`` from ``state.store.open_db``; they run in
 Textual thread workers, never on the UI thread. Each returns small frozen dataclasses so a
 pane can compare a new result with the one on screen and skip redrawing when nothing changed.
 Times are passed in (``now``, unix seconds) so tests and snapshots are deterministic.
@@ -20,7 +20,7 @@ from typing import Iterator
 
 import sqlite_utils
 
-from backend.store import transaction
+from state.store import transaction
 
 # The nine files of a complete run bundle (CONTRACTS §3).
 BUNDLE = ("results.json", "train.log", "run.log", "split.json", "vocab.json", "best.pt",

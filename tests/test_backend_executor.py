@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from backend import store
+from state import store
 from backend.executor_local import ExecutorError, run_matrix, sanity_specs
 from backend.matrix import parse_matrix
 from train_helpers import build

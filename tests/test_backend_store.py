@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from backend import store
+from state import store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def test_status_changes_are_events_and_metrics_are_idempotent(tmp_path):
 WRITER = textwrap.dedent("""
     import sys, time, random
     sys.path.insert(0, {root!r})
-    from backend import store
+    from state import store
     db = store.open_db(sys.argv[1], timeout=30)
     name, seconds = sys.argv[2], float(sys.argv[3])
     rng = random.Random(name)
@@ -120,7 +120,7 @@ WRITER = textwrap.dedent("""
 READER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
-    from backend import store
+    from state import store
     db = store.open_db(sys.argv[1], timeout=30)
     end, reads, last = time.time() + float(sys.argv[2]), 0, 0
     while time.time() < end:

@@ -1,5 +1,5 @@
 """The operations console (console/): queries, N'Ko display order and headless pilot tests
-of every pane on a small, fixed state.db built through backend.store like the real lanes."""
+of every pane on a small, fixed state.db built through state.store like the real lanes."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from console.app import ConsoleApp, HelpScreen
 from console.panes.gate import GatePane, OverrideScreen
 from console.widgets import Bars, Curve
 
-from backend.store import add_metrics, open_db, record_artifacts, transaction, upsert_run
+from state.store import add_metrics, open_db, record_artifacts, transaction, upsert_run
 from backend.vast.cost import ts as iso_ts
 from models.text import row_edits
 
@@ -262,7 +262,7 @@ def test_reordering_moves_whole_clusters(parts):
 # --------------------------------------------------------------------------- queries
 
 def test_matrix_query_counts_bundle_and_summarises_sync(state):
-    from backend.store import open_db
+    from state.store import open_db
 
     db = open_db(state)
     runs = {r.id: r for r in queries.matrix(db)}
@@ -287,7 +287,7 @@ def test_matrix_query_counts_bundle_and_summarises_sync(state):
 
 
 def test_gate_filters(state):
-    from backend.store import open_db
+    from state.store import open_db
 
     db = open_db(state)
     assert queries.gate_decisions(db).total == 5
@@ -301,7 +301,7 @@ def test_gate_filters(state):
 
 
 def test_record_review_validates_and_stores(state):
-    from backend.store import open_db
+    from state.store import open_db
 
     db = open_db(state)
     with pytest.raises(ValueError, match="note"):
@@ -317,7 +317,7 @@ def test_record_review_validates_and_stores(state):
 
 
 def test_instances_budget_and_status(state):
-    from backend.store import open_db
+    from state.store import open_db
 
     db = open_db(state)
     inst = {i.id: i for i in queries.instances(db, NOW)}
@@ -586,7 +586,7 @@ async def test_review_keys_store_verdicts(state):
         await pilot.press("o", "escape")  # cancelled: nothing stored for decision 3
         await settle(pilot)
 
-    from backend.store import open_db
+    from state.store import open_db
 
     db = open_db(state)
     got = [(r["decision_id"], r["verdict"], r["note"]) for r in db.query("SELECT * FROM reviews ORDER BY id")]
@@ -610,7 +610,7 @@ async def test_review_shows_in_table_after_refresh(state):
 
 @pytest.mark.asyncio
 async def test_poll_picks_up_new_rows_without_blocking(state):
-    from backend.store import open_db, upsert_run
+    from state.store import open_db, upsert_run
 
     app = ConsoleApp(state, interval=0.2, clock=lambda: NOW, cloud_poll=0)
     async with app.run_test(size=(140, 40)) as pilot:
@@ -633,7 +633,7 @@ async def test_poll_picks_up_new_rows_without_blocking(state):
 async def test_polls_keep_running_while_a_dialog_is_open(state):
     """The poll timer ticks under a modal dialog; it must update the main screen, not look
     for the panes on the dialog (which once crashed the console after ``interval`` seconds)."""
-    from backend.store import open_db, upsert_run
+    from state.store import open_db, upsert_run
 
     app = ConsoleApp(state, interval=0.05, clock=lambda: NOW, cloud_poll=0)
     async with app.run_test(size=(140, 40)) as pilot:

@@ -16,7 +16,7 @@ import time
 import pytest
 from textual.widgets import Button, DataTable, Static
 
-from backend import store
+from state import store
 from console.app import ConsoleApp
 from console.panes.instances import ConfirmDestroyScreen, OrphansScreen
 from console import bidi

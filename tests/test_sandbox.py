@@ -73,7 +73,7 @@ def decoy_home(tmp_path, monkeypatch):
 @pytest.mark.asyncio
 async def test_sandbox_panes_kill_idle_and_clean_stop(tmp_path, monkeypatch, decoy_home):
     from backend.sandbox import build
-    from backend.store import open_db
+    from state.store import open_db
     from backend.sandbox.procs import Record, alive, listening
     from backend.vast.emulator import _processes_in
     from backend.vast.provider import VastProvider

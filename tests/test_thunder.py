@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-from backend.store import open_db
+from state.store import open_db
 from backend.thunder.config import SAFE_SHAPE, ConfigError, config_json, load_config, parse_config
 from backend.thunder.launch import LaunchError, hostfile, latest_checkpoint, launch
 from backend.thunder.monitor import Monitor, classify_failure

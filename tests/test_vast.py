@@ -447,7 +447,7 @@ def test_budget_over_cap_syncs_then_destroys(vast_env):
 
 
 def test_idle_detection_and_kill_idle(vast_env):
-    from backend import store
+    from state import store
 
     busy = vast_env.new_instance("busy", "run-busy")
     idle_row = vast_env.new_instance("idle", "run-idle")
@@ -469,7 +469,7 @@ def test_budget_property_simulated_clock(tmp_path):
     from hypothesis import HealthCheck, example, given, settings
     from hypothesis import strategies as st
 
-    from backend.store import open_db
+    from state.store import open_db
     from backend.vast.config import BudgetSettings
     from backend.vast.cost import Ledger, police
     from backend.vast.emulator import Cloud, Emulator

@@ -529,7 +529,7 @@ def test_kill_idle_counts_idle_time_from_the_instance_on_its_first_run(vast_env)
 def test_log_lines_are_kept_when_the_metrics_read_fails(vast_env):
     """train.log is read, then reading metrics.jsonl fails over SFTP: nothing is stored and
     the offsets stay, so the next poll stores those train.log lines (once)."""
-    from backend import store
+    from state import store
     from backend.vast.logs import LogFollower
     from backend.vast.ssh import SSHError
 

@@ -274,7 +274,7 @@ def test_5_the_instance_stops_its_trainer_and_itself_when_its_lease_runs_out(vas
 
 
 def test_5_each_guard_tick_renews_the_leases_to_the_budgets_runway(vast_env):
-    from backend.store import db_path
+    from state.store import db_path
     from backend.vast.guard import BudgetGuard, runway_until
 
     row = vast_env.new_instance("run-g", "run-g")
@@ -305,7 +305,7 @@ def _cli(*args: str):
 
 
 def test_6_state_store_opening_failures_are_one_line_errors(tmp_path):
-    from backend.store import open_db
+    from state.store import open_db
 
     corrupt = tmp_path / "corrupt.db"
     corrupt.write_bytes(b"not sqlite " * 500)
@@ -333,7 +333,7 @@ def test_6_state_store_opening_failures_are_one_line_errors(tmp_path):
 
 
 def test_6_read_only_commands_browse_a_store_on_a_read_only_disk(tmp_path):
-    from backend.store import open_db
+    from state.store import open_db
 
     mnt = tmp_path / "ro"
     mnt.mkdir()

@@ -106,7 +106,7 @@ class VastEnv:
 
 @pytest.fixture
 def vast_env(sshd, tmp_path, monkeypatch):
-    from backend.store import open_db
+    from state.store import open_db
     from backend.vast.config import BudgetSettings, IdleSettings, VastSettings
     from backend.vast.emulator import Cloud, Emulator
     from backend.vast.fleet import Fleet

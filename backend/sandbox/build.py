@@ -297,7 +297,7 @@ def _thunder(p: Paths, log, hang: bool) -> None:
     from agp.corpus import SYSTEM_PROMPT, build_corpus, prompt_messages
     from agp.pipeline import lane_rows
     from agp.tiny_model import build_tiny_llama
-    from backend.store import open_db
+    from state.store import open_db
     from backend.thunder.config import parse_config
     from backend.thunder.launch import launch
     from backend.thunder.monitor import Monitor
@@ -416,7 +416,7 @@ def start(root: str | Path = DEFAULT_ROOT, log: Callable[[str], None] = print, r
         _write_settings(p, url, sshd)
         log(f"emulated Vast account on {url}; instances' SSH: sshd on 127.0.0.1:{sshd.port}")
 
-        from backend.store import open_db
+        from state.store import open_db
         from backend.vast.config import load_budget, load_settings, state_dir_for
         from backend.vast.fleet import Fleet
         from backend.vast.provider import VastProvider
@@ -487,7 +487,7 @@ def stop(root: str | Path = DEFAULT_ROOT, log: Callable[[str], None] = print) ->
 def _destroy_all(p: Paths, url: str) -> list[str]:
     """Destroy every instance on the emulated account (the emulator kills what runs on its
     disk) and record it in the sandbox's state.db."""
-    from backend import store
+    from state import store
     from backend.vast.provider import ProviderError, VastProvider
 
     out = []

@@ -18,7 +18,7 @@ DB = typer.Option("state.db", "--db", help="State store path.")
 
 
 def _errors_exit(fn: Callable) -> Callable:
-    from backend.store import StoreError
+    from state.store import StoreError
     from backend.thunder.config import ConfigError
     from backend.thunder.launch import LaunchError
 
@@ -123,7 +123,7 @@ def launch_cmd(config: Optional[Path] = CONFIG, db: str = DB,
                detach: bool = typer.Option(False, "--detach",
                                            help="Start and return; follow with `thunder monitor`.")) -> None:
     """Write the ring hostfile, start mlx.launch, then follow the run (metrics, watchdog, eval)."""
-    from backend.store import open_db
+    from state.store import open_db
     from backend.thunder.config import load_config
     from backend.thunder.launch import launch
     from backend.thunder.monitor import Monitor
@@ -155,7 +155,7 @@ def launch_cmd(config: Optional[Path] = CONFIG, db: str = DB,
 @_errors_exit
 def monitor_cmd(run_id: str, config: Optional[Path] = CONFIG, db: str = DB) -> None:
     """Follow a running run (after `launch --detach`, or if the launching shell went away)."""
-    from backend.store import open_db
+    from state.store import open_db
     from backend.thunder.monitor import Monitor
 
     conn = open_db(db)
@@ -176,7 +176,7 @@ def monitor_cmd(run_id: str, config: Optional[Path] = CONFIG, db: str = DB) -> N
 def status_cmd(run_id: Optional[str] = typer.Argument(None), db: str = DB,
                as_json: bool = typer.Option(False, "--json")) -> None:
     """Adapter runs (or one run in detail: per-rank latest metrics, artifacts, AGP eval)."""
-    from backend.store import open_db
+    from state.store import open_db
     from backend.thunder.records import get_adapter_run, latest_metrics
 
     conn = open_db(db)
@@ -233,7 +233,7 @@ def status_cmd(run_id: Optional[str] = typer.Argument(None), db: str = DB,
 @_errors_exit
 def stop_cmd(run_id: str, config: Optional[Path] = CONFIG, db: str = DB) -> None:
     """Stop every rank (by pid, on its host) and the launcher; mark the run cancelled."""
-    from backend.store import open_db
+    from state.store import open_db
     from backend.thunder.launch import stop_run
 
     conn = open_db(db)

@@ -28,7 +28,7 @@ from typing import Callable
 
 import sqlite_utils
 
-from backend.store import now, record_artifacts
+from state.store import now, record_artifacts
 from backend.thunder.config import SAFE_SHAPE, ClusterConfig
 from backend.thunder.hosts import cluster_hosts
 from backend.thunder.launch import (ERR_LOG, RC_FILE, _pid_alive, adapter_dir, adapter_files, metrics_path,

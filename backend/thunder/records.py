@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import sqlite_utils
 
-from backend.store import StoreError, add_events, now, parse_ts, transaction
+from state.store import StoreError, add_events, now, parse_ts, transaction
 
 STATUSES = ("planned", "running", "completed", "failed", "hung", "cancelled")
 TERMINAL = ("completed", "failed", "hung", "cancelled")

@@ -31,7 +31,7 @@ def _fail(e: Exception, code: int = 2) -> None:
 def _errors() -> tuple:
     from backend.executor_local import ExecutorError
     from backend.matrix import MatrixError
-    from backend.store import StoreError
+    from state.store import StoreError
     from backend.vast.config import VastConfigError
     from backend.vast.executor import LaunchError
     from backend.vast.provider import ProviderError
@@ -54,7 +54,7 @@ def _check_run_id(run: str) -> None:
 
 
 def _fleet(db: str, config: Path, budget: Path):
-    from backend.store import open_db
+    from state.store import open_db
     from backend.vast.config import load_budget, load_settings, state_dir_for
     from backend.vast.fleet import Fleet
     from backend.vast.provider import provider_from_settings
@@ -158,7 +158,7 @@ def logs_cmd(run: str = typer.Argument(..., help="Run id."), follow: bool = type
              budget: Path = BUDGET) -> None:
     """Print a run's new train.log lines (stored in state.db as well); --follow keeps going,
     reconnecting after drops, until the trainer exits."""
-    from backend import store
+    from state import store
     from backend.vast import remote as rmt
     from backend.vast.logs import LogFollower
 
@@ -202,7 +202,7 @@ def sync_cmd(run: Optional[str] = typer.Argument(None, help="Run id (default: ev
              instance: Optional[str] = typer.Option(None, "--instance"), db: str = DB, config: Path = CONFIG,
              budget: Path = BUDGET, as_json: bool = JSON) -> None:
     """Pull new artifacts into the verified local store now."""
-    from backend import store
+    from state import store
 
     try:
         if run:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
-from backend import store
+from state import store
 from backend.vast.config import BudgetSettings
 
 INSTANCE_FIELDS = ("label", "gpu_name", "num_gpus", "dph_total", "storage_cost", "actual_status",

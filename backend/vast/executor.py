@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from backend import store
+from state import store
 from backend.executor_local import (ExecutorError, LocalExecutor, RunResult, _Job, _lock, load_and_resolve, sanity_gate,
                                     register_matrix, threading_main, write_agp_dumps)
 from backend.matrix import config_sha256

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from backend import store
+from state import store
 from backend.vast import idle
 from backend.vast.config import BudgetSettings, VastSettings
 from backend.vast.cost import BudgetState, Ledger, police

@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Callable
 
-from backend import store
+from state import store
 from backend.vast.config import BudgetSettings, VastSettings
 from backend.vast.cost import BudgetState, rate, storage_rate
 from backend.vast.provider import ProviderError, VastProvider

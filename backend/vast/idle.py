@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from backend import store
+from state import store
 from backend.vast.config import IdleSettings
 
 

@@ -20,7 +20,7 @@ from typing import Callable
 
 import paramiko
 
-from backend import store
+from state import store
 from backend.vast.ssh import HostKeyChanged, Remote, SSHError
 
 MAX_READ = 1 << 20

@@ -35,7 +35,7 @@ from typing import Callable
 
 import paramiko
 
-from backend import store
+from state import store
 from backend.vast.ssh import KnownHosts, Remote, SSHError, SSHTarget
 
 CHUNK = 1 << 20

@@ -16,7 +16,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Input, Label, Static
 
-from backend import store
+from state import store
 from console import bidi, queries
 from console.queries import DecisionRow, GateFilter, GatePage
 from console.widgets import BidiText, EmptyState, Pane, Table, bidi_lines, selected_key
