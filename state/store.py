@@ -24,11 +24,13 @@ from typing import Any, Iterable, Iterator
 
 import sqlite_utils
 
+from state.records import RunStatus, SyncState
+
 BUSY_TIMEOUT_S = 60.0
 TS_SQL = "(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"  # same format as now()
 
-RUN_STATUSES = ("planned", "queued", "running", "completed", "failed", "interrupted", "cancelled")
-SYNC_STATES = ("local", "remote-only", "transferring", "verified", "mirrored", "missing")
+RUN_STATUSES = tuple(s.value for s in RunStatus)
+SYNC_STATES = tuple(s.value for s in SyncState)
 
 
 class StoreError(RuntimeError):
