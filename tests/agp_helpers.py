@@ -55,17 +55,6 @@ def sample_rows(n: int = 40) -> list[dict]:
     return out
 
 
-import pytest  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def agp_home(tmp_path_factory, monkeypatch):
-    """Every AGP test gets its own NKO_OPS_HOME, so the witness key lives outside the repo."""
-    home = tmp_path_factory.mktemp("nko_ops_home")
-    monkeypatch.setenv("NKO_OPS_HOME", str(home))
-    return home
-
-
 def text_only_policy(tmp_path: Path) -> Path:
     """The default gate policy with rule acoustic off, for lanes with no checkpoint to score
     proposals with (the text rules are what such tests exercise)."""

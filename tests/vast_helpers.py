@@ -1,6 +1,6 @@
-"""Fixtures for the Vast lane tests: a real OpenSSH sshd on 127.0.0.1 (its own host and
-client keys under a temp dir, running as the current user), and the Vast API emulator
-whose instances map to it, driven through the real ``vastai`` SDK.
+"""Helpers for the Vast lane tests, whose fixtures (tests/conftest.py) are a real OpenSSH sshd
+on 127.0.0.1 (its own host and client keys under a temp dir, running as the current user)
+and the Vast API emulator whose instances map to it, driven through the real ``vastai`` SDK.
 
 The "remote" side of every instance is this machine: each instance's disk is
 ``<tmp>/remote/<instance id>`` and its trainer runs with this checkout's .venv Python.
@@ -9,8 +9,6 @@ The "remote" side of every instance is this machine: each instance's disk is
 from __future__ import annotations
 
 import os
-import secrets
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,21 +30,6 @@ def _start_sshd(root: Path) -> SSHD:
         return new_sshd(root).start()
     except LocalSSHError as e:  # no OpenSSH here, or it cannot start
         _skip(str(e))
-
-
-@pytest.fixture(scope="session")
-def sshd(tmp_path_factory):
-    d = _start_sshd(tmp_path_factory.mktemp("sshd"))
-    yield d
-    d.stop()
-
-
-@pytest.fixture
-def own_sshd(tmp_path):
-    """A private sshd (for tests that restart it with another host key)."""
-    d = _start_sshd(tmp_path / "sshd")
-    yield d
-    d.stop()
 
 
 @dataclass
@@ -102,39 +85,6 @@ class VastEnv:
                 return row
             time.sleep(0.05)
         raise AssertionError("instance did not start")
-
-
-@pytest.fixture
-def vast_env(sshd, tmp_path, monkeypatch):
-    from state.store import open_db
-    from backend.vast.config import BudgetSettings, IdleSettings, VastSettings
-    from backend.vast.emulator import Cloud, Emulator
-    from backend.vast.fleet import Fleet
-    from backend.vast.provider import VastProvider
-
-    key = "vk_" + secrets.token_hex(20)
-    monkeypatch.setenv("VAST_API_KEY", key)
-    monkeypatch.setenv("VASTAI_NO_UPDATE_CHECK", "1")
-    remote_base = tmp_path / "remote"
-    cloud = Cloud(api_key=key, ssh_host="127.0.0.1", ssh_port=sshd.port, workspace_base=remote_base)
-    emu = Emulator(cloud).start()
-    settings = VastSettings(server_url=emu.url, query="num_gpus=1 reliability>0.98", remote_base=str(remote_base),
-                            remote_python=sys.executable, remote_env={"OMP_NUM_THREADS": "1"},
-                            ssh_key=str(sshd.client_key), state_dir=tmp_path / "state" / ".nko-ops",
-                            heartbeat_s=0.5, sync_every_s=3.0, boot_timeout_s=30.0, ssh_timeout_s=10.0,
-                            idle=IdleSettings(gpu_util_below=5.0, window_s=0.3, heartbeat_timeout_s=2.0))
-    budget = BudgetSettings(cap_usd=50.0, warn_usd=40.0, poll_interval_s=1.0, source="test")
-    provider = VastProvider(key, emu.url, backoff_s=0.05)
-    db = open_db(tmp_path / "state" / "state.db")
-    logs: list[str] = []
-    fleet = Fleet(db, settings, budget, provider, log=logs.append)
-    env = VastEnv(tmp_path, cloud, emu, settings, budget, provider, db, fleet, key, remote_base, logs)
-    yield env
-    fleet.close()
-    for iid in list(cloud.instances):
-        cloud.vanish(iid)  # kill anything still working in an instance's disk
-    emu.stop()
-    db.close()
 
 
 def write_remote(env: VastEnv, iid, rel: str, data: bytes) -> Path:

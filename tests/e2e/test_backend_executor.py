@@ -19,7 +19,7 @@ from backend.executor_local import ExecutorError, run_matrix, sanity_specs
 from backend.matrix import parse_matrix
 from train_helpers import build
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_matrix(tmp: Path, runs: list[dict], epochs: int = 4, name: str = "t", **extra) -> Path:

@@ -9,7 +9,6 @@ vastai SDK, imported inside the running UI, used to fail on Textual's print capt
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -17,31 +16,14 @@ import time
 from pathlib import Path
 
 import pytest
-from textual.widgets import Button, DataTable, Static
+from textual.widgets import Button
 
-REPO = Path(__file__).resolve().parents[1]
+from pilot_helpers import rows, text_of, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
 
 PANES = {"1": "#matrix-table", "2": "#gate-table", "3": "#instances-table", "4": "#adapters-table",
          "5": "#logs-sources", "6": "#sync-artifacts"}
-
-
-async def wait_for(pilot, cond, timeout: float = 60.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or cond}")
-        await pilot.pause()
-        await asyncio.sleep(0.05)
-    await pilot.pause()
-
-
-def rows(app, table_id: str) -> list[list[str]]:
-    table = app.query_one(table_id, DataTable)
-    return [[str(c) for c in table.get_row(k)] for k in table.rows]
-
-
-def text_of(node, widget_id: str) -> str:
-    return str(node.query_one(widget_id, Static).render())
 
 
 @pytest.fixture

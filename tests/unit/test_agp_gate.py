@@ -10,7 +10,7 @@ from rapidfuzz.distance import Levenshtein
 from agp.gate import (RULE_IDS, Gate, GateError, from_json_float, load_gate_policy, load_witness_key, parse_gate_policy,
                       verify_witness, witness_key_path)
 from agp.lexicon import Lexicon
-from agp_helpers import PAIRS, agp_home, make_row  # noqa: F401
+from agp_helpers import PAIRS, make_row
 
 POLICY = load_gate_policy()
 LEXICON = Lexicon.from_references([ref for ref, _ in PAIRS])

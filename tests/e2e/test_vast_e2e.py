@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from train_helpers import build
-from vast_helpers import sshd, tree_contains, vast_env, write_user_configs  # noqa: F401
+from vast_helpers import tree_contains, write_user_configs
 
 pytestmark = pytest.mark.sshd
 

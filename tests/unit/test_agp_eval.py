@@ -9,12 +9,11 @@ from agp.gate import Gate, load_gate_policy, load_witness_key
 from agp.lexicon import Lexicon
 from agp.pipeline import run_lexicon_lane
 from agp.records import ReviewError, add_review, export_reviews, pending_reviews, record_decisions
-from agp_helpers import (PAIRS, agp_home, make_row, row_dict, sample_rows, text_only_policy,  # noqa: F401
-                         write_rows_file)
+from agp_helpers import PAIRS, make_row, row_dict, sample_rows, text_only_policy, write_rows_file
 from backend.cli import app
 from state.store import open_db
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
 
 ROWS = [
     make_row("A", "ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ", "ߌ ߦߋ ߛߊ ߖߏߟߌ ߦߋ", "boundary"),

@@ -28,7 +28,7 @@ from models.text import row_edits, toneless
 from models.train import ARTIFACTS, evaluate_run, train
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

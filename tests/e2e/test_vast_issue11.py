@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from vast_helpers import sshd, vast_env, write_remote  # noqa: F401
+from vast_helpers import write_remote
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HELPER = ROOT / "backend" / "vast" / "remote_helper.py"
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from state import store
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_fresh_store_has_schema_version_wal_and_contract_tables(tmp_path):

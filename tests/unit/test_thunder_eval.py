@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agp.lexicon import Lexicon
-from agp_helpers import PAIRS, agp_home, row_dict, sample_rows, text_only_policy, write_rows_file  # noqa: F401
+from agp_helpers import PAIRS, row_dict, sample_rows, text_only_policy, write_rows_file
 from backend.thunder.agp_eval import AgpEvalError, evaluate_adapter, heldout_rows, main, score
 from thunder_helpers import REPO, build_corpus_like_the_cli
 

@@ -19,7 +19,7 @@ from agp.lexicon import Lexicon
 from agp.proposers import ChatProposer, ProposerError, propose_all
 from agp.rows import load_rows
 from agp.tiny_model import build_lora_adapter, build_tiny_llama
-from agp_helpers import PAIRS, agp_home, make_row, sample_rows, write_rows_file  # noqa: F401
+from agp_helpers import PAIRS, make_row, sample_rows, write_rows_file
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 ROWS = [make_row(f"m{i}", ref, asr, "boundary") for i, (ref, asr) in enumerate(PAIRS)]

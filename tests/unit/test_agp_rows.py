@@ -5,7 +5,7 @@ import pytest
 
 from agp.partition import PartitionError, load_partition_policy, parse_partition_policy, partition_counts
 from agp.rows import RowError, load_rows, write_rows
-from agp_helpers import agp_home, row_dict, sample_rows, write_rows_file  # noqa: F401
+from agp_helpers import row_dict, sample_rows, write_rows_file
 
 
 def test_valid_rows_load_and_round_trip(tmp_path):

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from vast_helpers import own_sshd, sshd, vast_env, write_remote, write_user_configs  # noqa: F401
+from vast_helpers import write_remote, write_user_configs
 
 pytestmark = pytest.mark.sshd
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def sha(b: bytes) -> str:
@@ -433,12 +433,12 @@ def test_ledger_matches_billing_and_budget_stops_spend(vast_env):
     assert samples and samples[-1]["total_usd"] == pytest.approx(ledger.spent())
 
 
-def test_budget_over_cap_syncs_then_destroys(vast_env):
+def test_budget_over_cap_syncs_then_destroys(vast_env, clock):
     row = vast_env.new_instance()
     data = os.urandom(20_000)
     write_remote(vast_env, row["id"], "run-x/last.pt", data)
-    fleet = vast_env.fresh_fleet(cap_usd=0.0001, warn_usd=0.0, poll_interval_s=60.0)
-    time.sleep(0.3)
+    fleet = vast_env.fresh_fleet(clock, cap_usd=0.0001, warn_usd=0.0, poll_interval_s=60.0)
+    clock.advance(0.3)
     rows, state = fleet.poll()
     assert state.over
     assert vast_env.provider.instance(row["id"]) is None  # spend stopped
@@ -446,20 +446,22 @@ def test_budget_over_cap_syncs_then_destroys(vast_env):
     fleet.close()
 
 
-def test_idle_detection_and_kill_idle(vast_env):
+def test_idle_detection_and_kill_idle(vast_env, clock):
     from state import store
 
     busy = vast_env.new_instance("busy", "run-busy")
     idle_row = vast_env.new_instance("idle", "run-idle")
     write_remote(vast_env, idle_row["id"], "run-idle/best.pt", b"weights")
     store.upsert_run(vast_env.db, "run-busy", instance_id=str(busy["id"]), heartbeat_at=store.now())
-    vast_env.fleet.poll()
-    time.sleep(0.5)
+    fleet = vast_env.fresh_fleet(clock)
+    fleet.poll()
+    clock.advance(0.5)  # past the idle window (0.3 s)
     store.heartbeat(vast_env.db, "run-busy")  # the busy trainer keeps beating (its GPU util reads 0 here)
-    outcomes = vast_env.fleet.kill_idle()
+    outcomes = fleet.kill_idle()
     assert [o.instance_id for o in outcomes] == [str(idle_row["id"])] and outcomes[0].destroyed
     assert vast_env.provider.instance(busy["id"]) is not None
     assert artifact(vast_env, "run-idle", "best.pt")["sync_state"] == "verified"
+    fleet.close()
 
 
 @pytest.mark.timeout(300)

@@ -182,7 +182,7 @@ def test_validity_policy_chooses_classes():
 
 # --------------------------------------------------------------------------- orthography (issue 13)
 
-GOLDEN = Path(__file__).parent / "data" / "nko_golden.tsv"
+GOLDEN = Path(__file__).parents[1] / "data" / "nko_golden.tsv"
 
 
 def _golden() -> list[dict]:
@@ -240,8 +240,8 @@ def test_orthography_table_has_sources_and_drives_the_loans():
     assert T.latin_to_nko("xa") == T.latin_to_nko("kha") == "ߞ߭ߊ"
 
 
-TEXT_FIXTURE = Path(__file__).parent / "data" / "bambara-text"
-SHARED_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bambara-text"
+TEXT_FIXTURE = Path(__file__).parents[1] / "data" / "bambara-text"
+SHARED_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "bambara-text"
 
 
 def _char_accuracy(expected: list[str], got: list[str]) -> float:

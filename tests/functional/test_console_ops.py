@@ -6,7 +6,6 @@ states and retry; what the actions say without a provider."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -14,7 +13,7 @@ import threading
 import time
 
 import pytest
-from textual.widgets import Button, DataTable, Static
+from textual.widgets import Button, DataTable
 
 from state import store
 from console.app import ConsoleApp
@@ -23,7 +22,8 @@ from console import bidi
 from console.panes.logs import Line, LogsPane
 from console.panes.sync import SyncPane
 from test_console import LONG, NOW, build
-from vast_helpers import sshd, vast_env, write_remote, write_user_configs  # noqa: F401
+from pilot_helpers import rows, text_of, wait_for
+from vast_helpers import write_remote, write_user_configs
 
 
 class App(ConsoleApp):
@@ -64,28 +64,9 @@ def make_app(cfg: dict, interval: float = 0.5, cloud_poll: float | None = 0) -> 
                cloud_poll=cloud_poll)
 
 
-async def wait_for(pilot, cond, timeout: float = 60.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or cond}")
-        await pilot.pause()
-        await asyncio.sleep(0.05)
-    await pilot.pause()
-
-
 async def ready(pilot) -> None:
     """Wait for the first refresh (a tab switched before it would be switched back)."""
     await wait_for(pilot, lambda: pilot.app.status is not None or pilot.app.error, timeout=30, what="the first refresh")
-
-
-def text_of(node, widget_id: str) -> str:
-    return str(node.query_one(widget_id, Static).render())
-
-
-def rows(app, table_id: str) -> list[list[str]]:
-    table = app.query_one(table_id, DataTable)
-    return [[str(c) for c in table.get_row(k)] for k in table.rows]
 
 
 def artifact_state(db, run_id: str, name: str) -> str | None:
@@ -101,8 +82,11 @@ async def test_kill_idle_refused_while_unsynced_then_allowed_after_sync(vast_env
     iid = str(row["id"])
     data = os.urandom(200_000)
     write_remote(vast_env, iid, "run-x/best.pt", data)
-    vast_env.fleet.poll()  # instance rows and the start of its low GPU utilisation
-    time.sleep(0.4)  # past the idle window (0.3 s); no trainer heartbeat
+    # instance rows and the start of its low GPU utilisation, 0.4 s ago: past the idle window
+    # (0.3 s) by the time the console looks; no trainer heartbeat
+    earlier = vast_env.fresh_fleet(lambda: time.time() - 0.4)
+    earlier.poll()
+    earlier.close()
 
     app = make_app(console_cfg)
     async with app.run_test(size=(150, 45)) as pilot:

@@ -50,7 +50,7 @@ def test_valid_matrix_merges_defaults_into_trainer_configs():
 
 
 def test_repo_matrices_are_valid():
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     for name in ("paper4.json", "demo.json"):
         m = load_matrix(root / "configs" / "matrix" / name)
         modes = {(r.script, r.mode) for r in m.runs if not r.optional}
@@ -63,7 +63,7 @@ def test_repo_matrices_are_valid():
 
 
 def test_demo_runs_three_seeds_and_its_log_mel_ablation_stays_comparable():
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     demo = load_matrix(root / "configs" / "matrix" / "demo.json")
     seeds: dict[tuple, set] = {}
     for r in demo.runs:

@@ -25,7 +25,7 @@ from models.features import (ENCODER_DIMS, FeatureError, FeatureStore, encode, e
                              make_recipe)
 from test_features import SR, make_snapshot, tone
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def ct2_encode(model_dir: Path, mel: torch.Tensor) -> np.ndarray:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from backend import stats, store
+from backend import stats
+from state import store
 from backend.claims import (DISCLAIMER, INCONCLUSIVE, INSUFFICIENT, REFUTED, SUPPORTED, ClaimsError, check_claims, load_claims,
                             report)
 from backend.matrix import parse_matrix
@@ -232,7 +233,7 @@ def test_bad_claims_file_is_a_clear_error(tmp_path):
 
 
 def test_repo_claims_file_loads():
-    claims = load_claims(Path(__file__).resolve().parents[1] / "configs" / "claims.toml")
+    claims = load_claims(Path(__file__).resolve().parents[2] / "configs" / "claims.toml")
     assert {"nko-vs-latin-trajectory", "tar-vs-baseline-nko", "ttt-vs-no-ttt-nko"} <= {c.id for c in claims}
 
 

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-from vast_helpers import sshd, vast_env, write_remote, write_user_configs  # noqa: F401
+from vast_helpers import write_remote, write_user_configs
 
 pytestmark = pytest.mark.sshd
-HELPER = Path(__file__).resolve().parents[1] / "backend" / "vast" / "remote_helper.py"
+HELPER = Path(__file__).resolve().parents[2] / "backend" / "vast" / "remote_helper.py"
 
 
 def sha(b: bytes) -> str:
@@ -269,8 +269,9 @@ def test_lost_instance_is_kept_with_an_alert_until_its_files_are_saved(vast_env)
     assert json.loads(kept["data"])["files"] == []  # unknown to state.db: nothing was ever synced
     assert not vast_env.fleet.sweep()  # still ours, not an orphan
     spent = vast_env.fleet.ledger.spent()
-    time.sleep(0.2)
-    vast_env.fleet.poll(enforce=False)
+    later = vast_env.fresh_fleet(lambda: time.time() + 0.2)  # a poll 0.2 s later
+    later.poll(enforce=False)
+    later.close()
     assert vast_env.fleet.ledger.spent() > spent  # its storage is still charged
 
     vast_env.cloud.online(row["id"])

@@ -15,7 +15,7 @@ from models.snapshot import describe, load
 from models.text import NORMALIZATION_VERSION, is_valid_nko, latin_to_nko, nko_to_latin, target_text
 from models.vocab import Vocab
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data" / "sample"
 # Skipped on a developer machine without espeak-ng; under CI (bootstrap.sh installs it) that is a failure.
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None and not os.environ.get("CI"),

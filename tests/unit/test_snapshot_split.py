@@ -8,7 +8,7 @@ from backend.cli import app
 from models.snapshot import SnapshotError, describe, load, sha256_file
 from models.split import Split, make_split
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
 
 
 def _write(path: Path, lines: list[str]) -> Path:

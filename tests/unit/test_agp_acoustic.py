@@ -18,7 +18,7 @@ import train_helpers
 from agp.frontier import calibrate_margins, frontier
 from agp.nbest import CharNgram, EOS, build_lm, prefix_beam_search, public_texts
 from agp.rows import load_rows
-from agp_helpers import agp_home, make_row  # noqa: F401
+from agp_helpers import make_row
 from backend.cli import app
 from models.config import parse_config
 from models.score import Scorer
