@@ -491,14 +491,16 @@ def _runner(st, run_id: str, *argv: str) -> None:
                        timeout=60).check("starting a runner")
 
 
-def test_kill_idle_counts_idle_time_from_the_instance_on_its_first_run(vast_env):
+def test_kill_idle_counts_idle_time_from_the_instance_on_its_first_run(vast_env, clock):
     """A kill-idle that never polled these instances before: the one whose trainer exited
     longer ago than the window is destroyed at once (its runner's exit time is the evidence);
     one with a live trainer, and one on which no trainer ever ran, are not."""
     from backend.vast import remote as rmt
     from backend.vast.config import IdleSettings
 
-    vast_env.settings.idle = IdleSettings(gpu_util_below=5.0, window_s=3.0, heartbeat_timeout_s=2.0)
+    # the clock below reads 3.5 s after the first trainer exits, while the live one beats every
+    # 0.2 s of real time: its newest beat is then up to ~3.5 s old, within this timeout
+    vast_env.settings.idle = IdleSettings(gpu_util_below=5.0, window_s=3.0, heartbeat_timeout_s=10.0)
     done = vast_env.new_instance("run-done", "run-done")
     busy = vast_env.new_instance("run-busy", "run-busy")
     fresh = vast_env.new_instance("run-fresh", "run-fresh")
@@ -510,9 +512,9 @@ def test_kill_idle_counts_idle_time_from_the_instance_on_its_first_run(vast_env)
     while (ended := rmt.status(st.remote, st.layout, "run-done", st.python)["exit"]) is None:
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    time.sleep(max(0.0, ended["time"] + 3.5 - time.time()))
+    clock.advance(max(0.0, ended["time"] + 3.5 - clock()))  # past the window (3 s) since that exit
 
-    fleet = vast_env.fresh_fleet()  # a new process: no idle tracking from earlier polls
+    fleet = vast_env.fresh_fleet(clock)  # a new process: no idle tracking from earlier polls
     outcomes = fleet.kill_idle()
     assert [(o.instance_id, o.destroyed) for o in outcomes] == [(str(done["id"]), True)]
     assert vast_env.provider.instance(done["id"]) is None
