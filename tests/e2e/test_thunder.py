@@ -29,12 +29,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
-@pytest.fixture(autouse=True)
-def _home(tmp_path_factory, monkeypatch):
-    # the AGP gate's witness key must live outside the repository
-    monkeypatch.setenv("NKO_OPS_HOME", str(tmp_path_factory.mktemp("nko_ops_home")))
-
-
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory):
     return build_fixture(tmp_path_factory.mktemp("thunder_fx"))
