@@ -141,7 +141,7 @@ def test_cli_lane_end_to_end_matches_run_lexicon_lane(tmp_path):
     assert res.exit_code == 0, res.output
     # no run here to score the proposals with: under the default policy every change on a
     # boundary or uncertain row is refused by rule acoustic; the text rules are tested with
-    # the acoustic rule off (tests/test_agp_acoustic.py scores with a real checkpoint)
+    # the acoustic rule off (tests/unit/test_agp_acoustic.py scores with a real checkpoint)
     res = inv("gate", "--rows", rows, "--proposals", tmp_path / "props.jsonl", "--lexicon", tmp_path / "lex.tsv",
               "--out", tmp_path / "unscored.jsonl", "--no-db")
     assert res.exit_code == 0, res.output

@@ -1,6 +1,6 @@
 """The Thunder AGP eval's inputs: the held-out rows come from the corpus' full test split
 (already-correct rows included), from the very rows file the corpus was built from, under the
-partition policy it was built with. No model is served here (tests/test_thunder.py runs the
+partition policy it was built with. No model is served here (tests/e2e/test_thunder.py runs the
 eval end to end)."""
 
 from __future__ import annotations
