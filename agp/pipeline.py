@@ -11,7 +11,8 @@ from agp.gate import Decision, Gate, GatePolicy, load_gate_policy
 from agp.lexicon import Lexicon
 from agp.partition import PartitionPolicy, load_partition_policy, partition_counts
 from agp.proposers import LexiconProposer, propose_all
-from agp.rows import Row, RowError, load_rows, read_jsonl, write_json, write_jsonl, write_text
+from agp.rows import read_jsonl, write_json, write_jsonl, write_text
+from models.bundle import PredictionRow, RowError, read_predictions
 
 PROPOSAL_FIELDS = {"feat_id": str, "proposal": str}
 DECISION_FIELDS = {"feat_id": str, "accepted": bool, "rules": list, "proposal": str, "partition": str,
@@ -19,13 +20,13 @@ DECISION_FIELDS = {"feat_id": str, "accepted": bool, "rules": list, "proposal": 
 
 
 def lane_rows(rows_path: Path | str, policy_path: Path | str | None = None,
-              source: str | None = None) -> tuple[list[Row], PartitionPolicy]:
+              source: str | None = None) -> tuple[list[PredictionRow], PartitionPolicy]:
     """N'Ko prediction rows with their effective partition (kept or re-partitioned)."""
     policy = load_partition_policy(policy_path, source)
-    return policy.apply(load_rows(rows_path, script="nko")), policy
+    return policy.apply(read_predictions(rows_path, script="nko")), policy
 
 
-def load_proposals(path: Path | str, rows: Sequence[Row]) -> list[dict]:
+def load_proposals(path: Path | str, rows: Sequence[PredictionRow]) -> list[dict]:
     """Proposal lines ``{"feat_id", "proposal"}`` (optional ``proposer``) for known rows,
     one per feat_id; problems name the line and field."""
     known = {r.feat_id for r in rows}
@@ -52,7 +53,7 @@ def load_proposals(path: Path | str, rows: Sequence[Row]) -> list[dict]:
     return items
 
 
-def gate_all(gate: Gate, rows: Sequence[Row], proposals: Sequence[dict]) -> list[Decision]:
+def gate_all(gate: Gate, rows: Sequence[PredictionRow], proposals: Sequence[dict]) -> list[Decision]:
     by_id = {r.feat_id: r for r in rows}
     return [gate.decide(by_id[p["feat_id"]], p["proposal"], acoustic_delta(p)) for p in proposals]
 
@@ -62,7 +63,7 @@ def acoustic_delta(proposal: dict) -> float | None:
     return a.get("delta") if isinstance(a, dict) else None
 
 
-def score_proposals(proposals: list[dict], rows: Sequence[Row], run_dir: Path | str | None, device: str | None = None,
+def score_proposals(proposals: list[dict], rows: Sequence[PredictionRow], run_dir: Path | str | None, device: str | None = None,
                     features: Path | str | None = None, scorer=None) -> list[dict]:
     """Each proposal with ``acoustic`` (models/score.py: delta = per-frame CTC log-likelihood of
     the proposal minus the ASR text's under the run's best.pt), in place and returned."""
@@ -149,7 +150,7 @@ def run_lane(predictions_jsonl: Path | str, proposer, lexicon: Lexicon, out_dir:
     return summary
 
 
-def calibrate_gate(val_rows: Sequence[Row], proposals: Sequence[dict], lexicon: Lexicon | None,
+def calibrate_gate(val_rows: Sequence[PredictionRow], proposals: Sequence[dict], lexicon: Lexicon | None,
                    base: GatePolicy, partition_source: str) -> tuple[GatePolicy, dict]:
     """Acoustic margins from *validation* rows and their scored proposals: gate them under
     ``base``, then per checked partition the margin with the largest validation CER gain that

@@ -46,7 +46,8 @@ from typing import Callable
 
 from state import store
 from backend.matrix import Identity, Matrix, MatrixError, RunSpec, config_sha256, load_matrix, resolve
-from backend.runs import Bundle, BundleError, import_run, recorded_hashes, register_bundle, verify_bundle
+from backend.runs import Bundle, import_run, recorded_hashes, register_bundle, verify_bundle
+from models.bundle import BundleError
 
 POLL_S = 1.0
 LOG_CHUNK = 1 << 20  # bytes of trainer output read at a time

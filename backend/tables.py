@@ -30,10 +30,9 @@ import numpy as np
 
 from backend import stats
 from backend.matrix import Matrix, RunSpec, load_matrix
-from backend.runs import PARTITIONS, recorded_hashes, verify_bundle
+from backend.runs import recorded_hashes, verify_bundle
+from models.bundle import MODES, PARTITIONS, SCRIPTS, learning_curve
 
-SCRIPTS = ("nko", "latin")
-MODES = ("baseline", "trajectory", "tar", "ttt")
 SCRIPT_NAMES = {"nko": "N'Ko", "latin": "Latin"}
 
 
@@ -107,39 +106,22 @@ def _load_run(spec: RunSpec, d: Path, m: Matrix, recorded: dict | None = None) -
     for key, want in (("script", spec.script), ("mode", spec.mode), ("seed", spec.seed)):
         if b.results.get(key) != want:
             raise TablesError(f"results.json {key} is {b.results.get(key)!r}, the matrix says {want!r}")
-    rows = {}
-    with open(d / "test_predictions.jsonl", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                rows[r["feat_id"]] = r
+    rows = {r.feat_id: r for r in b.rows}  # §4 records, their counts checked against their texts
     ids = sorted(rows)
     n = len(ids)
     e, c, te, tc = (np.zeros(n, dtype=np.int64) for _ in range(4))
     parts = np.empty(n, dtype=object)
     for i, fid in enumerate(ids):
         r = rows[fid]
-        e[i], c[i] = row_edits(r["reference_text"], r["asr_text"])
-        if (e[i], c[i]) != (r["cer_edits"], r["reference_chars"]):
-            raise TablesError(f"test_predictions.jsonl {fid}: cer_edits/reference_chars {r['cer_edits']}/"
-                              f"{r['reference_chars']} but the texts score {e[i]}/{c[i]}")
-        te[i], tc[i] = row_edits(toneless(r["reference_text"]), toneless(r["asr_text"]))
-        parts[i] = r["partition"]
+        e[i], c[i] = r.cer_edits, r.reference_chars
+        te[i], tc[i] = row_edits(toneless(r.reference_text), toneless(r.asr_text))
+        parts[i] = r.partition
     if not c.sum():
         raise TablesError("test references are empty")
     measured = e.sum() / c.sum()
     if abs(measured - float(b.results["test_cer"])) > 1e-9:
         raise TablesError(f"results.json test_cer {b.results['test_cer']} disagrees with its rows ({measured})")
-    curve = []
-    if (d / "metrics.jsonl").is_file():
-        with open(d / "metrics.jsonl", encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec, dict) and rec.get("kind") == "epoch":
-                    curve.append(rec)
+    curve = learning_curve(d)
     return RunData(spec, d, b.results, ids, e, c, te, tc, parts, curve)
 
 
@@ -610,7 +592,6 @@ def write_tables(matrix_path: str | Path, out_dir: str | Path = "reports", db_pa
 
 # --------------------------------------------------------------------------- AGP lane
 
-AGP_PARTITIONS = ("stable", "boundary", "uncertain", "novelty")
 AGP_HEAD = ["run", "proposer", "partition", "rows", "CER before", "ungated", "gated", "Δ gated pp", "95% CI",
             "accepted", "improved", "neutral", "worse", "margin"]
 
@@ -627,7 +608,7 @@ def agp_tables(m: Matrix, agp_dir: Path) -> tuple[str, str]:
         for name, summ in lane.get("proposers", {}).items():
             margins = (summ.get("gate_policy") or {}).get("acoustic", {}).get("margin", {})
             parts = summ["partitions"]
-            groups = [(p, parts[p]) for p in AGP_PARTITIONS if parts.get(p, {}).get("rows")] + [("overall", summ["overall"])]
+            groups = [(p, parts[p]) for p in PARTITIONS if parts.get(p, {}).get("rows")] + [("overall", summ["overall"])]
             for part, g in groups:
                 ci = g.get("delta_ci95")
                 margin = margins.get(part)

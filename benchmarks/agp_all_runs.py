@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from agp.evaluate import paired_bootstrap_ci  # noqa: E402
 from agp.pipeline import run_demo_lane  # noqa: E402
-from agp.rows import load_rows  # noqa: E402
+from models.bundle import read_predictions  # noqa: E402
 from backend.matrix import load_matrix  # noqa: E402
 from models.text import row_edits  # noqa: E402
 
@@ -64,7 +64,7 @@ def pooled(m, runs: list[str], out: Path, proposer: str) -> dict:
         if not path.exists():
             continue
         decided = {d["feat_id"]: d for d in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
-        for row in load_rows(m.out_dir(m.run(run_id)) / "test_predictions.jsonl"):
+        for row in read_predictions(m.out_dir(m.run(run_id)) / "test_predictions.jsonl"):
             d = decided.get(row.feat_id)
             after = d["proposal"] if d is not None and d["accepted"] else row.asr_text
             before, chars = row_edits(row.reference_text, row.asr_text)
