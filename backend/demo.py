@@ -181,12 +181,13 @@ def _matrix(m, db_path: Path, parallel: int, console) -> list | None:
 
 
 def _agp_lane(split_path: Path, db_path: Path, console) -> None:
-    """The offline AGP lane on the matrix's ``agp_dumps`` runs, printed per run and proposer."""
+    """The offline AGP lane on the completed bundles of the matrix's ``agp_dumps`` runs (found
+    through state.db, imported ones included), printed per run and proposer."""
     from agp.evaluate import format_table
-    from agp.pipeline import run_demo_lane
+    from backend.agp_lane import run_matrix_lane
 
-    lanes = run_demo_lane(MATRIX, split_path, SAMPLE, REPORTS / "agp", db_path,
-                          log=lambda msg: console.print(f"[yellow]{escape(msg)}[/yellow]"))
+    lanes = run_matrix_lane(MATRIX, split_path, SAMPLE, REPORTS / "agp", db_path,
+                            log=lambda msg: console.print(f"[yellow]{escape(msg)}[/yellow]"))
     for run_id, lane in lanes.items():
         cal = lane["partition_calibration"]
         console.print(f"[bold]{run_id}[/bold]  partitions: {cal['identity']} (calibrated on "

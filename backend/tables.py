@@ -581,7 +581,7 @@ def write_tables(matrix_path: str | Path, out_dir: str | Path = "reports", db_pa
     out.mkdir(parents=True, exist_ok=True)
     written = []
     agp_md, agp_csv = agp_tables(m, out / "agp")
-    for name, text in [("tables.md", markdown(s) + agp_md), ("tables.tex", latex(s)), *csvs(s).items(),
+    for name, text in [("tables.md", markdown(s) + agp_md + agp_state_section(m, db_path)), ("tables.tex", latex(s)), *csvs(s).items(),
                        *([("agp.csv", agp_csv)] if agp_csv else [])]:
         p = out / f"{m.matrix_id}-{name}"
         _write(p, text)
@@ -626,3 +626,36 @@ def agp_tables(m: Matrix, agp_dir: Path) -> tuple[str, str]:
           "rows (`reports/agp/<run>/<proposer>/gate.val.toml`; figure `frontier.png` beside it).", "",
           _md_table(AGP_HEAD, rows), ""]
     return "\n".join(md), _csv(AGP_HEAD, rows)
+
+
+AGP_STATE_HEAD = ["run", "proposer", "rows", "accepted", "CER before", "gated", "Δ gated pp", "95% CI", "improved",
+                  "neutral", "worse", "gate policy"]
+
+
+def agp_state_section(m: Matrix, db_path: str | Path | None) -> str:
+    """The AGP lane's result per run and proposer as recorded in state.db (state/agp_results.py),
+    as the tables' last markdown section; "" when state.db holds none for this matrix's runs."""
+    if db_path is None or not Path(db_path).exists():
+        return ""
+    from state.agp_results import agp_results
+    from state.store import open_db
+
+    db = open_db(db_path, read_only=True)
+    try:
+        recorded = agp_results(db, [r.run_id for r in m.runs])
+    finally:
+        db.close()
+    order = {r.run_id: i for i, r in enumerate(m.runs)}
+    rows = [[r.run_id, r.proposer, str(r.rows), str(r.accepted), _pct(r.cer_before), _pct(r.cer_gated),
+             _pct(r.delta_cer, True),
+             "—" if r.delta_ci_low is None else f"[{r.delta_ci_low * 100:+.2f}, {r.delta_ci_high * 100:+.2f}]",
+             str(r.improved), str(r.neutral), str(r.worse), f"`{(r.policy_hash or '—')[:12]}`"]
+            for r in sorted(recorded, key=lambda r: (order[r.run_id], r.proposer))]
+    if not rows:
+        return ""
+    return "\n".join(["", "## AGP gate per run (state.db)", "",
+                      "What the AGP lane recorded in state.db for each run and proposer (all test rows): how many "
+                      "proposals the gate accepted, CER % before → gated, Δ gated = gated − before with a paired "
+                      "bootstrap 95% CI over rows, and the accepted proposals that improved, left unchanged or "
+                      "worsened the row against its reference; gate policy = the hash in each decision's witness.",
+                      "", _md_table(AGP_STATE_HEAD, rows), ""])

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 from state.store import open_db, transaction, upsert_run
-from console import queries
 from models.bundle import BUNDLE_FILES, PARTITIONS
 from console.app import ConsoleApp
 
