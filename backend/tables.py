@@ -32,6 +32,7 @@ from backend import stats
 from backend.matrix import Matrix, RunSpec, load_matrix
 from backend.runs import recorded_hashes, verify_bundle
 from models.bundle import MODES, PARTITIONS, SCRIPTS, learning_curve
+from models.files import atomic_write_text
 
 SCRIPT_NAMES = {"nko": "N'Ko", "latin": "Latin"}
 
@@ -563,12 +564,6 @@ def _figures(s: Summary, out: Path) -> list[Path]:
 
 # --------------------------------------------------------------------------- entry points
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    tmp.replace(path)
-
-
 def write_tables(matrix_path: str | Path, out_dir: str | Path = "reports", db_path: str | Path | None = "state.db",
                  reference: str | None = None) -> list[Path]:
     """Write the matrix's tables and figures under ``out_dir``; returns the paths written."""
@@ -584,7 +579,7 @@ def write_tables(matrix_path: str | Path, out_dir: str | Path = "reports", db_pa
     for name, text in [("tables.md", markdown(s) + agp_md + agp_state_section(m, db_path)), ("tables.tex", latex(s)), *csvs(s).items(),
                        *([("agp.csv", agp_csv)] if agp_csv else [])]:
         p = out / f"{m.matrix_id}-{name}"
-        _write(p, text)
+        atomic_write_text(p, text)
         written.append(p)
     written += _figures(s, out)
     return written
