@@ -7,7 +7,7 @@ and size the file has now, ``results.json`` names the snapshot, split and featur
 ``split.json`` hashes to the split named there, and the prediction rows cover exactly the
 split's test utterances (or, for a sanity run, a subset of them). A directory with
 ``error.json`` and no manifest, or whose results.json status is not "complete", is a failed
-run: refused.
+run: refused. The file list, the row schema and the readers are models/bundle.py's.
 """
 
 from __future__ import annotations

@@ -2,10 +2,14 @@
 
     train(cfg) -> run directory
 
-The loop reads top to bottom like nanoGPT's: AdamW (decay on matrices only), linear warmup
-then cosine per step, grad clipping, SpecAugment-style masks, validation CTC loss after
-every epoch, early stopping with patience, ``best.pt`` on improvement and ``last.pt`` after
-every epoch. ``last.pt`` holds model, optimiser, step/epoch counters, early-stopping state,
+``_train`` reads in one sitting, split the way icefall's recipes are: ``make_plan`` (batches
+and schedule), ``setup`` (seeded model, optimiser, RNG, resume), then per epoch
+``train_one_epoch`` (``compute_loss`` per batch), ``validation_loss`` and ``end_epoch``
+(early stopping, ``best.pt``, metrics, ``save_checkpoint``), then ``finish`` (decode the test
+set, write the bundle: models/bundle.py names its files and rows). The loop is nanoGPT's:
+AdamW (decay on matrices only), linear warmup then cosine per step, grad clipping,
+SpecAugment-style masks, validation CTC loss after every epoch, early stopping with
+patience, ``best.pt`` on improvement and ``last.pt`` after every epoch. ``last.pt`` holds model, optimiser, step/epoch counters, early-stopping state,
 the RNG states and the byte offsets of ``train.log``/``metrics.jsonl``; resuming truncates
 the logs to those offsets and continues, so on CPU a run killed at any point after epoch k
 and resumed ends exactly like an uninterrupted one. Batches are fixed length-sorted
