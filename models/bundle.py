@@ -217,7 +217,7 @@ def read_metrics(path: Path | str, kind: str | None = None, strict: bool = False
     out, problems = [], []
     for lineno, obj, problem in iter_objects(path):
         if problem:
-            problems.append(f"{path.name}:line {lineno}: {problem}")
+            problems.append(f"line {lineno}: {problem}")
             continue
         if kind is None or obj.get("kind") == kind:
             out.append(obj)

@@ -80,7 +80,7 @@ def test_metrics_reader_skips_a_partial_last_line_or_refuses_it(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"kind": "epo', encoding="utf-8")  # killed mid-write
     assert read_metrics(path) == recs
     assert read_metrics(path, kind="epoch") == recs[2:] == learning_curve(tmp_path)
-    with pytest.raises(BundleError, match=r"metrics.jsonl: metrics.jsonl:line 5: not JSON"):
+    with pytest.raises(BundleError, match=r"metrics.jsonl: line 5: not JSON"):
         read_metrics(path, strict=True)
     assert learning_curve(tmp_path / "nowhere") == []
 
