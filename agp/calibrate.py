@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Sequence
 
 from agp.partition import PartitionError, PartitionPolicy, load_partition_policy, parse_partition_policy
-from agp.rows import PARTITIONS, Row, load_rows, write_text
+from agp.rows import write_text
+from models.bundle import PARTITIONS, PredictionRow, read_predictions
 
 MIN_ROWS = 50
 MAX_CANDIDATES = 400  # thresholds tried per key: every distinct value, or this many quantiles
@@ -83,7 +84,7 @@ class Calibration:
     warnings: list[str] = field(default_factory=list)
 
 
-def _cer(rows: Sequence[Row]) -> float | None:
+def _cer(rows: Sequence[PredictionRow]) -> float | None:
     chars = sum(r.reference_chars for r in rows)
     return sum(r.cer_edits for r in rows) / chars if chars else None
 
@@ -110,13 +111,13 @@ def _candidates(values: list[float]) -> list[float]:
     return sorted({_quantile(distinct, (i + 1) / MAX_CANDIDATES) for i in range(MAX_CANDIDATES)})
 
 
-def _selected(rows: Sequence[Row], key: str, bound: str, t: float) -> list[Row]:
+def _selected(rows: Sequence[PredictionRow], key: str, bound: str, t: float) -> list[PredictionRow]:
     if bound == "min":
         return [r for r in rows if r.trajectory_scalars[key] >= t]
     return [r for r in rows if r.trajectory_scalars[key] <= t]
 
 
-def _by_cer(rows: Sequence[Row], key: str, bound: str, part: str, targets: Targets,
+def _by_cer(rows: Sequence[PredictionRow], key: str, bound: str, part: str, targets: Targets,
             val_cer: float) -> tuple[float | None, str]:
     """(threshold, how it was chosen) for a stable or uncertain bound; None when no threshold
     reaches the target with ``min_share`` of the rows."""
@@ -139,8 +140,8 @@ def _by_cer(rows: Sequence[Row], key: str, bound: str, part: str, targets: Targe
     return None, f"no threshold reaches {aim} with {targets.min_share:.0%} of the rows ({closest}): dropped"
 
 
-def _slices(policy: PartitionPolicy, rows: Sequence[Row]) -> dict[str, Slice]:
-    got: dict[str, list[Row]] = {p: [] for p in PARTITIONS}
+def _slices(policy: PartitionPolicy, rows: Sequence[PredictionRow]) -> dict[str, Slice]:
+    got: dict[str, list[PredictionRow]] = {p: [] for p in PARTITIONS}
     for r in rows:
         got[policy.classify(r.feat_id, r.trajectory_scalars)].append(r)
     return {p: Slice(len(rs), len(rs) / len(rows), _cer(rs)) for p, rs in got.items()}
@@ -150,7 +151,7 @@ def calibrate(rows_path: Path | str, base_path: Path | str | None = None,
               targets: Targets = Targets()) -> Calibration:
     """Thresholds for the base policy's conditions, from validation rows (module docstring)."""
     targets.check()
-    rows = load_rows(rows_path)
+    rows = read_predictions(rows_path)
     not_val = [r for r in rows if r.split != "val"]
     if not_val:
         raise PartitionError(f"{rows_path}: {len(not_val)} row(s) are not validation rows (e.g. {not_val[0].feat_id} "

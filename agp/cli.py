@@ -25,7 +25,7 @@ def _errors_exit(fn: Callable) -> Callable:
     from agp.partition import PartitionError
     from agp.proposers import LaneDown, ProposerError
     from agp.records import ReviewError
-    from agp.rows import RowError
+    from models.bundle import RowError
 
     known = (RowError, PartitionError, GateError, CorpusError, EvalError, ReviewError, LaneDown, ProposerError,
              FileNotFoundError, ValueError)
@@ -58,10 +58,11 @@ def partition_cmd(
 ) -> None:
     """Keep or re-partition rows; each row records model_partition and partition_source."""
     from agp.partition import load_partition_policy, partition_counts
-    from agp.rows import load_rows, write_rows
+    from agp.rows import write_rows
+    from models.bundle import read_predictions
 
     p = load_partition_policy(policy, source)
-    new = p.apply(load_rows(rows))
+    new = p.apply(read_predictions(rows))
     write_rows(out, new)
     typer.echo(json.dumps({"partition_source": p.identity, **partition_counts(new)}, ensure_ascii=False))
 

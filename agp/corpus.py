@@ -21,7 +21,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from agp.rows import Row, write_json, write_jsonl
+from agp.rows import write_json, write_jsonl
+from models.bundle import PredictionRow
 from models.text import NASAL_MARK, NKO_VOWELS, SYLLABIC_N, TONE_MARKS
 
 SYSTEM_PROMPT = ("You correct N'Ko (Bambara) speech-recognition output. Reply with the corrected "
@@ -47,13 +48,13 @@ def user_turn(asr_text: str, partition: str, scalars: dict[str, float] | None) -
     return f"ASR: {asr_text}\nPartition: {partition}\nTrajectory: {summary}"
 
 
-def prompt_messages(row: Row) -> list[dict]:
+def prompt_messages(row: PredictionRow) -> list[dict]:
     """System + user turns for a row: what a chat proposer is asked (no reference)."""
     return [{"role": "system", "content": SYSTEM_PROMPT},
             {"role": "user", "content": user_turn(row.asr_text, row.partition, row.trajectory_scalars)}]
 
 
-def chat_example(row: Row) -> dict:
+def chat_example(row: PredictionRow) -> dict:
     return {"messages": prompt_messages(row) + [{"role": "assistant", "content": row.reference_text}],
             "feat_id": row.feat_id, "audio_id": row.audio_id, "source": "asr"}
 
@@ -61,13 +62,13 @@ def chat_example(row: Row) -> dict:
 # --------------------------------------------------------------------------- splits
 
 
-def split_rows(rows: Sequence[Row], seed: int = 42, valid_fraction: float = 0.1,
-               test_fraction: float = 0.1) -> dict[str, list[Row]]:
+def split_rows(rows: Sequence[PredictionRow], seed: int = 42, valid_fraction: float = 0.1,
+               test_fraction: float = 0.1) -> dict[str, list[PredictionRow]]:
     """Deterministic group split: groups (audio_id, else feat_id) are shuffled with ``seed``
     and dealt to test, then valid, until each holds its share of rows; the rest is train."""
     if not 0 <= valid_fraction < 1 or not 0 <= test_fraction < 1 or valid_fraction + test_fraction >= 1:
         raise CorpusError("valid and test fractions must be in [0, 1) and sum to less than 1")
-    groups: dict[str, list[Row]] = {}
+    groups: dict[str, list[PredictionRow]] = {}
     for r in rows:
         groups.setdefault(f"a:{r.audio_id}" if r.audio_id else f"f:{r.feat_id}", []).append(r)
     keys = sorted(groups)
@@ -76,7 +77,7 @@ def split_rows(rows: Sequence[Row], seed: int = 42, valid_fraction: float = 0.1,
     random.Random(seed).shuffle(keys)
     n = len(rows)
     targets = {"test": max(1, round(n * test_fraction)), "valid": max(1, round(n * valid_fraction))}
-    out: dict[str, list[Row]] = {"train": [], "valid": [], "test": []}
+    out: dict[str, list[PredictionRow]] = {"train": [], "valid": [], "test": []}
     i = 0
     for name, keep in (("test", 2), ("valid", 1)):  # leave at least one group for each later split
         while i < len(keys) - keep and len(out[name]) < targets[name]:
@@ -89,17 +90,17 @@ def split_rows(rows: Sequence[Row], seed: int = 42, valid_fraction: float = 0.1,
     return out
 
 
-def place_correct_rows(splits: dict[str, list[Row]], correct: Sequence[Row], seed: int = 42,
-                       valid_fraction: float = 0.1, test_fraction: float = 0.1) -> dict[str, list[Row]]:
+def place_correct_rows(splits: dict[str, list[PredictionRow]], correct: Sequence[PredictionRow], seed: int = 42,
+                       valid_fraction: float = 0.1, test_fraction: float = 0.1) -> dict[str, list[PredictionRow]]:
     """A split for every already-correct row, leaving the error-pair split as it is: a row
     whose recording (audio_id) is already in a split goes there; the other groups are
     shuffled with ``seed`` and dealt to test, then valid (each at least its share, rounded
     up), the rest to train."""
     home = {f"a:{r.audio_id}": name for name, part in splits.items() for r in part if r.audio_id}
-    groups: dict[str, list[Row]] = {}
+    groups: dict[str, list[PredictionRow]] = {}
     for r in correct:
         groups.setdefault(f"a:{r.audio_id}" if r.audio_id else f"f:{r.feat_id}", []).append(r)
-    out: dict[str, list[Row]] = {name: [] for name in splits}
+    out: dict[str, list[PredictionRow]] = {name: [] for name in splits}
     free = []
     for key in sorted(groups):
         if key in home:
@@ -120,7 +121,7 @@ def place_correct_rows(splits: dict[str, list[Row]], correct: Sequence[Row], see
     return out
 
 
-def partition_identity(rows: Sequence[Row]) -> str:
+def partition_identity(rows: Sequence[PredictionRow]) -> str:
     """The one partition source of the rows (``PartitionPolicy.identity``): ``"model"`` for
     rows that were not re-partitioned."""
     sources = sorted({r.partition_source or "model" for r in rows})
@@ -192,7 +193,7 @@ def perturb(text: str, kind: str, rng: random.Random) -> str | None:
     return out if out != text else None
 
 
-def synthetic_examples(rows: Sequence[Row], per_row: int, seed: int) -> list[dict]:
+def synthetic_examples(rows: Sequence[PredictionRow], per_row: int, seed: int) -> list[dict]:
     """``per_row`` perturbed copies of each row's *reference* (train rows only, by the caller)."""
     rng = random.Random(seed)
     out = []
@@ -217,7 +218,7 @@ def synthetic_examples(rows: Sequence[Row], per_row: int, seed: int) -> list[dic
 # --------------------------------------------------------------------------- build
 
 
-def build_corpus(rows: Sequence[Row], out_dir: Path | str, seed: int = 42, valid_fraction: float = 0.1,
+def build_corpus(rows: Sequence[PredictionRow], out_dir: Path | str, seed: int = 42, valid_fraction: float = 0.1,
                  test_fraction: float = 0.1, synthetic_per_row: int = 0, rows_sha256: str = "") -> dict:
     """Write train/valid/test.jsonl and corpus.json under ``out_dir``; return the manifest.
     Only rows whose ASR text differs from the reference (real error pairs) become examples;

@@ -13,7 +13,8 @@ from collections import Counter
 from typing import Sequence
 
 from agp.gate import verify_witness
-from agp.rows import PARTITIONS, Row, normalize
+from models.bundle import PARTITIONS, PredictionRow
+from models.text import normalize
 from models.text import row_edits, toneless
 
 
@@ -43,7 +44,7 @@ def _finish(g: dict) -> dict:
     return g
 
 
-def check_decisions(rows: Sequence[Row], decisions: Sequence[dict], key: bytes | None = None,
+def check_decisions(rows: Sequence[PredictionRow], decisions: Sequence[dict], key: bytes | None = None,
                     source: str = "decisions") -> None:
     """Refuse decisions that do not belong to these rows: unknown or duplicate feat_ids, a
     different ASR text or partition, a verdict that contradicts its rules, mixed policy
@@ -81,7 +82,7 @@ def check_decisions(rows: Sequence[Row], decisions: Sequence[dict], key: bytes |
         raise EvalError(f"{len(problems)} problem(s) with the decisions\n{shown}{more}")
 
 
-def evaluate(rows: Sequence[Row], decisions: Sequence[dict], key: bytes | None = None,
+def evaluate(rows: Sequence[PredictionRow], decisions: Sequence[dict], key: bytes | None = None,
              source: str = "decisions", seed: int = 0) -> dict:
     """Summary with ``overall`` and ``partitions`` (each: rows, reference_chars, cer_before,
     cer_after, delta_cer, toneless CERs, proposed, accepted, improved, neutral, worse,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from agp.gate import from_json_float
-from agp.rows import Row
+from models.bundle import PredictionRow
 from models.text import row_edits
 
 
@@ -40,7 +40,7 @@ class Outcome:
     accepted: bool  # the gate's verdict
 
 
-def outcomes(rows: Sequence[Row], decisions: Sequence[dict]) -> list[Outcome]:
+def outcomes(rows: Sequence[PredictionRow], decisions: Sequence[dict]) -> list[Outcome]:
     by_id = {d["feat_id"]: d for d in decisions}
     out = []
     for row in rows:
@@ -71,7 +71,7 @@ def _margins_grid(deltas: list[float]) -> list[float]:
     return [-math.inf] + edge + mids + ([-ds[-1] + 1e-9] if ds else []) + [math.inf]
 
 
-def frontier(rows: Sequence[Row], decisions: Sequence[dict], max_points: int = 80) -> dict:
+def frontier(rows: Sequence[PredictionRow], decisions: Sequence[dict], max_points: int = 80) -> dict:
     """Points ``{margin, accepted, accept_rate, delta_cer}`` as one margin sweeps over every
     checked partition (accept_rate over all rows), and the gate's own point."""
     outs = outcomes(rows, decisions)
@@ -112,7 +112,7 @@ class MarginChoice:
                 "delta_cer": -self.gain_edits / self.reference_chars if self.reference_chars else 0.0}
 
 
-def calibrate_margins(rows: Sequence[Row], decisions: Sequence[dict],
+def calibrate_margins(rows: Sequence[PredictionRow], decisions: Sequence[dict],
                       partitions: Sequence[str] = ("boundary", "uncertain")) -> dict[str, MarginChoice]:
     """Per partition, the margin with the largest validation CER gain that leaves the
     partition no worse (ties: the stricter margin). ``rows`` must be validation rows."""

@@ -30,7 +30,8 @@ from pathlib import Path
 from rapidfuzz.distance import Levenshtein
 
 from agp.lexicon import Lexicon
-from agp.rows import PARTITIONS, Row, normalize
+from models.bundle import PARTITIONS, PredictionRow
+from models.text import normalize
 from models.text import VALIDITY_CLASSES, char_class
 from models.tomlfile import read_toml
 
@@ -328,7 +329,7 @@ class Gate:
     def _words(self, text: str) -> set[str]:
         return {w.strip(self._strip) for w in text.split(" ")} - {""}
 
-    def decide(self, row: Row, proposal: str, acoustic_delta: float | None = None) -> Decision:
+    def decide(self, row: PredictionRow, proposal: str, acoustic_delta: float | None = None) -> Decision:
         """``acoustic_delta``: the proposal's score from models/score.py (None: not scored)."""
         if row.partition_source and row.partition_source != self.partition_source:
             raise GateError(f"{row.feat_id}: row partition source {row.partition_source!r} is not the gate's "

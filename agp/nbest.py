@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from agp.rows import Row
+from models.bundle import PredictionRow
 from models import text as T
 
 NLLB_FILES = {"nko": "multitext-nllb-seed.nqo_Nkoo", "latin": "multitext-nllb-seed.bam_Latn"}
@@ -236,13 +236,13 @@ class NbestProposer:
         self._posteriors: dict[str, np.ndarray] = {}
         self.info: dict[str, dict] = {}
 
-    def prime(self, rows: Sequence[Row]) -> None:
+    def prime(self, rows: Sequence[PredictionRow]) -> None:
         """Compute the posteriors of all ``rows`` in batches (propose() would do one at a time)."""
         ids = [r.feat_id for r in rows if r.partition not in self.skip and r.feat_id not in self._posteriors]
         for fid, lp in zip(ids, self.scorer.posteriors(ids)):
             self._posteriors[fid] = lp
 
-    def propose(self, row: Row) -> str:
+    def propose(self, row: PredictionRow) -> str:
         if row.partition in self.skip:
             return row.asr_text
         if row.feat_id not in self._posteriors:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from agp.rows import PARTITIONS, Row
+from models.bundle import PARTITIONS, PredictionRow
 from models.tomlfile import read_toml
 
 DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "configs" / "agp" / "partition.toml"
@@ -72,7 +72,7 @@ class PartitionPolicy:
                                  f"(needed by the partition policy {self.path})")
         return partition(scalars, self.policy)
 
-    def apply(self, rows: Sequence[Row]) -> list[Row]:
+    def apply(self, rows: Sequence[PredictionRow]) -> list[PredictionRow]:
         """Rows with their effective partition, recording the run's and where it came from."""
         out = []
         for row in rows:
@@ -110,7 +110,7 @@ def load_partition_policy(path: Path | str | None = None, source: str | None = N
     return policy.with_source(source)
 
 
-def partition_counts(rows: Sequence[Row]) -> dict:
+def partition_counts(rows: Sequence[PredictionRow]) -> dict:
     """Per-partition counts and the run -> effective moves (for reports)."""
     counts = {p: 0 for p in PARTITIONS}
     moved: dict[str, int] = {}

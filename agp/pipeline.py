@@ -3,6 +3,7 @@ evaluation. The CLI and ``nko-ops demo`` both go through here."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -11,7 +12,8 @@ from agp.gate import Decision, Gate, GatePolicy, load_gate_policy
 from agp.lexicon import Lexicon
 from agp.partition import PartitionPolicy, load_partition_policy, partition_counts
 from agp.proposers import LexiconProposer, propose_all
-from agp.rows import Row, RowError, load_rows, read_jsonl, write_json, write_jsonl, write_text
+from agp.rows import read_jsonl, write_json, write_jsonl, write_text
+from models.bundle import PREDICTIONS, PredictionRow, RowError, read_predictions
 
 PROPOSAL_FIELDS = {"feat_id": str, "proposal": str}
 DECISION_FIELDS = {"feat_id": str, "accepted": bool, "rules": list, "proposal": str, "partition": str,
@@ -19,13 +21,13 @@ DECISION_FIELDS = {"feat_id": str, "accepted": bool, "rules": list, "proposal": 
 
 
 def lane_rows(rows_path: Path | str, policy_path: Path | str | None = None,
-              source: str | None = None) -> tuple[list[Row], PartitionPolicy]:
+              source: str | None = None) -> tuple[list[PredictionRow], PartitionPolicy]:
     """N'Ko prediction rows with their effective partition (kept or re-partitioned)."""
     policy = load_partition_policy(policy_path, source)
-    return policy.apply(load_rows(rows_path, script="nko")), policy
+    return policy.apply(read_predictions(rows_path, script="nko")), policy
 
 
-def load_proposals(path: Path | str, rows: Sequence[Row]) -> list[dict]:
+def load_proposals(path: Path | str, rows: Sequence[PredictionRow]) -> list[dict]:
     """Proposal lines ``{"feat_id", "proposal"}`` (optional ``proposer``) for known rows,
     one per feat_id; problems name the line and field."""
     known = {r.feat_id for r in rows}
@@ -52,7 +54,7 @@ def load_proposals(path: Path | str, rows: Sequence[Row]) -> list[dict]:
     return items
 
 
-def gate_all(gate: Gate, rows: Sequence[Row], proposals: Sequence[dict]) -> list[Decision]:
+def gate_all(gate: Gate, rows: Sequence[PredictionRow], proposals: Sequence[dict]) -> list[Decision]:
     by_id = {r.feat_id: r for r in rows}
     return [gate.decide(by_id[p["feat_id"]], p["proposal"], acoustic_delta(p)) for p in proposals]
 
@@ -62,7 +64,7 @@ def acoustic_delta(proposal: dict) -> float | None:
     return a.get("delta") if isinstance(a, dict) else None
 
 
-def score_proposals(proposals: list[dict], rows: Sequence[Row], run_dir: Path | str | None, device: str | None = None,
+def score_proposals(proposals: list[dict], rows: Sequence[PredictionRow], run_dir: Path | str | None, device: str | None = None,
                     features: Path | str | None = None, scorer=None) -> list[dict]:
     """Each proposal with ``acoustic`` (models/score.py: delta = per-frame CTC log-likelihood of
     the proposal minus the ASR text's under the run's best.pt), in place and returned."""
@@ -107,6 +109,7 @@ def run_lane(predictions_jsonl: Path | str, proposer, lexicon: Lexicon, out_dir:
     when the decisions carry acoustic margins, frontier.png under ``out_dir``; returns the
     evaluation summary (plus run_id, proposer, files, partition counts, lexicon size)."""
     from agp.records import record_decisions
+    from state.agp_results import record_agp_result
     from state.store import open_db
 
     predictions_jsonl = Path(predictions_jsonl)
@@ -127,6 +130,7 @@ def run_lane(predictions_jsonl: Path | str, proposer, lexicon: Lexicon, out_dir:
     db = open_db(db_path)
     try:  # recorded first, in one transaction; the files follow, each written atomically
         record_decisions(db, run_id, proposals, decisions, {r.feat_id: r.reference_text for r in rows})
+        record_agp_result(db, run_id, proposer.name, summary, ppolicy.identity)
     finally:
         db.close()
     lexicon.save(out / "lexicon.tsv")
@@ -149,7 +153,7 @@ def run_lane(predictions_jsonl: Path | str, proposer, lexicon: Lexicon, out_dir:
     return summary
 
 
-def calibrate_gate(val_rows: Sequence[Row], proposals: Sequence[dict], lexicon: Lexicon | None,
+def calibrate_gate(val_rows: Sequence[PredictionRow], proposals: Sequence[dict], lexicon: Lexicon | None,
                    base: GatePolicy, partition_source: str) -> tuple[GatePolicy, dict]:
     """Acoustic margins from *validation* rows and their scored proposals: gate them under
     ``base``, then per checked partition the margin with the largest validation CER gain that
@@ -264,13 +268,24 @@ def make_lm(train_refs: Sequence[str], symbols: Sequence[str], lm_text: Path | s
     return build_lm(train_refs, symbols, Path(lm_text) if lm_text else None)
 
 
-def run_demo_lane(matrix_path: Path | str, split_path: Path | str, snapshot: Path | str, out_dir: Path | str,
-                  db_path: Path | str, calibrate: bool = True, gate_policy: Path | str | None = None,
-                  proposers: Sequence[str] = ("lexicon", "nbest"), lm_text: Path | str | None | bool = True,
-                  log=print, runs: Sequence[str] | None = None) -> dict:
-    """The lane on every completed N'Ko run of a matrix (``runs``, else its ``agp_dumps`` when
-    it names some), each proposer into ``out_dir/<run_id>/<proposer>``; returns
-    ``{run_id: {"run_id", "proposers": {name: summary}, "partition_calibration"}}``.
+@dataclass(frozen=True)
+class LaneBundle:
+    """A completed run's bundle handed to the lane by the backend (which finds it in state.db
+    and the matrix): its id, its directory and the feature store its best.pt scores against
+    (None: the one its results.json names)."""
+
+    run_id: str
+    dir: Path
+    features: Path | str | None = None
+
+
+def run_bundles_lane(bundles: Sequence[LaneBundle], split_path: Path | str, snapshot: Path | str,
+                     out_dir: Path | str, db_path: Path | str, calibrate: bool = True,
+                     gate_policy: Path | str | None = None, proposers: Sequence[str] = ("lexicon", "nbest"),
+                     lm_text: Path | str | None | bool = True, log=print) -> dict:
+    """The lane on each of ``bundles`` (completed N'Ko runs), each proposer into
+    ``out_dir/<run_id>/<proposer>``; returns ``{run_id: {"run_id", "proposers": {name:
+    summary}, "partition_calibration"}}``.
 
     With ``calibrate``, everything the gate uses is set on the run's *validation* rows, never
     on the test rows it is scored on: the partition policy (``calibrate_on_val``), then, per
@@ -279,60 +294,65 @@ def run_demo_lane(matrix_path: Path | str, split_path: Path | str, snapshot: Pat
     CER gain with no val partition worse are written to ``gate.val.toml``). Without it the
     run's own partitions and the gate policy's margins are kept. Runs without a best.pt
     (imported rows) get no acoustic scores and no N-best proposer."""
-    from backend.matrix import load_matrix
+    refs = train_references(snapshot, split_path)
+    shared = {"refs": refs, "lexicon": Lexicon.from_references(refs), "base": load_gate_policy(gate_policy),
+              "lm": None, "lm_text": lm_text, "log": log}
+    out = {}
+    for bundle in bundles:
+        lane_dir = Path(out_dir) / bundle.run_id
+        policy, calibration = calibrate_on_val(bundle.dir, lane_dir) if calibrate else (None, None)
+        summaries = _lane_proposers(bundle, lane_dir, db_path, policy, calibrate, proposers, shared)
+        out[bundle.run_id] = {"run_id": bundle.run_id, "proposers": summaries, "partition_calibration": calibration}
+        write_json(lane_dir / "agp_eval.json", out[bundle.run_id])
+    return out
+
+
+def _lane_proposers(bundle: LaneBundle, lane_dir: Path, db_path: Path | str, policy: Path | None, calibrate: bool,
+                    proposers: Sequence[str], shared: dict) -> dict:
+    """Each proposer on one run's test rows (gate margins calibrated on its val rows when asked)."""
     from models.score import Scorer
 
-    m = load_matrix(matrix_path)
-    names = runs if runs is not None else m.agp_dumps
-    runs = [m.run(r) for r in names] if names else m.selected()
-    refs = train_references(snapshot, split_path)
-    lexicon = Lexicon.from_references(refs)
-    base = load_gate_policy(gate_policy)
-    lm = None
-    out = {}
-    for run in runs:
-        preds = m.out_dir(run) / "test_predictions.jsonl"
-        if run.script != "nko" or not preds.exists():
-            continue
-        run_dir = m.out_dir(run)
-        lane_dir = Path(out_dir) / run.run_id
-        policy, calibration = calibrate_on_val(run_dir, lane_dir) if calibrate else (None, None)
-        source = "policy" if policy else None
-        # the matrix's own feature store: a run trained on a Vast instance recorded the instance's path
-        scorer = Scorer.from_run(run_dir, features=m.features) if (run_dir / "best.pt").exists() else None
-        summaries = {}
-        for name in proposers:
-            if name == "lexicon":
-                proposer = LexiconProposer(lexicon)
-            elif name == "nbest":
-                if scorer is None:
-                    continue
-                from agp.nbest import NbestProposer
+    source = "policy" if policy else None
+    scorer = Scorer.from_run(bundle.dir, features=bundle.features) if (bundle.dir / "best.pt").exists() else None
+    lexicon, base = shared["lexicon"], shared["base"]
+    summaries = {}
+    for name in proposers:
+        if name == "lexicon":
+            proposer = LexiconProposer(lexicon)
+        elif name == "nbest":
+            if scorer is None:
+                continue
+            from agp.nbest import NbestProposer
 
-                lm = lm or make_lm(refs, scorer.vocab.symbols, lm_text, log)
-                proposer = NbestProposer(scorer, lm)
-            else:
-                raise ValueError(f"unknown proposer {name!r} (lexicon, nbest)")
-            gpolicy, gate_cal = base, None
-            if calibrate and scorer is not None and base.acoustic_checked:
-                val_rows, ppolicy = lane_rows(lane_dir / "val_predictions.jsonl", policy, source)
-                if hasattr(proposer, "prime"):
-                    proposer.prime(val_rows)
-                vprops = score_proposals(propose_all(proposer, val_rows), val_rows, None, scorer=scorer)
-                gpolicy, gate_cal = calibrate_gate(val_rows, vprops, lexicon, base, ppolicy.identity)
-                gate_cal["policy"] = str(write_gate_policy(
-                    gpolicy, lane_dir / name / "gate.val.toml",
-                    [f"AGP gate policy for {run.run_id} / proposer {name}: acoustic margins calibrated on "
-                     f"{len(val_rows)} validation rows ({lane_dir / 'val_predictions.jsonl'}), never test rows.",
-                     f"base: {base.path}"] + margin_comments(gate_cal)))
-            summary = run_lane(preds, proposer, lexicon, lane_dir / name, db_path, run.run_id, gpolicy, policy,
-                               source, scorer=scorer)
-            if gate_cal:
-                summary["gate_calibration"] = gate_cal
-                write_json(lane_dir / name / "agp_eval.json", summary)
-            summaries[name] = summary
-        out[run.run_id] = {"run_id": run.run_id, "proposers": summaries, "partition_calibration": calibration}
-        write_json(lane_dir / "agp_eval.json", out[run.run_id])
-    if not out:
-        raise FileNotFoundError(f"{matrix_path}: no completed N'Ko run with test_predictions.jsonl under {m.out_root}")
-    return out
+            shared["lm"] = shared["lm"] or make_lm(shared["refs"], scorer.vocab.symbols, shared["lm_text"],
+                                                   shared["log"])
+            proposer = NbestProposer(scorer, shared["lm"])
+        else:
+            raise ValueError(f"unknown proposer {name!r} (lexicon, nbest)")
+        gpolicy, gate_cal = base, None
+        if calibrate and scorer is not None and base.acoustic_checked:
+            gpolicy, gate_cal = _calibrated_gate(bundle.run_id, name, proposer, scorer, lane_dir, policy, source,
+                                                 lexicon, base)
+        summary = run_lane(bundle.dir / PREDICTIONS, proposer, lexicon, lane_dir / name, db_path, bundle.run_id,
+                           gpolicy, policy, source, scorer=scorer)
+        if gate_cal:
+            summary["gate_calibration"] = gate_cal
+            write_json(lane_dir / name / "agp_eval.json", summary)
+        summaries[name] = summary
+    return summaries
+
+
+def _calibrated_gate(run_id: str, name: str, proposer, scorer, lane_dir: Path, policy: Path | None,
+                     source: str | None, lexicon: Lexicon, base: GatePolicy) -> tuple[GatePolicy, dict]:
+    """The gate policy with acoustic margins calibrated on the run's val rows (gate.val.toml)."""
+    val_rows, ppolicy = lane_rows(lane_dir / "val_predictions.jsonl", policy, source)
+    if hasattr(proposer, "prime"):
+        proposer.prime(val_rows)
+    vprops = score_proposals(propose_all(proposer, val_rows), val_rows, None, scorer=scorer)
+    gpolicy, gate_cal = calibrate_gate(val_rows, vprops, lexicon, base, ppolicy.identity)
+    gate_cal["policy"] = str(write_gate_policy(
+        gpolicy, lane_dir / name / "gate.val.toml",
+        [f"AGP gate policy for {run_id} / proposer {name}: acoustic margins calibrated on "
+         f"{len(val_rows)} validation rows ({lane_dir / 'val_predictions.jsonl'}), never test rows.",
+         f"base: {base.path}"] + margin_comments(gate_cal)))
+    return gpolicy, gate_cal

@@ -21,7 +21,7 @@ from typing import Iterable, Protocol, Sequence
 import httpx
 
 from agp.lexicon import Lexicon
-from agp.rows import Row
+from models.bundle import PredictionRow
 
 
 class LaneDown(RuntimeError):
@@ -35,10 +35,10 @@ class ProposerError(RuntimeError):
 class Proposer(Protocol):
     name: str
 
-    def propose(self, row: Row) -> str: ...
+    def propose(self, row: PredictionRow) -> str: ...
 
 
-def public_row(row: Row) -> dict:
+def public_row(row: PredictionRow) -> dict:
     """What a proposer may see: the row without its reference or the scores derived from it."""
     d = row.as_dict()
     for key in ("reference_text", "cer_edits", "reference_chars"):
@@ -46,7 +46,7 @@ def public_row(row: Row) -> dict:
     return d
 
 
-def propose_all(proposer: Proposer, rows: Iterable[Row]) -> list[dict]:
+def propose_all(proposer: Proposer, rows: Iterable[PredictionRow]) -> list[dict]:
     """``{"feat_id", "proposal", "proposer"}`` for each row."""
     return [{"feat_id": r.feat_id, "proposal": proposer.propose(r), "proposer": proposer.name} for r in rows]
 
@@ -101,7 +101,7 @@ class HttpProposer:
     def health(self) -> dict:
         return self.http.request("GET", "/health")
 
-    def propose(self, row: Row) -> str:
+    def propose(self, row: PredictionRow) -> str:
         body = self.http.request("POST", "/propose", json=public_row(row))
         proposal = body.get("proposal")
         if not isinstance(proposal, str):
@@ -136,7 +136,7 @@ class ChatProposer:
     def health(self) -> dict:
         return self.http.request("GET", "/health")
 
-    def propose(self, row: Row) -> str:
+    def propose(self, row: PredictionRow) -> str:
         from agp.corpus import prompt_messages
 
         body: dict = {"model": self.model, "messages": prompt_messages(row), "temperature": 0.0,
@@ -169,7 +169,7 @@ class LexiconProposer:
         self.max_distance = max_distance
         self.skip = set(skip)
 
-    def propose(self, row: Row) -> str:
+    def propose(self, row: PredictionRow) -> str:
         if row.partition in self.skip:
             return row.asr_text
         out = []

@@ -41,15 +41,14 @@ class _Stages:
         self.last = now
 
     def write(self, path: Path, runs: dict, console) -> None:
-        import json
+        from models.files import atomic_write_json
 
         total = time.time() - self.t0
         console.print("wall time by stage: " + ", ".join(f"{n} {s:.0f} s" for n, s in self.rows)
                       + f"; total {total:.0f} s")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"stages_s": {n: round(s, 1) for n, s in self.rows}, "total_s": round(total, 1),
-                                    "cpus": os.cpu_count(), "features": FEATURES, "runs": runs}, indent=1) + "\n",
-                        encoding="utf-8")
+        # ASCII only (stage names, run ids, numbers): the same bytes as json.dumps(..., indent=1)
+        atomic_write_json(path, {"stages_s": {n: round(s, 1) for n, s in self.rows}, "total_s": round(total, 1),
+                                 "cpus": os.cpu_count(), "features": FEATURES, "runs": runs}, indent=1)
 
 
 def run_demo(db: str = "state.db", parallel: int = 2) -> int:
@@ -181,12 +180,13 @@ def _matrix(m, db_path: Path, parallel: int, console) -> list | None:
 
 
 def _agp_lane(split_path: Path, db_path: Path, console) -> None:
-    """The offline AGP lane on the matrix's ``agp_dumps`` runs, printed per run and proposer."""
+    """The offline AGP lane on the completed bundles of the matrix's ``agp_dumps`` runs (found
+    through state.db, imported ones included), printed per run and proposer."""
     from agp.evaluate import format_table
-    from agp.pipeline import run_demo_lane
+    from backend.agp_lane import run_matrix_lane
 
-    lanes = run_demo_lane(MATRIX, split_path, SAMPLE, REPORTS / "agp", db_path,
-                          log=lambda msg: console.print(f"[yellow]{escape(msg)}[/yellow]"))
+    lanes = run_matrix_lane(MATRIX, split_path, SAMPLE, REPORTS / "agp", db_path,
+                            log=lambda msg: console.print(f"[yellow]{escape(msg)}[/yellow]"))
     for run_id, lane in lanes.items():
         cal = lane["partition_calibration"]
         console.print(f"[bold]{run_id}[/bold]  partitions: {cal['identity']} (calibrated on "
@@ -204,11 +204,12 @@ def _agp_lane(split_path: Path, db_path: Path, console) -> None:
 def _tables_and_claims(db_path: Path, console) -> None:
     from backend.claims import DISCLAIMER, check_claims, report
     from backend.tables import write_tables
+    from models.files import atomic_write_text
 
     written = write_tables(MATRIX, REPORTS, db_path)
     console.print("wrote " + ", ".join(str(p) for p in written))
     claims_text = report(check_claims(CLAIMS, MATRIX, db_path), DISCLAIMER)
-    (REPORTS / "claims.txt").write_text(claims_text, encoding="utf-8")
+    atomic_write_text(REPORTS / "claims.txt", claims_text)
     console.print(claims_text)
 
 

@@ -46,7 +46,8 @@ from typing import Callable
 
 from state import store
 from backend.matrix import Identity, Matrix, MatrixError, RunSpec, config_sha256, load_matrix, resolve
-from backend.runs import Bundle, BundleError, import_run, recorded_hashes, register_bundle, verify_bundle
+from backend.runs import Bundle, import_run, recorded_hashes, register_bundle, verify_bundle
+from models.bundle import BundleError
 
 POLL_S = 1.0
 LOG_CHUNK = 1 << 20  # bytes of trainer output read at a time
@@ -476,25 +477,6 @@ def load_and_resolve(matrix_path: str | Path) -> tuple[Matrix, Identity]:
     return m, ident
 
 
-def write_agp_dumps(m: Matrix, db) -> Path | None:
-    """``out_root/agp_dumps.json``: the verified prediction files of the matrix's AGP runs."""
-    if not m.agp_dumps:
-        return None
-    entries = []
-    for rid in m.agp_dumps:
-        row = store.get_run(db, rid)
-        if not row or row["status"] != "completed":
-            continue
-        art = next(iter(db.query("SELECT path, sha256, size FROM artifacts WHERE owner_kind = 'run' AND run_id = ? "
-                                 "AND name = 'test_predictions.jsonl'", [rid])), None)
-        if art:
-            entries.append({"run_id": rid, "script": row["script"], "mode": row["mode"], "predictions": art["path"],
-                            "sha256": art["sha256"], "size": art["size"]})
-    path = Path(m.out_root) / "agp_dumps.json"
-    _write_json(path, {"matrix_id": m.matrix_id, "runs": entries})
-    return path
-
-
 def sanity_gate(ex: "LocalExecutor", db, m: Matrix, jobs: list[_Job], skip_sanity: bool,
                 log: Callable[[str], None], nothing_started: str = "full runs not started") -> list[RunResult] | None:
     """Run the sanity step for ``jobs`` (or record that it was skipped by request) and mark
@@ -585,7 +567,6 @@ def run_matrix(matrix_path: str | Path, db_path: str | Path = "state.db", execut
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        write_agp_dumps(m, db)
         order = {s.run_id: i for i, s in enumerate(specs)}
         return sorted(done, key=lambda r: order[r.run_id])
     finally:

@@ -27,7 +27,7 @@ def _user_errors() -> tuple:
     from backend.executor_local import ExecutorError
     from backend.matrix import MatrixError
     from backend.promote import PromoteError
-    from backend.runs import BundleError
+    from models.bundle import BundleError
     from state.store import StoreError
     from backend.tables import TablesError
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backend.matrix import Identity, Matrix, load_matrix, resolve
+from models.bundle import learning_curve
 
 
 @dataclass
@@ -53,19 +54,7 @@ class Plan:
 
 
 def _last_epoch(run_dir: Path) -> int:
-    mf = run_dir / "metrics.jsonl"
-    last = 0
-    if mf.is_file():
-        with open(mf, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if '"epoch"' in line:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if rec.get("kind") == "epoch" and isinstance(rec.get("epoch"), int):
-                        last = max(last, rec["epoch"])
-    return last
+    return max((r["epoch"] for r in learning_curve(run_dir) if isinstance(r.get("epoch"), int)), default=0)
 
 
 def _epoch_seconds(m: Matrix, db, train_size: int | None) -> tuple[float | None, str]:

@@ -7,7 +7,7 @@ and size the file has now, ``results.json`` names the snapshot, split and featur
 ``split.json`` hashes to the split named there, and the prediction rows cover exactly the
 split's test utterances (or, for a sanity run, a subset of them). A directory with
 ``error.json`` and no manifest, or whose results.json status is not "complete", is a failed
-run: refused.
+run: refused. The file list, the row schema and the readers are models/bundle.py's.
 """
 
 from __future__ import annotations
@@ -16,20 +16,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from models.bundle import (BUNDLE_FILES, MANIFEST, METRICS, PREDICTIONS, REFERENCES, BundleError, PredictionRow,
+                           RowError, read_metrics, read_predictions)
+from models.files import sha256_file
 from models.jsonl import iter_objects
 from models.runid import run_id_problem
-from models.snapshot import sha256_file
-
-BUNDLE_FILES = ("results.json", "train.log", "run.log", "split.json", "vocab.json", "best.pt",
-                "test_predictions.jsonl", "test_references.jsonl", "test_metrics_by_partition.json")
-MANIFEST = "manifest.json"
-PREDICTION_KEYS = ("feat_id", "audio_id", "split", "script", "mode", "asr_text", "reference_text",
-                   "cer_edits", "reference_chars", "trajectory_scalars", "partition")
-PARTITIONS = ("stable", "boundary", "uncertain", "novelty")
-
-
-class BundleError(ValueError):
-    pass
 
 
 @dataclass
@@ -38,6 +29,7 @@ class Bundle:
     results: dict = field(default_factory=dict)
     files: list[dict] = field(default_factory=list)  # name, path, sha256, size
     test_ids: list[str] = field(default_factory=list)
+    rows: list[PredictionRow] = field(default_factory=list)  # test_predictions.jsonl, read once
     manifest: str = "verified"  # "absent" (import with allow_no_manifest), "recorded" (checked against state.db)
     problems: list[str] = field(default_factory=list)
 
@@ -76,16 +68,6 @@ def _manifest_entries(data: object) -> dict[str, dict] | None:
     return files
 
 
-def _read_jsonl(path: Path, problems: list[str], label: str) -> list[dict]:
-    rows = []
-    for lineno, row, problem in iter_objects(path):
-        if problem:
-            problems.append(f"{label} line {lineno}: {problem}")
-        else:
-            rows.append(row)
-    return rows
-
-
 def verify_bundle(run_dir: str | Path, snapshot_sha256: str | None = None, split_sha256: str | None = None,
                   recipe_hash: str | None = None, test_ids: list[str] | None = None, subset: bool = False,
                   allow_no_manifest: bool = False, recorded: dict[str, dict] | None = None) -> Bundle:
@@ -95,15 +77,37 @@ def verify_bundle(run_dir: str | Path, snapshot_sha256: str | None = None, split
     non-empty subset of them, as a sanity run on a subset writes). ``recorded``: for a run
     imported without manifest.json, the hashes state.db recorded at import
     (``recorded_hashes``), checked in its place."""
-    from models.split import Split
-
     d = Path(run_dir)
     b = Bundle(d)
     if not d.is_dir():
         b.problems.append(f"run directory not found: {d}")
         return b
-    # The trainer removes error.json before it writes manifest.json, so next to a manifest it
-    # is a stale copy of an earlier attempt (e.g. fetched from Vast); without one, a failure.
+    _check_failed(b)
+    missing = [n for n in BUNDLE_FILES if not (d / n).is_file()]
+    if missing:
+        b.problems.append(f"missing file(s): {', '.join(missing)}")
+    present = [n for n in BUNDLE_FILES if n not in missing]
+    _check_manifest(b, present, allow_no_manifest, recorded)
+    if "results.json" in present:
+        _check_results(b, {"snapshot_sha256": snapshot_sha256, "split_sha256": split_sha256,
+                           "feature_recipe_hash": recipe_hash})
+    split = _check_split(b) if "split.json" in present else None
+    for name in ("vocab.json", "test_metrics_by_partition.json"):
+        if name in present:
+            try:
+                json.loads((d / name).read_text(encoding="utf-8"))
+            except ValueError as e:
+                b.problems.append(f"{name}: not valid JSON ({e})")
+    if PREDICTIONS in present:
+        want_ids = test_ids if test_ids is not None else (split.test if split is not None else None)
+        _check_predictions(b, want_ids, subset, REFERENCES in present)
+    return b
+
+
+def _check_failed(b: Bundle) -> None:
+    """The trainer removes error.json before it writes manifest.json, so next to a manifest
+    it is a stale copy of an earlier attempt (e.g. fetched from Vast); without one, a failure."""
+    d = b.dir
     if (d / "error.json").is_file() and not (d / MANIFEST).is_file():
         try:
             err = json.loads((d / "error.json").read_text(encoding="utf-8"))
@@ -111,12 +115,12 @@ def verify_bundle(run_dir: str | Path, snapshot_sha256: str | None = None, split
         except ValueError:
             why = ""
         b.problems.append(f"error.json present: the run failed{why}; a failed run is not a bundle")
-    missing = [n for n in BUNDLE_FILES if not (d / n).is_file()]
-    if missing:
-        b.problems.append(f"missing file(s): {', '.join(missing)}")
-    present = [n for n in BUNDLE_FILES if n not in missing]
 
-    # manifest: every bundle file listed, and each listed file as recorded
+
+def _check_manifest(b: Bundle, present: list[str], allow_no_manifest: bool, recorded: dict | None) -> None:
+    """Every bundle file listed in the manifest (or state.db's record of an import without
+    one), and each listed file as recorded; fills ``b.files``."""
+    d = b.dir
     actual = {n: {"sha256": sha256_file(d / n), "size": (d / n).stat().st_size} for n in present}
     entries, source = None, "the manifest"
     if (d / MANIFEST).is_file():
@@ -154,82 +158,77 @@ def verify_bundle(run_dir: str | Path, snapshot_sha256: str | None = None, split
         b.files.append({"name": MANIFEST, "path": str((d / MANIFEST).resolve()),
                         "sha256": sha256_file(d / MANIFEST), "size": (d / MANIFEST).stat().st_size})
 
-    # results.json and the identities it names
-    if "results.json" in present:
-        try:
-            b.results = json.loads((d / "results.json").read_text(encoding="utf-8"))
-            if not isinstance(b.results, dict):
-                raise ValueError("not a JSON object")
-        except json.JSONDecodeError as e:
-            b.problems.append(f"results.json: not valid JSON, truncated or corrupt ({e})")
-            b.results = {}
-        except ValueError as e:
-            b.problems.append(f"results.json: not a JSON object ({e})")
-            b.results = {}
-        if b.results.get("status", "complete") != "complete":
-            b.problems.append(f"results.json: status {b.results['status']!r}, not 'complete'")
-        for key in ("run_id", "script", "mode", "snapshot_sha256", "split_sha256", "feature_recipe_hash", "test_cer"):
-            if b.results and b.results.get(key) is None:
-                b.problems.append(f"results.json: field '{key}' missing")
-        for key, want in (("snapshot_sha256", snapshot_sha256), ("split_sha256", split_sha256),
-                          ("feature_recipe_hash", recipe_hash)):
-            have = b.results.get(key)
-            if want is not None and have is not None and have != want:
-                b.problems.append(f"results.json: {key} {str(have)[:16]}… differs from the expected {want[:16]}…")
-    split = None
-    if "split.json" in present:
-        try:
-            split = Split.load(d / "split.json")
-        except (ValueError, KeyError) as e:
-            b.problems.append(f"split.json: {e}")
-        if split is not None:
-            if b.split_sha256 and split.sha256 != b.split_sha256:
-                b.problems.append(f"split.json hashes to {split.sha256[:16]}…, results.json names {b.split_sha256[:16]}…")
-            if split.snapshot_sha256 and b.snapshot_sha256 and split.snapshot_sha256 != b.snapshot_sha256:
-                b.problems.append(f"split.json was made from snapshot {split.snapshot_sha256[:16]}…, "
-                                  f"results.json names {b.snapshot_sha256[:16]}…")
-    for name in ("vocab.json", "test_metrics_by_partition.json"):
-        if name in present:
-            try:
-                json.loads((d / name).read_text(encoding="utf-8"))
-            except ValueError as e:
-                b.problems.append(f"{name}: not valid JSON ({e})")
 
-    # prediction rows: CONTRACTS §4 schema, one per test utterance
-    if "test_predictions.jsonl" in present:
-        rows = _read_jsonl(d / "test_predictions.jsonl", b.problems, "test_predictions.jsonl")
-        seen: set[str] = set()
-        for i, r in enumerate(rows, 1):
-            lacking = [k for k in PREDICTION_KEYS if k not in r]
-            if lacking:
-                b.problems.append(f"test_predictions.jsonl row {i}: missing field(s) {', '.join(lacking)}")
-                break
-            if r["feat_id"] in seen:
-                b.problems.append(f"test_predictions.jsonl row {i}: duplicate feat_id {r['feat_id']}")
-                break
-            seen.add(r["feat_id"])
-            if r["partition"] not in PARTITIONS:
-                b.problems.append(f"test_predictions.jsonl row {i}: partition {r['partition']!r} is not one of "
-                                  f"{', '.join(PARTITIONS)}")
-                break
-        b.test_ids = [r["feat_id"] for r in rows]
-        want_ids = test_ids if test_ids is not None else (split.test if split is not None else None)
-        if want_ids is not None and not any("test_predictions" in p for p in b.problems):
-            want, got = set(want_ids), set(b.test_ids)
-            if subset:
-                if not got or not got <= want:
-                    b.problems.append(f"test_predictions.jsonl: {len(got - want)} of {len(got)} rows are not "
-                                      f"test utterances of the split")
-            elif got != want:
-                b.problems.append(f"test_predictions.jsonl: {len(got)} rows, the split's test part has {len(want)} "
-                                  f"({len(want - got)} missing, {len(got - want)} not in the split)")
-        if "test_references.jsonl" in present:
-            refs = _read_jsonl(d / "test_references.jsonl", b.problems, "test_references.jsonl")
-            ref_ids = {r.get("feat_id") for r in refs}
-            if ref_ids != set(b.test_ids):
-                b.problems.append(f"test_references.jsonl: its {len(ref_ids)} feat_ids differ from the "
-                                  f"{len(b.test_ids)} prediction rows")
-    return b
+def _check_results(b: Bundle, expected: dict[str, str | None]) -> None:
+    """results.json: a complete run's record, naming the snapshot, split and recipe expected."""
+    try:
+        b.results = json.loads((b.dir / "results.json").read_text(encoding="utf-8"))
+        if not isinstance(b.results, dict):
+            raise ValueError("not a JSON object")
+    except json.JSONDecodeError as e:
+        b.problems.append(f"results.json: not valid JSON, truncated or corrupt ({e})")
+        b.results = {}
+    except ValueError as e:
+        b.problems.append(f"results.json: not a JSON object ({e})")
+        b.results = {}
+    if b.results.get("status", "complete") != "complete":
+        b.problems.append(f"results.json: status {b.results['status']!r}, not 'complete'")
+    for key in ("run_id", "script", "mode", "snapshot_sha256", "split_sha256", "feature_recipe_hash", "test_cer"):
+        if b.results and b.results.get(key) is None:
+            b.problems.append(f"results.json: field '{key}' missing")
+    for key, want in expected.items():
+        have = b.results.get(key)
+        if want is not None and have is not None and have != want:
+            b.problems.append(f"results.json: {key} {str(have)[:16]}… differs from the expected {want[:16]}…")
+
+
+def _check_split(b: Bundle):
+    """split.json hashes to the split results.json names, made from its snapshot."""
+    from models.split import Split
+
+    split = None
+    try:
+        split = Split.load(b.dir / "split.json")
+    except (ValueError, KeyError) as e:
+        b.problems.append(f"split.json: {e}")
+    if split is not None:
+        if b.split_sha256 and split.sha256 != b.split_sha256:
+            b.problems.append(f"split.json hashes to {split.sha256[:16]}…, results.json names {b.split_sha256[:16]}…")
+        if split.snapshot_sha256 and b.snapshot_sha256 and split.snapshot_sha256 != b.snapshot_sha256:
+            b.problems.append(f"split.json was made from snapshot {split.snapshot_sha256[:16]}…, "
+                              f"results.json names {b.snapshot_sha256[:16]}…")
+    return split
+
+
+def _check_predictions(b: Bundle, want_ids: list[str] | None, subset: bool, references: bool) -> None:
+    """Prediction rows: CONTRACTS §4 records (models/bundle.py), one per test utterance of the
+    split (a non-empty subset for a sanity run), and the references for the same rows."""
+    try:
+        rows = read_predictions(b.dir / PREDICTIONS)
+    except RowError as e:
+        b.problems += e.problems[:5] + ([f"{PREDICTIONS}: ... and {len(e.problems) - 5} more"]
+                                        if len(e.problems) > 5 else [])
+        return
+    b.rows, b.test_ids = rows, [r.feat_id for r in rows]
+    if want_ids is not None:
+        want, got = set(want_ids), set(b.test_ids)
+        if subset:
+            if not got or not got <= want:
+                b.problems.append(f"{PREDICTIONS}: {len(got - want)} of {len(got)} rows are not "
+                                  f"test utterances of the split")
+        elif got != want:
+            b.problems.append(f"{PREDICTIONS}: {len(got)} rows, the split's test part has {len(want)} "
+                              f"({len(want - got)} missing, {len(got - want)} not in the split)")
+    if references:
+        ref_ids = set()
+        for lineno, ref, problem in iter_objects(b.dir / REFERENCES):
+            if problem:
+                b.problems.append(f"{REFERENCES} line {lineno}: {problem}")
+            else:
+                ref_ids.add(ref.get("feat_id"))
+        if ref_ids != set(b.test_ids):
+            b.problems.append(f"{REFERENCES}: its {len(ref_ids)} feat_ids differ from the "
+                              f"{len(b.test_ids)} prediction rows")
 
 
 # --------------------------------------------------------------------------- state store
@@ -253,10 +252,7 @@ def register_bundle(db, bundle: Bundle, run_id: str, executor: str, matrix_id: s
         fields["flags"] = flags
     if matrix_id is None:
         fields.pop("matrix_id")
-    curve = []
-    metrics_file = bundle.dir / "metrics.jsonl"
-    if metrics_file.is_file():
-        curve = [row for row in _read_jsonl(metrics_file, [], "metrics.jsonl")]
+    curve = read_metrics(bundle.dir / METRICS) if (bundle.dir / METRICS).is_file() else []
     with store.transaction(db):
         store.set_run_status(db, run_id, "completed", message, **fields)
         store.record_artifacts(db, run_id, bundle.files)

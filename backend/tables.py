@@ -30,10 +30,10 @@ import numpy as np
 
 from backend import stats
 from backend.matrix import Matrix, RunSpec, load_matrix
-from backend.runs import PARTITIONS, recorded_hashes, verify_bundle
+from backend.runs import recorded_hashes, verify_bundle
+from models.bundle import MODES, PARTITIONS, SCRIPTS, learning_curve
+from models.files import atomic_write_text
 
-SCRIPTS = ("nko", "latin")
-MODES = ("baseline", "trajectory", "tar", "ttt")
 SCRIPT_NAMES = {"nko": "N'Ko", "latin": "Latin"}
 
 
@@ -107,39 +107,22 @@ def _load_run(spec: RunSpec, d: Path, m: Matrix, recorded: dict | None = None) -
     for key, want in (("script", spec.script), ("mode", spec.mode), ("seed", spec.seed)):
         if b.results.get(key) != want:
             raise TablesError(f"results.json {key} is {b.results.get(key)!r}, the matrix says {want!r}")
-    rows = {}
-    with open(d / "test_predictions.jsonl", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                rows[r["feat_id"]] = r
+    rows = {r.feat_id: r for r in b.rows}  # §4 records, their counts checked against their texts
     ids = sorted(rows)
     n = len(ids)
     e, c, te, tc = (np.zeros(n, dtype=np.int64) for _ in range(4))
     parts = np.empty(n, dtype=object)
     for i, fid in enumerate(ids):
         r = rows[fid]
-        e[i], c[i] = row_edits(r["reference_text"], r["asr_text"])
-        if (e[i], c[i]) != (r["cer_edits"], r["reference_chars"]):
-            raise TablesError(f"test_predictions.jsonl {fid}: cer_edits/reference_chars {r['cer_edits']}/"
-                              f"{r['reference_chars']} but the texts score {e[i]}/{c[i]}")
-        te[i], tc[i] = row_edits(toneless(r["reference_text"]), toneless(r["asr_text"]))
-        parts[i] = r["partition"]
+        e[i], c[i] = r.cer_edits, r.reference_chars
+        te[i], tc[i] = row_edits(toneless(r.reference_text), toneless(r.asr_text))
+        parts[i] = r.partition
     if not c.sum():
         raise TablesError("test references are empty")
     measured = e.sum() / c.sum()
     if abs(measured - float(b.results["test_cer"])) > 1e-9:
         raise TablesError(f"results.json test_cer {b.results['test_cer']} disagrees with its rows ({measured})")
-    curve = []
-    if (d / "metrics.jsonl").is_file():
-        with open(d / "metrics.jsonl", encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec, dict) and rec.get("kind") == "epoch":
-                    curve.append(rec)
+    curve = learning_curve(d)
     return RunData(spec, d, b.results, ids, e, c, te, tc, parts, curve)
 
 
@@ -581,12 +564,6 @@ def _figures(s: Summary, out: Path) -> list[Path]:
 
 # --------------------------------------------------------------------------- entry points
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    tmp.replace(path)
-
-
 def write_tables(matrix_path: str | Path, out_dir: str | Path = "reports", db_path: str | Path | None = "state.db",
                  reference: str | None = None) -> list[Path]:
     """Write the matrix's tables and figures under ``out_dir``; returns the paths written."""
@@ -599,10 +576,10 @@ def write_tables(matrix_path: str | Path, out_dir: str | Path = "reports", db_pa
     out.mkdir(parents=True, exist_ok=True)
     written = []
     agp_md, agp_csv = agp_tables(m, out / "agp")
-    for name, text in [("tables.md", markdown(s) + agp_md), ("tables.tex", latex(s)), *csvs(s).items(),
+    for name, text in [("tables.md", markdown(s) + agp_md + agp_state_section(m, db_path)), ("tables.tex", latex(s)), *csvs(s).items(),
                        *([("agp.csv", agp_csv)] if agp_csv else [])]:
         p = out / f"{m.matrix_id}-{name}"
-        _write(p, text)
+        atomic_write_text(p, text)
         written.append(p)
     written += _figures(s, out)
     return written
@@ -610,7 +587,6 @@ def write_tables(matrix_path: str | Path, out_dir: str | Path = "reports", db_pa
 
 # --------------------------------------------------------------------------- AGP lane
 
-AGP_PARTITIONS = ("stable", "boundary", "uncertain", "novelty")
 AGP_HEAD = ["run", "proposer", "partition", "rows", "CER before", "ungated", "gated", "Δ gated pp", "95% CI",
             "accepted", "improved", "neutral", "worse", "margin"]
 
@@ -627,7 +603,7 @@ def agp_tables(m: Matrix, agp_dir: Path) -> tuple[str, str]:
         for name, summ in lane.get("proposers", {}).items():
             margins = (summ.get("gate_policy") or {}).get("acoustic", {}).get("margin", {})
             parts = summ["partitions"]
-            groups = [(p, parts[p]) for p in AGP_PARTITIONS if parts.get(p, {}).get("rows")] + [("overall", summ["overall"])]
+            groups = [(p, parts[p]) for p in PARTITIONS if parts.get(p, {}).get("rows")] + [("overall", summ["overall"])]
             for part, g in groups:
                 ci = g.get("delta_ci95")
                 margin = margins.get(part)
@@ -645,3 +621,36 @@ def agp_tables(m: Matrix, agp_dir: Path) -> tuple[str, str]:
           "rows (`reports/agp/<run>/<proposer>/gate.val.toml`; figure `frontier.png` beside it).", "",
           _md_table(AGP_HEAD, rows), ""]
     return "\n".join(md), _csv(AGP_HEAD, rows)
+
+
+AGP_STATE_HEAD = ["run", "proposer", "rows", "accepted", "CER before", "gated", "Δ gated pp", "95% CI", "improved",
+                  "neutral", "worse", "gate policy"]
+
+
+def agp_state_section(m: Matrix, db_path: str | Path | None) -> str:
+    """The AGP lane's result per run and proposer as recorded in state.db (state/agp_results.py),
+    as the tables' last markdown section; "" when state.db holds none for this matrix's runs."""
+    if db_path is None or not Path(db_path).exists():
+        return ""
+    from state.agp_results import agp_results
+    from state.store import open_db
+
+    db = open_db(db_path, read_only=True)
+    try:
+        recorded = agp_results(db, [r.run_id for r in m.runs])
+    finally:
+        db.close()
+    order = {r.run_id: i for i, r in enumerate(m.runs)}
+    rows = [[r.run_id, r.proposer, str(r.rows), str(r.accepted), _pct(r.cer_before), _pct(r.cer_gated),
+             _pct(r.delta_cer, True),
+             "—" if r.delta_ci_low is None else f"[{r.delta_ci_low * 100:+.2f}, {r.delta_ci_high * 100:+.2f}]",
+             str(r.improved), str(r.neutral), str(r.worse), f"`{(r.policy_hash or '—')[:12]}`"]
+            for r in sorted(recorded, key=lambda r: (order[r.run_id], r.proposer))]
+    if not rows:
+        return ""
+    return "\n".join(["", "## AGP gate per run (state.db)", "",
+                      "What the AGP lane recorded in state.db for each run and proposer (all test rows): how many "
+                      "proposals the gate accepted, CER % before → gated, Δ gated = gated − before with a paired "
+                      "bootstrap 95% CI over rows, and the accepted proposals that improved, left unchanged or "
+                      "worsened the row against its reference; gate policy = the hash in each decision's witness.",
+                      "", _md_table(AGP_STATE_HEAD, rows), ""])

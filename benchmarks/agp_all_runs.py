@@ -4,7 +4,7 @@
     nice .venv/bin/python benchmarks/agp_all_runs.py [--matrix configs/matrix/demo.json] [--out work/agp-all]
 
 The demo's own lane covers the runs its matrix lists in ``agp_dumps`` (to keep the demo
-within its time budget). This script runs the same lane (``agp.pipeline.run_demo_lane``:
+within its time budget). This script runs the same lane (``backend.agp_lane.run_matrix_lane``:
 partitions and acoustic margins calibrated on each run's validation rows, lexicon and N-best
 proposers, gate, eval on test rows) on every completed N'Ko run of the matrix, into ``--out``
 with a state store of its own (the demo's state.db is not touched), then checks per run
@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agp.evaluate import paired_bootstrap_ci  # noqa: E402
-from agp.pipeline import run_demo_lane  # noqa: E402
-from agp.rows import load_rows  # noqa: E402
+from backend.agp_lane import run_matrix_lane  # noqa: E402
+from models.bundle import read_predictions  # noqa: E402
 from backend.matrix import load_matrix  # noqa: E402
 from models.text import row_edits  # noqa: E402
 
@@ -64,7 +64,7 @@ def pooled(m, runs: list[str], out: Path, proposer: str) -> dict:
         if not path.exists():
             continue
         decided = {d["feat_id"]: d for d in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
-        for row in load_rows(m.out_dir(m.run(run_id)) / "test_predictions.jsonl"):
+        for row in read_predictions(m.out_dir(m.run(run_id)) / "test_predictions.jsonl"):
             d = decided.get(row.feat_id)
             after = d["proposal"] if d is not None and d["accepted"] else row.asr_text
             before, chars = row_edits(row.reference_text, row.asr_text)
@@ -91,8 +91,8 @@ def main() -> None:
         sys.exit(f"{args.matrix}: no completed N'Ko run under {m.out_root}: run `nko-ops demo` first")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    lanes = run_demo_lane(args.matrix, m.split, m.snapshot, args.out, args.out / "state.db", runs=runs,
-                          log=lambda msg: print(f"  {msg}"))
+    lanes = run_matrix_lane(args.matrix, m.split, m.snapshot, args.out, args.out / "state.db", runs=runs,
+                            log=lambda msg: print(f"  {msg}"))
     elapsed = time.perf_counter() - t0
     results = {run_id: {name: check(s) for name, s in lane["proposers"].items()} for run_id, lane in lanes.items()}
     print(f"{'run':32} {'proposer':8} {'before':>7} {'ungated':>8} {'gated':>7}  {'95% CI of gated-before (pp)':>28}  targets")

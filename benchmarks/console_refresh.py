@@ -29,11 +29,10 @@ import time
 from pathlib import Path
 
 from state.store import open_db, transaction, upsert_run
-from console import queries
+from models.bundle import BUNDLE_FILES, PARTITIONS
 from console.app import ConsoleApp
 
 NOW = 1735819200.0
-PARTITIONS = queries.PARTITIONS
 RULES = ("empty", "no_op", "script", "frozen", "quarantine", "budget", "length_ratio", "new_word")
 NKO = [chr(c) for c in range(0x07CA, 0x07EB)]
 
@@ -67,7 +66,7 @@ def build(path: Path, runs: int = 1000, instances: int = 50, decisions: int = 10
             "INSERT INTO artifacts(run_id, name, path, sha256, size, sync_state) VALUES (?, ?, ?, ?, ?, ?)",
             [(f"run-{r:04d}", name, f"runs/run-{r:04d}/{name}", f"{r:032x}{j:032x}", 1000,
               rng.choice(("verified", "verified", "remote-only", "mirrored")))
-             for r in range(runs) for j, name in enumerate(queries.BUNDLE) if rng.random() < 0.95])
+             for r in range(runs) for j, name in enumerate(BUNDLE_FILES) if rng.random() < 0.95])
         for i in range(instances):
             db.execute("INSERT INTO instances(id, label, run_id, gpu_name, num_gpus, dph_total, actual_status, "
                        "gpu_util, start_date) VALUES (?, ?, ?, 'RTX_4090', 1, ?, 'running', ?, ?)",

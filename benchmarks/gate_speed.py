@@ -31,7 +31,8 @@ from agp.gate import Gate, load_gate_policy  # noqa: E402
 from agp.lexicon import Lexicon  # noqa: E402
 from agp.pipeline import gate_all, lane_rows, load_proposals  # noqa: E402
 from agp.records import record_decisions  # noqa: E402
-from agp.rows import PARTITIONS, write_jsonl  # noqa: E402
+from agp.rows import write_jsonl  # noqa: E402
+from models.bundle import PARTITIONS  # noqa: E402
 from state.store import open_db  # noqa: E402
 from models.text import row_edits, target_text  # noqa: E402
 

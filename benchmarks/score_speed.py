@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from agp.corpus import PERTURBATIONS, perturb  # noqa: E402
-from agp.rows import load_rows  # noqa: E402
+from models.bundle import read_predictions  # noqa: E402
 from models.score import Scorer  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     for run in runs:
-        rows = load_rows(run / "test_predictions.jsonl")
+        rows = read_predictions(run / "test_predictions.jsonl")
         rng = random.Random(0)
         props = [perturb(r.asr_text, rng.choice(PERTURBATIONS), rng) or r.asr_text for r in rows]
         t0 = time.perf_counter()

@@ -20,14 +20,11 @@ from typing import Iterator
 
 import sqlite_utils
 
+from models.bundle import BUNDLE_FILES
 from state.store import transaction
 
-# The nine files of a complete run bundle (CONTRACTS §3).
-BUNDLE = ("results.json", "train.log", "run.log", "split.json", "vocab.json", "best.pt",
-          "test_predictions.jsonl", "test_references.jsonl", "test_metrics_by_partition.json")
 # Worst first: a run's sync column leads with the state that needs attention.
 SYNC_ORDER = ("missing", "remote-only", "transferring", "local", "verified", "mirrored")
-PARTITIONS = ("stable", "boundary", "uncertain", "novelty")
 STALE_HEARTBEAT_S = 600.0
 
 
@@ -52,10 +49,10 @@ class RunRow:
 
 def matrix(db: sqlite_utils.Database) -> list[RunRow]:
     """All runs, grouped by matrix, with artifact counts and a sync summary."""
-    marks = ",".join("?" * len(BUNDLE))
+    marks = ",".join("?" * len(BUNDLE_FILES))
     artifacts = {run_id: (n, states) for run_id, n, states in db.execute(
         f"""SELECT run_id, sum(name IN ({marks}) AND sync_state != 'missing'), group_concat(sync_state)
-            FROM artifacts WHERE owner_kind = 'run' GROUP BY run_id""", BUNDLE).fetchall()}
+            FROM artifacts WHERE owner_kind = 'run' GROUP BY run_id""", BUNDLE_FILES).fetchall()}
     out = []
     for row in db.execute("""
             SELECT id, matrix_id, script, mode, seed, status, epoch, val_loss, best_val_loss, best_epoch, test_cer

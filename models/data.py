@@ -102,39 +102,13 @@ def prepare(cfg: RunConfig, split_path: str | Path | None = None, log=print) -> 
     with those characters removed. A val/test reference that is empty after the target
     normalisation is an error. Train rows with an empty or out-of-vocabulary target are
     skipped, logged with their characters and recorded in results.json."""
-    from models.features import FeatureStore
-
     snap = load_snapshot(Path(cfg.snapshot))
     if cfg.snapshot_sha256 and cfg.snapshot_sha256 != snap.sha256:
         raise DataError(f"snapshot_sha256 mismatch: config says {cfg.snapshot_sha256}, "
                         f"{snap.path} has {snap.sha256}")
     split_path = Path(split_path or cfg.split)
-    if not split_path.exists():
-        raise DataError(f"split file not found: {split_path} (config field 'split')")
-    split = Split.load(split_path)
-    if split.snapshot_sha256 and split.snapshot_sha256 != snap.sha256:
-        raise DataError(f"split/snapshot mismatch: {split_path} was made for snapshot {split.snapshot_sha256[:12]}, "
-                        f"but {snap.path} is {snap.sha256[:12]}")
-    by_id = snap.by_id()
-    for part in PARTS:
-        missing = [f for f in getattr(split, part) if f not in by_id]
-        if missing:
-            raise DataError(f"split/snapshot mismatch: {len(missing)} {part} feat_id(s) of {split_path} are not in "
-                            f"{snap.path}: {_show(missing)}")
-    try:
-        store = FeatureStore.open(Path(cfg.features))
-    except FileNotFoundError as e:
-        raise DataError(f"features: {e}") from None
-    check_store_source(store, snap, cfg.features)
-    overrides = cfg.model.overrides()
-    if "n_input" in overrides and overrides["n_input"] != store.dim:
-        raise DataError(f"model.n_input={overrides['n_input']} but the feature store {cfg.features} has dim {store.dim}")
-    vocab = Vocab.for_script(cfg.script)
-    overrides.update(n_input=store.dim, n_vocab=len(vocab))
-    try:
-        dims = make_dims(cfg.model.preset, **overrides)
-    except ValueError as e:
-        raise DataError(str(e)) from None
+    split, by_id = _load_split(split_path, snap)
+    store, vocab, dims = _open_features(cfg, snap)
 
     limits = {"train": cfg.subset.train, "val": cfg.subset.val, "test": cfg.subset.test}
     parts: dict[str, list[Utterance]] = {}
@@ -142,30 +116,7 @@ def prepare(cfg: RunConfig, split_path: str | Path | None = None, log=print) -> 
     oov: dict[str, list[dict]] = {}
     for part in PARTS:
         ids = getattr(split, part)[: limits[part]] if limits[part] else getattr(split, part)
-        absent = [f for f in ids if f not in store]
-        if absent:
-            raise DataError(f"features: {len(absent)} {part} feat_id(s) are not in the feature store "
-                            f"{cfg.features}: {_show(absent)}")
-        refs = {f: T.target_text(by_id[f][cfg.script], cfg.script) for f in ids}
-        empty = [f for f in ids if not refs[f]]
-        if empty and part != "train":
-            raise DataError(f"{part} utterance(s) with an empty {cfg.script} target after normalisation (punctuation "
-                            f"removed) cannot be scored: {_show(empty)} (field '{cfg.script}' of {snap.path}: "
-                            f"{by_id[empty[0]][cfg.script]!r}); fix these snapshot rows or drop them from the split")
-        frames = [store.frames(f) for f in ids]
-        outs = output_lengths(torch.tensor(frames, dtype=torch.long), dims).tolist() if ids else []
-        utts, unknown = [], []
-        for fid, n, n_out in zip(ids, frames, outs):
-            row, ref = by_id[fid], refs[fid]
-            if not ref:
-                continue
-            bad = vocab.unknown([ref])
-            if bad:
-                unknown.append({"feat_id": fid, "chars": char_labels(bad)})
-                if part == "train":
-                    continue
-            known = " ".join("".join(ch for ch in ref if ch not in bad).split()) if bad else ref
-            utts.append(Utterance(fid, audio_id(row), vocab.encode(known), ref, row["nko"], row["latin"], n, n_out))
+        utts, unknown, empty = _part_utterances(cfg, part, ids, by_id, store, vocab, dims, snap)
         if part == "train":
             skipped = {"unknown_chars": unknown, "empty": empty}
             if unknown:
@@ -181,16 +132,90 @@ def prepare(cfg: RunConfig, split_path: str | Path | None = None, log=print) -> 
                     f"{_show_oov(unknown)}")
         parts[part] = utts
     data = RunData(snap.path, snap.sha256, split, split_path, store, vocab, dims, parts, skipped, oov)
+    _check_usable(data, log)
+    return data
+
+
+def _load_split(split_path: Path, snap: Snapshot) -> tuple[Split, dict]:
+    """The split file, made for ``snap``, every feat_id of it in the snapshot; and the rows by id."""
+    if not split_path.exists():
+        raise DataError(f"split file not found: {split_path} (config field 'split')")
+    split = Split.load(split_path)
+    if split.snapshot_sha256 and split.snapshot_sha256 != snap.sha256:
+        raise DataError(f"split/snapshot mismatch: {split_path} was made for snapshot {split.snapshot_sha256[:12]}, "
+                        f"but {snap.path} is {snap.sha256[:12]}")
+    by_id = snap.by_id()
+    for part in PARTS:
+        missing = [f for f in getattr(split, part) if f not in by_id]
+        if missing:
+            raise DataError(f"split/snapshot mismatch: {len(missing)} {part} feat_id(s) of {split_path} are not in "
+                            f"{snap.path}: {_show(missing)}")
+    return split, by_id
+
+
+def _open_features(cfg: RunConfig, snap: Snapshot):
+    """The feature store (extracted from ``snap``), the script's vocabulary and the model dims."""
+    from models.features import FeatureStore
+
+    try:
+        store = FeatureStore.open(Path(cfg.features))
+    except FileNotFoundError as e:
+        raise DataError(f"features: {e}") from None
+    check_store_source(store, snap, cfg.features)
+    overrides = cfg.model.overrides()
+    if "n_input" in overrides and overrides["n_input"] != store.dim:
+        raise DataError(f"model.n_input={overrides['n_input']} but the feature store {cfg.features} has dim {store.dim}")
+    vocab = Vocab.for_script(cfg.script)
+    overrides.update(n_input=store.dim, n_vocab=len(vocab))
+    try:
+        dims = make_dims(cfg.model.preset, **overrides)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    return store, vocab, dims
+
+
+def _part_utterances(cfg: RunConfig, part: str, ids: list[str], by_id: dict, store, vocab: Vocab, dims: Dims,
+                     snap: Snapshot) -> tuple[list[Utterance], list[dict], list[str]]:
+    """One split part's utterances, its out-of-vocabulary rows ({"feat_id", "chars"}) and its
+    rows with an empty target (an error outside train; train drops both kinds)."""
+    absent = [f for f in ids if f not in store]
+    if absent:
+        raise DataError(f"features: {len(absent)} {part} feat_id(s) are not in the feature store "
+                        f"{cfg.features}: {_show(absent)}")
+    refs = {f: T.target_text(by_id[f][cfg.script], cfg.script) for f in ids}
+    empty = [f for f in ids if not refs[f]]
+    if empty and part != "train":
+        raise DataError(f"{part} utterance(s) with an empty {cfg.script} target after normalisation (punctuation "
+                        f"removed) cannot be scored: {_show(empty)} (field '{cfg.script}' of {snap.path}: "
+                        f"{by_id[empty[0]][cfg.script]!r}); fix these snapshot rows or drop them from the split")
+    frames = [store.frames(f) for f in ids]
+    outs = output_lengths(torch.tensor(frames, dtype=torch.long), dims).tolist() if ids else []
+    utts, unknown = [], []
+    for fid, n, n_out in zip(ids, frames, outs):
+        row, ref = by_id[fid], refs[fid]
+        if not ref:
+            continue
+        bad = vocab.unknown([ref])
+        if bad:
+            unknown.append({"feat_id": fid, "chars": char_labels(bad)})
+            if part == "train":
+                continue
+        known = " ".join("".join(ch for ch in ref if ch not in bad).split()) if bad else ref
+        utts.append(Utterance(fid, audio_id(row), vocab.encode(known), ref, row["nko"], row["latin"], n, n_out))
+    return utts, unknown, empty
+
+
+def _check_usable(data: RunData, log) -> None:
+    """Warn about CTC-infeasible utterances; refuse a split part left with none usable."""
     for part, n in data.infeasible().items():
         if n:
-            log(f"WARNING {part}: {n} of {len(parts[part])} utterance(s) are CTC-infeasible (fewer encoder frames "
-                f"than labels + repeats at conv stride {dims.conv_stride}); "
+            log(f"WARNING {part}: {n} of {len(data.parts[part])} utterance(s) are CTC-infeasible (fewer encoder "
+                f"frames than labels + repeats at conv stride {data.dims.conv_stride}); "
                 + ("they are left out of the loss" if part != "test" else "they are still decoded and scored"))
     for part in ("train", "val", "test"):
-        usable = [u for u in parts[part] if u.feasible or part == "test"]
+        usable = [u for u in data.parts[part] if u.feasible or part == "test"]
         if not usable:
             raise DataError(f"split part '{part}' has no usable utterances (after subset, vocabulary and CTC checks)")
-    return data
 
 
 def make_batches(utts: list[Utterance], batch_size: int, max_batch_frames: int | None = None) -> list[list[int]]:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from models import text as T
+from models.bundle import PARTITIONS
 from models.config import RunConfig
 from models.data import Utterance
 from models.model import CTCModel
@@ -31,9 +32,6 @@ from models.trajectory import trajectory_scalars
 from models.ttt import ttt_logits
 from models.vocab import Vocab
 
-PARTITIONS = ("stable", "boundary", "uncertain", "novelty")
-RECORD_KEYS = ("feat_id", "audio_id", "split", "script", "mode", "asr_text", "reference_text", "cer_edits",
-               "reference_chars", "trajectory_scalars", "partition")
 DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "configs" / "partition.toml"
 
 
@@ -161,10 +159,6 @@ def decode_utterances(model: CTCModel, store, utts: list[Utterance], cfg: RunCon
                      "reference_chars": chars, "trajectory_scalars": summary,
                      "partition": partition(summary, policy)})
     return rows, stats
-
-
-def jsonl_bytes(rows: list[dict]) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
 
 
 def metrics_by_partition(rows: list[dict], policy: dict) -> dict:

@@ -2,10 +2,14 @@
 
     train(cfg) -> run directory
 
-The loop reads top to bottom like nanoGPT's: AdamW (decay on matrices only), linear warmup
-then cosine per step, grad clipping, SpecAugment-style masks, validation CTC loss after
-every epoch, early stopping with patience, ``best.pt`` on improvement and ``last.pt`` after
-every epoch. ``last.pt`` holds model, optimiser, step/epoch counters, early-stopping state,
+``_train`` reads in one sitting, split the way icefall's recipes are: ``make_plan`` (batches
+and schedule), ``setup`` (seeded model, optimiser, RNG, resume), then per epoch
+``train_one_epoch`` (``compute_loss`` per batch), ``validation_loss`` and ``end_epoch``
+(early stopping, ``best.pt``, metrics, ``save_checkpoint``), then ``finish`` (decode the test
+set, write the bundle: models/bundle.py names its files and rows). The loop is nanoGPT's:
+AdamW (decay on matrices only), linear warmup then cosine per step, grad clipping,
+SpecAugment-style masks, validation CTC loss after every epoch, early stopping with
+patience, ``best.pt`` on improvement and ``last.pt`` after every epoch. ``last.pt`` holds model, optimiser, step/epoch counters, early-stopping state,
 the RNG states and the byte offsets of ``train.log``/``metrics.jsonl``; resuming truncates
 the logs to those offsets and continues, so on CPU a run killed at any point after epoch k
 and resumed ends exactly like an uninterrupted one. Batches are fixed length-sorted
@@ -23,7 +27,6 @@ checkpoints), never a manifest, and turns an existing results.json to "failed".
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -34,22 +37,21 @@ import sys
 import time
 import traceback
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from models.bundle import BUNDLE_FILES, MANIFEST, METRICS_BY_PARTITION, PREDICTIONS, REFERENCES, jsonl_bytes
 from models.config import RunConfig
 from models.data import RunData, collate, make_batches, padding_waste, prepare, spec_augment
-from models.decode import (DEFAULT_POLICY, decode_utterances, jsonl_bytes, load_policy, metrics_by_partition,
-                           policy_sha256)
+from models.decode import DEFAULT_POLICY, decode_utterances, load_policy, metrics_by_partition, policy_sha256
+from models.files import atomic_write_bytes, atomic_write_json, sha256_file
 from models.model import CTCModel, Dims
 from models.trajectory import tar_loss
 
-ARTIFACTS = ("results.json", "train.log", "run.log", "split.json", "vocab.json", "best.pt", "test_predictions.jsonl",
-             "test_references.jsonl", "test_metrics_by_partition.json")
 TAR_DEFINITION = ("L = L_CTC + tar.weight * mean_t ||A(h_t) - sg(z_{t+1})||^2/7 + tar.smooth_weight * "
                   "mean_t ||h_{t+1} - h_t||^2/d_model; h = final encoder states, z = trajectory scalars of h, "
                   "A = linear anticipation head (models/trajectory.py)")
@@ -90,26 +92,8 @@ def git_commit() -> str:
     return (head + ("-dirty" if dirty else "")) if head else "unknown"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, obj) -> None:
-    _atomic_write(path, (json.dumps(obj, ensure_ascii=False, indent=1) + "\n").encode("utf-8"))
+    atomic_write_json(path, obj, indent=1)
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -292,31 +276,108 @@ def _mark_results_failed(out: Path) -> None:
         write_json(path, {**results, "status": "failed", "error": "see error.json"})
 
 
+@dataclass
+class Plan:
+    """The run's batches (fixed length-sorted buckets) and its step schedule."""
+
+    train_utts: list
+    val_utts: list
+    batches: list[list[int]]
+    val_batches: list[list[int]]
+    waste: float
+    waste_unbucketed: float
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+@dataclass
+class Trainer:
+    """What one process's training loop works on; ``state`` is what last.pt saves."""
+
+    cfg: RunConfig
+    out: Path
+    logs: Logs
+    stage: dict
+    world: int
+    rank: int
+    device: torch.device
+    data: RunData
+    plan: Plan
+    raw: CTCModel
+    model: torch.nn.Module  # ``raw``, or ``raw`` wrapped in DDP
+    opt: torch.optim.Optimizer
+    aug: torch.Generator
+    state: dict
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
 def _train(cfg: RunConfig, out: Path, logs: Logs, stage: dict, world: int, rank: int,
            stop_after_epoch: int | None) -> Path:
-    master = rank == 0
+    """setup -> (train_one_epoch -> validate -> end_epoch) per epoch -> finish (rank 0)."""
     t0 = time.time()
+    device = _device(cfg, world)
+    ckpt = _load_last(cfg, out, logs, device, world)
+    stage["name"] = "data"
+    data = prepare(cfg, log=logs.run)
+    plan = make_plan(cfg, data, world, logs)
+    t = setup(cfg, out, logs, stage, world, rank, device, data, plan, ckpt)
+
+    stage["name"] = "train"
+    for epoch in range(t.state["epoch"] + 1, cfg.train.epochs + 1):
+        if t.state["done"]:
+            break
+        stage["epoch"] = epoch
+        t_epoch = time.time()
+        sums, lr, frames, n_batches = train_one_epoch(t, epoch)
+        stage["name"] = "validate"
+        val = validation_loss(t.raw, data, plan.val_utts, plan.val_batches, device, world, rank)
+        stage["name"] = "train"
+        end_epoch(t, epoch, val, sums, lr, frames, n_batches, t_epoch)
+        if stop_after_epoch is not None and epoch >= stop_after_epoch and not t.state["done"]:
+            logs.run(f"stopping after epoch {epoch} as asked (resume with the same command)")
+            return out
+    if not t.master:
+        return out
+
+    stage["name"] = "decode"
+    return finish(cfg, out, data, device, logs, t.state, t0, {"padding_waste": plan.waste,
+                                                             "padding_waste_unbucketed": plan.waste_unbucketed,
+                                                             "steps_per_epoch": plan.steps_per_epoch,
+                                                             "batches": len(plan.batches)})
+
+
+def _device(cfg: RunConfig, world: int) -> torch.device:
     device = resolve_device(cfg.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+    return device
 
-    ckpt = None
-    if (out / "last.pt").exists():
-        ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
-        diff = config_diff(ckpt["config"], cfg.to_json())
-        if diff:
-            raise RunError(f"{out}/last.pt belongs to a run with a different config (differs in: {', '.join(diff)}); "
-                           f"use another out_dir or the original config")
-        logs.truncate(ckpt["log_offsets"])
-        logs.run(f"resuming {cfg.run_id} after epoch {ckpt['state']['epoch']} (step {ckpt['state']['step']})")
-    else:
+
+def _load_last(cfg: RunConfig, out: Path, logs: Logs, device: torch.device, world: int) -> dict | None:
+    """last.pt of an interrupted run of the same config (logs truncated to its offsets), or
+    None for a fresh start."""
+    if not (out / "last.pt").exists():
         logs.run(f"starting {cfg.run_id}: script={cfg.script} mode={cfg.mode} seed={cfg.seed} device={device}"
                  f" world_size={world}")
         logs.run("config " + json.dumps(cfg.to_json(), ensure_ascii=False))
+        return None
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    diff = config_diff(ckpt["config"], cfg.to_json())
+    if diff:
+        raise RunError(f"{out}/last.pt belongs to a run with a different config (differs in: {', '.join(diff)}); "
+                       f"use another out_dir or the original config")
+    logs.truncate(ckpt["log_offsets"])
+    logs.run(f"resuming {cfg.run_id} after epoch {ckpt['state']['epoch']} (step {ckpt['state']['step']})")
+    return ckpt
 
-    stage["name"] = "data"
-    data = prepare(cfg, log=logs.run)
+
+def make_plan(cfg: RunConfig, data: RunData, world: int, logs: Logs) -> Plan:
+    """Batches, padding waste (against an unbucketed shuffle) and the step schedule, logged."""
     train_utts = [u for u in data.parts["train"] if u.feasible]
     val_utts = [u for u in data.parts["val"] if u.feasible]
     batches = make_batches(train_utts, cfg.train.batch_size, cfg.train.max_batch_frames)
@@ -340,7 +401,14 @@ def _train(cfg: RunConfig, out: Path, logs: Logs, stage: dict, world: int, rank:
                  f"{rate / data.dims.conv_stride:g} encoder frames per second")
     logs.run(f"batches: {len(batches)} train / {len(val_batches)} val, padding waste {waste:.1%} "
              f"(unbucketed {waste_unbucketed:.1%}); {steps_per_epoch} steps/epoch, warmup {warmup_steps} steps")
+    return Plan(train_utts, val_utts, batches, val_batches, waste, waste_unbucketed, steps_per_epoch, total_steps,
+                warmup_steps)
 
+
+def setup(cfg: RunConfig, out: Path, logs: Logs, stage: dict, world: int, rank: int, device: torch.device,
+          data: RunData, plan: Plan, ckpt: dict | None) -> Trainer:
+    """Seeded model, AdamW (decay on matrices only), augmentation RNG and loop state; restored
+    from ``ckpt`` (last.pt) when resuming."""
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.cuda.manual_seed_all(cfg.seed)
@@ -360,106 +428,113 @@ def _train(cfg: RunConfig, out: Path, logs: Logs, stage: dict, world: int, rank:
         _set_rng_state(ckpt["rng"], aug)
         logs.metric({"kind": "status", "status": "resumed", "epoch": state["epoch"], "step": state["step"]})
     else:
-        logs.metric({"kind": "status", "status": "started", "epoch": 0, "step": 0, "steps_per_epoch": steps_per_epoch,
-                     "padding_waste": round(waste, 6)})
+        logs.metric({"kind": "status", "status": "started", "epoch": 0, "step": 0,
+                     "steps_per_epoch": plan.steps_per_epoch, "padding_waste": round(plan.waste, 6)})
     model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda"
                                                       else None) if world > 1 else raw
+    return Trainer(cfg, out, logs, stage, world, rank, device, data, plan, raw, model, opt, aug, state)
 
-    stage["name"] = "train"
-    for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
-        if state["done"]:
-            break
-        stage["epoch"] = epoch
-        t_epoch = time.time()
-        model.train()
-        order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        mine = order.tolist()[rank::world][:steps_per_epoch]
-        sums, window, frames = {"ctc": 0.0, "total": 0.0, "tar_anticipation": 0.0, "tar_smooth": 0.0}, [], 0
-        for b in mine:
-            x, n, y, yl = collate(data.store, train_utts, batches[b])
-            x = spec_augment(x, n, cfg.train.specaugment, aug)
-            x, n, y, yl = x.to(device), n.to(device), y.to(device), yl.to(device)
-            lr = lr_at(state["step"], total_steps, warmup_steps, cfg.train.lr, cfg.train.min_lr_ratio)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with _autocast(device):
-                o = model(x, n)
-                loss_ctc = ctc_losses(o.logits, o.lengths, y, yl).mean()
-                loss = loss_ctc
-                if cfg.mode == "tar":
-                    l_tar, parts = tar_loss(o.hidden, o.mask, raw.anticipation, cfg.tar.weight, cfg.tar.smooth_weight)
-                    loss = loss + l_tar
-                    for k, v in parts.items():
-                        sums[k] += v
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.train.grad_clip).item()
-            opt.step()
-            state["step"] += 1
-            sums["ctc"] += loss_ctc.item()
-            sums["total"] += loss.item()
-            window.append(loss_ctc.item())
-            frames += int(n.sum())
-            if state["step"] % cfg.train.log_every == 0:
-                logs.metric({"kind": "step", "epoch": epoch, "step": state["step"],
-                             "train_loss": round(sum(window) / len(window), 6), "lr": lr,
-                             "grad_norm": round(grad_norm, 6)})
-                logs.train(f"epoch {epoch} step {state['step']}: loss {sum(window) / len(window):.4f} "
-                           f"lr {lr:.2e} grad_norm {grad_norm:.3f}")
-                window = []
-        stage["name"] = "validate"
-        val = validation_loss(raw, data, val_utts, val_batches, device, world, rank)
-        stage["name"] = "train"
-        improved = val < state["best_val_loss"]
-        if improved:
-            state.update(best_val_loss=val, best_epoch=epoch, bad_epochs=0)
-            if master:
-                _atomic_save({"model": raw.state_dict(), "dims": asdict(data.dims), "mode": cfg.mode,
-                              "script": cfg.script, "epoch": epoch, "val_loss": val, "config": cfg.to_json(),
-                              "vocab": list(data.vocab.symbols)}, out / "best.pt")
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch
-        state["train_time_s"] += time.time() - t_epoch
-        if state["bad_epochs"] >= cfg.train.patience:
-            state.update(done=True, stop_reason="early_stop")
-        elif epoch == cfg.train.epochs:
-            state.update(done=True, stop_reason="max_epochs")
-        n_b = max(1, len(mine))
-        record = {"kind": "epoch", "epoch": epoch, "step": state["step"], "train_loss": round(sums["ctc"] / n_b, 6),
-                  "val_loss": round(val, 6), "lr": lr, "best_val_loss": round(state["best_val_loss"], 6),
-                  "best_epoch": state["best_epoch"], "improved": improved, "padding_waste": round(waste, 6),
-                  "epoch_time_s": round(time.time() - t_epoch, 3),
-                  "frames_per_s": round(frames / max(1e-9, time.time() - t_epoch), 1)}
-        if cfg.mode == "tar":
-            record.update(train_total_loss=round(sums["total"] / n_b, 6),
-                          tar_anticipation=round(sums["tar_anticipation"] / n_b, 6),
-                          tar_smooth=round(sums["tar_smooth"] / n_b, 6))
-        logs.metric(record)
-        logs.train(f"epoch {epoch}: train_loss {record['train_loss']:.4f} val_loss {val:.4f}"
-                   f"{' *' if improved else ''} best {state['best_val_loss']:.4f}@{state['best_epoch']} "
-                   f"({record['epoch_time_s']:.1f}s)")
-        if state["done"]:
-            logs.run(f"training stopped after epoch {epoch}: {state['stop_reason']} "
-                     f"(best val loss {state['best_val_loss']:.6f} at epoch {state['best_epoch']})")
-            logs.metric({"kind": "status", "status": state["stop_reason"], "epoch": epoch, "step": state["step"]})
-        if master:
-            _atomic_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "state": state,
-                          "rng": _rng_state(aug), "config": cfg.to_json(), "log_offsets": logs.offsets()},
-                         out / "last.pt")
-        if world > 1:
-            dist.barrier()
-        if stop_after_epoch is not None and epoch >= stop_after_epoch and not state["done"]:
-            logs.run(f"stopping after epoch {epoch} as asked (resume with the same command)")
-            return out
-    if not master:
-        return out
 
-    stage["name"] = "decode"
-    return finish(cfg, out, data, device, logs, state, t0, {"padding_waste": waste,
-                                                           "padding_waste_unbucketed": waste_unbucketed,
-                                                           "steps_per_epoch": steps_per_epoch,
-                                                           "batches": len(batches)})
+def compute_loss(t: Trainer, x: torch.Tensor, n: torch.Tensor, y: torch.Tensor, yl: torch.Tensor,
+                 sums: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to optimise, its CTC part) for one batch; TAR adds its terms (and their parts to ``sums``)."""
+    with _autocast(t.device):
+        o = t.model(x, n)
+        loss_ctc = ctc_losses(o.logits, o.lengths, y, yl).mean()
+        loss = loss_ctc
+        if t.cfg.mode == "tar":
+            l_tar, parts = tar_loss(o.hidden, o.mask, t.raw.anticipation, t.cfg.tar.weight, t.cfg.tar.smooth_weight)
+            loss = loss + l_tar
+            for k, v in parts.items():
+                sums[k] += v
+    return loss, loss_ctc
+
+
+def train_one_epoch(t: Trainer, epoch: int) -> tuple[dict, float, int, int]:
+    """One pass over this rank's share of the epoch's batches (order from (seed, epoch));
+    returns the loss sums, the last lr, the frames seen and the number of batches."""
+    cfg, state, plan = t.cfg, t.state, t.plan
+    t.model.train()
+    order = torch.randperm(len(plan.batches), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+    mine = order.tolist()[t.rank::t.world][:plan.steps_per_epoch]
+    sums, window, frames = {"ctc": 0.0, "total": 0.0, "tar_anticipation": 0.0, "tar_smooth": 0.0}, [], 0
+    for b in mine:
+        x, n, y, yl = collate(t.data.store, plan.train_utts, plan.batches[b])
+        x = spec_augment(x, n, cfg.train.specaugment, t.aug)
+        x, n, y, yl = x.to(t.device), n.to(t.device), y.to(t.device), yl.to(t.device)
+        lr = lr_at(state["step"], plan.total_steps, plan.warmup_steps, cfg.train.lr, cfg.train.min_lr_ratio)
+        for group in t.opt.param_groups:
+            group["lr"] = lr
+        loss, loss_ctc = compute_loss(t, x, n, y, yl, sums)
+        t.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(t.raw.parameters(), cfg.train.grad_clip).item()
+        t.opt.step()
+        state["step"] += 1
+        sums["ctc"] += loss_ctc.item()
+        sums["total"] += loss.item()
+        window.append(loss_ctc.item())
+        frames += int(n.sum())
+        if state["step"] % cfg.train.log_every == 0:
+            t.logs.metric({"kind": "step", "epoch": epoch, "step": state["step"],
+                           "train_loss": round(sum(window) / len(window), 6), "lr": lr,
+                           "grad_norm": round(grad_norm, 6)})
+            t.logs.train(f"epoch {epoch} step {state['step']}: loss {sum(window) / len(window):.4f} "
+                         f"lr {lr:.2e} grad_norm {grad_norm:.3f}")
+            window = []
+    return sums, lr, frames, len(mine)
+
+
+def end_epoch(t: Trainer, epoch: int, val: float, sums: dict, lr: float, frames: int, n_batches: int,
+              t_epoch: float) -> None:
+    """Early-stopping bookkeeping, best.pt on improvement, the epoch's metrics and log lines,
+    then last.pt (save_checkpoint)."""
+    cfg, state = t.cfg, t.state
+    improved = val < state["best_val_loss"]
+    if improved:
+        state.update(best_val_loss=val, best_epoch=epoch, bad_epochs=0)
+        if t.master:
+            _atomic_save({"model": t.raw.state_dict(), "dims": asdict(t.data.dims), "mode": cfg.mode,
+                          "script": cfg.script, "epoch": epoch, "val_loss": val, "config": cfg.to_json(),
+                          "vocab": list(t.data.vocab.symbols)}, t.out / "best.pt")
+    else:
+        state["bad_epochs"] += 1
+    state["epoch"] = epoch
+    state["train_time_s"] += time.time() - t_epoch
+    if state["bad_epochs"] >= cfg.train.patience:
+        state.update(done=True, stop_reason="early_stop")
+    elif epoch == cfg.train.epochs:
+        state.update(done=True, stop_reason="max_epochs")
+    n_b = max(1, n_batches)
+    record = {"kind": "epoch", "epoch": epoch, "step": state["step"], "train_loss": round(sums["ctc"] / n_b, 6),
+              "val_loss": round(val, 6), "lr": lr, "best_val_loss": round(state["best_val_loss"], 6),
+              "best_epoch": state["best_epoch"], "improved": improved, "padding_waste": round(t.plan.waste, 6),
+              "epoch_time_s": round(time.time() - t_epoch, 3),
+              "frames_per_s": round(frames / max(1e-9, time.time() - t_epoch), 1)}
+    if cfg.mode == "tar":
+        record.update(train_total_loss=round(sums["total"] / n_b, 6),
+                      tar_anticipation=round(sums["tar_anticipation"] / n_b, 6),
+                      tar_smooth=round(sums["tar_smooth"] / n_b, 6))
+    t.logs.metric(record)
+    t.logs.train(f"epoch {epoch}: train_loss {record['train_loss']:.4f} val_loss {val:.4f}"
+                 f"{' *' if improved else ''} best {state['best_val_loss']:.4f}@{state['best_epoch']} "
+                 f"({record['epoch_time_s']:.1f}s)")
+    if state["done"]:
+        t.logs.run(f"training stopped after epoch {epoch}: {state['stop_reason']} "
+                   f"(best val loss {state['best_val_loss']:.6f} at epoch {state['best_epoch']})")
+        t.logs.metric({"kind": "status", "status": state["stop_reason"], "epoch": epoch, "step": state["step"]})
+    save_checkpoint(t)
+
+
+def save_checkpoint(t: Trainer) -> None:
+    """last.pt (rank 0): model, optimiser, loop state, RNG states and the log offsets a resume
+    truncates to; every rank waits for it."""
+    if t.master:
+        _atomic_save({"model": t.raw.state_dict(), "optimizer": t.opt.state_dict(), "state": t.state,
+                      "rng": _rng_state(t.aug), "config": t.cfg.to_json(), "log_offsets": t.logs.offsets()},
+                     t.out / "last.pt")
+    if t.world > 1:
+        dist.barrier()
 
 
 def decode_test(cfg: RunConfig, data: RunData, model: CTCModel, device: torch.device, policy: dict,
@@ -515,31 +590,61 @@ def finish(cfg: RunConfig, out: Path, data: RunData, device: torch.device, logs:
     t_dec = time.time()
     rows, dstats = decode_test(dcfg, data, model, device, policy)
     logs.run(f"decoded {len(rows)} test utterances with best.pt (epoch {best['epoch']}) in {time.time() - t_dec:.1f}s")
-    ttt_record = None
-    if cfg.mode == "ttt":
-        ttt_record = {**dcfg.ttt.model_dump(), "ttt_steps": dstats["ttt_steps"],
-                      "ttt_guard_reverts": dstats["ttt_guard_reverts"], "selection": selection,
-                      "test_changed": dstats["changed"],
-                      "test_changed_cer_before": _cer(dstats["changed_edits_before"], dstats["changed_chars"]),
-                      "test_changed_cer_after": _cer(dstats["changed_edits_after"], dstats["changed_chars"]),
-                      "test_cer_no_ttt": _cer(dstats["no_ttt_edits"], dstats["chars"])}
-        logs.run(f"ttt (lr {dcfg.ttt.lr:g}, steps {dcfg.ttt.steps}) changed {dstats['changed']} of {len(rows)} test "
-                 f"hypotheses" + (f": CER on those {ttt_record['test_changed_cer_before']:.4f} -> "
-                                  f"{ttt_record['test_changed_cer_after']:.4f}" if dstats["changed"] else
-                                  " (a no-op on this test set)"))
-
-    shutil.copyfile(data.split_path, out / "split.json")
-    data.vocab.save(out / "vocab.json")
-    _atomic_write(out / "test_predictions.jsonl", jsonl_bytes(rows))
-    refs = [{"feat_id": u.feat_id, "audio_id": u.audio_id, "split": "test", "script": cfg.script,
-             "reference_text": u.reference_text, "nko": u.nko, "latin": u.latin} for u in data.parts["test"]]
-    _atomic_write(out / "test_references.jsonl", jsonl_bytes(refs))
-    by_part = metrics_by_partition(rows, policy)
-    write_json(out / "test_metrics_by_partition.json", by_part)
+    ttt_record = _ttt_record(cfg, dcfg, dstats, selection, len(rows), logs) if cfg.mode == "ttt" else None
+    by_part = write_test_files(cfg, out, data, rows, policy)
     overall = by_part["overall"]
     logs.run(f"test CER {overall['cer']:.4f} toneless {overall['toneless_cer']:.4f} over {overall['rows']} rows; "
              + ", ".join(f"{p} {v['rows']}" for p, v in by_part["partitions"].items()))
-    results = {
+    results = _results(cfg, data, model, device, state, t0, batching, by_part, policy, ttt_record)
+    missing = [a for a in BUNDLE_FILES if a != "results.json" and not (out / a).is_file()]
+    if missing:
+        raise RunError(f"bundle incomplete, missing {missing}")
+    logs.metric({"kind": "status", "status": "complete", "epoch": state["epoch"], "step": state["step"],
+                 "test_cer": overall["cer"], "best_val_loss": state["best_val_loss"]})
+    logs.run(f"complete: {out}")
+    (out / "error.json").unlink(missing_ok=True)
+    # results.json says "complete" only from here on; if the manifest is not written after
+    # it, the failure handler in train() turns it to "failed" (a kill leaves it for the rerun).
+    write_json(out / "results.json", results)
+    write_manifest(cfg, out)
+    return out
+
+
+def _ttt_record(cfg: RunConfig, dcfg: RunConfig, dstats: dict, selection: dict | None, n_rows: int,
+                logs: Logs) -> dict:
+    """results.json's ``ttt``: the adaptation used on test, what it changed and the val choice."""
+    record = {**dcfg.ttt.model_dump(), "ttt_steps": dstats["ttt_steps"],
+              "ttt_guard_reverts": dstats["ttt_guard_reverts"], "selection": selection,
+              "test_changed": dstats["changed"],
+              "test_changed_cer_before": _cer(dstats["changed_edits_before"], dstats["changed_chars"]),
+              "test_changed_cer_after": _cer(dstats["changed_edits_after"], dstats["changed_chars"]),
+              "test_cer_no_ttt": _cer(dstats["no_ttt_edits"], dstats["chars"])}
+    logs.run(f"ttt (lr {dcfg.ttt.lr:g}, steps {dcfg.ttt.steps}) changed {dstats['changed']} of {n_rows} test "
+             f"hypotheses" + (f": CER on those {record['test_changed_cer_before']:.4f} -> "
+                              f"{record['test_changed_cer_after']:.4f}" if dstats["changed"] else
+                              " (a no-op on this test set)"))
+    return record
+
+
+def write_test_files(cfg: RunConfig, out: Path, data: RunData, rows: list[dict], policy: dict) -> dict:
+    """split.json, vocab.json, the test predictions and references and the per-partition
+    metrics (returned) of the bundle."""
+    shutil.copyfile(data.split_path, out / "split.json")
+    data.vocab.save(out / "vocab.json")
+    atomic_write_bytes(out / PREDICTIONS, jsonl_bytes(rows))
+    refs = [{"feat_id": u.feat_id, "audio_id": u.audio_id, "split": "test", "script": cfg.script,
+             "reference_text": u.reference_text, "nko": u.nko, "latin": u.latin} for u in data.parts["test"]]
+    atomic_write_bytes(out / REFERENCES, jsonl_bytes(refs))
+    by_part = metrics_by_partition(rows, policy)
+    write_json(out / METRICS_BY_PARTITION, by_part)
+    return by_part
+
+
+def _results(cfg: RunConfig, data: RunData, model: CTCModel, device: torch.device, state: dict, t0: float,
+             batching: dict, by_part: dict, policy: dict, ttt_record: dict | None) -> dict:
+    """results.json of a completed run."""
+    overall = by_part["overall"]
+    return {
         "run_id": cfg.run_id, "status": "complete", "script": cfg.script, "mode": cfg.mode, "seed": cfg.seed,
         "config": cfg.to_json(),
         "resolved_paths": {"snapshot": str(data.snapshot_path.resolve()), "split": str(data.split_path.resolve()),
@@ -567,21 +672,14 @@ def finish(cfg: RunConfig, out: Path, data: RunData, device: torch.device, logs:
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    missing = [a for a in ARTIFACTS if a != "results.json" and not (out / a).is_file()]
-    if missing:
-        raise RunError(f"bundle incomplete, missing {missing}")
-    logs.metric({"kind": "status", "status": "complete", "epoch": state["epoch"], "step": state["step"],
-                 "test_cer": overall["cer"], "best_val_loss": state["best_val_loss"]})
-    logs.run(f"complete: {out}")
-    (out / "error.json").unlink(missing_ok=True)
-    # results.json says "complete" only from here on; if the manifest is not written after
-    # it, the failure handler in train() turns it to "failed" (a kill leaves it for the rerun).
-    write_json(out / "results.json", results)
+
+
+def write_manifest(cfg: RunConfig, out: Path) -> None:
+    """manifest.json: every file of the run directory with its sha256 and size, written last."""
     files = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(".")
-                   and p.name != "manifest.json")
-    write_json(out / "manifest.json", {"run_id": cfg.run_id, "files": {
+                   and p.name != MANIFEST)
+    write_json(out / MANIFEST, {"run_id": cfg.run_id, "files": {
         name: {"sha256": sha256_file(out / name), "size": (out / name).stat().st_size} for name in files}})
-    return out
 
 
 def evaluate_run(run_dir: str | Path, out_path: str | Path | None = None, device: str | None = None,
@@ -629,7 +727,7 @@ def evaluate_run(run_dir: str | Path, out_path: str | Path | None = None, device
     rows, stats = decode_test(cfg, data, model, dev, policy, use_ttt=cfg.mode == "ttt" or bool(ttt), split=split)
     blob = jsonl_bytes(rows)
     if out_path:
-        _atomic_write(Path(out_path), blob)
+        atomic_write_bytes(Path(out_path), blob)
     if split == "val":
         overall = metrics_by_partition(rows, policy)["overall"]
         return {"run": str(run_dir), "split": "val", "rows": len(rows), "out": str(out_path),

@@ -181,11 +181,24 @@ _GATE_ACOUSTIC = [
     "ALTER TABLE gate_decisions ADD COLUMN ref_edit_change INTEGER",
 ]
 
+# The AGP lane's result per run and proposer (state/agp_results.py): the evaluation of its gate
+# decisions against the references, overall and per partition, for the tables.
+_AGP_RESULTS = [
+    f"""CREATE TABLE agp_results (
+        id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, proposer TEXT NOT NULL, partition TEXT NOT NULL,
+        rows INTEGER NOT NULL, reference_chars INTEGER, proposed INTEGER, accepted INTEGER,
+        improved INTEGER, neutral INTEGER, worse INTEGER,
+        cer_before REAL, cer_ungated REAL, cer_gated REAL, delta_cer REAL, delta_ci_low REAL, delta_ci_high REAL,
+        policy_hash TEXT, partition_source TEXT, created_at TEXT NOT NULL DEFAULT {TS_SQL},
+        UNIQUE(run_id, proposer, partition))""",
+]
+
 # (version, name, statements). Append; never edit a migration that has shipped.
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "initial schema", _V1),
     (2, "thunder adapter runs", _THUNDER_ADAPTER_RUNS),
     (3, "gate decisions: acoustic evidence", _GATE_ACOUSTIC),
+    (4, "agp lane results per run", _AGP_RESULTS),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from agp.rows import Row, parse_row
+from models.bundle import PredictionRow, parse_row
 from models.text import row_edits
 
 # a subset of the trainer's summary keys (models/decode.py SUMMARY_KEYS)
@@ -34,7 +34,7 @@ def row_dict(feat_id: str, reference: str, asr: str, partition: str = "boundary"
             "trajectory_scalars": dict(SCALARS if scalars is None else scalars), "partition": partition}
 
 
-def make_row(feat_id: str, reference: str, asr: str, partition: str = "boundary", **kw) -> Row:
+def make_row(feat_id: str, reference: str, asr: str, partition: str = "boundary", **kw) -> PredictionRow:
     row, problems = parse_row(row_dict(feat_id, reference, asr, partition, **kw), feat_id)
     assert row is not None, problems
     return row

@@ -15,8 +15,6 @@ from models.text import row_edits, toneless
 from models.features import FeatureWriter, recipe_hash
 import numpy as np
 
-BUNDLE = ("results.json", "train.log", "run.log", "split.json", "vocab.json", "best.pt", "test_predictions.jsonl",
-          "test_references.jsonl", "test_metrics_by_partition.json")
 
 
 def make_corpus(root: Path, n: int = 40, seed: int = 42) -> dict:

@@ -226,9 +226,9 @@ def _vast_matrix(p: Paths, matrix: Path, settings, budget, provider, log) -> Non
 
 
 def _gate(p: Paths, matrix: Path, data: dict, log) -> None:
-    from agp.pipeline import run_demo_lane
+    from backend.agp_lane import run_matrix_lane
 
-    lanes = run_demo_lane(matrix, data["split"], data["snapshot"], p.root / "agp", p.db, calibrate=False)
+    lanes = run_matrix_lane(matrix, data["split"], data["snapshot"], p.root / "agp", p.db, calibrate=False)
     for run_id, summary in lanes.items():
         o = summary.get("overall", {})
         log(f"AGP lane on {run_id}: {o.get('rows', '?')} rows, gate decisions recorded")

@@ -37,7 +37,8 @@ from agp.lexicon import Lexicon
 from agp.partition import load_partition_policy
 from agp.pipeline import gate_all
 from agp.proposers import ChatProposer, propose_all
-from agp.rows import Row, load_rows, write_json, write_jsonl, write_text
+from agp.rows import write_json, write_jsonl, write_text
+from models.bundle import PredictionRow, read_predictions
 
 
 class AgpEvalError(RuntimeError):
@@ -45,7 +46,7 @@ class AgpEvalError(RuntimeError):
 
 
 def heldout_rows(rows_path: Path | str, corpus_dir: Path | str, partition_policy: Path | str | None = None,
-                 partition_source: str | None = None) -> tuple[list[Row], list[str], object, dict]:
+                 partition_source: str | None = None) -> tuple[list[PredictionRow], list[str], object, dict]:
     """(test rows, train references, partition policy, corpus manifest): every row of the
     corpus' test split, already-correct rows included."""
     manifest_path = Path(corpus_dir) / "corpus.json"
@@ -74,7 +75,7 @@ def heldout_rows(rows_path: Path | str, corpus_dir: Path | str, partition_policy
         raise AgpEvalError(f"partition policy {policy.path} gives partition_source {policy.identity!r}, but "
                            f"{manifest_path} field 'partition_source' is {want_part!r}: evaluate with the partition "
                            "policy the corpus was built with (eval.partition_policy / --partition-policy)")
-    rows = policy.apply(load_rows(rows_path, script="nko"))
+    rows = policy.apply(read_predictions(rows_path, script="nko"))
     by_id = {r.feat_id: r for r in rows}
     missing = [f for f in ids["test"] if f not in by_id]
     if missing:
@@ -134,7 +135,7 @@ def damage_line(summary: dict) -> str:
             f"(CER {c['cer_before']:.4f} -> {c['cer_after']:.4f})")
 
 
-def score(test_rows: list[Row], proposals: list[dict], lexicon: Lexicon, partition_source: str,
+def score(test_rows: list[PredictionRow], proposals: list[dict], lexicon: Lexicon, partition_source: str,
           gate_policy: str | None = None) -> tuple[dict, list[dict], str]:
     """Gate the proposals and score them: (summary, decisions, gate policy hash). The summary's
     ``already_correct`` scores the rows the ASR already got right on their own: any accepted

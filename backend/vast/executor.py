@@ -32,7 +32,7 @@ from typing import Callable
 
 from state import store
 from backend.executor_local import (ExecutorError, LocalExecutor, RunResult, _Job, _lock, load_and_resolve, sanity_gate,
-                                    register_matrix, threading_main, write_agp_dumps)
+                                    register_matrix, threading_main)
 from backend.matrix import config_sha256
 from backend.runs import register_bundle
 from backend.vast import remote as rmt
@@ -426,7 +426,6 @@ def run_matrix_vast(matrix_path: str | Path, db_path: str | Path = "state.db", p
         wheel = rmt.build_wheel(settings.dist_dir)
         runs = [VastRun(fleet, job, ex, m.matrix_id, wheel, log) for job in jobs]
         done += _drive(fleet, runs, parallel, min(poll_s, budget.poll_interval_s), log)
-        write_agp_dumps(m, db)
         return _ordered(done, specs)
     finally:
         fleet.close()

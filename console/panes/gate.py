@@ -20,10 +20,11 @@ from state import store
 from console import bidi, queries
 from console.queries import DecisionRow, GateFilter, GatePage
 from console.widgets import BidiText, EmptyState, Pane, Table, bidi_lines, selected_key
+from models.bundle import PARTITIONS
 from models.text import row_edits
 
 COLUMNS = ("id", "feat_id", "partition", "decision", "edits", "Δ acoustic", "margin", "rules", "review")
-PARTITION_CYCLE = (None, *queries.PARTITIONS)
+PARTITION_CYCLE = (None, *PARTITIONS)
 ACCEPT_CYCLE = (None, True, False)
 EMPTY = "No gate decisions in this state.db yet. `nko-ops demo` (AGP lane) or `nko-ops agp gate` records them."
 

@@ -14,6 +14,7 @@ from textual.widgets import DataTable, Static
 
 from console import queries
 from console.queries import RunDetail, RunRow
+from models.bundle import BUNDLE_FILES
 from console.widgets import Bars, Curve, EmptyState, Pane, Table, num, pct, selected_key, styled
 
 COLUMNS = ("run", "script", "mode", "seed", "status", "epoch", "val loss", "best (ep)", "test CER",
@@ -29,7 +30,7 @@ class MatrixData:
 
 
 def cells(r: RunRow) -> tuple:
-    n = len(queries.BUNDLE)
+    n = len(BUNDLE_FILES)
     art = Text(f"{r.artifacts}/{n}", style="green" if r.artifacts == n else ("yellow" if r.artifacts else "dim"))
     best = "—" if r.best_val_loss is None else f"{r.best_val_loss:.4f} ({r.best_epoch})"
     return (r.id, r.script, r.mode, "—" if r.seed is None else str(r.seed), styled(r.status),

@@ -17,7 +17,7 @@ from agp.corpus import SYSTEM_PROMPT, build_corpus, prompt_messages
 from agp.gate import Gate, load_gate_policy
 from agp.lexicon import Lexicon
 from agp.proposers import ChatProposer, ProposerError, propose_all
-from agp.rows import load_rows
+from models.bundle import read_predictions
 from agp.tiny_model import build_lora_adapter, build_tiny_llama
 from agp_helpers import PAIRS, make_row, sample_rows, write_rows_file
 
@@ -130,7 +130,7 @@ def test_bad_adapter_is_a_clear_error(server, tiny):
 def test_lora_trained_on_the_agp_corpus_then_served(tmp_path, tiny):
     """Build the corpus, train a LoRA adapter on it with mlx_lm.lora, serve it, propose, gate."""
     _, model, _ = tiny
-    rows = load_rows(write_rows_file(tmp_path / "rows.jsonl", sample_rows(40)))
+    rows = read_predictions(write_rows_file(tmp_path / "rows.jsonl", sample_rows(40)))
     build_corpus(rows, tmp_path / "corpus", synthetic_per_row=1)
     t0 = time.monotonic()
     subprocess.run([sys.executable, "-m", "mlx_lm.lora", "--model", str(model), "--train", "--data",

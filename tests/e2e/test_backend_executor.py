@@ -71,8 +71,12 @@ def test_matrix_runs_records_state_and_reuses_on_rerun(tmp_path):
         assert db.execute("SELECT count(*) FROM events WHERE run_id = ? AND kind = 'log'", [rid]).fetchone()[0] > 0
     sanity = {r["id"]: r["status"] for r in db.query("SELECT id, status FROM runs WHERE matrix_id = 't#sanity'")}
     assert sanity == {"nko-base#sanity": "completed", "latin-traj#sanity": "completed"}
-    dumps = json.loads((tmp_path / "runs-t" / "agp_dumps.json").read_text())
-    assert [d["run_id"] for d in dumps["runs"]] == ["nko-base"]
+    # the AGP lane's inputs: the matrix's agp_dumps runs that state.db records as completed
+    from backend.agp_lane import lane_bundles
+    from backend.matrix import load_matrix
+
+    bundles = lane_bundles(load_matrix(mpath), dbp, log=lambda s: None)
+    assert [(b.run_id, b.dir) for b in bundles] == [("nko-base", (tmp_path / "runs-t" / "nko-base").resolve())]
     n_events = db.execute("SELECT count(*) FROM events").fetchone()[0]
 
     again = run_matrix(mpath, dbp, poll_s=0.2, log=lambda s: None)

@@ -35,7 +35,8 @@ def _matrix(tmp: Path, run_id: str, epochs: int) -> Path:
 
 
 def _check_completed(env, run_id: str, out: Path) -> dict:
-    from backend.runs import BUNDLE_FILES, verify_bundle
+    from backend.runs import verify_bundle
+    from models.bundle import BUNDLE_FILES
 
     row = env.db.execute("SELECT status, executor, instance_id, test_cer, heartbeat_at FROM runs WHERE id = ?",
                          [run_id]).fetchone()

@@ -27,12 +27,11 @@ from console.widgets import Bars, Curve
 
 from state.store import add_metrics, open_db, record_artifacts, transaction, upsert_run
 from backend.vast.cost import ts as iso_ts
+from models.bundle import BUNDLE_FILES
 from models.text import row_edits
 
 # 2025-01-02T12:00:00Z: the console's clock in the tests, so uptimes and ages are fixed.
 NOW = 1735819200.0
-BUNDLE = ("results.json", "train.log", "run.log", "split.json", "vocab.json", "best.pt",
-          "test_predictions.jsonl", "test_references.jsonl", "test_metrics_by_partition.json")
 
 # (asr, proposal, reference, partition, accepted, rules, edit distance)
 DECISIONS = [
@@ -73,7 +72,7 @@ def build(path: Path, *, runs: bool = True, gate: bool = True, cloud: bool = Tru
                                    "val_loss": 3.2 / (e + 1) + 0.4, "time": NOW - 3600 + 60 * e}
                                   for e in range(epochs)])
             files = []
-            for j, name in enumerate(BUNDLE[:n_art]):
+            for j, name in enumerate(BUNDLE_FILES[:n_art]):
                 state = sync if sync != "mixed" else ("verified" if j < 6 else "remote-only")
                 files.append({"name": name, "path": f"work/demo/runs/{rid}/{name}", "sha256": f"{j:064x}",
                               "size": 100 + j, "sync_state": state, "verified_at": "2025-01-02T11:00:00.000Z"})

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import train_helpers
 from agp.frontier import calibrate_margins, frontier
 from agp.nbest import CharNgram, EOS, build_lm, prefix_beam_search, public_texts
-from agp.rows import load_rows
+from models.bundle import read_predictions
 from agp_helpers import make_row
 from backend.cli import app
 from models.config import parse_config
@@ -40,7 +40,7 @@ def run(tmp_path_factory):
 
 @pytest.mark.slow  # trains a tiny run (module fixture)
 def test_scores_are_ctc_log_likelihoods_per_frame_and_batch_independent(run):
-    rows = load_rows(run["dir"] / "test_predictions.jsonl")
+    rows = read_predictions(run["dir"] / "test_predictions.jsonl")
     scorer = Scorer.from_run(run["dir"], device="cpu")
     ids = [r.feat_id for r in rows]
     proposals = [r.reference_text for r in rows]
@@ -78,7 +78,7 @@ def test_the_audio_prefers_the_right_text_over_a_corrupted_one(run):
 
 @pytest.mark.slow  # trains a tiny run (module fixture)
 def test_unscoreable_texts_have_no_score_and_say_why(run):
-    row = load_rows(run["dir"] / "test_predictions.jsonl")[0]
+    row = read_predictions(run["dir"] / "test_predictions.jsonl")[0]
     scorer = Scorer.from_run(run["dir"], device="cpu")
     latin, long = scorer.score([row.feat_id] * 2, [row.asr_text] * 2, ["abc", "ߊ" * 5000])
     assert latin.delta is None and "not in the nko vocabulary" in latin.reason

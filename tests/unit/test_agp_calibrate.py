@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from agp.calibrate import Targets, calibrate, write
 from agp.partition import PartitionError, load_partition_policy
-from agp.rows import load_rows
+from models.bundle import read_predictions
 from agp_helpers import row_dict, write_rows_file
 from backend.cli import app
 
@@ -72,7 +72,7 @@ def base(tmp_path):
 def test_thresholds_meet_their_targets_at_the_loosest_setting(tmp_path, base):
     rows_path = write_rows_file(tmp_path / "val.jsonl", val_rows())
     c = calibrate(rows_path, base)
-    rows = load_rows(rows_path)
+    rows = read_predictions(rows_path)
     val = cer(rows)
     assert c.val_cer == pytest.approx(val) and not c.warnings
 
@@ -139,7 +139,7 @@ def test_written_policy_reads_back_and_repartitions_through_the_cli(tmp_path, ba
                               str(tmp_path / "parted.jsonl"), "--partition-policy", str(tmp_path / "cal.toml")])
     assert got.exit_code == 0, got.output
     assert json.loads(got.output)["partition_source"] == identity
-    parted = load_rows(tmp_path / "parted.jsonl")
+    parted = read_predictions(tmp_path / "parted.jsonl")
     assert {r.partition_source for r in parted} == {identity}
     assert [r.partition for r in parted] == [loaded.classify(r.feat_id, r.trajectory_scalars) for r in parted]
 

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from agp.corpus import PERTURBATIONS, CorpusError, build_corpus, perturb, prompt_messages, split_rows
-from agp.rows import load_rows
+from models.bundle import read_predictions
 from agp_helpers import PAIRS, make_row, row_dict, sample_rows, write_rows_file
 from backend.cli import app
 from models.text import NASAL_MARK, TONE_MARKS
@@ -23,7 +23,7 @@ def rows_with_correct(n=60):
 
 
 def test_corpus_from_real_error_pairs_disjoint_by_feat_and_audio(tmp_path):
-    rows = load_rows(write_rows_file(tmp_path / "rows.jsonl", rows_with_correct()))
+    rows = read_predictions(write_rows_file(tmp_path / "rows.jsonl", rows_with_correct()))
     m = build_corpus(rows, tmp_path / "corpus", seed=3)
     # sample_rows cycles 8 pairs, one of which (index 3) is already correct
     n_err = sum(r.asr_text != r.reference_text for r in rows)
@@ -60,7 +60,7 @@ def test_prompt_never_contains_the_reference():
 
 
 def test_synthetic_only_behind_the_flag_only_in_train_and_labelled(tmp_path):
-    rows = load_rows(write_rows_file(tmp_path / "rows.jsonl", rows_with_correct()))
+    rows = read_predictions(write_rows_file(tmp_path / "rows.jsonl", rows_with_correct()))
     plain = build_corpus(rows, tmp_path / "plain", seed=1)
     assert plain["synthetic"] == {} and all(e["source"] == "asr" for k in ("train", "valid", "test")
                                             for e in read(tmp_path / "plain" / f"{k}.jsonl"))
@@ -113,7 +113,7 @@ def test_split_needs_three_groups_and_keeps_audio_together():
 
 
 def test_latin_rows_refused(tmp_path):
-    rows = load_rows(write_rows_file(tmp_path / "rows.jsonl",
+    rows = read_predictions(write_rows_file(tmp_path / "rows.jsonl",
                                      [row_dict(f"l{i}", "i ye", "i ya", script="latin") for i in range(3)]))
     with pytest.raises(CorpusError, match="N'Ko only"):
         build_corpus(rows, tmp_path / "c")
@@ -139,7 +139,7 @@ def test_cli_build_corpus(tmp_path):
 def test_every_row_gets_a_split_correct_ones_included(tmp_path):
     dicts = rows_with_correct() + [row_dict(f"bam_right_{i}", ref, ref, audio_id=f"aud_right_{i}")
                                    for i, (ref, _) in enumerate(PAIRS[:3])]
-    rows = load_rows(write_rows_file(tmp_path / "rows.jsonl", dicts))
+    rows = read_predictions(write_rows_file(tmp_path / "rows.jsonl", dicts))
     m = build_corpus(rows, tmp_path / "corpus", seed=3)
     full = {k: set(v) for k, v in m["split_feat_ids"].items()}
     assert set().union(*full.values()) == {r.feat_id for r in rows}  # every row, once
@@ -164,7 +164,7 @@ def test_every_row_gets_a_split_correct_ones_included(tmp_path):
 def test_corpus_records_the_partition_source(tmp_path):
     from dataclasses import replace
 
-    rows = load_rows(write_rows_file(tmp_path / "rows.jsonl", rows_with_correct()))
+    rows = read_predictions(write_rows_file(tmp_path / "rows.jsonl", rows_with_correct()))
     assert build_corpus(rows, tmp_path / "plain")["partition_source"] == "model"
     ident = "policy:agp:0123456789ab"
     m = build_corpus([replace(r, partition_source=ident) for r in rows], tmp_path / "policy")

@@ -208,11 +208,11 @@ def test_cli_gate_errors_name_line_and_field(tmp_path):
     assert not (tmp_path / "d.jsonl").exists()
 
 
-def test_demo_lane_over_a_matrix_uses_train_references_only(tmp_path):
+def test_lane_over_handed_bundles_uses_train_references_only(tmp_path):
     import random
 
     from agp.corpus import PERTURBATIONS, perturb
-    from agp.pipeline import run_demo_lane, train_references
+    from agp.pipeline import LaneBundle, run_bundles_lane, train_references
     from models.snapshot import load
     from models.split import make_split
 
@@ -228,16 +228,9 @@ def test_demo_lane_over_a_matrix_uses_train_references_only(tmp_path):
     run_dir = tmp_path / "runs" / "demo-nko-trajectory"
     run_dir.mkdir(parents=True)
     write_rows_file(run_dir / "test_predictions.jsonl", preds)
-    (tmp_path / "matrix.json").write_text(json.dumps({
-        "matrix_id": "t", "snapshot": str(SAMPLE), "split": str(tmp_path / "split.json"),
-        "features": str(tmp_path / "features"), "out_root": str(tmp_path / "runs"),
-        "runs": [{"run_id": "demo-nko-trajectory", "script": "nko", "mode": "trajectory"},
-                 {"run_id": "demo-nko-baseline", "script": "nko", "mode": "baseline"},  # not run: skipped
-                 {"run_id": "demo-latin-baseline", "script": "latin", "mode": "baseline"}]}))
-
-    out = run_demo_lane(tmp_path / "matrix.json", tmp_path / "split.json", SAMPLE, tmp_path / "agp",
-                        tmp_path / "state.db", calibrate=False,  # no checkpoint here to decode val rows with
-                        gate_policy=text_only_policy(tmp_path), proposers=("lexicon",))
+    out = run_bundles_lane([LaneBundle("demo-nko-trajectory", run_dir)], tmp_path / "split.json", SAMPLE,
+                           tmp_path / "agp", tmp_path / "state.db", calibrate=False,  # no checkpoint to decode val with
+                           gate_policy=text_only_policy(tmp_path), proposers=("lexicon",))
     assert list(out) == ["demo-nko-trajectory"]
     assert list(out["demo-nko-trajectory"]["proposers"]) == ["lexicon"]
     s = out["demo-nko-trajectory"]["proposers"]["lexicon"]
@@ -247,3 +240,9 @@ def test_demo_lane_over_a_matrix_uses_train_references_only(tmp_path):
     assert len(refs) == len(split.train) and lex.counts == Lexicon.from_references(refs).counts
     db = open_db(tmp_path / "state.db")
     assert db.execute("SELECT count(*), count(DISTINCT run_id) FROM gate_decisions").fetchone() == (30, 1)
+    from state.agp_results import agp_results
+
+    (res,) = agp_results(db)  # the lane's per-run result, recorded beside its decisions for the tables
+    assert (res.run_id, res.proposer, res.partition, res.rows) == ("demo-nko-trajectory", "lexicon", "overall", 30)
+    assert (res.cer_before, res.cer_gated, res.accepted) == (s["overall"]["cer_before"], s["overall"]["cer_after"],
+                                                             s["overall"]["accepted"])

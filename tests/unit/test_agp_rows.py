@@ -4,16 +4,17 @@ import unicodedata
 import pytest
 
 from agp.partition import PartitionError, load_partition_policy, parse_partition_policy, partition_counts
-from agp.rows import RowError, load_rows, write_rows
+from agp.rows import write_rows
+from models.bundle import RowError, read_predictions
 from agp_helpers import row_dict, sample_rows, write_rows_file
 
 
 def test_valid_rows_load_and_round_trip(tmp_path):
     dicts = sample_rows(12)
-    rows = load_rows(write_rows_file(tmp_path / "r.jsonl", dicts))
+    rows = read_predictions(write_rows_file(tmp_path / "r.jsonl", dicts))
     assert [r.feat_id for r in rows] == [d["feat_id"] for d in dicts]
     write_rows(tmp_path / "again.jsonl", rows)
-    again = load_rows(tmp_path / "again.jsonl")
+    again = read_predictions(tmp_path / "again.jsonl")
     assert again == rows
 
 
@@ -23,7 +24,7 @@ def test_texts_are_nfc_and_bidi_stripped(tmp_path):
     d = row_dict("f1", "ߛߊ߲߫ ߦߋ", "ߛߊ߲߫ ߦߋ")
     d["asr_text"] = raw
     d["cer_edits"] = 0  # counted after NFC and bidi stripping (CONTRACTS §6): the same text
-    (row,) = load_rows(write_rows_file(tmp_path / "r.jsonl", [d]))
+    (row,) = read_predictions(write_rows_file(tmp_path / "r.jsonl", [d]))
     assert row.asr_text == unicodedata.normalize("NFC", "ߛߊ\u07f2\u07eb ߦߋ")
     assert "\u200f" not in row.asr_text
 
@@ -49,7 +50,7 @@ def test_errors_name_line_and_field(tmp_path, mutate, line, field):
     dicts = sample_rows(3)
     mutate(dicts[1])
     with pytest.raises(RowError) as e:
-        load_rows(write_rows_file(tmp_path / "r.jsonl", dicts))
+        read_predictions(write_rows_file(tmp_path / "r.jsonl", dicts))
     msg = str(e.value)
     assert f"r.jsonl:line {line}: field '{field}'" in msg, msg
     assert len(e.value.problems) == 1
@@ -59,21 +60,21 @@ def test_duplicate_feat_id_refused(tmp_path):
     dicts = sample_rows(3)
     dicts[2]["feat_id"] = dicts[0]["feat_id"]
     with pytest.raises(RowError, match=r"line 3: field 'feat_id': duplicate 'bam_test_0000' \(first on line 1\)"):
-        load_rows(write_rows_file(tmp_path / "r.jsonl", dicts))
+        read_predictions(write_rows_file(tmp_path / "r.jsonl", dicts))
 
 
 def test_bad_json_and_script_filter(tmp_path):
     p = tmp_path / "r.jsonl"
     p.write_text(json.dumps(row_dict("a", "ߦߋ", "ߦߋ")) + "\n{not json\n", encoding="utf-8")
     with pytest.raises(RowError, match="line 2: not JSON"):
-        load_rows(p)
+        read_predictions(p)
     write_rows_file(p, [row_dict("a", "i ye", "i ye", script="latin")])
     with pytest.raises(RowError, match="field 'script': this lane needs 'nko'"):
-        load_rows(p, script="nko")
+        read_predictions(p, script="nko")
 
 
 def test_keep_model_partition_is_recorded(tmp_path):
-    rows = load_rows(write_rows_file(tmp_path / "r.jsonl", sample_rows(8)))
+    rows = read_predictions(write_rows_file(tmp_path / "r.jsonl", sample_rows(8)))
     policy = load_partition_policy(source="model")
     kept = policy.apply(rows)
     assert [r.partition for r in kept] == [r.partition for r in rows]
@@ -95,7 +96,7 @@ def test_repartition_by_thresholds_is_recorded(tmp_path):
                                                                    ctc_nonblank_confidence_min=0.7)),
         row_dict("bnd", "ߦߋ", "ߦߋ", "stable", scalars=scalars()),
     ]
-    rows = load_rows(write_rows_file(tmp_path / "r.jsonl", dicts))
+    rows = read_predictions(write_rows_file(tmp_path / "r.jsonl", dicts))
     policy = load_partition_policy(source="policy")
     new = policy.apply(rows)
     assert [r.partition for r in new] == ["novelty", "novelty", "uncertain", "stable", "boundary"]
@@ -106,7 +107,7 @@ def test_repartition_by_thresholds_is_recorded(tmp_path):
                                               "uncertain->stable": 1}
     # re-applying keeps the run's partition, and the file round-trips
     write_rows(tmp_path / "p.jsonl", new)
-    again = policy.apply(load_rows(tmp_path / "p.jsonl"))
+    again = policy.apply(read_predictions(tmp_path / "p.jsonl"))
     assert again == new
 
 
@@ -124,7 +125,7 @@ def test_same_format_and_code_as_the_trainer(tmp_path):
 
 
 def test_repartition_needs_the_scalars(tmp_path):
-    rows = load_rows(write_rows_file(tmp_path / "r.jsonl", [row_dict("x", "ߦߋ", "ߦߋ", scalars={"novelty_mean": 0.1})]))
+    rows = read_predictions(write_rows_file(tmp_path / "r.jsonl", [row_dict("x", "ߦߋ", "ߦߋ", scalars={"novelty_mean": 0.1})]))
     with pytest.raises(PartitionError, match="x: trajectory_scalars lacks ctc_blank_fraction"):
         load_partition_policy(source="policy").apply(rows)
 

@@ -15,7 +15,8 @@ from backend.claims import (DISCLAIMER, INCONCLUSIVE, INSUFFICIENT, REFUTED, SUP
                             report)
 from backend.matrix import parse_matrix
 from backend.promote import PromoteError, promote
-from backend.runs import BundleError, import_run, verify_bundle
+from backend.runs import import_run, verify_bundle
+from models.bundle import BundleError
 from backend.tables import write_tables
 from backend.cli import app
 from backend_helpers import make_corpus, matrix_dict, noisy, write_bundle

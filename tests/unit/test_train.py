@@ -21,11 +21,12 @@ import train_helpers as H
 from backend.cli import app
 from models.config import ConfigError, load_config, parse_config
 from models.data import DataError
-from models.decode import PARTITIONS, RECORD_KEYS, SUMMARY_KEYS, load_policy, partition
+from models.bundle import BUNDLE_FILES, PARTITIONS, PREDICTION_FIELDS
+from models.decode import SUMMARY_KEYS, load_policy, partition
 from models.snapshot import sha256_file
 from models.split import PARTS, make_split
 from models.text import row_edits, toneless
-from models.train import ARTIFACTS, evaluate_run, train
+from models.train import evaluate_run, train
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,7 +84,7 @@ def test_every_mode_learns_and_writes_a_valid_bundle(base, mode):
 
 def check_bundle(out: Path, mode: str) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
-    for name in ARTIFACTS + ("metrics.jsonl", "last.pt"):
+    for name in BUNDLE_FILES + ("metrics.jsonl", "last.pt"):
         assert name in manifest["files"], name
     for name, entry in manifest["files"].items():
         assert entry == {"sha256": sha256_file(out / name), "size": (out / name).stat().st_size}, name
@@ -107,7 +108,7 @@ def check_bundle(out: Path, mode: str) -> None:
     assert [r["feat_id"] for r in rows] == [r["feat_id"] for r in refs] == split["test"]
     policy = load_policy()
     for r in rows:
-        assert tuple(r) == RECORD_KEYS  # exactly the CONTRACTS §4 keys, in order
+        assert tuple(r) == PREDICTION_FIELDS  # exactly the CONTRACTS §4 keys, in order
         assert r["split"] == "test" and r["script"] == "nko" and r["mode"] == mode
         assert (r["cer_edits"], r["reference_chars"]) == row_edits(r["reference_text"], r["asr_text"])
         assert tuple(r["trajectory_scalars"]) == SUMMARY_KEYS
@@ -260,7 +261,7 @@ def test_evaluate_decodes_the_val_split_for_partition_calibration(base, tmp_path
     assert "val rows decoded" in res.output
     rows = lines(tmp_path / "new" / "val.jsonl")
     assert [r["feat_id"] for r in rows] == Split.load(out / "split.json").val
-    assert {r["split"] for r in rows} == {"val"} and all(set(r) == set(RECORD_KEYS) for r in rows)
+    assert {r["split"] for r in rows} == {"val"} and all(set(r) == set(PREDICTION_FIELDS) for r in rows)
     assert all((r["cer_edits"], r["reference_chars"]) == row_edits(r["reference_text"], r["asr_text"]) for r in rows)
     assert (out / "test_predictions.jsonl").read_bytes() == before  # the run stays untouched
     again = evaluate_run(out, tmp_path / "again.jsonl", split="val")
@@ -470,7 +471,7 @@ def test_late_failure_leaves_no_complete_looking_bundle(base, tmp_path, monkeypa
         train(cfg, echo=False)
     monkeypatch.undo()
     assert (out / "error.json").exists() and not (out / "manifest.json").exists()
-    assert all((out / a).exists() for a in ARTIFACTS)
+    assert all((out / a).exists() for a in BUNDLE_FILES)
     assert json.loads((out / "results.json").read_text())["status"] == "failed"
     problems = verify_bundle(out, allow_no_manifest=True).problems
     assert any(p.startswith("error.json present: the run failed (stage decode") for p in problems)
