@@ -17,7 +17,7 @@ from models.bundle import (BUNDLE_FILES, PARTITIONS, PREDICTION_FIELDS, BundleEr
                            jsonl_bytes, learning_curve, read_metrics, read_predictions)
 from models.errors import NkoOpsError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_round_trip_is_byte_identical(tmp_path):
