@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from backend import stats, store
+from backend import stats
+from state import store
 from backend.claims import (DISCLAIMER, INCONCLUSIVE, INSUFFICIENT, REFUTED, SUPPORTED, ClaimsError, check_claims, load_claims,
                             report)
 from backend.matrix import parse_matrix
@@ -304,7 +305,8 @@ def test_runs_import_cli_and_promote(bundle, tmp_path):
 def test_matrix_runs_satisfied_by_imports_including_one_without_manifest(bundle, tmp_path):
     import shutil
 
-    from backend.executor_local import ExecutorError, run_matrix
+    from backend.executor import ExecutorError
+    from backend.matrix_run import run_matrix
 
     bare = tmp_path / "published" / "nko-base-s1"  # like a run from before manifests existed
     shutil.copytree(bundle["out"] / "nko-base-s1", bare)

@@ -172,7 +172,8 @@ def test_3_a_non_utf8_file_name_refuses_the_destroy_naming_the_file(vast_env):
 
 def test_4_the_cap_is_enforced_on_its_own_timer_during_a_boot_wait(vast_env):
     from backend.vast.cost import rate
-    from backend.vast.executor import _drive
+    from backend.executor import Stop, drive
+    from backend.vast.executor import VastExecutor
 
     busy = vast_env.new_instance("run-x", "run-x")  # already billing
     vast_env.cloud.boot_s = 25.0  # the next instance takes 25 s to boot: the executor waits for it
@@ -184,7 +185,8 @@ def test_4_the_cap_is_enforced_on_its_own_timer_during_a_boot_wait(vast_env):
     fleet = vast_env.fresh_fleet(**budget, cap_usd=cap, warn_usd=0.0)
     run = vast_env.vast_run(fleet, "run-boot")
     t0 = time.monotonic()
-    results = _drive(fleet, [run], 1, 0.2, vast_env.logs.append)
+    vex = VastExecutor(fleet, run.ex, None, run.wheel, 0.2, vast_env.logs.append)
+    results = drive(vex, [run.job], 1, 0.2, Stop(), vast_env.logs.append)
     took = time.monotonic() - t0
     assert took < 20, took  # not the 25 s boot: the guard stopped it
     assert results and results[0].status in ("failed", "blocked")

@@ -75,12 +75,11 @@ class VastEnv:
         """A VastRun for a real tiny run config (train_helpers.build), driven by ``fleet``."""
         from train_helpers import build
 
-        from backend.executor_local import _Job
-        from backend.vast.executor import SingleRun, VastRun, _Spec
+        from backend.vast.executor import SingleRun, VastRun
 
         cfg = build(self.tmp / "data", n=40)
         cfg.update(run_id=run_id, out_dir=str(self.tmp / "runs" / run_id))
-        job = _Job(_Spec(cfg), cfg, Path(cfg["out_dir"]), run_id)
+        job = SingleRun.job(cfg)
         # the wheel is only uploaded once an instance runs with SSH; these tests stop before
         return VastRun(fleet, job, SingleRun(cfg), None, self.tmp / "no-wheel.whl", self.logs.append)
 

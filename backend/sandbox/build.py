@@ -216,10 +216,10 @@ def _matrix(p: Paths, data: dict, epochs: int) -> Path:
 
 
 def _vast_matrix(p: Paths, matrix: Path, settings, budget, provider, log) -> None:
-    from backend.vast.executor import run_matrix_vast
+    from backend.matrix_run import run_matrix
 
-    results = run_matrix_vast(matrix, p.db, skip_sanity=True, poll_s=1.0, log=log, settings=settings, budget=budget,
-                              provider=provider)
+    results = run_matrix(matrix, p.db, executor="vast", skip_sanity=True, poll_s=1.0, log=log, settings=settings,
+                         budget=budget, provider=provider)
     bad = [r for r in results if r.status != "completed"]
     if bad:
         raise SandboxError("the sandbox's Vast run did not complete: " + "; ".join(str(r) for r in bad))

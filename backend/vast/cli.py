@@ -29,7 +29,7 @@ def _fail(e: Exception, code: int = 2) -> None:
 
 
 def _errors() -> tuple:
-    from backend.executor_local import ExecutorError
+    from backend.executor import ExecutorError
     from backend.matrix import MatrixError
     from state.store import StoreError
     from backend.vast.config import VastConfigError
