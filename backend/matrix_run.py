@@ -24,7 +24,8 @@ from backend.executor_local import POLL_S, LocalExecutor, write_json
 from backend.matrix import Identity, Matrix, MatrixError, RunSpec, load_matrix, resolve
 from backend.vast import executor as vast_executor
 from backend.vast.config import BudgetSettings, VastConfigError, VastSettings, load_budget, load_settings, state_dir_for
-from backend.vast.provider import VastProvider, provider_from_settings
+from backend.provider import Provider
+from backend.vast.provider import provider_from_settings
 from state import execution, store
 from state.execution import RunStatus
 
@@ -110,7 +111,7 @@ def run_matrix(matrix_path: str | Path, db_path: str | Path = "state.db", execut
                parallel: int = 1, skip_sanity: bool = False, with_optional: bool = False,
                only: list[str] | None = None, poll_s: float | None = None, log: Callable[[str], None] = print,
                settings: VastSettings | None = None, budget: BudgetSettings | None = None,
-               provider: VastProvider | None = None) -> list[RunResult]:
+               provider: Provider | None = None) -> list[RunResult]:
     """Run a matrix (module docstring); one RunResult per selected run, in matrix order.
     Raises MatrixError / ExecutorError, before anything is written or rented, when it cannot.
     ``settings``/``budget``/``provider``: the Vast executor's (default: from the config files)."""
@@ -149,7 +150,7 @@ def run_matrix(matrix_path: str | Path, db_path: str | Path = "state.db", execut
         lock.close()
 
 
-def _vast_setup(db_path, settings, budget, provider) -> tuple[VastSettings, BudgetSettings, VastProvider]:
+def _vast_setup(db_path, settings, budget, provider) -> tuple[VastSettings, BudgetSettings, Provider]:
     try:
         settings = settings or load_settings(state_dir=state_dir_for(db_path))
         budget = budget or load_budget()

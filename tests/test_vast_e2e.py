@@ -258,7 +258,7 @@ def test_cli_launch_detach_logs_and_reattach_with_an_odd_run_id(vast_env, tmp_pa
     assert r.exit_code == 0 and "running" in r.stdout, r.stdout
     [row] = vast_env.provider.instances()
     # the backstop left behind: the runner's lease runs to the budget's runway ($50 cap: far off)
-    lease = json.loads((vast_env.instance_dir(row["id"]) / "ctl" / "lease.json").read_text())
+    lease = json.loads((vast_env.instance_dir(row.id) / "ctl" / "lease.json").read_text())
     assert lease["until"] > time.time() + 3600
     fleet = vast_env.fresh_fleet()
     st = fleet.stager(row)

@@ -38,7 +38,8 @@ from backend.vast.cost import ts
 from backend.vast.fleet import Fleet
 from backend.vast.guard import BudgetGuard, runway_until, write_lease
 from backend.vast.logs import LogFollower
-from backend.vast.provider import ProviderError, VastProvider, provider_from_settings
+from backend.provider import LOST_STATUSES, Instance, Provider, ProviderError
+from backend.vast.provider import provider_from_settings
 from backend.vast.ssh import HostKeyChanged, SSHError
 from backend.vast.sync import Entry, SyncError
 from models.config import load_config
@@ -86,7 +87,7 @@ class VastRun:
 
     # ------------------------------------------------------------------ launching
 
-    def launch(self, rows: list[dict]) -> None:
+    def launch(self, rows: list[Instance]) -> None:
         """Rent an instance for the run and start its trainer there, resuming from the run's
         last verified checkpoint in the local store when there is one."""
         files = self._resume_files()
@@ -110,9 +111,7 @@ class VastRun:
         self.job.how = "resumed" if files else "trained"
         if not files:
             execution.update_run(self.db, self.run_id, log_offset=0, metrics_offset=0)
-        self.fleet.register(iid, self.run_id, self.run_id, {k: offer.raw.get(k) for k in (
-            "id", "machine_id", "gpu_name", "num_gpus", "dph_total", "reliability", "inet_down", "geolocation")},
-            since=asked_at)
+        self.fleet.register(iid, self.run_id, self.run_id, offer, since=asked_at)
         self.log(f"{self.run_id}: instance {iid} ({offer.gpu_name}, ${offer.dph_total:.3f}/h) created; waiting for SSH")
         execution.set_status(self.db, self.run_id, RunStatus.RUNNING, f"{'relaunched' if relaunch else self.job.how} on "
                              f"Vast instance {iid}", source="vast", executor="vast", instance_id=iid,
@@ -123,8 +122,8 @@ class VastRun:
                              snapshot_sha256=self.ex.ident.snapshot_sha256, split_sha256=self.ex.ident.split_sha256,
                              recipe_hash=self.ex.ident.recipe_hash)
         try:
-            row = self._wait_running(iid)
-            self._start_on(row, files)
+            inst = self._wait_running(iid)
+            self._start_on(inst, files)
         except (LaunchError, SSHError, rmt.StageError, ProviderError) as e:
             # discard destroys unchecked only an instance just created with no trainer started
             self.log(f"{self.run_id}: bringing up instance {iid} failed ({e}); destroying it")
@@ -139,11 +138,11 @@ class VastRun:
             guard = self.fleet.guard
             if guard is not None and guard.over.is_set():
                 raise BudgetBlocked(f"budget cap reached while the instance was starting ({guard.state})")
-            row = self.fleet.provider.instance(iid)
-            if row is None:
+            inst = self.fleet.provider.instance(iid)
+            if inst is None:
                 raise LaunchError("the instance disappeared while starting")
-            if row.get("actual_status") == "running" and row.get("ssh_host") and row.get("ssh_port"):
-                return row
+            if inst.running and inst.ssh is not None:
+                return inst
             time.sleep(1.0)
         raise LaunchError(f"not running with SSH after {self.s.boot_timeout_s:.0f} s")
 
@@ -163,11 +162,11 @@ class VastRun:
                 return []
         return files
 
-    def _start_on(self, row: dict, resume: list[rmt.StagedFile]) -> None:
+    def _start_on(self, inst: Instance, resume: list[rmt.StagedFile]) -> None:
         """Stage the project, the inputs and ``resume`` (the files to resume from, or []) on
         the instance, then start the trainer there (or attach to the one running)."""
-        iid = str(row["id"])
-        st = self.fleet.stager(row)
+        iid = inst.id
+        st = self.fleet.stager(inst)
         app = st.install_wheel(self.wheel)
         inputs, fields = rmt.run_inputs(self.job.cfg)
         sent = st.stage("inputs", inputs)
@@ -190,29 +189,29 @@ class VastRun:
             # the server-side backstop: the runner stops the trainer (and the instance) once the
             # budget's runway has passed without a controller renewing the lease
             state = self.fleet.ledger.state(self.fleet.provider.instances())
-            write_lease(self.fleet, row, runway_until(state, self.fleet.clock()))
+            write_lease(self.fleet, inst, runway_until(state, self.fleet.clock()))
             env = {"CONTAINER_ID": iid, **({"VAST_SERVER_URL": self.s.server_url} if self.s.server_url else {}),
                    **self.s.remote_env}
             rmt.start_trainer(st.remote, st.layout, self.run_id, cfg_remote, st.python, app,
                               env, self.s.heartbeat_s, lease_grace_s=0.0)
         self.follower = LogFollower(self.db, self.run_id, st.layout.run_dir(self.run_id), iid)
-        execution.update_run(self.db, self.run_id, host=f"{row['ssh_host']}:{row['ssh_port']}", instance_id=iid)
+        execution.update_run(self.db, self.run_id, host=f"{inst.ssh_host}:{inst.ssh_port}", instance_id=iid)
         store.add_event(self.db, f"trainer started on instance {iid}" + (" (resuming)" if resume else ""),
                         run_id=self.run_id, instance_id=iid, kind="remote-start", source="vast")
         self.last_sync = time.time()
 
-    def attach(self, row: dict) -> None:
-        """Take over a run whose trainer is already running on ``row`` (executor restarted)."""
-        self.iid = str(row["id"])
-        self.tried_machines.add(int(row.get("machine_id") or 0))
-        self._start_on(row, [])
+    def attach(self, inst: Instance) -> None:
+        """Take over a run whose trainer is already running on ``inst`` (executor restarted)."""
+        self.iid = inst.id
+        self.tried_machines.add(inst.machine_id)
+        self._start_on(inst, [])
 
     # ------------------------------------------------------------------ each poll
 
-    def step(self, rows: dict[str, dict]) -> RunResult | None:
+    def step(self, rows: dict[str, Instance]) -> RunResult | None:
         row = rows.get(self.iid)
-        if row is None or row.get("actual_status") in ("exited", "offline", "gone"):
-            return self.recover(f"instance {self.iid} lost ({'gone' if row is None else row.get('actual_status')})")
+        if row is None or row.status in LOST_STATUSES:
+            return self.recover(f"instance {self.iid} lost ({'gone' if row is None else row.status})")
         try:
             st = self.fleet.stager(row)
             if self.follower is not None:
@@ -229,7 +228,7 @@ class VastRun:
                     fresh = self.fleet.provider.instance(self.iid)
                 except ProviderError:
                     return None
-                if fresh is None or fresh.get("actual_status") != "running":
+                if fresh is None or not fresh.running:
                     return self.recover(f"instance {self.iid} unreachable and not running")
             return None
         beat = (status.get("heartbeat") or {}).get("time")
@@ -258,7 +257,7 @@ class VastRun:
 
     # ------------------------------------------------------------------ the end
 
-    def finish(self, row: dict, rc: int) -> RunResult:
+    def finish(self, row: Instance, rc: int) -> RunResult:
         if self.follower is not None:
             try:
                 self.follower.poll(self.fleet.stager(row).remote)
@@ -348,7 +347,7 @@ class VastRun:
                              error=error)
         return RunResult(self.run_id, "failed", self.job.how, str(self.job.out_dir), error=error, wall_s=wall)
 
-    def fail(self, error: str, row: dict | None = None) -> RunResult:
+    def fail(self, error: str, row: Instance | None = None) -> RunResult:
         if self.iid:
             o = self.fleet.retire(self.iid, f"run {self.run_id} failed", self.run_id)
             self.log(str(o))
@@ -393,7 +392,7 @@ class VastExecutor:
                  log: Callable[[str], None]):
         self.fleet, self.ex, self.matrix_id, self.wheel, self.poll_s, self.log = fleet, ex, matrix_id, wheel, poll_s, log
         self.runs: dict[str, VastRun] = {}
-        self.rows: list[dict] = []
+        self.rows: list[Instance] = []
         self.state = None
         self.guard: BudgetGuard | None = None
 
@@ -410,7 +409,7 @@ class VastExecutor:
             self.guard = self.fleet.guard = BudgetGuard(db_file, self.fleet.settings, self.fleet.ledger.budget,
                                                         self.fleet.provider, log=self.log,
                                                         clock=self.fleet.clock).start()
-        by_id = {str(r["id"]): r for r in self.rows}
+        by_id = {r.id: r for r in self.rows}
         pending, active = [], []
         for job in jobs:
             where = self._resume(self.run(job), by_id, results)
@@ -420,17 +419,17 @@ class VastExecutor:
                 pending.append(job)
         return pending, active
 
-    def _resume(self, run: VastRun, by_id: dict[str, dict], results: dict[str, RunResult]) -> str:
+    def _resume(self, run: VastRun, by_id: dict[str, Instance], results: dict[str, RunResult]) -> str:
         """"active" (re-attached), "done" (adopted from the store) or "pending"."""
         row_db = store.get_run(self.fleet.db, run.run_id) or {}
         live = by_id.get(str(row_db.get("instance_id"))) if row_db.get("executor") == "vast" else None
-        if row_db.get("status") == RunStatus.RUNNING and live and live.get("actual_status") == "running":
+        if row_db.get("status") == RunStatus.RUNNING and live and live.running:
             try:
                 run.attach(live)
                 self.log(f"{run.run_id}: re-attached to instance {run.iid}")
                 return "active"
             except (SSHError, rmt.StageError) as e:
-                self.log(f"{run.run_id}: cannot re-attach to instance {live['id']} ({e})")
+                self.log(f"{run.run_id}: cannot re-attach to instance {live.id} ({e})")
         if row_db.get("executor") == "vast" and row_db.get("status") in (RunStatus.RUNNING, RunStatus.FAILED,
                                                                          RunStatus.INTERRUPTED):
             r = run.adopt_from_store()
@@ -457,7 +456,7 @@ class VastExecutor:
         except ProviderError as e:  # the API is unreachable for now: the trainers keep going
             self.log(f"cannot poll the Vast API ({e}); trying again in {self.poll_s:g} s")
             return []
-        by_id = {str(r["id"]): r for r in self.rows}
+        by_id = {r.id: r for r in self.rows}
         ended = []
         for job in active:
             r = self.run(job).step(by_id)
@@ -496,7 +495,7 @@ class VastExecutor:
 
 
 def run_jobs(db, ex: Verifier, matrix_id: str | None, jobs: list[Job], parallel: int, stop: Stop,
-             settings: VastSettings, budget: BudgetSettings, provider: VastProvider, poll_s: float = POLL_S,
+             settings: VastSettings, budget: BudgetSettings, provider: Provider, poll_s: float = POLL_S,
              log: Callable[[str], None] = print, detach: bool = False) -> list[RunResult]:
     """Run ``jobs`` on Vast, at most ``parallel`` instances at a time (module docstring)."""
     fleet = Fleet(db, settings, budget, provider, log=log)
@@ -547,7 +546,7 @@ class SingleRun:
 def launch_config(config_path: str | Path, db_path: str | Path = "state.db", detach: bool = False,
                   poll_s: float = POLL_S, log: Callable[[str], None] = print,
                   settings: VastSettings | None = None, budget: BudgetSettings | None = None,
-                  provider: VastProvider | None = None) -> RunResult:
+                  provider: Provider | None = None) -> RunResult:
     """Train one run config on Vast (`nko-ops vast launch --config run.json`)."""
     cfg = load_config(config_path).to_json()
     settings = settings or load_settings(state_dir=state_dir_for(db_path))

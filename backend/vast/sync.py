@@ -35,8 +35,9 @@ from typing import Callable
 
 import paramiko
 
-from state import store
 from backend.vast.ssh import KnownHosts, Remote, SSHError, SSHTarget
+from state import fleet as fleet_state
+from state import store
 
 CHUNK = 1 << 20
 
@@ -195,8 +196,7 @@ class Syncer:
     # ------------------------------------------------------------------ state.db
 
     def _row(self, run_id: str, name: str) -> dict | None:
-        return next(iter(self.db.query("SELECT * FROM artifacts WHERE owner_kind = 'run' AND run_id = ? AND name = ?",
-                                       [run_id, name])), None)
+        return fleet_state.artifact(self.db, run_id, name)
 
     def record(self, run_id: str, e: Entry, state: str, instance_id: str | None, remote_path: str | None,
                 extra_locations: list[dict] = (), path: str | None = None) -> None:
@@ -235,9 +235,7 @@ class Syncer:
         """Drop the row of a file that vanished from the instance before any version of it
         was verified (a listing of a temporary file); a row with a verified version stays."""
         if self.last_verified(run_id, name) is None:
-            with store.transaction(self.db):
-                self.db.conn.execute("DELETE FROM artifacts WHERE owner_kind = 'run' AND run_id = ? AND name = ? "
-                                     "AND sync_state IN ('remote-only', 'transferring')", (run_id, name))
+            fleet_state.forget_unverified(self.db, run_id, name)
 
     def last_verified(self, run_id: str, name: str) -> Entry | None:
         """The newest version of a run's file that was verified into the store (the current
