@@ -316,7 +316,7 @@ def test_vanished_instance_keeps_verified_artifacts(vast_env):
     write_remote(vast_env, row.id, "run-x/last.pt", data)
     assert vast_env.fleet.sync_instance(row)[0].ok
     vast_env.fleet.poll()
-    vast_env.cloud.vanish(row.id)
+    vast_env.cloud.vanish(int(row.id))
     rows, _ = vast_env.fleet.poll()
     assert rows == []
     inst = next(iter(vast_env.db.query("SELECT * FROM instances WHERE id = ?", [str(row.id)])))

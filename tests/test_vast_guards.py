@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from vast_helpers import sshd, vast_env, write_remote, write_user_configs  # noqa: F401
 
+from backend.provider import Offer
+
 pytestmark = pytest.mark.sshd
 HELPER = Path(__file__).resolve().parents[1] / "backend" / "vast" / "remote_helper.py"
 
@@ -102,9 +104,9 @@ def test_discard_checks_instances_not_created_here_or_with_a_trainer(vast_env):
     assert vast_env.provider.instance(mine) is not None
 
     fresh = vast_env.provider.create(1000, "img", 60, label="run-f")
-    fleet.register(fresh, "run-f", "run-f", {"dph_total": 0.3})
+    fleet.register(fresh, "run-f", "run-f", Offer(1000, 5000, "RTX 4090", 1, 0.3, 0.99, 1000.0, 60.0))
     assert fleet.discard(fresh, "launch failed").destroyed  # created here, no trainer: no SSH needed
-    assert vast_env.cloud.gone[fresh] == "destroyed"
+    assert vast_env.cloud.gone[int(fresh)] == "destroyed"
     fleet.close()
 
 
@@ -257,7 +259,7 @@ def test_lost_instance_is_kept_with_an_alert_until_its_files_are_saved(vast_env)
     run = vast_env.vast_run(vast_env.fleet, "run-l")
     run.iid = str(row.id)
 
-    vast_env.cloud.offline(row.id)
+    vast_env.cloud.offline(int(row.id))
     rows, _ = vast_env.fleet.poll(enforce=False)
     result = run.step({r.id: r for r in rows})
     assert result is not None and result.status == "failed" and "lost (offline)" in result.error
@@ -273,7 +275,7 @@ def test_lost_instance_is_kept_with_an_alert_until_its_files_are_saved(vast_env)
     vast_env.fleet.poll(enforce=False)
     assert vast_env.fleet.ledger.spent() > spent  # its storage is still charged
 
-    vast_env.cloud.online(row.id)
+    vast_env.cloud.online(int(row.id))
     o = vast_env.fleet.destroy(row.id)
     assert o.destroyed and vast_env.fleet.cas.path(sha(data)).read_bytes() == data
     assert instance_row(vast_env, row.id)["destroyed_at"]
@@ -301,13 +303,13 @@ def test_changed_host_key_fails_the_run_keeps_the_instance_and_stops_it(vast_env
     assert "stopped (compute no longer bills" in result.error
     live = vast_env.provider.instance(row.id)
     assert live.status == "stopped"
-    assert vast_env.cloud.rate(vast_env.cloud.instances[row.id]) < live.usd_per_h  # storage only
+    assert vast_env.cloud.rate(vast_env.cloud.instances[int(row.id)]) < live.usd_per_h  # storage only
     assert (vast_env.instance_dir(row.id) / "runs" / "run-k" / "last.pt").read_bytes() == b"unsynced"
     assert instance_row(vast_env, row.id)["destroyed_at"] is None
     [kept] = events(vast_env, "instance-kept", row.id)
     assert "HOST KEY HAS CHANGED" in kept["message"] and "stopped" in kept["message"]
     [stopped] = events(vast_env, "instance-stopped", row.id)
-    assert "compute no longer bills" in stopped["message"] and f"vast sync --instance {row['id']}" in stopped["message"]
+    assert "compute no longer bills" in stopped["message"] and f"vast sync --instance {row.id}" in stopped["message"]
 
 
 # --------------------------------------------------------------------------- 4. the ledger
@@ -328,9 +330,9 @@ def test_ledger_charges_instances_destroyed_or_lost_before_any_poll(vast_env):
     assert fleet.discard(ids[0], "launch failed").destroyed  # no row read: the offer's rate
     assert fleet.destroy(ids[1]).destroyed  # the row read before the destroy: its start and rate
     t[0] += 1800
-    vast_env.cloud.vanish(ids[2])
+    vast_env.cloud.vanish(int(ids[2]))
     fleet.poll(enforce=False)  # noticed gone, never seen alive
-    billed = [vast_env.cloud.billed(i) for i in ids]
+    billed = [vast_env.cloud.billed(int(i)) for i in ids]
     assert billed[0] > 0.1 and billed[2] > billed[0]  # an hour and an hour and a half of GPU time
     for iid, usd in zip(ids, billed):
         charged = json.loads(instance_row(vast_env, iid)["data"])
@@ -382,7 +384,7 @@ def test_listing_instances_over_the_cap_only_observes(vast_env, tmp_path):
     r = CliRunner().invoke(app, ["vast", "instances", *common], catch_exceptions=False)
     assert r.exit_code == 0 and "OVER CAP" in r.stdout and "would, per instance" in r.stdout
     # nothing was synced, stopped or destroyed
-    assert {(i["id"], i["actual_status"]) for i in vast_env.provider.instances()} == {
+    assert {(i.id, i.status) for i in vast_env.provider.instances()} == {
         (known.id, "running"), (orphan, "running")}
     assert not vast_env.db.execute("SELECT count(*) FROM artifacts").fetchone()[0]
 
@@ -425,7 +427,7 @@ def test_a_changed_checkpoint_keeps_its_last_verified_version_until_the_new_one_
     fleet.syncer.read_block = dying
     rep = fleet.sync_instance(row, ["run-v"])[0]
     assert [e.name for e, _ in rep.failed] == ["last.pt"] and "kept dropping" in rep.failed[0][1]
-    vast_env.cloud.vanish(row.id)
+    vast_env.cloud.vanish(int(row.id))
 
     a = next(iter(vast_env.db.query("SELECT * FROM artifacts WHERE run_id = 'run-v' AND name = 'last.pt'")))
     assert a["sha256"] == sha(v2) and a["sync_state"] == "remote-only"
@@ -513,13 +515,13 @@ def test_kill_idle_counts_idle_time_from_the_instance_on_its_first_run(vast_env)
 
     fleet = vast_env.fresh_fleet()  # a new process: no idle tracking from earlier polls
     outcomes = fleet.kill_idle()
-    assert [(o.instance_id, o.destroyed) for o in outcomes] == [(str(done["id"]), True)]
-    assert vast_env.provider.instance(done["id"]) is None
+    assert [(o.instance_id, o.destroyed) for o in outcomes] == [(str(done.id), True)]
+    assert vast_env.provider.instance(done.id) is None
     assert {r.id for r in vast_env.provider.instances()} == {busy.id, fresh.id}
     said = "\n".join(vast_env.logs)
-    assert f"instance {done['id']}: idle (GPU below 5% for" in said and "trainer's last activity" in said
-    assert f"instance {fresh['id']}: not idle (GPU low for 0 s only" in said
-    assert f"instance {busy['id']}: not idle" in said
+    assert f"instance {done.id}: idle (GPU below 5% for" in said and "trainer's last activity" in said
+    assert f"instance {fresh.id}: not idle (GPU low for 0 s only" in said
+    assert f"instance {busy.id}: not idle" in said
     fleet.close()
 
 
