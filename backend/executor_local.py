@@ -1,5 +1,7 @@
 """Local executor: run a matrix's trainer runs as subprocesses of this machine
-(`nko-ops matrix run FILE --executor local [--parallel N]`).
+(`nko-ops matrix run FILE --executor local [--parallel N]`). Steps 1-3 and the sanity gate
+live in backend/matrix_run.py (shared with the Vast executor), the loop that runs the jobs in
+backend/executor.py; this module plans the runs and runs the trainers.
 
 Order of work, nothing written (not state.db, not out_root) before step 2 has passed:
 

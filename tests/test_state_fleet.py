@@ -4,7 +4,6 @@ their own instead of a "#sanity" suffix on their ids."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
 
 from state import execution

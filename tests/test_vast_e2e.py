@@ -301,6 +301,7 @@ def test_vast_executor_refuses_parallel_below_one(tmp_path, monkeypatch):
 
     from backend.cli import app
     from backend.executor import ExecutorError
+    from backend.matrix_run import run_matrix
 
     matrix = _matrix(tmp_path, "parallel-run", epochs=1)
     monkeypatch.delenv("VAST_API_KEY", raising=False)

@@ -34,7 +34,7 @@ from backend.vast.config import BudgetSettings, VastSettings
 from backend.vast.cost import BudgetState, Ledger, police
 from backend.provider import Instance, Offer, Provider, ProviderError
 from backend.vast.remote import Layout, StageError, Stager
-from backend.vast.ssh import HostKeyChanged, KnownHosts, Remote, SSHError, SSHTarget
+from backend.vast.ssh import HostKeyChanged, KnownHosts, Remote, SSHError, SSHTarget, fingerprint
 from backend.vast.sync import CAS, Entry, Mirror, SyncError, SyncReport, Syncer, remote_entries
 from state import fleet as fleet_state
 from state import store
@@ -146,8 +146,6 @@ class Fleet:
 
     def _trusted(self, iid: str):
         def note(hostport, key):
-            from backend.vast.ssh import fingerprint
-
             store.add_event(self.db, f"trusted the host key of {hostport} on first use: {key.get_name()} "
                             f"{fingerprint(key)}", instance_id=iid, kind="host-key", source="vast")
         return note

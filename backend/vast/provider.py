@@ -22,6 +22,7 @@ from typing import Callable
 import requests
 
 from backend.provider import Instance, InstanceNotFound, InstanceStatus, Offer, ProviderError
+from backend.vast.config import api_key
 
 TRANSIENT = {429, 500, 502, 503, 504}
 
@@ -184,6 +185,4 @@ class VastProvider:
 
 
 def provider_from_settings(settings, sleep: Callable[[float], None] = time.sleep) -> VastProvider:
-    from backend.vast.config import api_key
-
     return VastProvider(api_key(), settings.server_url, sleep=sleep)
