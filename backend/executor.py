@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
@@ -30,10 +31,20 @@ class ExecutorError(RuntimeError):
     """The matrix cannot run as asked; the message says why (nothing was started)."""
 
 
+class Outcome(StrEnum):
+    """How a run ended for this executor session (``running``: detached, still training)."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    BLOCKED = "blocked"
+    RUNNING = "running"
+
+
 @dataclass
 class RunResult:
     run_id: str
-    status: str  # completed | failed | interrupted | blocked | running (detached)
+    status: Outcome
     how: str  # reused | imported | trained | resumed | synced | not started
     out_dir: str
     test_cer: float | None = None
@@ -180,7 +191,7 @@ def _halt_all(ex: Executor, pending: list[Job], active: list[Job], results: dict
     for job in active:
         results[job.state_id] = ex.abort(job, reason)
     for job in pending:
-        results[job.state_id] = RunResult(job.run_id, "blocked", "not started", str(job.out_dir), error=reason)
+        results[job.state_id] = RunResult(job.run_id, Outcome.BLOCKED, "not started", str(job.out_dir), error=reason)
 
 
 # --------------------------------------------------------------------------- the matrix lock, stale runs

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from backend.executor import ExecutorError, Job, RunResult, trainer_alive
+from backend.executor import ExecutorError, Job, Outcome, RunResult, trainer_alive
 from backend.matrix import Identity, Matrix, RunSpec, config_sha256
 from backend.runs import Bundle, BundleError, import_run, recorded_hashes, register_bundle, verify_bundle
 from backend.vast.remote import PATH_FIELDS  # the fields the Vast executor rewrites
@@ -185,12 +185,12 @@ class LocalExecutor:
             if not same_config(b.results.get("config"), cfg):
                 return "refused", (f"run {spec.run_id!r} completed with a different config than the matrix now "
                                    f"gives; completed runs are immutable: give the changed run a new run_id")
-            r = RunResult(spec.run_id, "completed", "reused", str(d), b.results.get("test_cer"))
+            r = RunResult(spec.run_id, Outcome.COMPLETED, "reused", str(d), b.results.get("test_cer"))
             return "done", (r, b if not row or row["status"] != RunStatus.COMPLETED else None)
         if row and row["status"] == RunStatus.COMPLETED and row["executor"] == "import" and row["out_dir"]:
             b = self.verify(Path(row["out_dir"]), recorded=recorded_hashes(self.db, spec.run_id))
             if b.ok:
-                return "done", (RunResult(spec.run_id, "completed", "reused", row["out_dir"], b.results.get("test_cer")),
+                return "done", (RunResult(spec.run_id, Outcome.COMPLETED, "reused", row["out_dir"], b.results.get("test_cer")),
                                 None)
             return "refused", (f"run {spec.run_id!r}: its imported bundle {row['out_dir']} no longer verifies "
                                f"({b.problems[0]})")
@@ -210,7 +210,7 @@ class LocalExecutor:
             self.log(f"{spec.run_id}: import from {spec.import_from} refused; it will be trained\n  {e}")
             return None
         self.log(f"{spec.run_id}: imported from {spec.import_from}")
-        return RunResult(spec.run_id, "completed", "imported", str(b.dir), b.results.get("test_cer"))
+        return RunResult(spec.run_id, Outcome.COMPLETED, "imported", str(b.dir), b.results.get("test_cer"))
 
     # ------------------------------------------------------------------ the Executor protocol
 
@@ -273,7 +273,7 @@ class LocalExecutor:
     def not_started(self, job: Job, signum: int) -> RunResult:
         self.stop_signal = signum
         execution.set_status(self.db, job.state_id, RunStatus.PLANNED, "not started: executor stopped")
-        return RunResult(job.spec.run_id, "interrupted", "not started", str(job.out_dir))
+        return RunResult(job.spec.run_id, Outcome.INTERRUPTED, "not started", str(job.out_dir))
 
     def halt(self) -> str | None:
         return None  # nothing local to budget
@@ -372,19 +372,19 @@ class LocalExecutor:
                 register_bundle(self.db, b, job.state_id, "local", self.m.matrix_id,
                                 flags=execution.run_flags(self.db, job.state_id),
                                 message=f"bundle verified ({wall:.0f} s)")
-                return RunResult(job.spec.run_id, "completed", job.how, str(job.out_dir), b.results.get("test_cer"),
+                return RunResult(job.spec.run_id, Outcome.COMPLETED, job.how, str(job.out_dir), b.results.get("test_cer"),
                                  wall_s=wall)
             error = "bundle check failed: " + "; ".join(b.problems[:3])
         elif self.stop_signal is not None:
             execution.set_status(self.db, job.state_id, RunStatus.INTERRUPTED,
                                  f"stopped by signal {self.stop_signal}; rerun the matrix to resume from last.pt",
                                  finished_at=store.now())
-            return RunResult(job.spec.run_id, "interrupted", job.how, str(job.out_dir), wall_s=wall,
+            return RunResult(job.spec.run_id, Outcome.INTERRUPTED, job.how, str(job.out_dir), wall_s=wall,
                              error="stopped; rerun to resume")
         else:
             error = trainer_error(rc, job.out_dir, t.out_file)
         execution.set_status(self.db, job.state_id, RunStatus.FAILED, error, finished_at=store.now(), error=error)
-        return RunResult(job.spec.run_id, "failed", job.how, str(job.out_dir), error=error, wall_s=wall)
+        return RunResult(job.spec.run_id, Outcome.FAILED, job.how, str(job.out_dir), error=error, wall_s=wall)
 
     # ------------------------------------------------------------------ sanity
 

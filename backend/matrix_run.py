@@ -19,7 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from backend.executor import ExecutorError, Job, RunResult, Stop, catch_signals, drive, lock_matrix, sweep_stale
+from backend.executor import (ExecutorError, Job, Outcome, RunResult, Stop, catch_signals, drive, lock_matrix,
+                              sweep_stale)
 from backend.executor_local import POLL_S, LocalExecutor, write_json
 from backend.matrix import Identity, Matrix, MatrixError, RunSpec, load_matrix, resolve
 from backend.vast import executor as vast_executor
@@ -91,7 +92,7 @@ def sanity_gate(ex: LocalExecutor, db, m: Matrix, jobs: list[Job], skip_sanity: 
         ok = True
         for job, r in zip(todo, results):
             notes.append(f"{job.spec.script}/{job.spec.mode}: {r.status}" + (f" ({r.error})" if r.error else ""))
-            ok = ok and r.status == "completed"
+            ok = ok and r.status == Outcome.COMPLETED
         store.add_event(db, "sanity step " + ("passed" if ok else "FAILED") + ": " + "; ".join(notes),
                         kind="sanity", level="info" if ok else "error", source="executor",
                         data={"matrix_id": m.matrix_id, "ok": ok, "notes": notes})
@@ -99,7 +100,7 @@ def sanity_gate(ex: LocalExecutor, db, m: Matrix, jobs: list[Job], skip_sanity: 
             log(f"sanity {n}")
         if not ok:
             msg = f"sanity step failed; {nothing_started}" if stop.signum is None else "stopped"
-            return [RunResult(j.spec.run_id, "blocked", "not started", str(j.out_dir), error=msg) for j in jobs]
+            return [RunResult(j.spec.run_id, Outcome.BLOCKED, "not started", str(j.out_dir), error=msg) for j in jobs]
     for job in jobs:
         flags = execution.run_flags(db, job.state_id)
         flags["sanity"] = "skipped" if skip_sanity else "passed"

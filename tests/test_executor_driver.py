@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.executor import Job, RunResult, Stop, catch_signals, drive, sweep_stale
+from backend.executor import Job, Outcome, RunResult, Stop, catch_signals, drive, sweep_stale
 from backend.matrix import RunSpec
 from state import execution, store
 from state.records import RunStatus
@@ -49,7 +49,8 @@ class CountdownExecutor:
             self.left[job.run_id] -= 1
             if self.left[job.run_id] <= 0:
                 self.active.discard(job.state_id)
-                status = "interrupted" if self.stop_signal else "failed" if job.run_id.startswith("bad") else "completed"
+                status = Outcome.INTERRUPTED if self.stop_signal else \
+                    Outcome.FAILED if job.run_id.startswith("bad") else Outcome.COMPLETED
                 ended.append((job, RunResult(job.run_id, status, job.how, str(job.out_dir))))
         return ended
 
@@ -58,23 +59,23 @@ class CountdownExecutor:
         self.stop_signal = signum
         if self.stop_ends_at_once:
             self.active.discard(job.state_id)
-            return RunResult(job.run_id, "interrupted", job.how, str(job.out_dir), error="left running")
+            return RunResult(job.run_id, Outcome.INTERRUPTED, job.how, str(job.out_dir), error="left running")
         self.left[job.run_id] = 1  # ends at the next poll
         return None
 
     def not_started(self, job, signum):
         self.calls.append(("not_started", job.state_id))
-        return RunResult(job.run_id, "interrupted", "not started", str(job.out_dir))
+        return RunResult(job.run_id, Outcome.INTERRUPTED, "not started", str(job.out_dir))
 
     def halt(self):
         return "cap reached" if self.halt_after is not None and self.polls >= self.halt_after else None
 
     def abort(self, job, reason):
         self.calls.append(("abort", job.state_id))
-        return RunResult(job.run_id, "failed", job.how, str(job.out_dir), error=f"stopped: {reason}")
+        return RunResult(job.run_id, Outcome.FAILED, job.how, str(job.out_dir), error=f"stopped: {reason}")
 
     def detached(self, job):
-        return RunResult(job.run_id, "running", job.how, str(job.out_dir), error="detached")
+        return RunResult(job.run_id, Outcome.RUNNING, job.how, str(job.out_dir), error="detached")
 
     def end(self, active):
         self.calls.append(("end", ",".join(j.state_id for j in active)))

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable, Protocol
 
-from backend.executor import Job, RunResult, Stop, catch_signals, drive
+from backend.executor import Job, Outcome, RunResult, Stop, catch_signals, drive
 from backend.executor_local import trainer_error
 from backend.matrix import Identity, RunSpec, config_sha256, identity_of
 from backend.runs import Bundle, register_bundle, verify_bundle
@@ -283,7 +283,7 @@ class VastRun:
                 register_bundle(self.db, b, self.run_id, "vast", self.matrix_id, flags=flags,
                                 message=f"bundle verified (trained on Vast instance {self.iid}, {wall:.0f} s)")
                 self._record_local(entries, local)
-                result = RunResult(self.run_id, "completed", self.job.how, str(self.job.out_dir),
+                result = RunResult(self.run_id, Outcome.COMPLETED, self.job.how, str(self.job.out_dir),
                                    b.results.get("test_cer"), wall_s=wall)
             else:
                 result = self._failed("bundle check failed: " + "; ".join(b.problems[:3]), wall)
@@ -315,7 +315,7 @@ class VastRun:
         register_bundle(self.db, b, self.run_id, "vast", self.matrix_id, flags=execution.run_flags(self.db, self.run_id),
                         message="bundle rebuilt from the verified local store (its instance is gone)")
         self._record_local(entries, local)
-        return RunResult(self.run_id, "completed", "synced", str(self.job.out_dir), b.results.get("test_cer"))
+        return RunResult(self.run_id, Outcome.COMPLETED, "synced", str(self.job.out_dir), b.results.get("test_cer"))
 
     def materialize(self, entries: list[Entry]) -> dict[str, Path]:
         """Copy the verified files from the store into the local run directory."""
@@ -345,7 +345,7 @@ class VastRun:
     def _failed(self, error: str, wall: float) -> RunResult:
         execution.set_status(self.db, self.run_id, RunStatus.FAILED, error, source="vast", finished_at=store.now(),
                              error=error)
-        return RunResult(self.run_id, "failed", self.job.how, str(self.job.out_dir), error=error, wall_s=wall)
+        return RunResult(self.run_id, Outcome.FAILED, self.job.how, str(self.job.out_dir), error=error, wall_s=wall)
 
     def fail(self, error: str, row: Instance | None = None) -> RunResult:
         if self.iid:
@@ -445,7 +445,7 @@ class VastExecutor:
             run.launch(self.rows)
         except BudgetBlocked as e:
             execution.set_status(self.fleet.db, run.run_id, RunStatus.PLANNED, f"not launched: {e}", source="vast")
-            return RunResult(run.run_id, "blocked", "not started", str(job.out_dir), error=str(e))
+            return RunResult(run.run_id, Outcome.BLOCKED, "not started", str(job.out_dir), error=str(e))
         except (LaunchError, ProviderError, SSHError) as e:
             return run._failed(f"launch failed: {e}", 0.0)
         return None
@@ -471,11 +471,11 @@ class VastExecutor:
                              f"executor stopped by signal {signum}; the trainer keeps running on instance "
                              f"{run.iid}: run the matrix again to re-attach, or `nko-ops vast kill-idle` once it "
                              "is done", source="vast")
-        return RunResult(run.run_id, "interrupted", job.how, str(job.out_dir),
+        return RunResult(run.run_id, Outcome.INTERRUPTED, job.how, str(job.out_dir),
                          error=f"executor stopped; instance {run.iid} still running")
 
     def not_started(self, job: Job, signum: int) -> RunResult:
-        return RunResult(job.run_id, "interrupted", "not started", str(job.out_dir))
+        return RunResult(job.run_id, Outcome.INTERRUPTED, "not started", str(job.out_dir))
 
     def halt(self) -> str | None:
         """Over the budget cap (``fleet.poll`` has already stopped the spend): why, else None."""
@@ -485,7 +485,7 @@ class VastExecutor:
         return self.run(job)._failed(f"stopped: budget cap reached ({reason})", 0.0)
 
     def detached(self, job: Job) -> RunResult:
-        return RunResult(job.run_id, "running", job.how, str(job.out_dir),
+        return RunResult(job.run_id, Outcome.RUNNING, job.how, str(job.out_dir),
                          error=f"detached: training on instance {self.run(job).iid}")
 
     def end(self, active: list[Job]) -> None:
