@@ -203,3 +203,27 @@ def test_the_budget_row_and_its_warning_are_recorded_once(env):
     assert fleet_state.budget_alert_recorded(fleet.db, "budget-warn", "default")
     assert not fleet_state.budget_alert_recorded(fleet.db, "budget-warn", "other")
     assert fleet.db.execute("SELECT count(*) FROM events WHERE kind = 'budget-warn'").fetchone()[0] == 1
+
+
+def test_the_budget_guard_stops_spend_on_its_own_tick(env, tmp_path):
+    """Over the cap, one guard tick stops every instance billing compute: ours are synced and
+    destroyed when nothing would be lost, else (here: no SSH to verify their files) stopped;
+    an orphan is only stopped. Under the cap nothing is touched."""
+    from backend.vast.guard import BudgetGuard
+
+    fleet, p, clock = env
+    ours = _rent(fleet, p, clock, 1, "run-g")
+    orphan = _rent(fleet, p, clock, 2, None)
+    clock.advance(30)
+    guard = BudgetGuard(str(tmp_path / "state.db"), fleet.settings, BudgetSettings(cap_usd=5.0, warn_usd=0.0,
+                        poll_interval_s=60.0), p, log=lambda s: None, clock=clock)
+    try:
+        state = guard.tick()
+        assert not state.over and not guard.over.is_set() and p.stopped == []
+        clock.advance(10 * HOUR)  # 0.71 $/h for 10 h: over the $5 cap
+        state = guard.tick()
+        assert state.over and guard.over.is_set()
+        assert sorted(p.stopped) == sorted([ours, orphan]) and p.destroyed == []
+        assert all(i.status == InstanceStatus.STOPPED for i in p.instances())
+    finally:
+        guard.stop()
