@@ -187,8 +187,9 @@ _GATE_ACOUSTIC = [
 _RUN_SANITY = [
     "ALTER TABLE runs ADD COLUMN sanity INTEGER NOT NULL DEFAULT 0",
     "UPDATE runs SET sanity = 1, matrix_id = substr(matrix_id, 1, length(matrix_id) - 7) "
-    "WHERE matrix_id LIKE '%#sanity'",
-    *(f"UPDATE {table} SET {col} = '_sanity/' || substr({col}, 1, length({col}) - 7) WHERE {col} LIKE '%#sanity'"
+    "WHERE substr(matrix_id, -7) = '#sanity'",
+    *(f"UPDATE {table} SET {col} = '_sanity/' || substr({col}, 1, length({col}) - 7) "
+      f"WHERE substr({col}, -7) = '#sanity'"
       for table, col in (("runs", "id"), ("metrics", "run_id"), ("events", "run_id"), ("artifacts", "run_id"))),
 ]
 
