@@ -153,7 +153,8 @@ def _features(m, snap, console) -> None:
 def _matrix(m, db_path: Path, parallel: int, console) -> list | None:
     """The demo matrix on the local executor; None (after saying why and what to do) when it
     cannot run on this state store."""
-    from backend.executor_local import ExecutorError, run_matrix
+    from backend.executor import ExecutorError
+    from backend.matrix_run import run_matrix
     from backend.matrix import MatrixError
 
     try:

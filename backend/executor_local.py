@@ -1,5 +1,7 @@
 """Local executor: run a matrix's trainer runs as subprocesses of this machine
-(`nko-ops matrix run FILE --executor local [--parallel N]`).
+(`nko-ops matrix run FILE --executor local [--parallel N]`). Steps 1-3 and the sanity gate
+live in backend/matrix_run.py (shared with the Vast executor), the loop that runs the jobs in
+backend/executor.py; this module plans the runs and runs the trainers.
 
 Order of work, nothing written (not state.db, not out_root) before step 2 has passed:
 
@@ -32,9 +34,9 @@ Order of work, nothing written (not state.db, not out_root) before step 2 has pa
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,45 +46,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from state import store
-from backend.matrix import Identity, Matrix, MatrixError, RunSpec, config_sha256, load_matrix, resolve
+from backend.executor import ExecutorError, Job, Outcome, RunResult, trainer_alive
+from backend.matrix import Identity, Matrix, RunSpec, config_sha256
 from backend.runs import Bundle, import_run, recorded_hashes, register_bundle, verify_bundle
+from backend.vast.remote import PATH_FIELDS  # the fields the Vast executor rewrites
 from models.bundle import BundleError
+from models.config import RunConfig
+from models.split import Split
+from state import execution, store
+from state.execution import RunStatus
 
 POLL_S = 1.0
 LOG_CHUNK = 1 << 20  # bytes of trainer output read at a time
 
 
-class ExecutorError(RuntimeError):
-    """The matrix cannot run as asked; the message says why (nothing was started)."""
-
-
 @dataclass
-class RunResult:
-    run_id: str
-    status: str  # completed | failed | interrupted | blocked
-    how: str  # reused | imported | trained | resumed | not started
-    out_dir: str
-    test_cer: float | None = None
-    error: str | None = None
-    wall_s: float = 0.0
+class Trainer:
+    """A job's trainer process and how far its output and metrics were read."""
 
-    def __str__(self) -> str:
-        cer = f" test CER {self.test_cer:.4f}" if self.test_cer is not None else ""
-        err = f": {self.error}" if self.error else ""
-        return f"{self.run_id}: {self.status} ({self.how}){cer}{err}"
-
-
-@dataclass
-class _Job:
-    spec: RunSpec
-    cfg: dict
-    out_dir: Path
-    db_id: str
-    sanity: bool = False
-    how: str = "trained"
-    proc: subprocess.Popen | None = None
-    out_file: Path | None = None
+    proc: subprocess.Popen | None
+    out_file: Path
     out_offset: int = 0
     metrics_offset: int = 0
     started: float = 0.0
@@ -96,22 +79,7 @@ def _pdeathsig() -> None:
         pass
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    try:
-        return "train" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return True
-
-
 def _normalised(cfg: dict) -> dict:
-    from models.config import RunConfig
-
     return RunConfig.model_validate(cfg).to_json()
 
 
@@ -120,7 +88,6 @@ def same_config(have: dict | None, want: dict) -> bool:
     path fields): a run trained on Vast records the instance's paths (``data/snapshot-…``,
     ``runs/<id>``). The identities behind the paths still have to match: ``snapshot_sha256``
     is compared here, the split and recipe hashes by ``LocalExecutor.verify``."""
-    from backend.vast.remote import PATH_FIELDS  # the fields the Vast executor rewrites
 
     def strip(cfg: dict | None) -> dict:
         return {k: v for k, v in (cfg or {}).items() if k not in PATH_FIELDS}
@@ -128,7 +95,7 @@ def same_config(have: dict | None, want: dict) -> bool:
     return strip(have) == strip(want)
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
@@ -136,6 +103,9 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 class LocalExecutor:
+    """Trainer runs as subprocesses of this machine (the ``backend.executor.Executor`` protocol),
+    plus the planning every executor of a matrix relies on (``plan``, ``verify``, ``sanity``)."""
+
     def __init__(self, m: Matrix, ident: Identity, db, parallel: int = 1, poll_s: float = POLL_S,
                  log: Callable[[str], None] = print):
         if parallel < 1:
@@ -143,8 +113,7 @@ class LocalExecutor:
         self.m, self.ident, self.db, self.parallel, self.poll_s, self.log = m, ident, db, parallel, poll_s, log
         self.root = Path(m.out_root)
         self.stop_signal: int | None = None
-        from models.split import Split
-
+        self.trainers: dict[str, Trainer] = {}
         self.test_ids = Split.load(Path(m.split)).test
 
     # ------------------------------------------------------------------ configs
@@ -161,9 +130,14 @@ class LocalExecutor:
         return verify_bundle(d, self.ident.snapshot_sha256, self.ident.split_sha256, self.ident.recipe_hash,
                              self.test_ids, subset=subset, recorded=recorded)
 
+    def job(self, spec: RunSpec) -> Job:
+        """The job of a full run: resumed when its directory holds last.pt."""
+        d = self.m.out_dir(spec)
+        return Job(spec, self.config(spec), d, how="resumed" if (d / "last.pt").exists() else "trained")
+
     # ------------------------------------------------------------------ planning
 
-    def classify(self, specs: list[RunSpec]) -> tuple[list[RunResult], list[_Job], list[RunSpec]]:
+    def classify(self, specs: list[RunSpec]) -> tuple[list[RunResult], list[Job], list[RunSpec]]:
         """(already satisfied, jobs to run, runs to import). Raises ExecutorError on refusals,
         before it writes anything; then registers the bundles found complete on disk."""
         done, jobs, imports, found = self.plan(specs)
@@ -174,50 +148,59 @@ class LocalExecutor:
         for run_id, b in found:
             register_bundle(self.db, b, run_id, "local", self.m.matrix_id, message="found complete on disk")
 
-    def plan(self, specs: list[RunSpec]) -> tuple[list[RunResult], list[_Job], list[RunSpec], list[tuple[str, Bundle]]]:
+    def plan(self, specs: list[RunSpec]) -> tuple[list[RunResult], list[Job], list[RunSpec], list[tuple[str, Bundle]]]:
         """``classify`` without writing anything: also returns (run id, bundle) for the bundles
         found complete on disk that state.db does not record as completed (``record_found``)."""
         done, jobs, imports, found, refusals = [], [], [], [], []
         for spec in specs:
-            cfg = self.config(spec)
-            d = self.m.out_dir(spec)
-            row = store.get_run(self.db, spec.run_id)
-            if row and row["status"] in ("running", "queued") and _alive(row["pid"]):
-                refusals.append(f"run {spec.run_id!r} is still running as pid {row['pid']} "
-                                f"(started by another executor); stop it or wait")
-                continue
-            if (d / "manifest.json").exists():
-                b = self.verify(d)
-                if not b.ok:
-                    refusals.append(f"run {spec.run_id!r}: {d} holds a completed bundle that fails verification "
-                                    f"({b.problems[0]}); completed runs are immutable: move it away to re-run")
-                elif not same_config(b.results.get("config"), cfg):
-                    refusals.append(f"run {spec.run_id!r} completed with a different config than the matrix now "
-                                    f"gives; completed runs are immutable: give the changed run a new run_id")
-                else:
-                    if not row or row["status"] != "completed":
-                        found.append((spec.run_id, b))
-                    done.append(RunResult(spec.run_id, "completed", "reused", str(d), b.results.get("test_cer")))
-                continue
-            if row and row["status"] == "completed" and row["executor"] == "import" and row["out_dir"]:
-                b = self.verify(Path(row["out_dir"]), recorded=recorded_hashes(self.db, spec.run_id))
-                if b.ok:
-                    done.append(RunResult(spec.run_id, "completed", "reused", row["out_dir"], b.results.get("test_cer")))
-                    continue
-                refusals.append(f"run {spec.run_id!r}: its imported bundle {row['out_dir']} no longer verifies "
-                                f"({b.problems[0]})")
-                continue
-            if spec.import_from and Path(spec.import_from).is_dir():
-                imports.append(spec)
-                continue
-            if (d / "last.pt").exists() and row and row["config_sha256"] and row["config_sha256"] != config_sha256(cfg):
-                refusals.append(f"run {spec.run_id!r} was interrupted with a different config; resume it with the "
-                                f"original matrix or give the changed run a new run_id")
-                continue
-            jobs.append(_Job(spec, cfg, d, spec.run_id, how="resumed" if (d / "last.pt").exists() else "trained"))
+            kind, what = self._classify_one(spec)
+            if kind == "refused":
+                refusals.append(what)
+            elif kind == "import":
+                imports.append(what)
+            elif kind == "job":
+                jobs.append(what)
+            else:
+                result, bundle = what
+                done.append(result)
+                if bundle is not None:
+                    found.append((spec.run_id, bundle))
         if refusals:
             raise ExecutorError("refusing to run the matrix:\n  " + "\n  ".join(refusals))
         return done, jobs, imports, found
+
+    def _classify_one(self, spec: RunSpec) -> tuple[str, object]:
+        """("refused", why) | ("done", (RunResult, bundle to record or None)) | ("import", spec) |
+        ("job", Job)."""
+        cfg = self.config(spec)
+        d = self.m.out_dir(spec)
+        row = store.get_run(self.db, spec.run_id)
+        if row and row["status"] in (RunStatus.RUNNING, RunStatus.QUEUED) and trainer_alive(row["pid"]):
+            return "refused", (f"run {spec.run_id!r} is still running as pid {row['pid']} "
+                               f"(started by another executor); stop it or wait")
+        if (d / "manifest.json").exists():
+            b = self.verify(d)
+            if not b.ok:
+                return "refused", (f"run {spec.run_id!r}: {d} holds a completed bundle that fails verification "
+                                   f"({b.problems[0]}); completed runs are immutable: move it away to re-run")
+            if not same_config(b.results.get("config"), cfg):
+                return "refused", (f"run {spec.run_id!r} completed with a different config than the matrix now "
+                                   f"gives; completed runs are immutable: give the changed run a new run_id")
+            r = RunResult(spec.run_id, Outcome.COMPLETED, "reused", str(d), b.results.get("test_cer"))
+            return "done", (r, b if not row or row["status"] != RunStatus.COMPLETED else None)
+        if row and row["status"] == RunStatus.COMPLETED and row["executor"] == "import" and row["out_dir"]:
+            b = self.verify(Path(row["out_dir"]), recorded=recorded_hashes(self.db, spec.run_id))
+            if b.ok:
+                return "done", (RunResult(spec.run_id, Outcome.COMPLETED, "reused", row["out_dir"], b.results.get("test_cer")),
+                                None)
+            return "refused", (f"run {spec.run_id!r}: its imported bundle {row['out_dir']} no longer verifies "
+                               f"({b.problems[0]})")
+        if spec.import_from and Path(spec.import_from).is_dir():
+            return "import", spec
+        if (d / "last.pt").exists() and row and row["config_sha256"] and row["config_sha256"] != config_sha256(cfg):
+            return "refused", (f"run {spec.run_id!r} was interrupted with a different config; resume it with the "
+                               f"original matrix or give the changed run a new run_id")
+        return "job", Job(spec, cfg, d, how="resumed" if (d / "last.pt").exists() else "trained")
 
     def try_import(self, spec: RunSpec) -> RunResult | None:
         try:
@@ -228,169 +211,187 @@ class LocalExecutor:
             self.log(f"{spec.run_id}: import from {spec.import_from} refused; it will be trained\n  {e}")
             return None
         self.log(f"{spec.run_id}: imported from {spec.import_from}")
-        return RunResult(spec.run_id, "completed", "imported", str(b.dir), b.results.get("test_cer"))
+        return RunResult(spec.run_id, Outcome.COMPLETED, "imported", str(b.dir), b.results.get("test_cer"))
 
-    # ------------------------------------------------------------------ running
+    # ------------------------------------------------------------------ the Executor protocol
 
-    def launch(self, job: _Job, slots: int | None = None) -> None:
+    def begin(self, jobs: list[Job], results: dict[str, RunResult]) -> tuple[list[Job], list[Job]]:
+        for job in jobs:
+            execution.set_status(self.db, job.state_id, RunStatus.QUEUED, job.how, matrix_id=self.m.matrix_id,
+                                 sanity=int(job.sanity), script=job.spec.script, mode=job.spec.mode,
+                                 seed=job.spec.seed, out_dir=str(job.out_dir.resolve()), executor="local")
+        return list(jobs), []
+
+    def launch(self, job: Job, slots: int) -> RunResult | None:
+        self.log(f"{job.state_id}: {'sanity run' if job.sanity else job.how} -> {job.out_dir}")
         cfg_path = self.config_path(job.spec, job.sanity)
-        _write_json(cfg_path, job.cfg)
-        job.out_file = self.root / "_executor" / f"{job.spec.run_id}{'.sanity' if job.sanity else ''}.out"
-        job.out_file.parent.mkdir(parents=True, exist_ok=True)
-        job.out_offset = job.out_file.stat().st_size if job.out_file.exists() else 0
-        job.metrics_offset = 0  # re-read from the start: the trainer truncates metrics.jsonl on resume
+        write_json(cfg_path, job.cfg)
+        out_file = self.root / "_executor" / f"{job.spec.run_id}{'.sanity' if job.sanity else ''}.out"
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        # metrics are re-read from the start: the trainer truncates metrics.jsonl on resume
+        t = self.trainers[job.state_id] = Trainer(None, out_file, out_file.stat().st_size if out_file.exists() else 0)
         env = dict(os.environ)
-        threads = str(max(1, (os.cpu_count() or 1) // (slots or self.parallel)))  # no oversubscription
+        threads = str(max(1, (os.cpu_count() or 1) // slots))  # no oversubscription
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env.setdefault(var, threads)
         cmd = [sys.executable, "-m", "backend.cli", "train", "--config", str(cfg_path)]
-        with open(job.out_file, "ab") as out:
-            job.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                        start_new_session=True,
-                                        preexec_fn=_pdeathsig if sys.platform.startswith("linux") else None)
-        job.started = time.time()
-        store.set_run_status(self.db, job.db_id, "running",
-                             f"{job.how} by the local executor (pid {job.proc.pid})" if not job.sanity
-                             else f"sanity run (pid {job.proc.pid})",
-                             matrix_id=self.m.matrix_id + ("#sanity" if job.sanity else ""), script=job.spec.script,
+        with open(out_file, "ab") as out:
+            t.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                      start_new_session=True,
+                                      preexec_fn=_pdeathsig if sys.platform.startswith("linux") else None)
+        t.started = time.time()
+        pid = t.proc.pid
+        execution.set_status(self.db, job.state_id, RunStatus.RUNNING,
+                             f"{job.how} by the local executor (pid {pid})" if not job.sanity
+                             else f"sanity run (pid {pid})",
+                             matrix_id=self.m.matrix_id, sanity=int(job.sanity), script=job.spec.script,
                              mode=job.spec.mode, seed=job.spec.seed, config=job.cfg,
                              config_sha256=config_sha256(job.cfg), out_dir=str(job.out_dir.resolve()),
-                             executor="local", host=socket.gethostname(), pid=job.proc.pid, started_at=store.now(),
+                             executor="local", host=socket.gethostname(), pid=pid, started_at=store.now(),
                              heartbeat_at=store.now(), metrics_offset=0, error=None,
                              snapshot_sha256=self.ident.snapshot_sha256, split_sha256=self.ident.split_sha256,
                              recipe_hash=self.ident.recipe_hash)
+        return None
 
-    def poll(self, job: _Job) -> None:
+    def poll(self, active: list[Job]) -> list[tuple[Job, RunResult]]:
+        ended = []
+        for job in active:
+            rc = self.trainers[job.state_id].proc.poll()
+            if rc is None:
+                self.ingest(job)
+            else:
+                ended.append((job, self.finish(job, rc)))
+        return ended
+
+    def stop(self, job: Job, signum: int) -> RunResult | None:
+        """SIGTERM the trainer (its last.pt stays); ``poll`` reports it interrupted once it exits."""
+        self.stop_signal = signum
+        proc = self.trainers[job.state_id].proc
+        if proc.poll() is None:
+            proc.terminate()
+        return None
+
+    def not_started(self, job: Job, signum: int) -> RunResult:
+        self.stop_signal = signum
+        execution.set_status(self.db, job.state_id, RunStatus.PLANNED, "not started: executor stopped")
+        return RunResult(job.spec.run_id, Outcome.INTERRUPTED, "not started", str(job.out_dir))
+
+    def halt(self) -> str | None:
+        return None  # nothing local to budget
+
+    def abort(self, job: Job, reason: str) -> RunResult:
+        raise AssertionError("the local executor never halts")
+
+    def detached(self, job: Job) -> RunResult:
+        raise AssertionError("the local executor does not detach")
+
+    def end(self, active: list[Job]) -> None:
+        for job in active:  # an exception in the loop: leave no trainer behind
+            proc = self.trainers[job.state_id].proc
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+    # ------------------------------------------------------------------ a running trainer
+
+    def ingest(self, job: Job) -> None:
         """Ingest new metrics and output lines, and heartbeat (one transaction each)."""
-        lines, fields = [], {}
-        mf = job.out_dir / "metrics.jsonl"
-        if mf.exists():
-            size = mf.stat().st_size
-            if size < job.metrics_offset:
-                job.metrics_offset = 0
-            if size > job.metrics_offset:
-                with open(mf, "rb") as f:
-                    f.seek(job.metrics_offset)
-                    chunk = f.read(size - job.metrics_offset)
-                end = chunk.rfind(b"\n") + 1  # complete lines only
-                for raw in chunk[:end].splitlines():
-                    try:
-                        rec = json.loads(raw)
-                    except (json.JSONDecodeError, UnicodeDecodeError):
-                        continue
-                    if isinstance(rec, dict):
-                        lines.append(rec)
-                job.metrics_offset += end
-        events = []
+        t = self.trainers[job.state_id]
+        lines = self._new_metrics(job.out_dir / "metrics.jsonl", t)
+        fields, events = {}, []
         for rec in lines:
             if rec.get("kind") in ("step", "epoch"):
                 for k in ("epoch", "step", "train_loss", "val_loss", "best_val_loss", "best_epoch"):
                     if isinstance(rec.get(k), (int, float)) and not isinstance(rec.get(k), bool):
                         fields[k] = rec[k]
             elif rec.get("kind") == "status":
-                events.append({"run_id": job.db_id, "source": "trainer", "kind": "trainer-status",
+                events.append({"run_id": job.state_id, "source": "trainer", "kind": "trainer-status",
                                "message": str(rec.get("status")), "data": rec,
                                "level": "error" if rec.get("status") == "failed" else "info"})
-        if job.out_file is not None and job.out_file.exists():
-            with open(job.out_file, "rb") as f:
-                while True:  # every complete line, a chunk at a time; the offset passes only what is stored
-                    f.seek(job.out_offset)
-                    chunk = f.read(LOG_CHUNK)
-                    end = chunk.rfind(b"\n") + 1
-                    if not end and len(chunk) == LOG_CHUNK:  # a line longer than a chunk: stored in pieces
-                        end = len(chunk)
-                    if not end:
-                        break
-                    for line in chunk[:end].decode("utf-8", errors="replace").splitlines():
-                        events.append({"run_id": job.db_id, "source": "trainer", "kind": "log",
-                                       "message": line[:2000]})
-                    job.out_offset += end
+        events += [{"run_id": job.state_id, "source": "trainer", "kind": "log", "message": line[:2000]}
+                   for line in self._new_output(t)]
         with store.transaction(self.db):
-            store.add_metrics(self.db, job.db_id, lines, metrics_offset=job.metrics_offset,
-                              log_offset=job.out_offset, heartbeat_at=store.now(), **fields)
+            store.add_metrics(self.db, job.state_id, lines, metrics_offset=t.metrics_offset,
+                              log_offset=t.out_offset, heartbeat_at=store.now(), **fields)
             store.add_events(self.db, events)
 
-    def finish(self, job: _Job, rc: int) -> RunResult:
-        self.poll(job)
-        wall = time.time() - job.started
+    @staticmethod
+    def _new_metrics(mf: Path, t: Trainer) -> list[dict]:
+        """The complete metrics.jsonl records written since the last read."""
+        if not mf.exists():
+            return []
+        size = mf.stat().st_size
+        if size < t.metrics_offset:
+            t.metrics_offset = 0
+        if size <= t.metrics_offset:
+            return []
+        with open(mf, "rb") as f:
+            f.seek(t.metrics_offset)
+            chunk = f.read(size - t.metrics_offset)
+        end = chunk.rfind(b"\n") + 1  # complete lines only
+        lines = []
+        for raw in chunk[:end].splitlines():
+            try:
+                rec = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(rec, dict):
+                lines.append(rec)
+        t.metrics_offset += end
+        return lines
+
+    @staticmethod
+    def _new_output(t: Trainer) -> list[str]:
+        """Every complete output line since the last read, a chunk at a time; the offset passes
+        only what is returned."""
+        out: list[str] = []
+        if not t.out_file.exists():
+            return out
+        with open(t.out_file, "rb") as f:
+            while True:
+                f.seek(t.out_offset)
+                chunk = f.read(LOG_CHUNK)
+                end = chunk.rfind(b"\n") + 1
+                if not end and len(chunk) == LOG_CHUNK:  # a line longer than a chunk: stored in pieces
+                    end = len(chunk)
+                if not end:
+                    break
+                out += chunk[:end].decode("utf-8", errors="replace").splitlines()
+                t.out_offset += end
+        return out
+
+    def finish(self, job: Job, rc: int) -> RunResult:
+        self.ingest(job)
+        t = self.trainers[job.state_id]
+        wall = time.time() - t.started
         if rc == 0:
             b = self.verify(job.out_dir, subset=job.sanity)
             if b.ok:
-                flags = json.loads((store.get_run(self.db, job.db_id) or {}).get("flags") or "{}")
-                register_bundle(self.db, b, job.db_id, "local",
-                                self.m.matrix_id + ("#sanity" if job.sanity else ""), flags=flags,
+                register_bundle(self.db, b, job.state_id, "local", self.m.matrix_id,
+                                flags=execution.run_flags(self.db, job.state_id),
                                 message=f"bundle verified ({wall:.0f} s)")
-                return RunResult(job.spec.run_id, "completed", job.how, str(job.out_dir), b.results.get("test_cer"),
+                return RunResult(job.spec.run_id, Outcome.COMPLETED, job.how, str(job.out_dir), b.results.get("test_cer"),
                                  wall_s=wall)
             error = "bundle check failed: " + "; ".join(b.problems[:3])
         elif self.stop_signal is not None:
-            store.set_run_status(self.db, job.db_id, "interrupted", f"stopped by signal {self.stop_signal}; "
-                                 "rerun the matrix to resume from last.pt", finished_at=store.now())
-            return RunResult(job.spec.run_id, "interrupted", job.how, str(job.out_dir), wall_s=wall,
+            execution.set_status(self.db, job.state_id, RunStatus.INTERRUPTED,
+                                 f"stopped by signal {self.stop_signal}; rerun the matrix to resume from last.pt",
+                                 finished_at=store.now())
+            return RunResult(job.spec.run_id, Outcome.INTERRUPTED, job.how, str(job.out_dir), wall_s=wall,
                              error="stopped; rerun to resume")
         else:
-            error = f"trainer exited with status {rc}"
-            ej = job.out_dir / "error.json"
-            if ej.exists():
-                try:
-                    info = json.loads(ej.read_text(encoding="utf-8"))
-                    error += f" in {info.get('stage')}: {info.get('error_type')}: {info.get('message')}"
-                except (ValueError, OSError):
-                    pass
-            elif job.out_file is not None and job.out_file.exists():
-                tail = job.out_file.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
-                if tail:
-                    error += ": " + " | ".join(tail)
-        store.set_run_status(self.db, job.db_id, "failed", error, finished_at=store.now(), error=error)
-        return RunResult(job.spec.run_id, "failed", job.how, str(job.out_dir), error=error, wall_s=wall)
-
-    def execute(self, jobs: list[_Job], slots: int | None = None) -> list[RunResult]:
-        """Run ``jobs`` at most ``slots`` (default ``parallel``) at a time; results in job order."""
-        slots = slots or self.parallel
-        pending, active, results = list(jobs), [], {}
-        for job in jobs:
-            store.set_run_status(self.db, job.db_id, "queued", job.how,
-                                 matrix_id=self.m.matrix_id + ("#sanity" if job.sanity else ""),
-                                 script=job.spec.script, mode=job.spec.mode, seed=job.spec.seed,
-                                 out_dir=str(job.out_dir.resolve()), executor="local")
-        try:
-            while pending or active:
-                while pending and len(active) < slots and self.stop_signal is None:
-                    job = pending.pop(0)
-                    self.log(f"{job.db_id}: {'sanity run' if job.sanity else job.how} -> {job.out_dir}")
-                    self.launch(job, slots)
-                    active.append(job)
-                if self.stop_signal is not None:
-                    for job in active:
-                        if job.proc.poll() is None:
-                            job.proc.terminate()
-                    for job in pending:
-                        store.set_run_status(self.db, job.db_id, "planned", "not started: executor stopped")
-                        results[job.db_id] = RunResult(job.spec.run_id, "interrupted", "not started", str(job.out_dir))
-                    pending = []
-                time.sleep(self.poll_s)
-                for job in list(active):
-                    rc = job.proc.poll()
-                    if rc is None:
-                        self.poll(job)
-                        continue
-                    active.remove(job)
-                    r = self.finish(job, rc)
-                    results[job.db_id] = r
-                    self.log(str(r) if not job.sanity else f"sanity {r}")
-        finally:
-            for job in active:  # an exception in this loop: leave no trainer behind
-                if job.proc.poll() is None:
-                    job.proc.terminate()
-                    try:
-                        job.proc.wait(30)
-                    except subprocess.TimeoutExpired:
-                        job.proc.kill()
-        return [results[j.db_id] for j in jobs]
+            error = trainer_error(rc, job.out_dir, t.out_file)
+        execution.set_status(self.db, job.state_id, RunStatus.FAILED, error, finished_at=store.now(), error=error)
+        return RunResult(job.spec.run_id, Outcome.FAILED, job.how, str(job.out_dir), error=error, wall_s=wall)
 
     # ------------------------------------------------------------------ sanity
 
-    def sanity(self, jobs: list[_Job]) -> tuple[bool, list[str]]:
+    def sanity_jobs(self, jobs: list[Job]) -> tuple[list[Job], list[str]]:
+        """The sanity runs still to do for ``jobs`` (sanity_specs), and notes on those that
+        passed before."""
         todo, notes = [], []
         for spec in sanity_specs([j.spec for j in jobs]):
             cfg = self.config(spec, sanity=True)
@@ -400,21 +401,33 @@ class LocalExecutor:
                 if b.ok and b.results.get("config") == cfg:
                     notes.append(f"{spec.script}/{spec.mode}: passed before ({d})")
                     continue
-                # a stale or different sanity run: start it afresh (sanity dirs are scratch)
-                import shutil
-
-                shutil.rmtree(d)
-            todo.append(_Job(spec, cfg, d, f"{spec.run_id}#sanity", sanity=True, how="sanity"))
+                shutil.rmtree(d)  # a stale or different sanity run: start it afresh (sanity dirs are scratch)
+            todo.append(Job(spec, cfg, d, sanity=True, how="sanity"))
         if todo:
             self.log(f"sanity step: {len(todo)} short run(s) ({self.m.sanity.epochs} epoch(s) on "
                      f"{self.m.sanity.subset.train}/{self.m.sanity.subset.val}/{self.m.sanity.subset.test} utterances)")
-        # sanity runs are small: on a multi-core machine two share it even with --parallel 1
-        results = self.execute(todo, max(self.parallel, min(2, os.cpu_count() or 1)))
-        ok = True
-        for job, r in zip(todo, results):
-            notes.append(f"{job.spec.script}/{job.spec.mode}: {r.status}" + (f" ({r.error})" if r.error else ""))
-            ok = ok and r.status == "completed"
-        return ok, notes
+        return todo, notes
+
+    def sanity_slots(self) -> int:
+        """Sanity runs are small: on a multi-core machine two share it even with --parallel 1."""
+        return max(self.parallel, min(2, os.cpu_count() or 1))
+
+
+def trainer_error(rc: int, out_dir: Path, out_file: Path | None) -> str:
+    """Why a trainer failed: its error.json, else the last lines of its output."""
+    error = f"trainer exited with status {rc}"
+    ej = out_dir / "error.json"
+    if ej.exists():
+        try:
+            info = json.loads(ej.read_text(encoding="utf-8"))
+            error += f" in {info.get('stage')}: {info.get('error_type')}: {info.get('message')}"
+        except (ValueError, OSError):
+            pass
+    elif out_file is not None and out_file.exists():
+        tail = out_file.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
+        if tail:
+            error += ": " + " | ".join(tail)
+    return error
 
 
 def sanity_specs(specs: list[RunSpec]) -> list[RunSpec]:
@@ -428,166 +441,3 @@ def sanity_specs(specs: list[RunSpec]) -> list[RunSpec]:
         if spec.script not in {c.script for c in chosen}:
             chosen.append(spec)
     return chosen
-
-
-def _lock(root: Path, matrix_id: str):
-    root.mkdir(parents=True, exist_ok=True)
-    f = open(root / f".executor-{matrix_id}.lock", "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise ExecutorError(f"another executor is running matrix {matrix_id!r} (lock {root}/.executor-{matrix_id}.lock)")
-    return f
-
-
-def check_matrix(db, m: Matrix, ident: Identity) -> None:
-    """Refuse a matrix that ran before on other snapshot / split / recipe identities."""
-    row = next(iter(db.query("SELECT * FROM matrices WHERE id = ?", [m.matrix_id])), None)
-    if row:
-        for key in ("snapshot_sha256", "split_sha256", "recipe_hash"):
-            if row[key] and row[key] != getattr(ident, key):
-                raise ExecutorError(f"matrix {m.matrix_id!r} ran before with {key} {row[key][:16]}…, now "
-                                    f"{getattr(ident, key)[:16]}…; its runs would mix {key.split('_')[0]}s: "
-                                    f"use a new matrix_id")
-
-
-def register_matrix(db, m: Matrix, ident: Identity) -> None:
-    """Record the matrix and its identities; refuse if it ran on other ones before."""
-    check_matrix(db, m, ident)
-    with store.transaction(db):
-        db.conn.execute(
-            "INSERT INTO matrices(id, path, sha256, snapshot_sha256, split_sha256, recipe_hash, updated_at) "
-            "VALUES (?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET path = excluded.path, sha256 = excluded.sha256, "
-            "updated_at = excluded.updated_at",
-            (m.matrix_id, str(m.path), m.file_sha256, ident.snapshot_sha256, ident.split_sha256, ident.recipe_hash,
-             store.now()))
-        db.conn.execute("INSERT OR IGNORE INTO snapshots(sha256, path, rows) VALUES (?,?,?)",
-                        (ident.snapshot_sha256, m.snapshot, ident.snapshot_rows))
-        db.conn.execute("INSERT OR IGNORE INTO splits(sha256, snapshot_sha256, path, train, val, test) "
-                        "VALUES (?,?,?,?,?,?)", (ident.split_sha256, ident.snapshot_sha256, m.split,
-                                                 *(ident.split_sizes.get(p) for p in ("train", "val", "test"))))
-
-
-def load_and_resolve(matrix_path: str | Path) -> tuple[Matrix, Identity]:
-    m = load_matrix(matrix_path)
-    ident = resolve(m)
-    if ident.problems:
-        raise MatrixError(f"{matrix_path}: the matrix does not match its files\n  " + "\n  ".join(ident.problems))
-    return m, ident
-
-
-def sanity_gate(ex: "LocalExecutor", db, m: Matrix, jobs: list[_Job], skip_sanity: bool,
-                log: Callable[[str], None], nothing_started: str = "full runs not started") -> list[RunResult] | None:
-    """Run the sanity step for ``jobs`` (or record that it was skipped by request) and mark
-    each job's flags. Returns the blocked results when it failed, else None."""
-    if skip_sanity:
-        store.add_event(db, f"sanity step skipped by request for {len(jobs)} run(s)", kind="sanity",
-                        level="warning", source="executor",
-                        data={"matrix_id": m.matrix_id, "runs": [j.spec.run_id for j in jobs]})
-        log("sanity step SKIPPED (recorded in state.db)")
-    else:
-        ok, notes = ex.sanity(jobs)
-        store.add_event(db, "sanity step " + ("passed" if ok else "FAILED") + ": " + "; ".join(notes),
-                        kind="sanity", level="info" if ok else "error", source="executor",
-                        data={"matrix_id": m.matrix_id, "ok": ok, "notes": notes})
-        for n in notes:
-            log(f"sanity {n}")
-        if not ok:
-            msg = f"sanity step failed; {nothing_started}" if ex.stop_signal is None else "stopped"
-            return [RunResult(j.spec.run_id, "blocked", "not started", str(j.out_dir), error=msg) for j in jobs]
-    for job in jobs:
-        row = store.get_run(db, job.db_id)
-        flags = json.loads(row["flags"]) if row and row["flags"] else {}
-        flags["sanity"] = "skipped" if skip_sanity else "passed"
-        store.upsert_run(db, job.db_id, flags=flags)
-    return None
-
-
-def run_matrix(matrix_path: str | Path, db_path: str | Path = "state.db", executor: str = "local",
-               parallel: int = 1, skip_sanity: bool = False, with_optional: bool = False,
-               only: list[str] | None = None, poll_s: float = POLL_S,
-               log: Callable[[str], None] = print) -> list[RunResult]:
-    """Run a matrix; returns one RunResult per selected run (see the module docstring).
-    Raises MatrixError / ExecutorError, before anything is written, when it cannot."""
-    if executor == "vast":  # one instance per run on Vast.ai (backend/vast/executor.py)
-        from backend.vast.executor import run_matrix_vast
-
-        return run_matrix_vast(matrix_path, db_path, parallel=parallel, skip_sanity=skip_sanity,
-                               with_optional=with_optional, only=only, log=log)
-    if executor != "local":
-        raise ExecutorError(f"executor {executor!r} is not available (one of: local, vast)")
-    m, ident = load_and_resolve(matrix_path)
-    specs = m.selected(with_optional, only)
-    # every check that can refuse runs before anything is written: first without the lock
-    # (taking it creates out_root), then again under it if another executor changed the runs
-    check_db = store.open_db(db_path if Path(db_path).exists() else ":memory:")
-    try:
-        ex = LocalExecutor(m, ident, check_db, parallel, poll_s, log)
-        seen, plan = _checked_plan(ex, specs)
-    finally:
-        check_db.close()
-    lock = _lock(Path(m.out_root), m.matrix_id)
-    db = ex.db = store.open_db(db_path)
-    try:
-        if _runs_seen(ex, specs) != seen:
-            plan = _checked_plan(ex, specs)[1]
-        done, jobs, imports, found = plan
-        register_matrix(db, m, ident)
-        for spec in specs:
-            if store.get_run(db, spec.run_id) is None:
-                store.set_run_status(db, spec.run_id, "planned", f"in matrix {m.matrix_id}", matrix_id=m.matrix_id,
-                                     script=spec.script, mode=spec.mode, seed=spec.seed,
-                                     out_dir=str(m.out_dir(spec).resolve()))
-        for row in db.query("SELECT id, pid FROM runs WHERE status IN ('running', 'queued') AND executor = 'local' "
-                            "AND matrix_id IN (?, ?)", [m.matrix_id, m.matrix_id + "#sanity"]):
-            if not _alive(row["pid"]):
-                store.set_run_status(db, row["id"], "interrupted", "its executor stopped; will resume from last.pt")
-        ex.record_found(found)
-        for spec in imports:
-            r = ex.try_import(spec)
-            if r is not None:
-                done.append(r)
-            else:
-                d = m.out_dir(spec)
-                jobs.append(_Job(spec, ex.config(spec), d, spec.run_id,
-                                 how="resumed" if (d / "last.pt").exists() else "trained"))
-        for r in done:
-            log(f"{r.run_id}: {r.how} ({r.out_dir})")
-        previous: dict[int, object] = {}
-        if threading_main():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, lambda s, f: setattr(ex, "stop_signal", s))
-        try:
-            if jobs:
-                blocked = sanity_gate(ex, db, m, jobs, skip_sanity, log)
-                if blocked is not None:
-                    return done + blocked
-                done += ex.execute(jobs)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        order = {s.run_id: i for i, s in enumerate(specs)}
-        return sorted(done, key=lambda r: order[r.run_id])
-    finally:
-        db.close()
-        lock.close()
-
-
-def _runs_seen(ex: LocalExecutor, specs: list[RunSpec]) -> list:
-    """What ``plan`` reads that another executor changes: the run rows and which run
-    directories hold manifest.json / last.pt."""
-    return [(store.get_run(ex.db, s.run_id), (ex.m.out_dir(s) / "manifest.json").exists(),
-             (ex.m.out_dir(s) / "last.pt").exists()) for s in specs]
-
-
-def _checked_plan(ex: LocalExecutor, specs: list[RunSpec]) -> tuple[list, tuple]:
-    """(``_runs_seen``, ``ex.plan``) after the matrix's identity check; raises on refusals."""
-    check_matrix(ex.db, ex.m, ex.ident)
-    return _runs_seen(ex, specs), ex.plan(specs)
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()

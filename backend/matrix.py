@@ -340,6 +340,13 @@ def _recipe_hash(path: str) -> str:
     return FeatureStore.open(Path(path)).recipe_hash
 
 
+def identity_of(snapshot: str, split: str, features: str) -> Identity:
+    """The identities of one run config's snapshot, split and feature store (no pins)."""
+    snap, rows = _snapshot_sha(snapshot)
+    split_sha, sizes, _ = _split_sha(split)
+    return Identity(snap, split_sha, _recipe_hash(features), snapshot_rows=rows, split_sizes=sizes)
+
+
 def resolve(m: Matrix) -> Identity:
     """Hash the matrix's snapshot, split and feature store (and any run-level paths) and
     compare them with the pinned values; every disagreement is a problem naming its run."""

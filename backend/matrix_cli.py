@@ -24,7 +24,7 @@ def _fail(e: Exception, code: int = 2) -> None:
 
 def _user_errors() -> tuple:
     from backend.claims import ClaimsError
-    from backend.executor_local import ExecutorError
+    from backend.executor import ExecutorError
     from backend.matrix import MatrixError
     from backend.promote import PromoteError
     from models.bundle import BundleError
@@ -77,7 +77,7 @@ def run_cmd(file: Path,
             only: Optional[List[str]] = typer.Option(None, "--only", help="Run only this run id (repeatable)."),
             db: str = DB) -> None:
     """Run a matrix: sanity step, then every run not complete yet (resuming interrupted ones)."""
-    from backend.executor_local import run_matrix
+    from backend.matrix_run import run_matrix
 
     try:
         results = run_matrix(file, db, executor=executor, parallel=parallel, skip_sanity=skip_sanity,
@@ -109,7 +109,7 @@ def import_cmd(run_dir: Path, run_id: Optional[str] = typer.Option(None, "--run-
     try:
         m = ident = None
         if matrix is not None:
-            from backend.executor_local import load_and_resolve
+            from backend.matrix_run import load_and_resolve
 
             m, ident = load_and_resolve(matrix)
         created = not Path(db).exists()

@@ -61,12 +61,12 @@ def _epoch_seconds(m: Matrix, db, train_size: int | None) -> tuple[float | None,
     if db is not None:
         full = [r["value"] for r in db.query(
             "SELECT value FROM metrics JOIN runs ON runs.id = metrics.run_id WHERE runs.matrix_id = ? "
-            "AND metrics.name = 'epoch_time_s' AND metrics.kind = 'epoch'", [m.matrix_id])]
+            "AND runs.sanity = 0 AND metrics.name = 'epoch_time_s' AND metrics.kind = 'epoch'", [m.matrix_id])]
         if full:
             return statistics.median(full), f"median of {len(full)} measured epoch(s) in state.db"
         sanity = [r["value"] for r in db.query(
             "SELECT value FROM metrics JOIN runs ON runs.id = metrics.run_id WHERE runs.matrix_id = ? "
-            "AND metrics.name = 'epoch_time_s' AND metrics.kind = 'epoch'", [m.matrix_id + "#sanity"])]
+            "AND runs.sanity = 1 AND metrics.name = 'epoch_time_s' AND metrics.kind = 'epoch'", [m.matrix_id])]
         if sanity and train_size:
             scale = train_size / m.sanity.subset.train
             return statistics.median(sanity) * scale, (f"sanity epochs scaled ×{scale:.1f} "

@@ -35,6 +35,7 @@ from backend.vast.config import BudgetSettings  # noqa: E402
 from backend.vast.cost import Ledger  # noqa: E402
 from backend.vast.emulator import Cloud, default_offers  # noqa: E402
 from backend.vast.guard import billing_compute, stop_deadline  # noqa: E402
+from backend.vast.provider import instance_of  # noqa: E402
 
 
 T0 = 1.7e9  # the simulated clock starts at a real epoch time (0 would read as "no start date")
@@ -116,8 +117,8 @@ def simulate(case: Case) -> Case:
     def fleet_rate() -> float:
         return sum(Cloud.rate(r) for r in cloud.instances.values())
 
-    def rows() -> list[dict]:
-        return cloud.list({}, None, 1000, None)["instances"]
+    def rows() -> list:  # the account as the provider interface shows it
+        return [instance_of(r) for r in cloud.list({}, None, 1000, None)["instances"]]
 
     pending = list(case.runs)
     active: list[Run] = []
@@ -135,13 +136,13 @@ def simulate(case: Case) -> Case:
             if state.over:
                 case.over = True
                 for r in live:
-                    if billing_compute(r) and r["id"] not in stopping:
-                        stopping.add(r["id"])
+                    if billing_compute(r) and int(r.id) not in stopping:
+                        stopping.add(int(r.id))
                         sync = rng.uniform(*case.stop_sync_s)
                         if sync <= deadline:
-                            at(t + sync, "destroy", r["id"])
+                            at(t + sync, "destroy", int(r.id))
                         else:
-                            at(t + deadline, "stop", r["id"])
+                            at(t + deadline, "stop", int(r.id))
             if any(billing_compute(r) for r in rows()) or (pending and not case.over) or \
                     any(not r.done for r in active):
                 at(t + case.poll_s, "guard")
@@ -158,7 +159,7 @@ def simulate(case: Case) -> Case:
         elif kind == "create":  # the executor rents the cheapest free offer the budget allows
             run = arg
             live = rows()
-            used = {r["machine_id"] for r in live}
+            used = {r.machine_id for r in live}
             free = [o for o in cloud.search({"limit": 50}) if o["machine_id"] not in used]
             ok = False
             if free and not case.over:

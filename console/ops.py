@@ -32,7 +32,8 @@ import vastai  # noqa: F401  (see _quiet_sdk)
 from state import store
 from backend.vast.config import VastConfigError, VastSettings, load_budget, load_settings, state_dir_for
 from backend.vast.fleet import DestroyOutcome, Fleet
-from backend.vast.provider import ProviderError, provider_from_settings
+from backend.provider import Instance, ProviderError
+from backend.vast.provider import provider_from_settings
 from backend.vast.remote import StageError
 from backend.vast.ssh import HostKeyChanged, SSHError
 from backend.vast.sync import SyncError, SyncReport, remote_entries
@@ -208,12 +209,12 @@ class Ops:
                 raise OpsError(f"instance {iid} is not on the account (already destroyed or lost)")
             return self._candidate(fleet, row, "requested from the console")
 
-    def _candidate(self, fleet: Fleet, row: dict, reason: str) -> Candidate:
-        iid = str(row["id"])
+    def _candidate(self, fleet: Fleet, row: Instance, reason: str) -> Candidate:
+        iid = row.id
         rec = next(iter(fleet.db.query("SELECT label, run_id FROM instances WHERE id = ?", [iid])), {})
-        gpu = f"{row.get('num_gpus') or 1}× {row.get('gpu_name') or '?'}"
-        base = dict(instance_id=iid, label=row.get("label") or rec.get("label") or "", run_id=rec.get("run_id") or "",
-                    gpu=gpu, dph=row.get("dph_total"), reason=reason)
+        gpu = f"{row.num_gpus or 1}× {row.gpu_name or '?'}"
+        base = dict(instance_id=iid, label=row.label or rec.get("label") or "", run_id=rec.get("run_id") or "",
+                    gpu=gpu, dph=row.usd_per_h, reason=reason)
         if not fleet.is_ours(iid):
             return Candidate(**base, ours=False, files=0, at_risk=())
         try:  # the same check as Fleet.unsynced: hashed on the instance, looked up in the store
@@ -263,7 +264,7 @@ class Ops:
                                "before is lost")
             return fleet.sync_instance(row, [run_id])
 
-    def sweep(self) -> list[dict]:
+    def sweep(self) -> list[Instance]:
         """Instances on the account that state.db does not know (``nko-ops vast sweep``)."""
         with self.action("orphan sweep") as fleet:
             return fleet.sweep()

@@ -181,6 +181,18 @@ _GATE_ACOUSTIC = [
     "ALTER TABLE gate_decisions ADD COLUMN ref_edit_change INTEGER",
 ]
 
+# Sanity runs (backend/matrix_run.py): a flag of their own instead of a "#sanity" suffix on
+# their run and matrix ids; rows recorded the old way are converted (state/execution.py names
+# a sanity run's row).
+_RUN_SANITY = [
+    "ALTER TABLE runs ADD COLUMN sanity INTEGER NOT NULL DEFAULT 0",
+    "UPDATE runs SET sanity = 1, matrix_id = substr(matrix_id, 1, length(matrix_id) - 7) "
+    "WHERE substr(matrix_id, -7) = '#sanity'",
+    *(f"UPDATE {table} SET {col} = '_sanity/' || substr({col}, 1, length({col}) - 7) "
+      f"WHERE substr({col}, -7) = '#sanity'"
+      for table, col in (("runs", "id"), ("metrics", "run_id"), ("events", "run_id"), ("artifacts", "run_id"))),
+]
+
 # The AGP lane's result per run and proposer (state/agp_results.py): the evaluation of its gate
 # decisions against the references, overall and per partition, for the tables.
 _AGP_RESULTS = [
@@ -198,7 +210,8 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "initial schema", _V1),
     (2, "thunder adapter runs", _THUNDER_ADAPTER_RUNS),
     (3, "gate decisions: acoustic evidence", _GATE_ACOUSTIC),
-    (4, "agp lane results per run", _AGP_RESULTS),
+    (4, "runs: sanity flag", _RUN_SANITY),
+    (5, "agp lane results per run", _AGP_RESULTS),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -58,12 +58,11 @@ class VastEnv:
         """A VastRun for a real tiny run config (train_helpers.build), driven by ``fleet``."""
         from train_helpers import build
 
-        from backend.executor_local import _Job
-        from backend.vast.executor import SingleRun, VastRun, _Spec
+        from backend.vast.executor import SingleRun, VastRun
 
         cfg = build(self.tmp / "data", n=40)
         cfg.update(run_id=run_id, out_dir=str(self.tmp / "runs" / run_id))
-        job = _Job(_Spec(cfg), cfg, Path(cfg["out_dir"]), run_id)
+        job = SingleRun.job(cfg)
         # the wheel is only uploaded once an instance runs with SSH; these tests stop before
         return VastRun(fleet, job, SingleRun(cfg), None, self.tmp / "no-wheel.whl", self.logs.append)
 
@@ -73,15 +72,15 @@ class VastEnv:
     def new_instance(self, label: str = "run-x", run_id: str | None = "run-x") -> dict:
         """Create an instance through the SDK, register it and wait until it runs."""
         offer = self.provider.offers("num_gpus=1", "dph_total", limit=50, storage_gb=self.settings.disk_gb)
-        used = {r["machine_id"] for r in self.provider.instances()}
+        used = {r.machine_id for r in self.provider.instances()}
         offer = next(o for o in offer if o.machine_id not in used)
         iid = self.provider.create(offer.id, "pytorch/pytorch", self.settings.disk_gb, label=label)
         if run_id is not None:
-            self.fleet.register(iid, run_id, label, offer.raw)
+            self.fleet.register(iid, run_id, label, offer)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             row = self.provider.instance(iid)
-            if row and row["actual_status"] == "running":
+            if row and row.status == "running":
                 return row
             time.sleep(0.05)
         raise AssertionError("instance did not start")

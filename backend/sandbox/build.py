@@ -216,10 +216,10 @@ def _matrix(p: Paths, data: dict, epochs: int) -> Path:
 
 
 def _vast_matrix(p: Paths, matrix: Path, settings, budget, provider, log) -> None:
-    from backend.vast.executor import run_matrix_vast
+    from backend.matrix_run import run_matrix
 
-    results = run_matrix_vast(matrix, p.db, skip_sanity=True, poll_s=1.0, log=log, settings=settings, budget=budget,
-                              provider=provider)
+    results = run_matrix(matrix, p.db, executor="vast", skip_sanity=True, poll_s=1.0, log=log, settings=settings,
+                         budget=budget, provider=provider)
     bad = [r for r in results if r.status != "completed"]
     if bad:
         raise SandboxError("the sandbox's Vast run did not complete: " + "; ".join(str(r) for r in bad))
@@ -237,14 +237,14 @@ def _gate(p: Paths, matrix: Path, data: dict, log) -> None:
 def _idle_instance(p: Paths, fleet, log) -> str:
     """An instance left idle (nothing runs on it) holding a file with no verified local copy."""
     offers = fleet.provider.offers(fleet.settings.query, "dph_total", limit=20, storage_gb=fleet.settings.disk_gb)
-    used = {r["machine_id"] for r in fleet.provider.instances()}
+    used = {i.machine_id for i in fleet.provider.instances()}
     offer = next(o for o in offers if o.machine_id not in used)
     iid = fleet.provider.create(offer.id, fleet.settings.image, fleet.settings.disk_gb, label=IDLE_RUN_ID)
-    fleet.register(iid, IDLE_RUN_ID, IDLE_RUN_ID, offer.raw)
+    fleet.register(iid, IDLE_RUN_ID, IDLE_RUN_ID, offer)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         row = fleet.provider.instance(iid)
-        if row and row.get("actual_status") == "running":
+        if row and row.running:
             break
         time.sleep(0.2)
     else:
@@ -258,7 +258,7 @@ def _idle_instance(p: Paths, fleet, log) -> str:
     if r.rc != 0:
         raise SandboxError(f"could not write {target} on instance {iid}: {r.err.strip()}")
     fleet.poll(enforce=False)
-    log(f"idle instance {iid} (${row['dph_total']:.3f}/h) holds {IDLE_RUN_ID}/{IDLE_FILE}, not synced")
+    log(f"idle instance {iid} (${row.usd_per_h:.3f}/h) holds {IDLE_RUN_ID}/{IDLE_FILE}, not synced")
     return str(iid)
 
 
@@ -488,15 +488,16 @@ def _destroy_all(p: Paths, url: str) -> list[str]:
     """Destroy every instance on the emulated account (the emulator kills what runs on its
     disk) and record it in the sandbox's state.db."""
     from state import store
-    from backend.vast.provider import ProviderError, VastProvider
+    from backend.provider import ProviderError
+    from backend.vast.provider import VastProvider
 
     out = []
     try:
         provider = VastProvider(p.key_file.read_text().strip(), url, attempts=2, backoff_s=0.1)
         rows = provider.instances()
         for row in rows:
-            provider.destroy(row["id"])
-            out.append(f"instance {row['id']} ({row.get('label') or 'no label'})")
+            provider.destroy(row.id)
+            out.append(f"instance {row.id} ({row.label or 'no label'})")
         left = provider.instances()
     except (ProviderError, OSError) as e:
         raise SandboxError(f"could not destroy the emulated instances ({e}); their processes were killed") from None
@@ -505,14 +506,14 @@ def _destroy_all(p: Paths, url: str) -> list[str]:
         try:
             for row in rows:
                 db.execute("UPDATE instances SET destroyed_at = ?, actual_status = 'destroyed' WHERE id = ? "
-                           "AND destroyed_at IS NULL", [store.now(), str(row["id"])])
-                store.add_event(db, f"instance {row['id']} destroyed: sandbox stopped", instance_id=str(row["id"]),
+                           "AND destroyed_at IS NULL", [store.now(), row.id])
+                store.add_event(db, f"instance {row.id} destroyed: sandbox stopped", instance_id=row.id,
                                 kind="instance-destroyed", source="sandbox")
             db.conn.commit()
         finally:
             db.close()
     if left:
-        raise SandboxError(f"instances still on the emulated account after destroy: {[r['id'] for r in left]}")
+        raise SandboxError(f"instances still on the emulated account after destroy: {[int(r.id) for r in left]}")
     return out
 
 

@@ -29,12 +29,12 @@ def _fail(e: Exception, code: int = 2) -> None:
 
 
 def _errors() -> tuple:
-    from backend.executor_local import ExecutorError
+    from backend.executor import ExecutorError
     from backend.matrix import MatrixError
     from state.store import StoreError
     from backend.vast.config import VastConfigError
     from backend.vast.executor import LaunchError
-    from backend.vast.provider import ProviderError
+    from backend.provider import ProviderError
     from backend.vast.remote import StageError
     from backend.vast.ssh import SSHError
     from backend.vast.sync import SyncError
@@ -63,6 +63,11 @@ def _fleet(db: str, config: Path, budget: Path):
     budget_settings = load_budget(budget)  # every file checked before anything is opened or created
     provider = provider_from_settings(settings)
     return Fleet(open_db(db), settings, budget_settings, provider, log=lambda s: typer.echo(s, err=True))
+
+
+def _json_id(iid: str) -> int | str:
+    """An instance id as the JSON output has always shown it (Vast's ids are numbers)."""
+    return int(iid) if iid.isdigit() else iid
 
 
 def _echo_json(obj) -> None:
@@ -117,6 +122,7 @@ def instances_cmd(db: str = DB, config: Path = CONFIG, budget: Path = BUDGET, as
     """The account's instances (polled now: cost ledger and idle tracking updated) and the budget.
     Observe only: over the cap it prints what the policy would do, and does nothing."""
     from backend.vast import idle
+    from state import fleet as fleet_state
 
     try:
         fleet = _fleet(db, config, budget)
@@ -127,14 +133,14 @@ def instances_cmd(db: str = DB, config: Path = CONFIG, budget: Path = BUDGET, as
     now = fleet.clock()
     out = []
     for r in rows:
-        rec = next(iter(fleet.db.query("SELECT run_id, data FROM instances WHERE id = ?", [str(r["id"])])), {})
-        data = json.loads(rec.get("data") or "{}")
-        v = idle.verdict(fleet.db, str(r["id"]), fleet.settings.idle, now)
-        out.append({"id": r["id"], "label": r.get("label"), "run_id": rec.get("run_id"), "status": r.get("actual_status"),
-                    "gpu": f"{r.get('num_gpus')}x {r.get('gpu_name')}", "dph_total": r.get("dph_total"),
-                    "gpu_util": r.get("gpu_util"), "spent_usd": round(data.get("compute_usd", 0.0)
-                                                                      + data.get("storage_usd", 0.0), 6),
-                    "ssh": f"{r.get('ssh_host')}:{r.get('ssh_port')}", "idle": v.idle, "idle_reason": v.reason})
+        rec = fleet_state.instance(fleet.db, r.id)
+        data = rec.data if rec else {}
+        v = idle.verdict(fleet.db, r.id, fleet.settings.idle, now)
+        out.append({"id": _json_id(r.id), "label": r.label, "run_id": rec.run_id if rec else None,
+                    "status": r.status, "gpu": f"{r.num_gpus}x {r.gpu_name}", "dph_total": r.usd_per_h,
+                    "gpu_util": r.gpu_util, "spent_usd": round(data.get("compute_usd", 0.0)
+                                                               + data.get("storage_usd", 0.0), 6),
+                    "ssh": f"{r.ssh_host}:{r.ssh_port}", "idle": v.idle, "idle_reason": v.reason})
     fleet.close()
     if as_json:
         return _echo_json({"instances": out, "budget": {"spent_usd": state.spent_usd, "cap_usd": state.cap_usd,
@@ -214,10 +220,10 @@ def sync_cmd(run: Optional[str] = typer.Argument(None, help="Run id (default: ev
             if not r or not r["instance_id"]:
                 raise FileNotFoundError(f"run {run!r} has no Vast instance in {db}")
             instance = r["instance_id"]
-        targets = [r for r in rows if instance is None or str(r["id"]) == str(instance)]
+        targets = [r for r in rows if instance is None or r.id == str(instance)]
         reports = []
         for row in targets:
-            if row.get("actual_status") != "running":
+            if not row.running:
                 continue
             reports += fleet.sync_instance(row, [run] if run else None)
     except (FileNotFoundError, *_errors()) as e:
@@ -296,12 +302,13 @@ def sweep_cmd(db: str = DB, config: Path = CONFIG, budget: Path = BUDGET, as_jso
     except _errors() as e:
         _fail(e)
     if as_json:
-        return _echo_json([{k: o.get(k) for k in ("id", "label", "actual_status", "gpu_name", "dph_total",
-                                                  "start_date")} for o in orphans])
+        return _echo_json([{"id": _json_id(o.id), "label": o.label, "actual_status": o.status,
+                            "gpu_name": o.gpu_name, "dph_total": o.usd_per_h, "start_date": o.start_date}
+                           for o in orphans])
     for o in orphans:
-        typer.echo(f"ORPHAN {o['id']}: {o.get('label') or '(no label)'} {o.get('actual_status')} "
-                   f"{o.get('gpu_name')} ${o.get('dph_total') or 0:.3f}/h since "
-                   f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(o.get('start_date') or 0))} UTC")
+        typer.echo(f"ORPHAN {o.id}: {o.label or '(no label)'} {o.status} "
+                   f"{o.gpu_name} ${o.usd_per_h or 0:.3f}/h since "
+                   f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(o.start_date or 0))} UTC")
     if not orphans:
         typer.echo("no orphans: every instance on the account belongs to a known run")
 

@@ -28,31 +28,24 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
-from state import store
+from backend.provider import Instance
 from backend.vast.config import BudgetSettings
+from state import fleet as fleet_state
+from state import store
+from state.fleet import CostSample
 
-INSTANCE_FIELDS = ("label", "gpu_name", "num_gpus", "dph_total", "storage_cost", "actual_status",
-                   "intended_status", "cur_state", "status_msg", "ssh_host", "ssh_port", "gpu_util", "start_date")
 
 
 def ts(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-def rate(row: dict) -> float:
-    """USD per hour an instance costs in the state ``row`` shows."""
-    storage = storage_rate(row)
-    if row.get("actual_status") in ("running", "loading", "created", None) and \
-            row.get("intended_status", "running") == "running":
-        return max(float(row.get("dph_total") or 0.0), storage)
-    return storage
-
-
-def storage_rate(row: dict) -> float:
-    if row.get("storage_total_cost") is not None:
-        return float(row["storage_total_cost"])
-    # storage_cost is $/GB/month
-    return float(row.get("storage_cost") or 0.0) * float(row.get("disk_space") or 0.0) / (30 * 24)
+def instance_columns(inst: Instance) -> dict:
+    """What a poll saw of an instance, as the ``instances`` table's columns."""
+    return {"label": inst.label, "gpu_name": inst.gpu_name, "num_gpus": inst.num_gpus, "dph_total": inst.usd_per_h,
+            "storage_cost": inst.storage_cost, "actual_status": inst.status, "intended_status": inst.intended_status,
+            "cur_state": inst.cur_state, "status_msg": inst.status_msg, "ssh_host": inst.ssh_host,
+            "ssh_port": inst.ssh_port, "gpu_util": inst.gpu_util, "start_date": inst.start_date}
 
 
 @dataclass
@@ -85,19 +78,10 @@ class Ledger:
     def __init__(self, db, budget: BudgetSettings, clock: Callable[[], float] = time.time):
         self.db, self.budget, self.clock = db, budget, clock
         self.unpolled_usd_per_h = 0.0  # instances launched since the last poll
-        with store.transaction(db):
-            db.conn.execute(
-                "INSERT INTO budgets(name, cap_usd, warn_usd, poll_interval_s, source, updated_at) "
-                "VALUES (?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET cap_usd = excluded.cap_usd, "
-                "warn_usd = excluded.warn_usd, poll_interval_s = excluded.poll_interval_s, "
-                "source = excluded.source, updated_at = excluded.updated_at",
-                (budget.name, budget.cap_usd, budget.warn_usd, budget.poll_interval_s, budget.source, store.now()))
+        fleet_state.upsert_budget(db, budget.name, budget.cap_usd, budget.warn_usd, budget.poll_interval_s,
+                                  budget.source)
 
     # ------------------------------------------------------------------ instances table
-
-    def _data(self, iid: str) -> tuple[dict | None, dict]:
-        row = next(iter(self.db.query("SELECT * FROM instances WHERE id = ?", [iid])), None)
-        return row, (json.loads(row["data"]) if row and row["data"] else {})
 
     def _charge(self, iid: str, data: dict, until: float, usd_per_h: float, storage_per_h: float,
                 running: bool, run_id: str | None) -> None:
@@ -112,101 +96,95 @@ class Ledger:
         data["storage_usd"] = data.get("storage_usd", 0.0) + storage
         data["running_s"] = data.get("running_s", 0.0) + (dt if running else 0.0)
         data["billed_until"] = until
-        self.db.conn.execute(
-            "INSERT INTO cost_samples(instance_id, run_id, ts, dph_total, storage_cost, running_s, compute_usd, "
-            "storage_usd, total_usd) VALUES (?,?,?,?,?,?,?,?,?)",
-            (iid, run_id, ts(until), usd_per_h, storage_per_h, data["running_s"], data["compute_usd"],
-             data["storage_usd"], data["compute_usd"] + data["storage_usd"]))
-        self.db.conn.execute("UPDATE budgets SET spent_usd = spent_usd + ?, updated_at = ? WHERE name = ?",
-                             (total, store.now(), self.budget.name))
+        fleet_state.add_cost_sample(self.db, CostSample(iid, run_id, ts(until), usd_per_h, storage_per_h,
+                                                        data["running_s"], data["compute_usd"], data["storage_usd"]))
+        fleet_state.add_spend(self.db, self.budget.name, total)
 
     @staticmethod
-    def _unobserved(data: dict, row: dict | None = None) -> None:
-        """An instance no poll has seen yet: start charging it from its start (``row``'s
-        ``start_date``, else when it was registered) at its rate (``row``'s, else its offer's
+    def _unobserved(data: dict, inst: Instance | None = None) -> None:
+        """An instance no poll has seen yet: start charging it from its start (``inst``'s
+        ``start_date``, else when it was registered) at its rate (``inst``'s, else its offer's
         ``dph_total``), so destroying it before the first poll is not free."""
         if data.get("billed_until") is not None:
             return
-        since = (row or {}).get("start_date") or data.get("registered_at")
-        usd_per_h = rate(row) if row else float((data.get("offer") or {}).get("dph_total") or 0.0)
+        since = (inst.start_date if inst else None) or data.get("registered_at")
+        usd_per_h = inst.rate if inst else float((data.get("offer") or {}).get("dph_total") or 0.0)
         if since is not None:
             data["billed_until"] = float(since)
             data["rate"] = max(float(data.get("rate") or 0.0), usd_per_h)
-            if row:
-                data["storage_rate"] = storage_rate(row)
+            if inst:
+                data["storage_rate"] = inst.storage_usd_per_h
 
-    def observe(self, rows: list[dict], now: float | None = None) -> BudgetState:
+    def observe(self, rows: list[Instance], now: float | None = None) -> BudgetState:
         """Record one poll of the provider's instance list: instance rows, charges, and the
         instances that disappeared."""
         now = self.clock() if now is None else now
         seen = set()
         with store.transaction(self.db):
             for r in rows:
-                iid = str(r["id"])
+                iid = r.id
                 seen.add(iid)
-                old, data = self._data(iid)
-                cur_rate, st_rate = rate(r), storage_rate(r)
+                old = fleet_state.instance(self.db, iid)
+                data = old.data if old else {}
+                cur_rate, st_rate = r.rate, r.storage_usd_per_h
                 if old is None or data.get("billed_until") is None:
-                    start = float(r.get("start_date") or now)
+                    start = float(r.start_date or now)
                     data["billed_until"] = min(start, now)
                     prev_rate = cur_rate
                 else:
                     prev_rate = data.get("rate", cur_rate)
-                run_id = old["run_id"] if old else None
+                run_id = old.run_id if old else None
                 self._charge(iid, data, now, max(prev_rate, cur_rate), st_rate,
-                             r.get("actual_status") == "running", run_id)
+                             r.running, run_id)
                 data.update(rate=cur_rate, storage_rate=st_rate)
-                values = {k: r.get(k) for k in INSTANCE_FIELDS}
-                values.update(last_seen_at=ts(now), data=json.dumps(data), updated_at=store.now())
+                values = instance_columns(r)
+                values.update(last_seen_at=ts(now), data=json.dumps(data))
                 if old is None:
-                    self.db.conn.execute("INSERT INTO instances(id, provider) VALUES (?, 'vast')", (iid,))
-                cols = ", ".join(f"{k} = ?" for k in values)
-                self.db.conn.execute(f"UPDATE instances SET {cols} WHERE id = ?", (*values.values(), iid))
-            for old in list(self.db.query("SELECT * FROM instances WHERE destroyed_at IS NULL AND provider = 'vast'")):
-                if old["id"] in seen:
+                    fleet_state.ensure_instance(self.db, iid)
+                fleet_state.update_instance(self.db, iid, values)
+            for old in fleet_state.live_instances(self.db):
+                if old.id in seen:
                     continue
-                data = json.loads(old["data"] or "{}")
+                data = old.data
                 self._unobserved(data)
-                self._charge(old["id"], data, now, data.get("rate", 0.0), data.get("storage_rate", 0.0),
-                             old["actual_status"] == "running", old["run_id"])
+                self._charge(old.id, data, now, data.get("rate", 0.0), data.get("storage_rate", 0.0),
+                             old.actual_status == "running", old.run_id)
                 data["gone"] = "vanished"
-                self.db.conn.execute("UPDATE instances SET destroyed_at = ?, actual_status = 'gone', data = ?, "
-                                     "updated_at = ? WHERE id = ?", (ts(now), json.dumps(data), store.now(), old["id"]))
-                store.add_event(self.db, f"instance {old['id']} is gone: Vast no longer lists it "
-                                f"(lost, preempted or destroyed elsewhere)", instance_id=old["id"],
-                                run_id=old["run_id"], kind="instance-lost", level="error", source="vast")
+                fleet_state.mark_instance_gone(self.db, old.id, ts(now), "gone", data)
+                store.add_event(self.db, f"instance {old.id} is gone: Vast no longer lists it "
+                                f"(lost, preempted or destroyed elsewhere)", instance_id=old.id,
+                                run_id=old.run_id, kind="instance-lost", level="error", source="vast")
         self.unpolled_usd_per_h = 0.0
         state = self.state(rows)
         self._warn(state)
         return state
 
-    def destroyed(self, iid: str, now: float | None = None, row: dict | None = None) -> None:
+    def destroyed(self, iid: str, now: float | None = None, inst: Instance | None = None) -> None:
         """Final charge for an instance we destroyed (up to now) and its destroyed_at;
-        ``row``: the instance as the provider showed it just before the destroy."""
+        ``inst``: the instance as the provider showed it just before the destroy."""
         now = self.clock() if now is None else now
         with store.transaction(self.db):
-            old, data = self._data(str(iid))
-            if old is None or old["destroyed_at"]:
+            old = fleet_state.instance(self.db, str(iid))
+            if old is None or old.destroyed_at:
                 return
-            self._unobserved(data, row)
+            data = old.data
+            self._unobserved(data, inst)
             self._charge(str(iid), data, now, data.get("rate", 0.0), data.get("storage_rate", 0.0),
-                         old["actual_status"] == "running", old["run_id"])
+                         old.actual_status == "running", old.run_id)
             data["gone"] = "destroyed"
-            self.db.conn.execute("UPDATE instances SET destroyed_at = ?, actual_status = 'destroyed', data = ?, "
-                                 "updated_at = ? WHERE id = ?", (ts(now), json.dumps(data), store.now(), str(iid)))
+            fleet_state.mark_instance_gone(self.db, str(iid), ts(now), "destroyed", data)
 
     # ------------------------------------------------------------------ budget
 
     def spent(self) -> float:
-        row = next(iter(self.db.query("SELECT spent_usd FROM budgets WHERE name = ?", [self.budget.name])), None)
-        return float(row["spent_usd"]) if row else 0.0
+        return fleet_state.spent(self.db, self.budget.name)
 
-    def state(self, rows: list[dict]) -> BudgetState:
-        fleet = sum(rate(r) for r in rows) + self.unpolled_usd_per_h
+    def state(self, rows: list[Instance]) -> BudgetState:
+        fleet = sum(r.rate for r in rows) + self.unpolled_usd_per_h
         return BudgetState(self.spent(), fleet, self.budget.cap_usd, self.budget.warn_usd,
                            self.budget.poll_interval_s)
 
-    def can_launch(self, rows: list[dict], usd_per_h: float) -> tuple[bool, str]:
+    def can_launch(self, rows: list[Instance], usd_per_h: float) -> tuple[bool, str]:
         """Whether one more instance at ``usd_per_h`` keeps the projection under the cap."""
         s = self.state(rows)
         after = s.projected_usd + usd_per_h * s.poll_interval_s / 3600.0
@@ -223,21 +201,17 @@ class Ledger:
         if not s.warn:
             return
         kind = "budget-over" if s.over else "budget-warn"
-        seen = next(iter(self.db.query("SELECT 1 FROM events WHERE kind = ? AND data LIKE ? LIMIT 1",
-                                       [kind, f'%"budget": "{self.budget.name}"%'])), None)
-        if seen is None:
+        if not fleet_state.budget_alert_recorded(self.db, kind, self.budget.name):
             store.add_event(self.db, f"budget {self.budget.name}: {s}", kind=kind,
                             level="error" if s.over else "warning", source="vast",
                             data={"budget": self.budget.name, "spent_usd": s.spent_usd, "cap_usd": s.cap_usd})
 
     def run_spend(self, run_id: str) -> float:
         """USD charged to instances that ran ``run_id`` (latest cumulative total per instance)."""
-        return sum(r[0] or 0.0 for r in self.db.execute(
-            "SELECT c.total_usd FROM cost_samples c WHERE c.run_id = ? AND c.id = (SELECT max(id) FROM "
-            "cost_samples d WHERE d.instance_id = c.instance_id)", [run_id]).fetchall())
+        return fleet_state.run_spend(self.db, run_id)
 
 
-def police(ledger: Ledger, rows: list[dict], stop_spend: Callable[[list[dict]], object]) -> BudgetState:
+def police(ledger: Ledger, rows: list[Instance], stop_spend: Callable[[list[Instance]], object]) -> BudgetState:
     """One budget poll: charge the instances, and stop spend when the projection reaches
     the cap (``stop_spend`` gets the live instances)."""
     state = ledger.observe(rows)

@@ -22,29 +22,30 @@ running the matrix again re-attaches to them.
 
 from __future__ import annotations
 
-import json
 import posixpath
 import shutil
-import signal
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
-from state import store
-from backend.executor_local import (ExecutorError, LocalExecutor, RunResult, _Job, _lock, load_and_resolve, sanity_gate,
-                                    register_matrix, threading_main)
-from backend.matrix import config_sha256
-from backend.runs import register_bundle
+from backend.executor import Job, Outcome, RunResult, Stop, catch_signals, drive
+from backend.executor_local import trainer_error
+from backend.matrix import Identity, RunSpec, config_sha256, identity_of
+from backend.runs import Bundle, register_bundle, verify_bundle
 from backend.vast import remote as rmt
-from backend.vast.config import (BudgetSettings, VastConfigError, VastSettings, load_budget, load_settings,
-                                  state_dir_for)
+from backend.vast.config import BudgetSettings, VastSettings, load_budget, load_settings, state_dir_for
 from backend.vast.cost import ts
 from backend.vast.fleet import Fleet
 from backend.vast.guard import BudgetGuard, runway_until, write_lease
 from backend.vast.logs import LogFollower
-from backend.vast.provider import ProviderError, VastProvider, provider_from_settings
+from backend.provider import LOST_STATUSES, Instance, Provider, ProviderError
+from backend.vast.provider import provider_from_settings
 from backend.vast.ssh import HostKeyChanged, SSHError
 from backend.vast.sync import Entry, SyncError
+from models.config import load_config
+from models.split import Split
+from state import execution, store
+from state.execution import RunStatus
 
 RESUME_FILES = ("last.pt", "best.pt", "train.log", "run.log", "metrics.jsonl")
 POLL_S = 10.0
@@ -58,14 +59,23 @@ class BudgetBlocked(LaunchError):
     pass
 
 
+class Verifier(Protocol):
+    """What a VastRun needs to check a bundle: the identities it must carry (LocalExecutor for
+    a matrix run, SingleRun for one run config)."""
+
+    ident: Identity
+
+    def verify(self, d: Path, subset: bool = False) -> Bundle: ...
+
+
 class VastRun:
     """One run on one instance at a time (a new one after a loss)."""
 
-    def __init__(self, fleet: Fleet, job: _Job, ex: LocalExecutor, matrix_id: str, wheel: Path,
+    def __init__(self, fleet: Fleet, job: Job, ex: Verifier, matrix_id: str | None, wheel: Path,
                  log: Callable[[str], None]):
         self.fleet, self.job, self.ex, self.matrix_id, self.wheel, self.log = fleet, job, ex, matrix_id, wheel, log
         self.db, self.s = fleet.db, fleet.settings
-        self.run_id = job.db_id
+        self.run_id = job.run_id
         self.iid: str | None = None
         self.follower: LogFollower | None = None
         self.tried_machines: set[int] = set()
@@ -77,7 +87,7 @@ class VastRun:
 
     # ------------------------------------------------------------------ launching
 
-    def launch(self, rows: list[dict]) -> None:
+    def launch(self, rows: list[Instance]) -> None:
         """Rent an instance for the run and start its trainer there, resuming from the run's
         last verified checkpoint in the local store when there is one."""
         files = self._resume_files()
@@ -100,12 +110,10 @@ class VastRun:
         relaunch = self.recoveries > 0
         self.job.how = "resumed" if files else "trained"
         if not files:
-            store.upsert_run(self.db, self.run_id, log_offset=0, metrics_offset=0)
-        self.fleet.register(iid, self.run_id, self.run_id, {k: offer.raw.get(k) for k in (
-            "id", "machine_id", "gpu_name", "num_gpus", "dph_total", "reliability", "inet_down", "geolocation")},
-            since=asked_at)
+            execution.update_run(self.db, self.run_id, log_offset=0, metrics_offset=0)
+        self.fleet.register(iid, self.run_id, self.run_id, offer, since=asked_at)
         self.log(f"{self.run_id}: instance {iid} ({offer.gpu_name}, ${offer.dph_total:.3f}/h) created; waiting for SSH")
-        store.set_run_status(self.db, self.run_id, "running", f"{'relaunched' if relaunch else self.job.how} on "
+        execution.set_status(self.db, self.run_id, RunStatus.RUNNING, f"{'relaunched' if relaunch else self.job.how} on "
                              f"Vast instance {iid}", source="vast", executor="vast", instance_id=iid,
                              host=None, pid=None, matrix_id=self.matrix_id, script=self.job.spec.script,
                              mode=self.job.spec.mode, seed=self.job.spec.seed, config=self.job.cfg,
@@ -114,8 +122,8 @@ class VastRun:
                              snapshot_sha256=self.ex.ident.snapshot_sha256, split_sha256=self.ex.ident.split_sha256,
                              recipe_hash=self.ex.ident.recipe_hash)
         try:
-            row = self._wait_running(iid)
-            self._start_on(row, files)
+            inst = self._wait_running(iid)
+            self._start_on(inst, files)
         except (LaunchError, SSHError, rmt.StageError, ProviderError) as e:
             # discard destroys unchecked only an instance just created with no trainer started
             self.log(f"{self.run_id}: bringing up instance {iid} failed ({e}); destroying it")
@@ -130,11 +138,11 @@ class VastRun:
             guard = self.fleet.guard
             if guard is not None and guard.over.is_set():
                 raise BudgetBlocked(f"budget cap reached while the instance was starting ({guard.state})")
-            row = self.fleet.provider.instance(iid)
-            if row is None:
+            inst = self.fleet.provider.instance(iid)
+            if inst is None:
                 raise LaunchError("the instance disappeared while starting")
-            if row.get("actual_status") == "running" and row.get("ssh_host") and row.get("ssh_port"):
-                return row
+            if inst.running and inst.ssh is not None:
+                return inst
             time.sleep(1.0)
         raise LaunchError(f"not running with SSH after {self.s.boot_timeout_s:.0f} s")
 
@@ -154,18 +162,18 @@ class VastRun:
                 return []
         return files
 
-    def _start_on(self, row: dict, resume: list[rmt.StagedFile]) -> None:
+    def _start_on(self, inst: Instance, resume: list[rmt.StagedFile]) -> None:
         """Stage the project, the inputs and ``resume`` (the files to resume from, or []) on
         the instance, then start the trainer there (or attach to the one running)."""
-        iid = str(row["id"])
-        st = self.fleet.stager(row)
+        iid = inst.id
+        st = self.fleet.stager(inst)
         app = st.install_wheel(self.wheel)
         inputs, fields = rmt.run_inputs(self.job.cfg)
         sent = st.stage("inputs", inputs)
         if resume:
             st.stage("resume", resume)
             logs = {f.path.rsplit("/", 1)[-1]: f.size for f in resume}
-            store.upsert_run(self.db, self.run_id, log_offset=logs.get("train.log", 0), metrics_offset=0)
+            execution.update_run(self.db, self.run_id, log_offset=logs.get("train.log", 0), metrics_offset=0)
             self.log(f"{self.run_id}: uploaded the last verified checkpoint ({len(resume)} files) to instance {iid}")
         self.log(f"{self.run_id}: staged project and {len(inputs)} input files ({sent} sent) on instance {iid}, "
                  "all verified there")
@@ -181,29 +189,29 @@ class VastRun:
             # the server-side backstop: the runner stops the trainer (and the instance) once the
             # budget's runway has passed without a controller renewing the lease
             state = self.fleet.ledger.state(self.fleet.provider.instances())
-            write_lease(self.fleet, row, runway_until(state, self.fleet.clock()))
+            write_lease(self.fleet, inst, runway_until(state, self.fleet.clock()))
             env = {"CONTAINER_ID": iid, **({"VAST_SERVER_URL": self.s.server_url} if self.s.server_url else {}),
                    **self.s.remote_env}
             rmt.start_trainer(st.remote, st.layout, self.run_id, cfg_remote, st.python, app,
                               env, self.s.heartbeat_s, lease_grace_s=0.0)
         self.follower = LogFollower(self.db, self.run_id, st.layout.run_dir(self.run_id), iid)
-        store.upsert_run(self.db, self.run_id, host=f"{row['ssh_host']}:{row['ssh_port']}", instance_id=iid)
+        execution.update_run(self.db, self.run_id, host=f"{inst.ssh_host}:{inst.ssh_port}", instance_id=iid)
         store.add_event(self.db, f"trainer started on instance {iid}" + (" (resuming)" if resume else ""),
                         run_id=self.run_id, instance_id=iid, kind="remote-start", source="vast")
         self.last_sync = time.time()
 
-    def attach(self, row: dict) -> None:
-        """Take over a run whose trainer is already running on ``row`` (executor restarted)."""
-        self.iid = str(row["id"])
-        self.tried_machines.add(int(row.get("machine_id") or 0))
-        self._start_on(row, [])
+    def attach(self, inst: Instance) -> None:
+        """Take over a run whose trainer is already running on ``inst`` (executor restarted)."""
+        self.iid = inst.id
+        self.tried_machines.add(inst.machine_id)
+        self._start_on(inst, [])
 
     # ------------------------------------------------------------------ each poll
 
-    def step(self, rows: dict[str, dict]) -> RunResult | None:
+    def step(self, rows: dict[str, Instance]) -> RunResult | None:
         row = rows.get(self.iid)
-        if row is None or row.get("actual_status") in ("exited", "offline", "gone"):
-            return self.recover(f"instance {self.iid} lost ({'gone' if row is None else row.get('actual_status')})")
+        if row is None or row.status in LOST_STATUSES:
+            return self.recover(f"instance {self.iid} lost ({'gone' if row is None else row.status})")
         try:
             st = self.fleet.stager(row)
             if self.follower is not None:
@@ -220,12 +228,12 @@ class VastRun:
                     fresh = self.fleet.provider.instance(self.iid)
                 except ProviderError:
                     return None
-                if fresh is None or fresh.get("actual_status") != "running":
+                if fresh is None or not fresh.running:
                     return self.recover(f"instance {self.iid} unreachable and not running")
             return None
         beat = (status.get("heartbeat") or {}).get("time")
         if beat:
-            store.upsert_run(self.db, self.run_id, heartbeat_at=ts(beat))
+            execution.update_run(self.db, self.run_id, heartbeat_at=ts(beat))
         if status.get("exit") is not None:
             return self.finish(row, int(status["exit"]["rc"]))
         if not status.get("runner_alive"):
@@ -249,7 +257,7 @@ class VastRun:
 
     # ------------------------------------------------------------------ the end
 
-    def finish(self, row: dict, rc: int) -> RunResult:
+    def finish(self, row: Instance, rc: int) -> RunResult:
         if self.follower is not None:
             try:
                 self.follower.poll(self.fleet.stager(row).remote)
@@ -270,24 +278,17 @@ class VastRun:
         if rc == 0:
             b = self.ex.verify(self.job.out_dir)
             if b.ok:
-                flags = json.loads((store.get_run(self.db, self.run_id) or {}).get("flags") or "{}")
+                flags = execution.run_flags(self.db, self.run_id)
                 flags.update(instance_id=self.iid, recoveries=self.recoveries)
                 register_bundle(self.db, b, self.run_id, "vast", self.matrix_id, flags=flags,
                                 message=f"bundle verified (trained on Vast instance {self.iid}, {wall:.0f} s)")
                 self._record_local(entries, local)
-                result = RunResult(self.run_id, "completed", self.job.how, str(self.job.out_dir),
+                result = RunResult(self.run_id, Outcome.COMPLETED, self.job.how, str(self.job.out_dir),
                                    b.results.get("test_cer"), wall_s=wall)
             else:
                 result = self._failed("bundle check failed: " + "; ".join(b.problems[:3]), wall)
         else:
-            error = f"trainer exited with status {rc}"
-            ej = self.job.out_dir / "error.json"
-            if ej.exists():
-                try:
-                    info = json.loads(ej.read_text(encoding="utf-8"))
-                    error += f" in {info.get('stage')}: {info.get('error_type')}: {info.get('message')}"
-                except (ValueError, OSError):
-                    pass
+            error = trainer_error(rc, self.job.out_dir, None)
             self._record_local(entries, local)
             result = self._failed(error, wall)
         o = self.fleet.retire(self.iid, f"run {self.run_id} finished ({result.status})", self.run_id)
@@ -302,8 +303,7 @@ class VastRun:
     def adopt_from_store(self) -> RunResult | None:
         """A run whose instance is gone but whose whole bundle was synced (e.g. kill-idle
         saved it after the executor stopped): rebuild it from the store, rent nothing."""
-        rows = list(self.db.query("SELECT name, sha256, size FROM artifacts WHERE owner_kind = 'run' AND run_id = ? "
-                                  "AND sync_state IN ('verified', 'mirrored')", [self.run_id]))
+        rows = execution.synced_artifacts(self.db, self.run_id)
         if not any(r["name"] == "manifest.json" for r in rows):
             return None
         entries = [Entry(r["name"], r["size"], r["sha256"]) for r in rows if self.fleet.cas.has(r["sha256"])]
@@ -312,11 +312,10 @@ class VastRun:
         if not b.ok:
             self.log(f"{self.run_id}: the synced bundle does not verify ({b.problems[0]}); training again")
             return None
-        flags = json.loads((store.get_run(self.db, self.run_id) or {}).get("flags") or "{}")
-        register_bundle(self.db, b, self.run_id, "vast", self.matrix_id, flags=flags,
+        register_bundle(self.db, b, self.run_id, "vast", self.matrix_id, flags=execution.run_flags(self.db, self.run_id),
                         message="bundle rebuilt from the verified local store (its instance is gone)")
         self._record_local(entries, local)
-        return RunResult(self.run_id, "completed", "synced", str(self.job.out_dir), b.results.get("test_cer"))
+        return RunResult(self.run_id, Outcome.COMPLETED, "synced", str(self.job.out_dir), b.results.get("test_cer"))
 
     def materialize(self, entries: list[Entry]) -> dict[str, Path]:
         """Copy the verified files from the store into the local run directory."""
@@ -344,11 +343,11 @@ class VastRun:
                                       path=str(p.resolve()) if p else None)
 
     def _failed(self, error: str, wall: float) -> RunResult:
-        store.set_run_status(self.db, self.run_id, "failed", error, source="vast", finished_at=store.now(),
+        execution.set_status(self.db, self.run_id, RunStatus.FAILED, error, source="vast", finished_at=store.now(),
                              error=error)
-        return RunResult(self.run_id, "failed", self.job.how, str(self.job.out_dir), error=error, wall_s=wall)
+        return RunResult(self.run_id, Outcome.FAILED, self.job.how, str(self.job.out_dir), error=error, wall_s=wall)
 
-    def fail(self, error: str, row: dict | None = None) -> RunResult:
+    def fail(self, error: str, row: Instance | None = None) -> RunResult:
         if self.iid:
             o = self.fleet.retire(self.iid, f"run {self.run_id} failed", self.run_id)
             self.log(str(o))
@@ -385,153 +384,128 @@ def _log_offsets(last_pt: Path) -> dict:
     return dict(ckpt.get("log_offsets") or {})
 
 
-def run_matrix_vast(matrix_path: str | Path, db_path: str | Path = "state.db", parallel: int = 1,
-                    skip_sanity: bool = False, with_optional: bool = False, only: list[str] | None = None,
-                    poll_s: float = POLL_S, log: Callable[[str], None] = print,
-                    settings: VastSettings | None = None, budget: BudgetSettings | None = None,
-                    provider: VastProvider | None = None) -> list[RunResult]:
-    """Run a matrix on Vast (module docstring). Raises MatrixError / ExecutorError before
-    anything is rented when it cannot."""
-    if parallel < 1:
-        raise ExecutorError(f"vast executor: --parallel must be at least 1 (got {parallel})")
-    m, ident = load_and_resolve(matrix_path)
-    specs = m.selected(with_optional, only)
-    try:
-        settings = settings or load_settings(state_dir=state_dir_for(db_path))
-        budget = budget or load_budget()
-        provider = provider or provider_from_settings(settings)
-    except VastConfigError as e:
-        raise ExecutorError(f"vast executor: {e}") from None
-    lock = _lock(Path(m.out_root), m.matrix_id)
-    db = store.open_db(db_path)
+class VastExecutor:
+    """Runs on Vast through the driver (the ``backend.executor.Executor`` protocol): one
+    ``VastRun`` per job, polled together from one look at the account per driver poll."""
+
+    def __init__(self, fleet: Fleet, ex: Verifier, matrix_id: str | None, wheel: Path, poll_s: float,
+                 log: Callable[[str], None]):
+        self.fleet, self.ex, self.matrix_id, self.wheel, self.poll_s, self.log = fleet, ex, matrix_id, wheel, poll_s, log
+        self.runs: dict[str, VastRun] = {}
+        self.rows: list[Instance] = []
+        self.state = None
+        self.guard: BudgetGuard | None = None
+
+    def run(self, job: Job) -> VastRun:
+        return self.runs[job.state_id]
+
+    def begin(self, jobs: list[Job], results: dict[str, RunResult]) -> tuple[list[Job], list[Job]]:
+        """One look at the account; the budget guard from here on; re-attach to trainers still
+        running from an earlier executor, and adopt runs whose whole bundle is in the store."""
+        self.runs = {j.state_id: VastRun(self.fleet, j, self.ex, self.matrix_id, self.wheel, self.log) for j in jobs}
+        self.rows, self.state = self.fleet.poll()
+        db_file = execution.db_file(self.fleet.db)
+        if db_file:  # the cap is enforced on the guard's own timer from here on (backend/vast/guard.py)
+            self.guard = self.fleet.guard = BudgetGuard(db_file, self.fleet.settings, self.fleet.ledger.budget,
+                                                        self.fleet.provider, log=self.log,
+                                                        clock=self.fleet.clock).start()
+        by_id = {r.id: r for r in self.rows}
+        pending, active = [], []
+        for job in jobs:
+            where = self._resume(self.run(job), by_id, results)
+            if where == "active":
+                active.append(job)
+            elif where == "pending":
+                pending.append(job)
+        return pending, active
+
+    def _resume(self, run: VastRun, by_id: dict[str, Instance], results: dict[str, RunResult]) -> str:
+        """"active" (re-attached), "done" (adopted from the store) or "pending"."""
+        row_db = store.get_run(self.fleet.db, run.run_id) or {}
+        live = by_id.get(str(row_db.get("instance_id"))) if row_db.get("executor") == "vast" else None
+        if row_db.get("status") == RunStatus.RUNNING and live and live.running:
+            try:
+                run.attach(live)
+                self.log(f"{run.run_id}: re-attached to instance {run.iid}")
+                return "active"
+            except (SSHError, rmt.StageError) as e:
+                self.log(f"{run.run_id}: cannot re-attach to instance {live.id} ({e})")
+        if row_db.get("executor") == "vast" and row_db.get("status") in (RunStatus.RUNNING, RunStatus.FAILED,
+                                                                         RunStatus.INTERRUPTED):
+            r = run.adopt_from_store()
+            if r is not None:
+                results[run.job.state_id] = r
+                self.log(str(r))
+                return "done"
+        return "pending"
+
+    def launch(self, job: Job, slots: int) -> RunResult | None:
+        run = self.run(job)
+        try:
+            run.launch(self.rows)
+        except BudgetBlocked as e:
+            execution.set_status(self.fleet.db, run.run_id, RunStatus.PLANNED, f"not launched: {e}", source="vast")
+            return RunResult(run.run_id, Outcome.BLOCKED, "not started", str(job.out_dir), error=str(e))
+        except (LaunchError, ProviderError, SSHError) as e:
+            return run._failed(f"launch failed: {e}", 0.0)
+        return None
+
+    def poll(self, active: list[Job]) -> list[tuple[Job, RunResult]]:
+        try:
+            self.rows, self.state = _poll(self.fleet)
+        except ProviderError as e:  # the API is unreachable for now: the trainers keep going
+            self.log(f"cannot poll the Vast API ({e}); trying again in {self.poll_s:g} s")
+            return []
+        by_id = {r.id: r for r in self.rows}
+        ended = []
+        for job in active:
+            r = self.run(job).step(by_id)
+            if r is not None:
+                ended.append((job, r))
+        return ended
+
+    def stop(self, job: Job, signum: int) -> RunResult:
+        """The trainer keeps running on its instance: a later executor re-attaches to it."""
+        run = self.run(job)
+        execution.set_status(self.fleet.db, run.run_id, RunStatus.RUNNING,
+                             f"executor stopped by signal {signum}; the trainer keeps running on instance "
+                             f"{run.iid}: run the matrix again to re-attach, or `nko-ops vast kill-idle` once it "
+                             "is done", source="vast")
+        return RunResult(run.run_id, Outcome.INTERRUPTED, job.how, str(job.out_dir),
+                         error=f"executor stopped; instance {run.iid} still running")
+
+    def not_started(self, job: Job, signum: int) -> RunResult:
+        return RunResult(job.run_id, Outcome.INTERRUPTED, "not started", str(job.out_dir))
+
+    def halt(self) -> str | None:
+        """Over the budget cap (``fleet.poll`` has already stopped the spend): why, else None."""
+        return str(self.state) if self.state is not None and self.state.over else None
+
+    def abort(self, job: Job, reason: str) -> RunResult:
+        return self.run(job)._failed(f"stopped: budget cap reached ({reason})", 0.0)
+
+    def detached(self, job: Job) -> RunResult:
+        return RunResult(job.run_id, Outcome.RUNNING, job.how, str(job.out_dir),
+                         error=f"detached: training on instance {self.run(job).iid}")
+
+    def end(self, active: list[Job]) -> None:
+        if self.guard is not None:
+            self.guard.stop()
+            self.fleet.guard = self.guard = None
+
+
+def run_jobs(db, ex: Verifier, matrix_id: str | None, jobs: list[Job], parallel: int, stop: Stop,
+             settings: VastSettings, budget: BudgetSettings, provider: Provider, poll_s: float = POLL_S,
+             log: Callable[[str], None] = print, detach: bool = False) -> list[RunResult]:
+    """Run ``jobs`` on Vast, at most ``parallel`` instances at a time (module docstring)."""
     fleet = Fleet(db, settings, budget, provider, log=log)
     try:
-        register_matrix(db, m, ident)
-        ex = LocalExecutor(m, ident, db, 1, log=log)
-        # completed bundles, Vast's included (their configs hold the instance's paths), are reused here
-        done, jobs, imports = ex.classify(specs)
-        for spec in imports:
-            r = ex.try_import(spec)
-            if r is not None:
-                done.append(r)
-            else:
-                jobs.append(_Job(spec, ex.config(spec), m.out_dir(spec), spec.run_id))
-        for r in done:
-            log(f"{r.run_id}: {r.how} ({r.out_dir})")
-        if not jobs:
-            return _ordered(done, specs)
-        blocked = sanity_gate(ex, db, m, jobs, skip_sanity, log, nothing_started="nothing rented")
-        if blocked is not None:
-            return _ordered(done + blocked, specs)
         wheel = rmt.build_wheel(settings.dist_dir)
-        runs = [VastRun(fleet, job, ex, m.matrix_id, wheel, log) for job in jobs]
-        done += _drive(fleet, runs, parallel, min(poll_s, budget.poll_interval_s), log)
-        return _ordered(done, specs)
+        poll_s = min(poll_s, budget.poll_interval_s)
+        return drive(VastExecutor(fleet, ex, matrix_id, wheel, poll_s, log), jobs, parallel, poll_s, stop, log,
+                     detach=detach)
     finally:
         fleet.close()
-        db.close()
-        lock.close()
-
-
-def _ordered(results: list[RunResult], specs) -> list[RunResult]:
-    order = {s.run_id: i for i, s in enumerate(specs)}
-    return sorted(results, key=lambda r: order.get(r.run_id, len(order)))
-
-
-def _drive(fleet: Fleet, runs: list[VastRun], parallel: int, poll_s: float, log: Callable[[str], None],
-           detach: bool = False) -> list[RunResult]:
-    """Launch, poll and finish ``runs`` (at most ``parallel`` instances at a time). With
-    ``detach``, return once every run is started (their trainers keep running)."""
-    stop: list[int] = []
-    previous = {}
-    if threading_main():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda s, f: stop.append(s))
-    results: dict[str, RunResult] = {}
-    pending, active = [], []
-    guard = None
-    try:
-        rows, state = fleet.poll()
-        db_file = fleet.db.execute("PRAGMA database_list").fetchone()[2]
-        if db_file:  # the cap is enforced on the guard's own timer from here on (backend/vast/guard.py)
-            guard = fleet.guard = BudgetGuard(db_file, fleet.settings, fleet.ledger.budget, fleet.provider,
-                                              log=log, clock=fleet.clock).start()
-        by_id = {str(r["id"]): r for r in rows}
-        for run in runs:  # re-attach to trainers still running from an earlier executor
-            row_db = store.get_run(fleet.db, run.run_id) or {}
-            live = by_id.get(str(row_db.get("instance_id"))) if row_db.get("executor") == "vast" else None
-            if row_db.get("status") == "running" and live and live.get("actual_status") == "running":
-                try:
-                    run.attach(live)
-                    active.append(run)
-                    log(f"{run.run_id}: re-attached to instance {run.iid}")
-                    continue
-                except (SSHError, rmt.StageError) as e:
-                    log(f"{run.run_id}: cannot re-attach to instance {live['id']} ({e})")
-            if row_db.get("executor") == "vast" and row_db.get("status") in ("running", "failed", "interrupted"):
-                r = run.adopt_from_store()
-                if r is not None:
-                    results[run.run_id] = r
-                    log(str(r))
-                    continue
-            pending.append(run)
-        while pending or active:
-            if stop:
-                break
-            if state.over:  # fleet.poll has already stopped the spend (synced, destroyed or stopped)
-                log(f"budget: {state}")
-                for run in active:
-                    results[run.run_id] = run._failed(f"stopped: budget cap reached ({state})", 0.0)
-                for run in pending:
-                    results[run.run_id] = RunResult(run.run_id, "blocked", "not started", str(run.job.out_dir),
-                                                    error=f"budget cap reached ({state})")
-                active, pending = [], []
-                break
-            while pending and len(active) < parallel:
-                run = pending.pop(0)
-                try:
-                    run.launch(rows)
-                    active.append(run)
-                except BudgetBlocked as e:
-                    results[run.run_id] = RunResult(run.run_id, "blocked", "not started", str(run.job.out_dir),
-                                                    error=str(e))
-                    store.set_run_status(fleet.db, run.run_id, "planned", f"not launched: {e}", source="vast")
-                except (LaunchError, ProviderError, SSHError) as e:
-                    results[run.run_id] = run._failed(f"launch failed: {e}", 0.0)
-            if detach and not pending:
-                for run in active:
-                    results[run.run_id] = RunResult(run.run_id, "running", run.job.how, str(run.job.out_dir),
-                                                    error=f"detached: training on instance {run.iid}")
-                return [results[r.run_id] for r in runs if r.run_id in results]
-            time.sleep(poll_s)
-            try:
-                rows, state = _poll(fleet)
-            except ProviderError as e:  # the API is unreachable for now: the trainers keep going
-                log(f"cannot poll the Vast API ({e}); trying again in {poll_s:g} s")
-                continue
-            by_id = {str(r["id"]): r for r in rows}
-            for run in list(active):
-                r = run.step(by_id)
-                if r is not None:
-                    active.remove(run)
-                    results[run.run_id] = r
-                    log(str(r))
-        if stop:
-            for run in active:
-                store.set_run_status(fleet.db, run.run_id, "running", f"executor stopped by signal {stop[0]}; the "
-                                     f"trainer keeps running on instance {run.iid}: run the matrix again to "
-                                     "re-attach, or `nko-ops vast kill-idle` once it is done", source="vast")
-                results[run.run_id] = RunResult(run.run_id, "interrupted", run.job.how, str(run.job.out_dir),
-                                                error=f"executor stopped; instance {run.iid} still running")
-            for run in pending:
-                results[run.run_id] = RunResult(run.run_id, "interrupted", "not started", str(run.job.out_dir))
-    finally:
-        if guard is not None:
-            guard.stop()
-            fleet.guard = None
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return [results[r.run_id] for r in runs if r.run_id in results]
 
 
 def _poll(fleet: Fleet):
@@ -551,54 +525,42 @@ def _poll(fleet: Fleet):
 
 # --------------------------------------------------------------------------- one run, no matrix
 
-class _Spec:
-    def __init__(self, cfg: dict):
-        self.run_id, self.script, self.mode, self.seed = cfg["run_id"], cfg["script"], cfg["mode"], cfg["seed"]
-        self.import_from = None
-
-
 class SingleRun:
     """What VastRun needs from an executor, for one run config outside a matrix."""
 
     def __init__(self, cfg: dict):
-        from backend.matrix import Identity, _recipe_hash, _snapshot_sha, _split_sha
-        from models.split import Split
-
-        snap, _ = _snapshot_sha(cfg["snapshot"])
-        split_sha, sizes, _ = _split_sha(cfg["split"])
-        self.ident = Identity(snap, split_sha, _recipe_hash(cfg["features"]), split_sizes=sizes)
+        self.ident = identity_of(cfg["snapshot"], cfg["split"], cfg["features"])
         self.test_ids = Split.load(Path(cfg["split"])).test
 
-    def verify(self, d: Path, subset: bool = False):
-        from backend.runs import verify_bundle
-
+    def verify(self, d: Path, subset: bool = False) -> Bundle:
         return verify_bundle(d, self.ident.snapshot_sha256, self.ident.split_sha256, self.ident.recipe_hash,
                              self.test_ids, subset=subset)
+
+    @staticmethod
+    def job(cfg: dict) -> Job:
+        """The job of a run config (``launch`` decides from the store whether it resumes)."""
+        spec = RunSpec(run_id=cfg["run_id"], script=cfg["script"], mode=cfg["mode"], seed=cfg["seed"])
+        return Job(spec, cfg, Path(cfg["out_dir"]))
 
 
 def launch_config(config_path: str | Path, db_path: str | Path = "state.db", detach: bool = False,
                   poll_s: float = POLL_S, log: Callable[[str], None] = print,
                   settings: VastSettings | None = None, budget: BudgetSettings | None = None,
-                  provider: VastProvider | None = None) -> RunResult:
+                  provider: Provider | None = None) -> RunResult:
     """Train one run config on Vast (`nko-ops vast launch --config run.json`)."""
-    from models.config import load_config
-
     cfg = load_config(config_path).to_json()
     settings = settings or load_settings(state_dir=state_dir_for(db_path))
     budget = budget or load_budget()
     provider = provider or provider_from_settings(settings)
     db = store.open_db(db_path)
-    fleet = Fleet(db, settings, budget, provider, log=log)
     try:
         ex = SingleRun(cfg)
         out = Path(cfg["out_dir"])
         if (out / "manifest.json").exists():
             raise LaunchError(f"{out} already holds a completed run (runs are immutable)")
-        job = _Job(_Spec(cfg), cfg, out, cfg["run_id"])  # launch decides from the store whether it resumes
-        run = VastRun(fleet, job, ex, None, rmt.build_wheel(settings.dist_dir), log)
-        results = _drive(fleet, [run], 1, min(poll_s, budget.poll_interval_s), log, detach=detach)
+        with catch_signals() as stop:
+            results = run_jobs(db, ex, None, [SingleRun.job(cfg)], 1, stop, settings, budget, provider, poll_s, log,
+                               detach=detach)
         return results[0]
     finally:
-        fleet.close()
         db.close()
-

@@ -29,14 +29,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from state import store
 from backend.vast import idle
 from backend.vast.config import BudgetSettings, VastSettings
 from backend.vast.cost import BudgetState, Ledger, police
-from backend.vast.provider import ProviderError, VastProvider
+from backend.provider import Instance, Offer, Provider, ProviderError
 from backend.vast.remote import Layout, StageError, Stager
-from backend.vast.ssh import HostKeyChanged, KnownHosts, Remote, SSHError, SSHTarget
+from backend.vast.ssh import HostKeyChanged, KnownHosts, Remote, SSHError, SSHTarget, fingerprint
 from backend.vast.sync import CAS, Entry, Mirror, SyncError, SyncReport, Syncer, remote_entries
+from state import fleet as fleet_state
+from state import store
 
 
 @dataclass
@@ -58,7 +59,7 @@ class DestroyOutcome:
 
 
 class Fleet:
-    def __init__(self, db, settings: VastSettings, budget: BudgetSettings, provider: VastProvider,
+    def __init__(self, db, settings: VastSettings, budget: BudgetSettings, provider: Provider,
                  clock: Callable[[], float] = time.time, log: Callable[[str], None] = print):
         self.db, self.settings, self.provider, self.clock, self.log = db, settings, provider, clock, log
         self.known = KnownHosts(settings.known_hosts)
@@ -76,7 +77,7 @@ class Fleet:
 
     # ------------------------------------------------------------------ polling
 
-    def poll(self, enforce: bool = True) -> tuple[list[dict], BudgetState]:
+    def poll(self, enforce: bool = True) -> tuple[list[Instance], BudgetState]:
         """One look at the account: instance rows, cost ledger, idle tracking; over the
         budget cap (and ``enforce``), spend is stopped at once (``stop_spend``)."""
         rows = self.provider.instances()
@@ -86,7 +87,7 @@ class Fleet:
         idle.track(self.db, rows, self.settings.idle, self.clock())
         return rows, state
 
-    def register(self, iid: int | str, run_id: str | None, label: str, offer: dict | None = None,
+    def register(self, iid: int | str, run_id: str | None, label: str, offer: Offer | None = None,
                  since: float | None = None) -> None:
         """Record an instance we just created, with the run it is for: its offer (the rate the
         ledger charges until a poll sees it), ``since`` (when the create was sent; default
@@ -94,56 +95,47 @@ class Fleet:
         counted as new (``discard`` will not destroy it unchecked)."""
         iid = str(iid)
         with store.transaction(self.db):
-            old, data = self._data(iid)
-            if old is None or old["run_id"] is None:
+            old = fleet_state.instance(self.db, iid)
+            data = old.data if old else {}
+            if old is None or old.run_id is None:
                 self._created.add(iid)
-            data.update(offer=offer or data.get("offer") or {},
+            data.update(offer=offer.summary() if offer else data.get("offer") or {},
                         registered_at=self.clock() if since is None else since)
             data.setdefault("remote_root", Layout.for_instance(self.settings.remote_base, iid).root)
-            self.db.conn.execute(
-                "INSERT INTO instances(id, provider, label, run_id, data, updated_at) VALUES (?, 'vast', ?, ?, ?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET run_id = excluded.run_id, label = excluded.label, data = excluded.data",
-                (iid, label, run_id, json.dumps(data), store.now()))
+            fleet_state.register_instance(self.db, iid, label, run_id, data)
             store.add_event(self.db, f"instance {iid} created for {run_id!r}" + (
-                f" on offer {offer.get('id')} ({offer.get('gpu_name')}, ${offer.get('dph_total') or 0:.3f}/h)"
+                f" on offer {offer.id} ({offer.gpu_name}, ${offer.dph_total or 0:.3f}/h)"
                 if offer else ""), instance_id=iid, run_id=run_id, kind="instance-created", source="vast")
-
-    def _data(self, iid: str) -> tuple[dict | None, dict]:
-        row = next(iter(self.db.query("SELECT * FROM instances WHERE id = ?", [str(iid)])), None)
-        return row, (json.loads(row["data"]) if row and row["data"] else {})
 
     def mark_trainer(self, iid: int | str, run_id: str) -> None:
         """Record, before it is started, that a trainer may run on the instance from now on:
         its files are then no longer only copies of local ones."""
         with store.transaction(self.db):
-            old, data = self._data(str(iid))
-            if old is None:
-                self.db.conn.execute("INSERT INTO instances(id, provider) VALUES (?, 'vast')", (str(iid),))
+            data = fleet_state.instance_data(self.db, str(iid))
+            fleet_state.ensure_instance(self.db, str(iid))
             data.setdefault("trainer_started_at", self.clock())
             data.setdefault("trainer_runs", [])
             if run_id not in data["trainer_runs"]:
                 data["trainer_runs"].append(run_id)
-            self.db.conn.execute("UPDATE instances SET data = ?, updated_at = ? WHERE id = ?",
-                                 (json.dumps(data), store.now(), str(iid)))
+            fleet_state.set_instance_data(self.db, str(iid), data)
 
     def trainer_started(self, iid: int | str) -> bool:
         """Whether state.db knows of a trainer started on the instance (ever)."""
-        _, data = self._data(str(iid))
-        if data.get("trainer_started_at") is not None:
+        if fleet_state.instance_data(self.db, str(iid)).get("trainer_started_at") is not None:
             return True
-        return self.db.execute("SELECT 1 FROM events WHERE instance_id = ? AND kind = 'remote-start' LIMIT 1",
-                               [str(iid)]).fetchone() is not None
+        return fleet_state.trainer_start_recorded(self.db, str(iid))
 
     # ------------------------------------------------------------------ SSH
 
-    def target(self, row: dict) -> SSHTarget:
-        if not row.get("ssh_host") or not row.get("ssh_port"):
-            raise SSHError(f"instance {row.get('id')} has no SSH address yet (status {row.get('actual_status')})")
-        return SSHTarget(str(row["ssh_host"]), int(row["ssh_port"]), self.settings.ssh_user, self.settings.ssh_key)
+    def target(self, inst: Instance) -> SSHTarget:
+        if inst.ssh is None:
+            raise SSHError(f"instance {inst.id} has no SSH address yet (status {inst.status})")
+        host, port = inst.ssh
+        return SSHTarget(str(host), port, self.settings.ssh_user, self.settings.ssh_key)
 
-    def remote(self, row: dict) -> Remote:
-        iid = str(row["id"])
-        t = self.target(row)
+    def remote(self, inst: Instance) -> Remote:
+        iid = inst.id
+        t = self.target(inst)
         r = self._remotes.get(iid)
         if r is None or r.target != t:
             if r is not None:
@@ -154,33 +146,31 @@ class Fleet:
 
     def _trusted(self, iid: str):
         def note(hostport, key):
-            from backend.vast.ssh import fingerprint
-
             store.add_event(self.db, f"trusted the host key of {hostport} on first use: {key.get_name()} "
                             f"{fingerprint(key)}", instance_id=iid, kind="host-key", source="vast")
         return note
 
-    def forget_remote(self, iid: str, row: dict | None = None) -> None:
+    def forget_remote(self, iid: str, inst: Instance | None = None) -> None:
         self._helpers.discard(str(iid))
         r = self._remotes.pop(str(iid), None)
         if r is not None:
             r.close()
             self.known.forget(r.target.hostport)
-        elif row and row.get("ssh_host") and row.get("ssh_port"):
-            self.known.forget(self.target(row).hostport)
+        elif inst is not None and inst.ssh is not None:
+            self.known.forget(self.target(inst).hostport)
 
     def layout(self, iid: int | str) -> Layout:
         """Where the instance's files are: the root recorded when it was registered (the
         settings' ``remote_base`` may have changed since), else the settings'."""
-        root = self._data(str(iid))[1].get("remote_root")
+        root = fleet_state.instance_data(self.db, str(iid)).get("remote_root")
         return Layout(root) if root else Layout.for_instance(self.settings.remote_base, iid)
 
-    def stager(self, row: dict) -> Stager:
+    def stager(self, inst: Instance) -> Stager:
         """A Stager for the instance, its helper installed (checked once per session)."""
-        st = Stager(self.remote(row), self.layout(row["id"]), self.settings.remote_python)
-        if str(row["id"]) not in self._helpers:
+        st = Stager(self.remote(inst), self.layout(inst.id), self.settings.remote_python)
+        if inst.id not in self._helpers:
             st.install_helper()
-            self._helpers.add(str(row["id"]))
+            self._helpers.add(inst.id)
         return st
 
     # ------------------------------------------------------------------ sync
@@ -195,37 +185,34 @@ class Fleet:
                 by_run.setdefault(rid, []).append(Entry(name, e.size, e.sha256))
         return by_run
 
-    def run_ids_on(self, row: dict) -> list[str]:
-        return sorted(self._listing(self.stager(row), str(row["id"])))
+    def run_ids_on(self, inst: Instance) -> list[str]:
+        return sorted(self._listing(self.stager(inst), inst.id))
 
-    def sync_instance(self, row: dict, run_ids: list[str] | None = None) -> list[SyncReport]:
+    def sync_instance(self, inst: Instance, run_ids: list[str] | None = None) -> list[SyncReport]:
         """Pull every run directory on the instance (or only ``run_ids``) into the store."""
-        st = self.stager(row)
-        listing = self._listing(st, str(row["id"]))
+        st = self.stager(inst)
+        listing = self._listing(st, inst.id)
         reports = []
         for rid in (run_ids if run_ids is not None else sorted(listing)):
             rep = self.syncer.sync_dir(st.remote, st.python, st.layout.helper, rid, st.layout.run_dir(rid),
-                                       str(row["id"]), entries=listing.get(rid, []))
+                                       inst.id, entries=listing.get(rid, []))
             reports.append(rep)
-            store.add_event(self.db, f"sync from instance {row['id']}: {rep}", run_id=rid,
-                            instance_id=str(row["id"]), kind="sync", level="info" if rep.ok else "error",
+            store.add_event(self.db, f"sync from instance {inst.id}: {rep}", run_id=rid,
+                            instance_id=inst.id, kind="sync", level="info" if rep.ok else "error",
                             source="vast", data={"verified": len(rep.verified), "pulled": len(rep.pulled),
                                                  "bytes": rep.bytes,
                                                  "failed": [[e.name, why] for e, why in rep.failed]})
         return reports
 
-    def unsynced(self, row: dict) -> list[str]:
+    def unsynced(self, inst: Instance) -> list[str]:
         """``run_id/file`` of every file on the instance whose content is not in the store."""
-        st = self.stager(row)
+        st = self.stager(inst)
         return [e.name for e in self.syncer.unverified(st.remote, st.python, st.layout.helper, st.layout.runs,
-                                                        missing_ok=not self.trainer_started(row["id"]))]
+                                                        missing_ok=not self.trainer_started(inst.id))]
 
     def known_unverified(self, iid: str) -> list[str]:
         """What state.db says the instance holds that is not verified locally."""
-        rows = self.db.execute(
-            "SELECT a.run_id, a.name FROM artifacts a WHERE a.owner_kind = 'run' AND a.sync_state IN "
-            "('remote-only', 'transferring') AND a.locations LIKE ?", [f'%"instance_id": "{iid}"%']).fetchall()
-        return [f"{rid}/{name}" for rid, name in rows]
+        return fleet_state.unverified_on_instance(self.db, iid)
 
     # ------------------------------------------------------------------ destroy
 
@@ -237,76 +224,90 @@ class Fleet:
             return DestroyOutcome(iid, False, "--force needs the instance id typed again (confirm) and it "
                                               f"did not match ({confirm!r})")
         try:
-            row = self.provider.instance(iid)
+            inst = self.provider.instance(iid)
         except ProviderError as e:
             return DestroyOutcome(iid, False, f"cannot look the instance up: {e}")
-        if row is None:
+        if inst is None:
             self.ledger.destroyed(iid)
             self.forget_remote(iid)
             return DestroyOutcome(iid, True, "already gone")
-        lose: list[str] = []
-        reports: list[SyncReport] = []
         if not force and not self.is_ours(iid):
             return DestroyOutcome(iid, False, "not created by nko-ops (an orphan: `nko-ops vast sweep`): what its "
                                               "disk holds is unknown here; look at it, then use --force")
-        if not force:
-            try:
-                stopped = self.stop_trainers(row)
-                if stopped is not None:
-                    return DestroyOutcome(iid, False, stopped, self.known_unverified(iid))
-                reports = self.sync_instance(row)
-                lose = self.unsynced(row)
-            except HostKeyChanged as e:
-                return DestroyOutcome(iid, False, str(e), self.known_unverified(iid))
-            except (SSHError, SyncError, StageError) as e:
-                what = "cannot reach the instance to verify its files" if isinstance(e, SSHError) else \
-                    "cannot verify the files on the instance"
-                return DestroyOutcome(iid, False, f"{what} ({e}); use --force to destroy anyway",
-                                      self.known_unverified(iid))
-            except UnicodeError as e:  # a name that cannot be sent over SFTP: never a shorter listing
-                return DestroyOutcome(iid, False, f"a file name on the instance cannot be encoded ({e}); rename "
-                                                  "it there or use --force", self.known_unverified(iid))
-            if lose:
-                why = "; ".join(f"{e.name}: {w}" for rep in reports for e, w in rep.failed) or "not in the local store"
-                return DestroyOutcome(iid, False, f"sync failed, destroying would lose data ({why})", lose, reports)
+        if force:
+            lose, reports = self._give_up(inst, reason), []
         else:
-            try:
-                lose = self.unsynced(row)
-            except (SSHError, SyncError, StageError):
-                lose = self.known_unverified(iid)
-            store.add_event(self.db, f"FORCED destroy of instance {iid} by {store.user()} ({reason}); "
-                            f"{len(lose)} file(s) without a verified local copy given up",
-                            instance_id=iid, kind="force-destroy", level="warning", source="vast",
-                            data={"instance_id": iid, "files": lose, "user": store.user(), "reason": reason})
+            refused, reports = self._verify_files(inst)
+            if refused is not None:
+                return refused
+            lose = []
+        return self._destroy_now(inst, reason, force, lose, reports)
+
+    def _verify_files(self, inst: Instance) -> tuple[DestroyOutcome | None, list[SyncReport]]:
+        """Stop the trainers, sync, and list what is still not in the store: (the refusal, or
+        None when every file on the instance is verified locally; the sync reports)."""
+        iid = inst.id
+        try:
+            stopped = self.stop_trainers(inst)
+            if stopped is not None:
+                return DestroyOutcome(iid, False, stopped, self.known_unverified(iid)), []
+            reports = self.sync_instance(inst)
+            lose = self.unsynced(inst)
+        except HostKeyChanged as e:
+            return DestroyOutcome(iid, False, str(e), self.known_unverified(iid)), []
+        except (SSHError, SyncError, StageError) as e:
+            what = "cannot reach the instance to verify its files" if isinstance(e, SSHError) else \
+                "cannot verify the files on the instance"
+            return DestroyOutcome(iid, False, f"{what} ({e}); use --force to destroy anyway",
+                                  self.known_unverified(iid)), []
+        except UnicodeError as e:  # a name that cannot be sent over SFTP: never a shorter listing
+            return DestroyOutcome(iid, False, f"a file name on the instance cannot be encoded ({e}); rename "
+                                              "it there or use --force", self.known_unverified(iid)), []
+        if lose:
+            why = "; ".join(f"{e.name}: {w}" for rep in reports for e, w in rep.failed) or "not in the local store"
+            return DestroyOutcome(iid, False, f"sync failed, destroying would lose data ({why})", lose, reports), reports
+        return None, reports
+
+    def _give_up(self, inst: Instance, reason: str) -> list[str]:
+        """A forced destroy: record (an event) the files without a verified local copy it gives up."""
+        iid = inst.id
+        try:
+            lose = self.unsynced(inst)
+        except (SSHError, SyncError, StageError):
+            lose = self.known_unverified(iid)
+        store.add_event(self.db, f"FORCED destroy of instance {iid} by {store.user()} ({reason}); "
+                        f"{len(lose)} file(s) without a verified local copy given up",
+                        instance_id=iid, kind="force-destroy", level="warning", source="vast",
+                        data={"instance_id": iid, "files": lose, "user": store.user(), "reason": reason})
+        return lose
+
+    def _destroy_now(self, inst: Instance, reason: str, force: bool, lose: list[str],
+                     reports: list[SyncReport]) -> DestroyOutcome:
+        iid = inst.id
         try:
             self.provider.destroy(iid)
         except ProviderError as e:
             store.add_event(self.db, f"destroy of instance {iid} failed: {e}; it is still running (and billing)",
                             instance_id=iid, kind="destroy-failed", level="error", source="vast")
             return DestroyOutcome(iid, False, f"the provider refused the destroy: {e}", [], reports, force)
-        self.ledger.destroyed(iid, row=row)
-        self.forget_remote(iid, row)
+        self.ledger.destroyed(iid, inst=inst)
+        self.forget_remote(iid, inst)
         if force and lose:
-            with store.transaction(self.db):
-                for item in lose:
-                    rid, _, name = item.partition("/")
-                    self.db.conn.execute("UPDATE artifacts SET sync_state = 'missing', updated_at = ? WHERE "
-                                         "owner_kind = 'run' AND run_id = ? AND name = ? AND sync_state IN "
-                                         "('remote-only', 'transferring')", (store.now(), rid, name))
+            fleet_state.mark_missing(self.db, lose)
         store.add_event(self.db, f"instance {iid} destroyed ({reason})" + (" with --force" if force else
-                        ", every file verified locally"), instance_id=iid, run_id=row.get("label"),
+                        ", every file verified locally"), instance_id=iid, run_id=inst.label,
                         kind="instance-destroyed", source="vast")
         return DestroyOutcome(iid, True, reason, lose if force else [], reports, force)
 
-    def stop_trainers(self, row: dict) -> str | None:
+    def stop_trainers(self, inst: Instance) -> str | None:
         """Before the final sync of an instance about to be destroyed: stop every trainer on it
         (SIGTERM, ``stop_wait_s``, then SIGKILL) and confirm it exited, so no file changes
         between the last listing and the destroy. None when none runs any more; else why the
         destroy must be refused. Raises SSHError / StageError when the instance cannot be asked."""
-        iid = str(row["id"])
-        if row.get("actual_status") != "running" or not self.trainer_started(iid):
+        iid = inst.id
+        if not inst.running or not self.trainer_started(iid):
             return None
-        st = self.stager(row)
+        st = self.stager(inst)
         wait = self.settings.stop_wait_s
         r = st.helper("quiesce", posixpath.join(st.layout.root, "ctl"), f"{wait:g}", timeout=wait + 60, check=False)
         try:
@@ -327,8 +328,7 @@ class Fleet:
 
     def is_ours(self, iid: int | str) -> bool:
         """Whether this project created the instance (for a run)."""
-        return self.db.execute("SELECT 1 FROM instances WHERE id = ? AND run_id IS NOT NULL",
-                               [str(iid)]).fetchone() is not None
+        return fleet_state.is_ours(self.db, str(iid))
 
     def discard(self, iid: int | str, reason: str) -> DestroyOutcome:
         """Destroy an instance of a launch that failed part way, without a sync: only when this
@@ -371,8 +371,8 @@ class Fleet:
         """Stop a kept instance that still runs (nothing of the lane uses it any more): compute
         stops billing, its disk and files stay. Returns what to add to the refusal."""
         try:
-            row = self.provider.instance(iid)
-            if row is None or row.get("actual_status") != "running":
+            inst = self.provider.instance(iid)
+            if inst is None or not inst.running:
                 return ""
             self.provider.stop(iid)
         except ProviderError as e:
@@ -390,35 +390,35 @@ class Fleet:
         """Destroy the idle instances (module docstring's rule; ``force_ids``: id -> the id
         typed again, for instances to destroy even without verified copies)."""
         out = []
-        for row, v in self.idle_rows(enforce=True):
-            iid = str(row["id"])
+        for inst, v in self.idle_rows(enforce=True):
+            iid = inst.id
             confirm = (force_ids or {}).get(iid)
             out.append(self.destroy(iid, force=confirm is not None, confirm=confirm, reason=f"idle: {v.reason}"))
         return out
 
-    def idle_rows(self, enforce: bool = True) -> list[tuple[dict, idle.IdleVerdict]]:
+    def idle_rows(self, enforce: bool = True) -> list[tuple[Instance, idle.IdleVerdict]]:
         """Poll the account and return the instances idle now, each with its verdict
         (``enforce``: as ``poll``, stop spending when over the budget cap)."""
         rows, _ = self.poll(enforce=enforce)
         now = self.clock()
         out = []
-        for row in rows:
-            iid = str(row["id"])
-            beat, last_seen = self._remote_activity(row)
+        for inst in rows:
+            iid = inst.id
+            beat, last_seen = self._remote_activity(inst)
             v = idle.verdict(self.db, iid, self.settings.idle, now, beat, last_seen)
             self.log(f"instance {iid}: {'idle' if v.idle else 'not idle'} ({v.reason})")
             if v.idle:
-                out.append((row, v))
+                out.append((inst, v))
         return out
 
-    def _remote_activity(self, row: dict) -> tuple[float | None, float | None]:
+    def _remote_activity(self, inst: Instance) -> tuple[float | None, float | None]:
         """(newest heartbeat of a live trainer, last time any trainer was seen active: its
         runner's start, heartbeat or exit) on the instance, from its runners' files; (None,
         None) when it has none or cannot be reached."""
-        if row.get("actual_status") != "running":
+        if not inst.running:
             return None, None
         try:
-            st = self.stager(row)
+            st = self.stager(inst)
             r = st.helper("activity", posixpath.join(st.layout.root, "ctl"), timeout=60)
             runs = json.loads(r.out).values()
             live = [float(a["beat"]) for a in runs if a["alive"] and a["beat"] is not None]
@@ -427,15 +427,15 @@ class Fleet:
             return None, None
         return max(live, default=None), max(seen, default=None)
 
-    def stop_spend(self, rows: list[dict]) -> list[DestroyOutcome]:
+    def stop_spend(self, rows: list[Instance]) -> list[DestroyOutcome]:
         """Over the budget cap: destroy every instance whose files are verified (after a
         sync); stop the others (compute stops billing; their disk is kept, and still bills
         storage, until their files are saved)."""
         out = []
-        for row in rows:
-            iid = str(row["id"])
+        for inst in rows:
+            iid = inst.id
             o = self.destroy(iid, reason="budget cap reached")
-            if not o.destroyed and row.get("actual_status") == "running":
+            if not o.destroyed and inst.running:
                 try:
                     self.provider.stop(iid)
                     o.reason += "; stopped instead (its disk is kept and bills storage until its files are saved)"
@@ -446,12 +446,12 @@ class Fleet:
             out.append(o)
         return out
 
-    def over_cap_plan(self, rows: list[dict]) -> list[tuple[str, str]]:
+    def over_cap_plan(self, rows: list[Instance]) -> list[tuple[str, str]]:
         """(instance id, what ``stop_spend`` would do to it), without doing anything: what a
         listing shows when the budget is over its cap."""
         plan = []
-        for row in rows:
-            iid, running = str(row["id"]), row.get("actual_status") == "running"
+        for inst in rows:
+            iid, running = inst.id, inst.running
             if self.is_ours(iid):
                 what = "sync, then destroy once every file on it is verified locally" + (
                     "; stop it instead if a file cannot be saved" if running else "; kept if a file cannot be saved")
@@ -461,9 +461,9 @@ class Fleet:
             plan.append((iid, what))
         return plan
 
-    def sweep(self) -> list[dict]:
+    def sweep(self) -> list[Instance]:
         """Instances the account has that the state store does not know (orphans)."""
-        return [r for r in self.provider.instances() if not self.is_ours(r["id"])]
+        return [i for i in self.provider.instances() if not self.is_ours(i.id)]
 
     def close(self) -> None:
         for r in self._remotes.values():

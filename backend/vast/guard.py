@@ -28,8 +28,9 @@ from typing import Callable
 
 from state import store
 from backend.vast.config import BudgetSettings, VastSettings
-from backend.vast.cost import BudgetState, rate, storage_rate
-from backend.vast.provider import ProviderError, VastProvider
+from backend.provider import Instance, Provider, ProviderError
+from backend.vast.cost import BudgetState
+from backend.vast.fleet import Fleet
 
 MAX_LEASE_S = 30 * 86400.0
 
@@ -50,16 +51,16 @@ def runway_until(state: BudgetState, now: float) -> float:
     return now + min(MAX_LEASE_S, left / state.fleet_usd_per_h * 3600.0)
 
 
-def billing_compute(row: dict) -> bool:
+def billing_compute(inst: Instance) -> bool:
     """Whether the instance bills more than its disk now (running, loading, starting)."""
-    return rate(row) > storage_rate(row)
+    return inst.rate > inst.storage_usd_per_h
 
 
 class BudgetGuard:
     """One background thread per executor session (``start`` / ``stop``); ``over`` is set once
     the cap has been reached, ``state`` is the last budget state seen."""
 
-    def __init__(self, db_path: str, settings: VastSettings, budget: BudgetSettings, provider: VastProvider,
+    def __init__(self, db_path: str, settings: VastSettings, budget: BudgetSettings, provider: Provider,
                  log: Callable[[str], None] = print, clock: Callable[[], float] = time.time):
         self.db_path, self.settings, self.budget, self.provider = str(db_path), settings, budget, provider
         self.log, self.clock = log, clock
@@ -108,9 +109,7 @@ class BudgetGuard:
 
     # ------------------------------------------------------------------ one tick
 
-    def fleet(self):
-        from backend.vast.fleet import Fleet
-
+    def fleet(self) -> Fleet:
         if self._fleet is None:
             self._fleet = Fleet(store.open_db(self.db_path), self.settings, self.budget, self.provider,
                                 clock=self.clock, log=self.log)
@@ -139,32 +138,30 @@ class BudgetGuard:
             self.renew_leases(rows, state)
         return state
 
-    def renew_leases(self, rows: list[dict], state: BudgetState) -> None:
+    def renew_leases(self, rows: list[Instance], state: BudgetState) -> None:
         fleet = self.fleet()
         until = runway_until(state, self.clock())
-        for row in rows:
-            iid = str(row["id"])
-            if row.get("actual_status") != "running" or not fleet.is_ours(iid) or not fleet.trainer_started(iid):
+        for inst in rows:
+            iid = inst.id
+            if not inst.running or not fleet.is_ours(iid) or not fleet.trainer_started(iid):
                 continue
             try:
-                write_lease(fleet, row, until)
+                write_lease(fleet, inst, until)
             except Exception as e:  # SSH trouble: the old lease stands until it expires
                 self.log(f"budget guard: lease of instance {iid} not renewed ({type(e).__name__}: {e})")
 
-    def stop_spend(self, rows: list[dict]) -> None:
+    def stop_spend(self, rows: list[Instance]) -> None:
         """Stop spend on ``rows`` within ``stop_deadline``: a worker per instance does what
         ``Fleet.stop_spend`` does; any instance whose worker is still busy at the deadline is
         stopped through the API (compute stops billing; its disk and files are kept)."""
-        from backend.vast.fleet import Fleet
-
-        def work(row: dict) -> None:
+        def work(inst: Instance) -> None:
             f = Fleet(store.open_db(self.db_path), self.settings, self.budget, self.provider, clock=self.clock,
                       log=self.log)
             try:
-                for o in f.stop_spend([row]):
+                for o in f.stop_spend([inst]):
                     self.log(f"budget guard: {o}")
             except Exception as e:
-                self.log(f"budget guard: stopping spend on instance {row['id']}: {type(e).__name__}: {e}")
+                self.log(f"budget guard: stopping spend on instance {inst.id}: {type(e).__name__}: {e}")
             finally:
                 f.close()
                 f.db.close()
@@ -178,7 +175,7 @@ class BudgetGuard:
         for row, t in workers:
             if not t.is_alive():
                 continue
-            iid = str(row["id"])
+            iid = row.id
             try:
                 self.provider.stop(iid)
                 msg = (f"budget cap: instance {iid} STOPPED after {self.stop_deadline:g} s (its final sync had not "
@@ -192,7 +189,7 @@ class BudgetGuard:
             store.add_event(self.fleet().db, msg, instance_id=iid, kind="budget-stop", level=level, source="vast")
 
 
-def write_lease(fleet, row: dict, until: float) -> None:
+def write_lease(fleet, inst: Instance, until: float) -> None:
     """Tell the runner(s) on the instance until when they may run without a new lease."""
-    st = fleet.stager(row)
+    st = fleet.stager(inst)
     st.helper("lease", posixpath.join(st.layout.root, "ctl"), f"{until:.3f}", timeout=60)

@@ -13,11 +13,12 @@ first time hours after a trainer exited sees those hours.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
-from state import store
+from backend.provider import Instance
 from backend.vast.config import IdleSettings
+from state import fleet as fleet_state
+from state import store
 
 
 @dataclass
@@ -27,46 +28,42 @@ class IdleVerdict:
     reason: str
 
 
-def track(db, rows: list[dict], settings: IdleSettings, now: float) -> None:
+def track(db, rows: list[Instance], settings: IdleSettings, now: float) -> None:
     """Update each live instance's ``low_util_since`` from one poll."""
     with store.transaction(db):
         for r in rows:
-            iid = str(r["id"])
-            old = next(iter(db.query("SELECT data FROM instances WHERE id = ?", [iid])), None)
+            iid = r.id
+            old = fleet_state.instance(db, iid)
             if old is None:
                 continue
-            data = json.loads(old["data"] or "{}")
-            util = r.get("gpu_util")
-            low = util is None or float(util) < settings.gpu_util_below
-            if low and r.get("actual_status") == "running":
+            data = old.data
+            low = r.gpu_util is None or r.gpu_util < settings.gpu_util_below
+            if low and r.running:
                 data.setdefault("low_util_since", now)
                 if data["low_util_since"] is None:
                     data["low_util_since"] = now
             else:
                 data["low_util_since"] = None
-            db.conn.execute("UPDATE instances SET data = ? WHERE id = ?", (json.dumps(data), iid))
+            fleet_state.set_instance_data(db, iid, data, touch=False)
 
 
 def last_heartbeat(db, iid: str) -> float | None:
     """Unix time of the newest trainer heartbeat of any run on the instance."""
-    row = db.execute("SELECT max(heartbeat_at) FROM runs WHERE instance_id = ?", [iid]).fetchone()
-    if not row or not row[0]:
-        return None
-    return store.parse_ts(row[0]).timestamp()
+    beat = fleet_state.last_heartbeat(db, iid)
+    return store.parse_ts(beat).timestamp() if beat else None
 
 
 def verdict(db, iid: str, settings: IdleSettings, now: float, remote_heartbeat: float | None = None,
             trainer_last_seen: float | None = None) -> IdleVerdict:
     """``remote_heartbeat``: the newest heartbeat of a live trainer on the instance;
     ``trainer_last_seen``: when a trainer was last active there (module docstring)."""
-    row = next(iter(db.query("SELECT actual_status, data FROM instances WHERE id = ?", [iid])), None)
-    if row is None:
+    rec = fleet_state.instance(db, iid)
+    if rec is None:
         return IdleVerdict(iid, False, "unknown to the state store")
-    data = json.loads(row["data"] or "{}")
-    since = data.get("low_util_since")
+    since = rec.data.get("low_util_since")
     if since is None:
-        return IdleVerdict(iid, False, "GPU busy" if row["actual_status"] == "running" else
-                           f"not running ({row['actual_status']})")
+        return IdleVerdict(iid, False, "GPU busy" if rec.actual_status == "running" else
+                           f"not running ({rec.actual_status})")
     counted = ""
     if trainer_last_seen is not None and trainer_last_seen < since:
         since, counted = trainer_last_seen, " (counted from its trainer's last activity, per the instance)"

@@ -1,4 +1,5 @@
-"""Vast.ai through the real ``vastai`` SDK (``VastAI(api_key=..., server_url=...)``).
+"""Vast.ai through the real ``vastai`` SDK (``VastAI(api_key=..., server_url=...)``): the
+``backend.provider.Provider`` interface; Vast's JSON rows become ``Instance`` / ``Offer`` here.
 
 The SDK already retries 429 (honouring ``Retry-After``) and 502/503/504 a few times; this
 layer adds bounded retries with backoff for other 5xx answers and for transport errors on
@@ -16,23 +17,14 @@ request headers (which carry the API key).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import requests
 
+from backend.provider import Instance, InstanceNotFound, InstanceStatus, Offer, ProviderError
+from backend.vast.config import api_key
+
 TRANSIENT = {429, 500, 502, 503, 504}
-GONE_STATUSES = ("exited", "offline", "unknown")
-
-
-class ProviderError(RuntimeError):
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
-
-
-class InstanceNotFound(ProviderError):
-    pass
 
 
 def _message(e: requests.HTTPError) -> str:
@@ -51,23 +43,33 @@ def _succeeded(what: str, res) -> None:
         raise ProviderError(f"{what}: refused: {res.get('msg') or res.get('error') or res}")
 
 
-@dataclass
-class Offer:
-    id: int
-    machine_id: int
-    gpu_name: str
-    num_gpus: int
-    dph_total: float
-    reliability: float
-    inet_down: float
-    disk_space: float
-    raw: dict
+def offer_of(r: dict) -> Offer:
+    """An offer row of the Vast API as an Offer."""
+    return Offer(int(r["id"]), int(r.get("machine_id") or 0), str(r.get("gpu_name")), int(r.get("num_gpus") or 1),
+                 float(r.get("dph_total") or 0.0), float(r.get("reliability2", r.get("reliability")) or 0.0),
+                 float(r.get("inet_down") or 0.0), float(r.get("disk_space") or 0.0), r.get("geolocation"), r)
 
-    @classmethod
-    def from_row(cls, r: dict) -> "Offer":
-        return cls(int(r["id"]), int(r.get("machine_id") or 0), str(r.get("gpu_name")), int(r.get("num_gpus") or 1),
-                   float(r.get("dph_total") or 0.0), float(r.get("reliability2", r.get("reliability")) or 0.0),
-                   float(r.get("inet_down") or 0.0), float(r.get("disk_space") or 0.0), r)
+
+def storage_usd_per_h(r: dict) -> float:
+    """What the instance's disk costs per hour: Vast's ``storage_total_cost`` when it gives
+    one, else ``storage_cost`` ($/GB/month) times the disk size."""
+    if r.get("storage_total_cost") is not None:
+        return float(r["storage_total_cost"])
+    return float(r.get("storage_cost") or 0.0) * float(r.get("disk_space") or 0.0) / (30 * 24)
+
+
+def instance_of(r: dict) -> Instance:
+    """An instance row of the Vast API as an Instance."""
+    num_gpus = r.get("num_gpus")
+    return Instance(
+        id=str(r["id"]), status=InstanceStatus.parse(r.get("actual_status")), label=r.get("label"),
+        usd_per_h=float(r.get("dph_total") or 0.0), storage_usd_per_h=storage_usd_per_h(r),
+        gpu_util=None if r.get("gpu_util") is None else float(r["gpu_util"]),
+        ssh_host=r.get("ssh_host"), ssh_port=None if r.get("ssh_port") is None else int(r["ssh_port"]),
+        machine_id=int(r.get("machine_id") or 0), gpu_name=r.get("gpu_name"),
+        num_gpus=None if num_gpus is None else int(num_gpus), intended_status=r.get("intended_status", "running"),
+        cur_state=r.get("cur_state"), status_msg=r.get("status_msg"),
+        start_date=None if r.get("start_date") is None else float(r["start_date"]), storage_cost=r.get("storage_cost"))
 
 
 class VastProvider:
@@ -114,17 +116,17 @@ class VastProvider:
                               storage=storage_gb)
         except ValueError as e:  # the SDK's query parser
             raise ProviderError(f"offer query {query!r}: {e}") from None
-        return [Offer.from_row(r) for r in rows]
+        return [offer_of(r) for r in rows]
 
     # ------------------------------------------------------------------ instances
 
     def create(self, offer_id: int, image: str, disk_gb: float, label: str, onstart: str | None = None,
-               env: dict | None = None) -> int:
+               env: dict | None = None) -> str:
         """Rent ``offer_id``; returns the new instance id. ``label`` must be unique to this
         launch (the run id): after a failed call the account is searched for an instance with
         that label that was not there before the first try, so a create that succeeded behind
         an error is adopted, and one that did not is tried again."""
-        existing = {int(i["id"]) for i in self.instances()}
+        existing = {i["id"] for i in self._rows()}
         delay = self.backoff_s
         for attempt in range(1, self.attempts + 1):
             try:
@@ -134,28 +136,32 @@ class VastProvider:
             except ProviderError as e:
                 if e.status is not None and e.status not in TRANSIENT:
                     raise
-                adopted = sorted(int(i["id"]) for i in self.instances()
-                                 if i.get("label") == label and int(i["id"]) not in existing)
+                adopted = sorted(int(i["id"]) for i in self._rows()
+                                 if i.get("label") == label and i["id"] not in existing)
                 if adopted:
-                    return adopted[0]
+                    return str(adopted[0])
                 if attempt == self.attempts:
                     raise
                 self.sleep(delay)
                 delay = min(delay * 2, 30.0)
         if not res.get("success", True) or "new_contract" not in res:
             raise ProviderError(f"create instance on offer {offer_id}: {res.get('msg') or res}")
-        return int(res["new_contract"])
+        return str(int(res["new_contract"]))
 
-    def instances(self) -> list[dict]:
-        """Every instance of the account (all pages)."""
+    def _rows(self) -> list[dict]:
         return self._call("list instances", self.sdk.show_instances)
 
-    def instance(self, iid: int | str) -> dict | None:
+    def instances(self) -> list[Instance]:
+        """Every instance of the account (all pages)."""
+        return [instance_of(r) for r in self._rows()]
+
+    def instance(self, iid: int | str) -> Instance | None:
         """One instance, or None when Vast no longer knows it."""
         try:
-            return self._call(f"show instance {iid}", self.sdk.show_instance, int(iid))
+            row = self._call(f"show instance {iid}", self.sdk.show_instance, int(iid))
         except InstanceNotFound:
             return None
+        return instance_of(row) if row else None
 
     def destroy(self, iid: int | str) -> bool:
         """Destroy; True when it is gone (also when it already was). An answer of
@@ -179,6 +185,4 @@ class VastProvider:
 
 
 def provider_from_settings(settings, sleep: Callable[[float], None] = time.sleep) -> VastProvider:
-    from backend.vast.config import api_key
-
     return VastProvider(api_key(), settings.server_url, sleep=sleep)

@@ -35,8 +35,9 @@ from typing import Callable
 
 import paramiko
 
-from state import store
 from backend.vast.ssh import KnownHosts, Remote, SSHError, SSHTarget
+from state import fleet as fleet_state
+from state import store
 
 CHUNK = 1 << 20
 
@@ -195,8 +196,7 @@ class Syncer:
     # ------------------------------------------------------------------ state.db
 
     def _row(self, run_id: str, name: str) -> dict | None:
-        return next(iter(self.db.query("SELECT * FROM artifacts WHERE owner_kind = 'run' AND run_id = ? AND name = ?",
-                                       [run_id, name])), None)
+        return fleet_state.artifact(self.db, run_id, name)
 
     def record(self, run_id: str, e: Entry, state: str, instance_id: str | None, remote_path: str | None,
                 extra_locations: list[dict] = (), path: str | None = None) -> None:
@@ -235,9 +235,7 @@ class Syncer:
         """Drop the row of a file that vanished from the instance before any version of it
         was verified (a listing of a temporary file); a row with a verified version stays."""
         if self.last_verified(run_id, name) is None:
-            with store.transaction(self.db):
-                self.db.conn.execute("DELETE FROM artifacts WHERE owner_kind = 'run' AND run_id = ? AND name = ? "
-                                     "AND sync_state IN ('remote-only', 'transferring')", (run_id, name))
+            fleet_state.forget_unverified(self.db, run_id, name)
 
     def last_verified(self, run_id: str, name: str) -> Entry | None:
         """The newest version of a run's file that was verified into the store (the current
@@ -267,48 +265,14 @@ class Syncer:
                 part.unlink()
                 have = 0
             try:
-                self.cas.check_space(e.size - have)
-                f_remote = remote.sftp().open(remote_path, "rb")
-            except OSError as err:
-                if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                    part.unlink(missing_ok=True)
-                    raise LocalStoreError(f"{e.name}: {err.strerror or err}") from None
-                if err.errno == errno.ENOENT:
-                    raise Gone(f"{e.name}: gone from the instance") from None
-                drops = self._dropped(remote, e, part, drops, err)
-                continue
-            except (SSHError, paramiko.SSHException, EOFError) as err:
-                drops = self._dropped(remote, e, part, drops, err)
+                f_remote = self._open(remote, remote_path, e, part, have)
+            except _Dropped as d:
+                drops = self._dropped(remote, e, part, drops, d.err)
                 continue
             try:
-                with open(part, "ab") as out:
-                    f_remote.seek(have)
-                    if e.size - have > 4 * CHUNK:
-                        f_remote.prefetch(e.size)  # pipelined reads: latency, not bandwidth, bounds SFTP
-                    left = e.size - have
-                    while left > 0:
-                        try:
-                            block = self.read_block(f_remote, min(CHUNK, left))
-                        except (paramiko.SSHException, EOFError, OSError) as err:
-                            raise _Dropped(err) from None
-                        if not block:
-                            part.unlink()
-                            raise IntegrityError(f"{e.name}: the file on the instance is shorter than the "
-                                                 f"{e.size} bytes it was hashed at (truncated or replaced)")
-                        try:
-                            self.write_block(out, block)
-                        except OSError as err:
-                            raise LocalStoreError(f"{e.name}: cannot write to {self.cas.root}: "
-                                                  f"{err.strerror or err}") from None
-                        left -= len(block)
-                        sent += len(block)
-                    try:
-                        out.flush()
-                        os.fsync(out.fileno())
-                    except OSError as err:
-                        raise LocalStoreError(f"{e.name}: cannot write to {self.cas.root}: "
-                                              f"{err.strerror or err}") from None
+                self._append(f_remote, part, e, have)
             except _Dropped as d:
+                sent += part.stat().st_size - have  # what arrived before the drop stays
                 drops = self._dropped(remote, e, part, drops, d.err)
                 continue
             except LocalStoreError:
@@ -319,14 +283,63 @@ class Syncer:
                     f_remote.close()
                 except Exception:
                     pass
+            sent += part.stat().st_size - have
             break
+        self._commit_verified(part, e)
+        return sent
+
+    def _open(self, remote: Remote, remote_path: str, e: Entry, part: Path, have: int) -> paramiko.SFTPFile:
+        """The file on the instance, open for reading, once the store has room for the rest of
+        it; _Dropped when the connection failed (reconnect and resume)."""
+        try:
+            self.cas.check_space(e.size - have)
+            return remote.sftp().open(remote_path, "rb")
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                part.unlink(missing_ok=True)
+                raise LocalStoreError(f"{e.name}: {err.strerror or err}") from None
+            if err.errno == errno.ENOENT:
+                raise Gone(f"{e.name}: gone from the instance") from None
+            raise _Dropped(err) from None
+        except (SSHError, paramiko.SSHException, EOFError) as err:
+            raise _Dropped(err) from None
+
+    def _append(self, f_remote: paramiko.SFTPFile, part: Path, e: Entry, have: int) -> None:
+        """Copy the rest of the file (from byte ``have``) to the end of ``part``, synced to disk."""
+        with open(part, "ab") as out:
+            f_remote.seek(have)
+            if e.size - have > 4 * CHUNK:
+                f_remote.prefetch(e.size)  # pipelined reads: latency, not bandwidth, bounds SFTP
+            left = e.size - have
+            while left > 0:
+                try:
+                    block = self.read_block(f_remote, min(CHUNK, left))
+                except (paramiko.SSHException, EOFError, OSError) as err:
+                    raise _Dropped(err) from None
+                if not block:
+                    part.unlink()
+                    raise IntegrityError(f"{e.name}: the file on the instance is shorter than the "
+                                         f"{e.size} bytes it was hashed at (truncated or replaced)")
+                try:
+                    self.write_block(out, block)
+                except OSError as err:
+                    raise LocalStoreError(f"{e.name}: cannot write to {self.cas.root}: "
+                                          f"{err.strerror or err}") from None
+                left -= len(block)
+            try:
+                out.flush()
+                os.fsync(out.fileno())
+            except OSError as err:
+                raise LocalStoreError(f"{e.name}: cannot write to {self.cas.root}: {err.strerror or err}") from None
+
+    def _commit_verified(self, part: Path, e: Entry) -> None:
+        """Move a complete transfer into the store once its bytes hash as the instance said."""
         got = _sha256_file(part)
         if got != e.sha256:
             part.unlink()
             raise IntegrityError(f"{e.name}: received bytes hash to {got[:12]}…, the instance reported "
                                  f"{e.sha256[:12]}…")
         self.cas.commit(part, e.sha256)
-        return sent
 
     def _dropped(self, remote: Remote, e: Entry, part: Path, drops: int, err: BaseException) -> int:
         drops += 1

@@ -199,7 +199,7 @@ class ConfirmDestroyScreen(ModalScreen[list[Candidate] | None]):
 class OrphansScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,enter", "app.pop_screen", "Close")]
 
-    def __init__(self, orphans: list[dict]) -> None:
+    def __init__(self, orphans: list) -> None:
         super().__init__()
         self.orphans = orphans
 
@@ -208,11 +208,11 @@ class OrphansScreen(ModalScreen[None]):
                              "nko-ops did not create them, so what their disks hold is unknown here and the console "
                              "never destroys them; look at them, then `nko-ops vast destroy ID --force`.\n\n")
         for o in self.orphans:
-            since = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(o.get("start_date") or 0))
-            body.append_text(Text.assemble(("ORPHAN ", "bold yellow"), (str(o["id"]), "bold"), "  ",
-                                           o.get("label") or "(no label)", "  ", str(o.get("actual_status")), "  ",
-                                           f"{o.get('num_gpus') or 1}× {o.get('gpu_name')}",
-                                           f"  ${o.get('dph_total') or 0:.3f}/h  since {since}\n"))
+            since = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(o.start_date or 0))
+            body.append_text(Text.assemble(("ORPHAN ", "bold yellow"), (o.id, "bold"), "  ",
+                                           o.label or "(no label)", "  ", str(o.status), "  ",
+                                           f"{o.num_gpus or 1}× {o.gpu_name}",
+                                           f"  ${o.usd_per_h or 0:.3f}/h  since {since}\n"))
         with VerticalScroll(id="orphans-dialog"):
             yield Static(body, id="orphans-body")
             yield Button("Close", id="orphans-close")

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from state import store
-from backend.executor_local import ExecutorError, run_matrix, sanity_specs
+from backend.executor import ExecutorError
+from backend.executor_local import sanity_specs
+from backend.matrix_run import run_matrix
 from backend.matrix import parse_matrix
 from train_helpers import build
 
@@ -69,8 +71,8 @@ def test_matrix_runs_records_state_and_reuses_on_rerun(tmp_path):
                                 statuses[2]] and statuses[2].startswith("queued -> running: trained by the local")
         assert statuses[-1].startswith("running -> completed")
         assert db.execute("SELECT count(*) FROM events WHERE run_id = ? AND kind = 'log'", [rid]).fetchone()[0] > 0
-    sanity = {r["id"]: r["status"] for r in db.query("SELECT id, status FROM runs WHERE matrix_id = 't#sanity'")}
-    assert sanity == {"nko-base#sanity": "completed", "latin-traj#sanity": "completed"}
+    sanity = {r["id"]: r["status"] for r in db.query("SELECT id, status FROM runs WHERE matrix_id = 't' AND sanity = 1")}
+    assert sanity == {"_sanity/nko-base": "completed", "_sanity/latin-traj": "completed"}
     # the AGP lane's inputs: the matrix's agp_dumps runs that state.db records as completed
     from backend.agp_lane import lane_bundles
     from backend.matrix import load_matrix
@@ -100,7 +102,7 @@ def test_failing_sanity_step_blocks_the_full_runs(tmp_path):
     assert "sanity step failed" in results[0].error
     assert not (tmp_path / "runs-t" / "bad").exists()
     db = store.open_db(tmp_path / "state.db")
-    row = store.get_run(db, "bad#sanity")
+    row = store.get_run(db, "_sanity/bad")
     assert row["status"] == "failed" and "divisible" in row["error"]
     ev = next(iter(db.query("SELECT * FROM events WHERE kind = 'sanity'")))
     assert ev["level"] == "error" and "FAILED" in ev["message"]

@@ -81,7 +81,7 @@ async def test_sandbox_panes_kill_idle_and_clean_stop(tmp_path, monkeypatch, dec
     assert set(procs) == {"sshd", "emulator", "executor"} and all(alive(*v) for v in procs.values())
     assert sb.console_command.startswith("nko-ops sandbox console")
     provider = VastProvider(p.key_file.read_text().strip(), sb.url)
-    live = {str(r["id"]): r["label"] for r in provider.instances()}
+    live = {r.id: r.label for r in provider.instances()}
     assert sb.idle_instance in live and build.LIVE_RUN_ID in live.values() and len(live) == 2
 
     try:
@@ -136,7 +136,7 @@ async def test_sandbox_panes_kill_idle_and_clean_stop(tmp_path, monkeypatch, dec
 
         # gone from the emulator; at most the live run's instance is left on the account
         assert provider.instance(sb.idle_instance) is None
-        assert {r["label"] for r in provider.instances()} <= {build.LIVE_RUN_ID}
+        assert {r.label for r in provider.instances()} <= {build.LIVE_RUN_ID}
         db = open_db(p.db)
         assert db.execute("SELECT destroyed_at FROM instances WHERE id = ?", [sb.idle_instance]).fetchone()[0]
         db.close()

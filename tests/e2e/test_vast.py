@@ -32,7 +32,8 @@ def artifact(env, run_id, name):
 
 
 def test_emulator_speaks_the_sdk(vast_env):
-    from backend.vast.provider import ProviderError, VastProvider
+    from backend.provider import ProviderError
+    from backend.vast.provider import VastProvider
 
     p = vast_env.provider
     offers = p.offers("gpu_name=RTX_4090 reliability>0.98 inet_down>500 disk_space>=100", "dph_total", None, 60)
@@ -45,16 +46,16 @@ def test_emulator_speaks_the_sdk(vast_env):
     vast_env.cloud.page_size = 2  # force several pages
     ids = [p.create(o.id, "img", 20, label=f"lbl {i}") for i, o in enumerate(cheap[:5])]
     rows = p.instances()
-    assert [r["id"] for r in rows] == sorted(ids) and len(rows) == 5
+    assert [r.id for r in rows] == sorted(ids, key=int) and len(rows) == 5
     row = p.instance(ids[0])
-    assert row["label"] == "lbl 0" and row["ssh_port"] == vast_env.cloud.ssh_port
-    for field in ("actual_status", "cur_state", "intended_status", "dph_total", "storage_cost", "start_date",
-                  "gpu_util", "ssh_host", "status_msg"):
-        assert field in row
+    assert row.label == "lbl 0" and row.ssh_port == vast_env.cloud.ssh_port
+    for field in ("status", "cur_state", "intended_status", "usd_per_h", "storage_cost", "start_date",
+                  "gpu_util", "ssh_host", "status_msg"):  # every field the SDK's rows carry, read
+        assert getattr(row, field) is not None, field
     p.label(ids[0], "renamed")
-    assert p.instance(ids[0])["label"] == "renamed"
+    assert p.instance(ids[0]).label == "renamed"
     p.stop(ids[1])
-    assert p.instance(ids[1])["actual_status"] == "stopped"
+    assert p.instance(ids[1]).status == "stopped"
     assert p.destroy(ids[2]) and p.instance(ids[2]) is None
     assert p.user()["username"] == "emulated" and "api_key" not in p.user()
     with pytest.raises(ProviderError) as e:
@@ -72,7 +73,7 @@ def test_vastai_cli_shows_instances(vast_env, tmp_path):
                           "instances"], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
-    assert [r["id"] for r in rows] == [iid] and rows[0]["label"] == "cli check"
+    assert [str(r["id"]) for r in rows] == [iid] and rows[0]["label"] == "cli check"
     assert rows[0]["actual_status"] == "running"
 
 
@@ -83,14 +84,14 @@ def test_provider_rides_out_429_and_5xx(vast_env):
     assert p.instances() == []
     c.faults.server_errors = 2  # calls fail twice before reaching the cloud: retried, one instance
     iid = p.create(1000, "img", 20, label="only-once")
-    assert [r["id"] for r in p.instances()] == [iid]
+    assert [r.id for r in p.instances()] == [iid]
     c.faults.create_reply_lost = 1  # rented, but the answer is lost: adopted, not rented twice
     again = p.create(1001, "img", 20, label="reply-lost")
-    assert [r["id"] for r in p.instances()] == [iid, again] and p.instance(again)["label"] == "reply-lost"
+    assert [r.id for r in p.instances()] == [iid, again] and p.instance(again).label == "reply-lost"
     before = len(c.requests)
     c.faults.slow_s = 0.2
     t0 = time.monotonic()
-    assert p.instance(iid)["id"] == iid and time.monotonic() - t0 >= 0.2
+    assert p.instance(iid).id == iid and time.monotonic() - t0 >= 0.2
     c.faults.slow_s = 0
     assert len(c.requests) > before
 
@@ -127,7 +128,7 @@ def test_quoting_run_id_cannot_inject(vast_env, tmp_path):
     d = st.layout.run_dir(evil)
     st.remote.run(["mkdir", "-p", d]).check("mkdir")
     st.remote.run(["sh", "-c", 'printf "%s" "$1" > "$2"/note.txt', "sh", "payload; rm -rf /", d]).check("write")
-    on_disk = vast_env.instance_dir(row["id"]) / "runs" / evil
+    on_disk = vast_env.instance_dir(row.id) / "runs" / evil
     assert (on_disk / "note.txt").read_text() == "payload; rm -rf /"
     # start a runner under that id: the trainer fails (no config data), but nothing is injected
     cfg = {"run_id": evil, "out_dir": d}
@@ -155,8 +156,8 @@ def _lost(env, row) -> list[str]:
 def test_sync_pulls_into_read_only_cas(vast_env):
     row = vast_env.new_instance()
     data = os.urandom(300_000)
-    write_remote(vast_env, row["id"], "run-x/best.pt", data)
-    write_remote(vast_env, row["id"], "run-x/sub/train.log", b"line 1\nline 2\n")
+    write_remote(vast_env, row.id, "run-x/best.pt", data)
+    write_remote(vast_env, row.id, "run-x/sub/train.log", b"line 1\nline 2\n")
     rep = vast_env.fleet.sync_instance(row)[0]
     assert rep.ok and {e.name for e in rep.pulled} == {"best.pt", "sub/train.log"}
     blob = vast_env.fleet.cas.path(sha(data))
@@ -176,7 +177,7 @@ def test_sync_pulls_into_read_only_cas(vast_env):
 def test_ssh_drop_mid_transfer_resumes(vast_env):
     row = vast_env.new_instance()
     data = os.urandom(6 * 1024 * 1024)
-    write_remote(vast_env, row["id"], "run-x/last.pt", data)
+    write_remote(vast_env, row.id, "run-x/last.pt", data)
     syncer = vast_env.fleet.syncer
     remote = vast_env.fleet.remote(row)
     seen = {"bytes": 0, "dropped": False}
@@ -201,7 +202,7 @@ def test_ssh_drop_mid_transfer_resumes(vast_env):
 def test_truncated_or_changed_remote_file(vast_env):
     row = vast_env.new_instance()
     first = os.urandom(3 * 1024 * 1024)
-    p = write_remote(vast_env, row["id"], "run-x/last.pt", first)
+    p = write_remote(vast_env, row.id, "run-x/last.pt", first)
     syncer = vast_env.fleet.syncer
     calls = {"n": 0}
 
@@ -229,7 +230,7 @@ def test_truncated_or_changed_remote_file(vast_env):
         return f.read(n)
 
     syncer.read_block = read2
-    write_remote(vast_env, row["id"], "run-x/last.pt", os.urandom(len(changed)))
+    write_remote(vast_env, row.id, "run-x/last.pt", os.urandom(len(changed)))
     rep = vast_env.fleet.sync_instance(row)[0]
     assert rep.ok and artifact(vast_env, "run-x", "last.pt")["sha256"] == sha(changed)
     assert _lost(vast_env, row) == []
@@ -239,7 +240,7 @@ def test_truncated_or_changed_remote_file(vast_env):
 def test_sha_mismatch_is_never_stored_and_blocks_destroy(vast_env):
     row = vast_env.new_instance()
     data = os.urandom(200_000)
-    write_remote(vast_env, row["id"], "run-x/best.pt", data)
+    write_remote(vast_env, row.id, "run-x/best.pt", data)
     syncer = vast_env.fleet.syncer
 
     def corrupt(f, n):
@@ -253,18 +254,18 @@ def test_sha_mismatch_is_never_stored_and_blocks_destroy(vast_env):
     assert not rep.ok and "hash to" in rep.failed[0][1]
     assert not vast_env.fleet.cas.has(sha(data)) and not list(vast_env.fleet.cas.root.rglob("*.part"))
     assert artifact(vast_env, "run-x", "best.pt")["sync_state"] == "remote-only"
-    o = vast_env.fleet.destroy(row["id"])
+    o = vast_env.fleet.destroy(row.id)
     assert not o.destroyed and o.would_lose == ["run-x/best.pt"] and "best.pt" in str(o)
-    assert vast_env.provider.instance(row["id"]) is not None  # still there, file intact
+    assert vast_env.provider.instance(row.id) is not None  # still there, file intact
     syncer.read_block = lambda f, n: f.read(n)
-    o = vast_env.fleet.destroy(row["id"])
+    o = vast_env.fleet.destroy(row.id)
     assert o.destroyed and vast_env.fleet.cas.path(sha(data)).read_bytes() == data
 
 
 def test_local_disk_full_loses_nothing(vast_env):
     row = vast_env.new_instance()
     data = os.urandom(3 * 1024 * 1024)
-    write_remote(vast_env, row["id"], "run-x/last.pt", data)
+    write_remote(vast_env, row.id, "run-x/last.pt", data)
     syncer = vast_env.fleet.syncer
     written = {"n": 0}
 
@@ -275,50 +276,50 @@ def test_local_disk_full_loses_nothing(vast_env):
         f.write(b)
 
     syncer.write_block = full_disk
-    o = vast_env.fleet.destroy(row["id"])
+    o = vast_env.fleet.destroy(row.id)
     assert not o.destroyed and o.would_lose == ["run-x/last.pt"] and "No space left" in o.reason
     assert not list(vast_env.fleet.cas.root.rglob("*.part"))  # partial file removed
     assert artifact(vast_env, "run-x", "last.pt")["sync_state"] == "remote-only"
-    assert vast_env.provider.instance(row["id"])["actual_status"] == "running"
+    assert vast_env.provider.instance(row.id).status == "running"
     vast_env.fleet.cas.reserve_bytes = 1 << 62  # the free-space guard refuses before writing
     rep = vast_env.fleet.sync_instance(row)[0]
     assert not rep.ok and "not enough space" in rep.failed[0][1]
     vast_env.fleet.cas.reserve_bytes = 0
     syncer.write_block = lambda f, b: f.write(b)
-    assert vast_env.fleet.destroy(row["id"]).destroyed
+    assert vast_env.fleet.destroy(row.id).destroyed
     assert vast_env.fleet.cas.path(sha(data)).read_bytes() == data
 
 
 def test_destroy_failure_and_5xx(vast_env):
     row = vast_env.new_instance()
     data = b"x" * 1000
-    write_remote(vast_env, row["id"], "run-x/results.json", data)
+    write_remote(vast_env, row.id, "run-x/results.json", data)
     vast_env.cloud.faults.destroy_fail = 100
-    o = vast_env.fleet.destroy(row["id"])
+    o = vast_env.fleet.destroy(row.id)
     assert not o.destroyed and "refused the destroy" in o.reason
-    assert vast_env.provider.instance(row["id"]) is not None
+    assert vast_env.provider.instance(row.id) is not None
     ev = list(vast_env.db.query("SELECT * FROM events WHERE kind = 'destroy-failed'"))
     assert ev and ev[0]["level"] == "error"
     assert artifact(vast_env, "run-x", "results.json")["sync_state"] == "verified"
     vast_env.cloud.faults.destroy_fail = 0
     vast_env.cloud.faults.server_errors = 2
     vast_env.cloud.faults.rate_limit, vast_env.cloud.faults.retry_after = 1, 0.05
-    assert vast_env.fleet.destroy(row["id"]).destroyed
-    assert vast_env.provider.instance(row["id"]) is None
-    assert not vast_env.instance_dir(row["id"]).exists()
+    assert vast_env.fleet.destroy(row.id).destroyed
+    assert vast_env.provider.instance(row.id) is None
+    assert not vast_env.instance_dir(row.id).exists()
     assert vast_env.fleet.cas.path(sha(data)).read_bytes() == data
 
 
 def test_vanished_instance_keeps_verified_artifacts(vast_env):
     row = vast_env.new_instance()
     data = os.urandom(50_000)
-    write_remote(vast_env, row["id"], "run-x/last.pt", data)
+    write_remote(vast_env, row.id, "run-x/last.pt", data)
     assert vast_env.fleet.sync_instance(row)[0].ok
     vast_env.fleet.poll()
-    vast_env.cloud.vanish(row["id"])
+    vast_env.cloud.vanish(int(row.id))
     rows, _ = vast_env.fleet.poll()
     assert rows == []
-    inst = next(iter(vast_env.db.query("SELECT * FROM instances WHERE id = ?", [str(row["id"])])))
+    inst = next(iter(vast_env.db.query("SELECT * FROM instances WHERE id = ?", [str(row.id)])))
     assert inst["destroyed_at"] and json.loads(inst["data"])["gone"] == "vanished"
     assert list(vast_env.db.query("SELECT * FROM events WHERE kind = 'instance-lost'"))
     a = artifact(vast_env, "run-x", "last.pt")
@@ -327,11 +328,11 @@ def test_vanished_instance_keeps_verified_artifacts(vast_env):
 
 def test_force_destroy_needs_the_id_again_and_is_recorded(vast_env):
     row = vast_env.new_instance()
-    write_remote(vast_env, row["id"], "run-x/last.pt", b"unsaved")
+    write_remote(vast_env, row.id, "run-x/last.pt", b"unsaved")
     vast_env.fleet.syncer.read_block = lambda f, n: b"garbage" if f.read(n) else b""
-    o = vast_env.fleet.destroy(row["id"], force=True, confirm="123")
+    o = vast_env.fleet.destroy(row.id, force=True, confirm="123")
     assert not o.destroyed and "typed again" in o.reason
-    o = vast_env.fleet.destroy(row["id"], force=True, confirm=str(row["id"]))
+    o = vast_env.fleet.destroy(row.id, force=True, confirm=str(row.id))
     assert o.destroyed and o.forced and o.would_lose == ["run-x/last.pt"]
     ev = next(iter(vast_env.db.query("SELECT * FROM events WHERE kind = 'force-destroy'")))
     assert json.loads(ev["data"])["files"] == ["run-x/last.pt"]
@@ -340,8 +341,8 @@ def test_force_destroy_needs_the_id_again_and_is_recorded(vast_env):
 def test_sweep_lists_orphans(vast_env):
     known = vast_env.new_instance()
     orphan = vast_env.provider.create(1003, "img", 20, label="made by hand")
-    ids = [r["id"] for r in vast_env.fleet.sweep()]
-    assert ids == [orphan] and known["id"] not in ids
+    ids = [r.id for r in vast_env.fleet.sweep()]
+    assert ids == [orphan] and known.id not in ids
 
 
 def test_mirror_push(vast_env, sshd, tmp_path):
@@ -353,7 +354,7 @@ def test_mirror_push(vast_env, sshd, tmp_path):
     fleet = Fleet(vast_env.db, vast_env.settings, vast_env.budget, vast_env.provider, log=vast_env.logs.append)
     row = vast_env.new_instance()
     data = os.urandom(10_000)
-    write_remote(vast_env, row["id"], "run-x/best.pt", data)
+    write_remote(vast_env, row.id, "run-x/best.pt", data)
     rep = fleet.sync_instance(row)[0]
     assert rep.ok and [e.name for e in rep.mirrored] == ["best.pt"]
     assert (tmp_path / "mirror" / "sha256" / sha(data)[:2] / sha(data)).read_bytes() == data
@@ -370,19 +371,19 @@ def test_log_follower_resumes_after_drop(vast_env):
     from backend.vast.ssh import SSHError
 
     row = vast_env.new_instance()
-    d = vast_env.instance_dir(row["id"]) / "runs" / "run-x"
+    d = vast_env.instance_dir(row.id) / "runs" / "run-x"
     d.mkdir(parents=True)
     (d / "train.log").write_text("epoch 1\nepoch 2\npartial")
     (d / "metrics.jsonl").write_text(json.dumps({"kind": "epoch", "epoch": 1, "step": 4, "train_loss": 2.5,
                                                  "val_loss": 2.7}) + "\n")
-    rdir = vast_env.fleet.layout(row["id"]).run_dir("run-x")
-    f = LogFollower(vast_env.db, "run-x", rdir, str(row["id"]))
+    rdir = vast_env.fleet.layout(row.id).run_dir("run-x")
+    f = LogFollower(vast_env.db, "run-x", rdir, str(row.id))
     remote = vast_env.fleet.remote(row)
     assert f.poll(remote) == 3
     remote.drop()
     with open(d / "train.log", "a") as fh:
         fh.write(" line done\nepoch 3\n")
-    f2 = LogFollower(vast_env.db, "run-x", rdir, str(row["id"]))  # a new process: offsets from state.db
+    f2 = LogFollower(vast_env.db, "run-x", rdir, str(row.id))  # a new process: offsets from state.db
     assert f2.poll(remote) == 2  # the session reconnects, reading resumes after the last full line
     lines = [r["message"] for r in vast_env.db.query("SELECT message FROM events WHERE kind = 'log' ORDER BY id")]
     assert lines == ["epoch 1", "epoch 2", "partial line done", "epoch 3"]
@@ -400,7 +401,7 @@ def test_log_follower_resumes_after_drop(vast_env):
             raise SSHError("connection refused (simulated)")
         return vast_env.fleet.remote(row)
 
-    LogFollower(vast_env.db, "run-x", rdir, str(row["id"]), echo=echoed.append).follow(
+    LogFollower(vast_env.db, "run-x", rdir, str(row.id), echo=echoed.append).follow(
         connect, lambda: True, interval=0.05, on_error=errors.append)
     assert len(attempts) == 2 and "reconnecting" in errors[0] and echoed == ["epoch 4"]
 
@@ -416,7 +417,7 @@ def test_ledger_matches_billing_and_budget_stops_spend(vast_env):
     vast_env.cloud.clock = lambda: t[0]
     ledger = Ledger(vast_env.db, BudgetSettings(cap_usd=2.0, warn_usd=1.0, poll_interval_s=600), clock=lambda: t[0])
     a = vast_env.provider.create(1003, "img", 60, label="a")  # A100 PCIE ~0.73 $/h
-    fleet_rate = vast_env.provider.instance(a)["dph_total"]
+    fleet_rate = vast_env.provider.instance(a).usd_per_h
     ok, _ = ledger.can_launch(vast_env.provider.instances(), 100.0)
     assert not ok
     for _ in range(40):
@@ -436,12 +437,12 @@ def test_ledger_matches_billing_and_budget_stops_spend(vast_env):
 def test_budget_over_cap_syncs_then_destroys(vast_env, clock):
     row = vast_env.new_instance()
     data = os.urandom(20_000)
-    write_remote(vast_env, row["id"], "run-x/last.pt", data)
+    write_remote(vast_env, row.id, "run-x/last.pt", data)
     fleet = vast_env.fresh_fleet(clock, cap_usd=0.0001, warn_usd=0.0, poll_interval_s=60.0)
     clock.advance(0.3)
     rows, state = fleet.poll()
     assert state.over
-    assert vast_env.provider.instance(row["id"]) is None  # spend stopped
+    assert vast_env.provider.instance(row.id) is None  # spend stopped
     assert fleet.cas.path(sha(data)).read_bytes() == data  # after its files were saved
     fleet.close()
 
@@ -451,15 +452,15 @@ def test_idle_detection_and_kill_idle(vast_env, clock):
 
     busy = vast_env.new_instance("busy", "run-busy")
     idle_row = vast_env.new_instance("idle", "run-idle")
-    write_remote(vast_env, idle_row["id"], "run-idle/best.pt", b"weights")
-    store.upsert_run(vast_env.db, "run-busy", instance_id=str(busy["id"]), heartbeat_at=store.now())
+    write_remote(vast_env, idle_row.id, "run-idle/best.pt", b"weights")
+    store.upsert_run(vast_env.db, "run-busy", instance_id=str(busy.id), heartbeat_at=store.now())
     fleet = vast_env.fresh_fleet(clock)
     fleet.poll()
     clock.advance(0.5)  # past the idle window (0.3 s)
     store.heartbeat(vast_env.db, "run-busy")  # the busy trainer keeps beating (its GPU util reads 0 here)
     outcomes = fleet.kill_idle()
-    assert [o.instance_id for o in outcomes] == [str(idle_row["id"])] and outcomes[0].destroyed
-    assert vast_env.provider.instance(busy["id"]) is not None
+    assert [o.instance_id for o in outcomes] == [str(idle_row.id)] and outcomes[0].destroyed
+    assert vast_env.provider.instance(busy.id) is not None
     assert artifact(vast_env, "run-idle", "best.pt")["sync_state"] == "verified"
     fleet.close()
 
@@ -522,7 +523,7 @@ def test_budget_property_simulated_clock(tmp_path):
             max_rate = max(max_rate, sum(cloud.rate(r) for r in cloud.instances.values()))
             t[0] += interval * frac  # polls come at most one interval apart
             rows = provider.instances()
-            state = police(ledger, rows, lambda rs: [provider.destroy(r["id"]) for r in rs])
+            state = police(ledger, rows, lambda rs: [provider.destroy(r.id) for r in rs])
             capped[0] += state.over
             rows = provider.instances()
             billed = cloud.billed()
@@ -557,18 +558,18 @@ def test_cli_commands_against_the_emulator(vast_env, tmp_path):
     assert r.exit_code == 0 and [o["gpu_name"] for o in json.loads(r.stdout)] == ["RTX 4090"]
     known = vast_env.new_instance()
     orphan = vast_env.provider.create(1004, "img", 20, label="by hand")
-    write_remote(vast_env, known["id"], "run-x/best.pt", b"w" * 100)
+    write_remote(vast_env, known.id, "run-x/best.pt", b"w" * 100)
     r = cli("instances", "--json", *common)
     data = json.loads(r.stdout)
-    assert r.exit_code == 0 and {i["id"] for i in data["instances"]} == {known["id"], orphan}
+    assert r.exit_code == 0 and {str(i["id"]) for i in data["instances"]} == {known.id, orphan}
     assert data["budget"]["cap_usd"] == 50.0 and not data["budget"]["over"]
     r = cli("sweep", "--json", *common)
-    assert [o["id"] for o in json.loads(r.stdout)] == [orphan]
-    r = cli("sync", "--instance", str(known["id"]), "--json", *common)
+    assert [str(o["id"]) for o in json.loads(r.stdout)] == [orphan]
+    r = cli("sync", "--instance", str(known.id), "--json", *common)
     assert r.exit_code == 0 and json.loads(r.stdout)[0]["verified"] == ["best.pt"]
     r = cli("destroy", str(orphan), "--force", "--confirm", "nope", *common)
     assert r.exit_code == 1 and "typed again" in r.stdout
-    r = cli("destroy", str(known["id"]), "--json", *common)
+    r = cli("destroy", str(known.id), "--json", *common)
     assert r.exit_code == 0 and json.loads(r.stdout)[0]["destroyed"]
     time.sleep(0.3)
     r = cli("kill-idle", "--json", *common)  # the orphan is idle, but what it holds is unknown: refused
@@ -592,7 +593,7 @@ def test_staging_is_verified_on_the_instance(vast_env, tmp_path):
         files.append(StagedFile.of(p, f"data/x/f{i}.bin"))
     assert st.stage("inputs", files) == 3
     assert st.stage("inputs", files) == 0  # already there, checked by sha256 on the instance
-    remote_copy = vast_env.instance_dir(row["id"]) / "data" / "x" / "f1.bin"
+    remote_copy = vast_env.instance_dir(row.id) / "data" / "x" / "f1.bin"
     remote_copy.write_bytes(b"tampered")
     assert st.verify("inputs", files) == [{"path": "data/x/f1.bin", "why": "size 8, expected 1001"}]
     assert st.stage("inputs", files) == 1

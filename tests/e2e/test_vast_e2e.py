@@ -57,7 +57,7 @@ def _check_completed(env, run_id: str, out: Path) -> dict:
 
 def test_matrix_on_emulated_cloud_end_to_end(vast_env, tmp_path):
     from backend.vast.cost import Ledger
-    from backend.vast.executor import run_matrix_vast
+    from backend.matrix_run import run_matrix
 
     from backend.vast.emulator import _processes_in
 
@@ -82,7 +82,7 @@ def test_matrix_on_emulated_cloud_end_to_end(vast_env, tmp_path):
     # sync interval on a quiet machine, and the in-flight check needs a sync while it trains
     settings = dataclasses.replace(vast_env.settings, sync_every_s=0.5)
     t0 = time.monotonic()
-    results = run_matrix_vast(matrix, vast_env.tmp / "state" / "state.db", skip_sanity=True, poll_s=0.5,
+    results = run_matrix(matrix, vast_env.tmp / "state" / "state.db", executor="vast", skip_sanity=True, poll_s=0.5,
                               log=log, settings=settings, budget=vast_env.budget,
                               provider=vast_env.provider)
     assert [r.status for r in results] == ["completed"], "\n".join(lines[-20:]) + str(results)
@@ -117,7 +117,7 @@ def test_matrix_on_emulated_cloud_end_to_end(vast_env, tmp_path):
 
     # running the matrix again reuses the verified bundle and rents nothing
     before = len(vast_env.cloud.gone)
-    again = run_matrix_vast(matrix, vast_env.tmp / "state" / "state.db", skip_sanity=True, poll_s=0.5,
+    again = run_matrix(matrix, vast_env.tmp / "state" / "state.db", executor="vast", skip_sanity=True, poll_s=0.5,
                             log=lines.append, settings=vast_env.settings, budget=vast_env.budget,
                             provider=vast_env.provider)
     assert [(r.status, r.how) for r in again] == [("completed", "reused")]
@@ -128,7 +128,7 @@ def test_matrix_on_emulated_cloud_end_to_end(vast_env, tmp_path):
 def test_lost_instance_is_relaunched_and_resumes(vast_env, tmp_path):
     """The instance vanishes after a checkpoint was synced: the run relaunches on another
     offer with its last verified checkpoint, resumes, and finishes with the same bundle."""
-    from backend.vast.executor import run_matrix_vast
+    from backend.matrix_run import run_matrix
 
     run_id = "e2e-recover"
     matrix = _matrix(tmp_path, run_id, epochs=8)
@@ -147,7 +147,7 @@ def test_lost_instance_is_relaunched_and_resumes(vast_env, tmp_path):
             vanished.append(iid)
             cloud.vanish(iid)
 
-    results = run_matrix_vast(matrix, vast_env.tmp / "state" / "state.db", skip_sanity=False, poll_s=0.5, log=log,
+    results = run_matrix(matrix, vast_env.tmp / "state" / "state.db", executor="vast", skip_sanity=False, poll_s=0.5, log=log,
                               settings=vast_env.settings, budget=vast_env.budget, provider=vast_env.provider)
     assert vanished, "\n".join(lines[-30:])
     assert [r.status for r in results] == ["completed"], "\n".join(lines[-30:]) + str(results)
@@ -186,7 +186,7 @@ def test_rerun_after_a_failed_relaunch_resumes_from_the_store(vast_env, tmp_path
     """The instance vanishes after a checkpoint was verified and no relaunch is allowed, so
     the run fails with no last.pt in its local directory. Running the matrix again resumes
     from the verified checkpoint in the store instead of training from scratch."""
-    from backend.vast.executor import run_matrix_vast
+    from backend.matrix_run import run_matrix
 
     run_id = "e2e-rerun"
     matrix = _matrix(tmp_path, run_id, epochs=8)
@@ -210,14 +210,14 @@ def test_rerun_after_a_failed_relaunch_resumes_from_the_store(vast_env, tmp_path
     db = vast_env.tmp / "state" / "state.db"
     kw = {"poll_s": 0.5, "settings": vast_env.settings, "budget": vast_env.budget, "provider": vast_env.provider}
     try:
-        first = run_matrix_vast(matrix, db, skip_sanity=True, log=log, **kw)
+        first = run_matrix(matrix, db, executor="vast", skip_sanity=True, log=log, **kw)
     finally:
         pause.done.set()
     assert vanished and [r.status for r in first] == ["failed"], "\n".join(lines[-30:]) + str(first)
     assert "giving up" in first[0].error and not (tmp_path / "runs" / run_id / "last.pt").exists()
 
     vast_env.settings.max_recoveries = 2
-    again = run_matrix_vast(matrix, db, skip_sanity=True, log=lines.append, **kw)
+    again = run_matrix(matrix, db, executor="vast", skip_sanity=True, log=lines.append, **kw)
     assert [(r.status, r.how) for r in again] == [("completed", "resumed")], "\n".join(lines[-30:]) + str(again)
     _check_completed(vast_env, run_id, tmp_path / "runs" / run_id)
     [resumed] = [json.loads(d) for (d,) in vast_env.db.execute(
@@ -259,7 +259,7 @@ def test_cli_launch_detach_logs_and_reattach_with_an_odd_run_id(vast_env, tmp_pa
     assert r.exit_code == 0 and "running" in r.stdout, r.stdout
     [row] = vast_env.provider.instances()
     # the backstop left behind: the runner's lease runs to the budget's runway ($50 cap: far off)
-    lease = json.loads((vast_env.instance_dir(row["id"]) / "ctl" / "lease.json").read_text())
+    lease = json.loads((vast_env.instance_dir(row.id) / "ctl" / "lease.json").read_text())
     assert lease["until"] > time.time() + 3600
     fleet = vast_env.fresh_fleet()
     st = fleet.stager(row)
@@ -301,13 +301,13 @@ def test_vast_executor_refuses_parallel_below_one(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from backend.cli import app
-    from backend.executor_local import ExecutorError
-    from backend.vast.executor import run_matrix_vast
+    from backend.executor import ExecutorError
+    from backend.matrix_run import run_matrix
 
     matrix = _matrix(tmp_path, "parallel-run", epochs=1)
     monkeypatch.delenv("VAST_API_KEY", raising=False)
     with pytest.raises(ExecutorError, match=r"--parallel must be at least 1 \(got 0\)"):
-        run_matrix_vast(matrix, tmp_path / "state.db", parallel=0)
+        run_matrix(matrix, tmp_path / "state.db", executor="vast", parallel=0)
     r = CliRunner().invoke(app, ["matrix", "run", str(matrix), "--executor", "vast", "--parallel", "0", "--db",
                                  str(tmp_path / "state.db")])
     assert r.exit_code == 2 and "--parallel must be at least 1" in r.output, r.output

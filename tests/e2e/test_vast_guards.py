@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from vast_helpers import write_remote, write_user_configs
 
+from backend.provider import Offer
+
 pytestmark = pytest.mark.sshd
 HELPER = Path(__file__).resolve().parents[2] / "backend" / "vast" / "remote_helper.py"
 
@@ -53,8 +55,8 @@ def test_failed_create_adopts_only_the_instance_it_created(vast_env):
 
     old = vast_env.new_instance("run-a", "run-a")
     data = os.urandom(30_000)
-    write_remote(vast_env, old["id"], "run-a/last.pt", data)
-    vast_env.provider.stop(old["id"])  # e.g. stopped by the budget cap, its disk kept
+    write_remote(vast_env, old.id, "run-a/last.pt", data)
+    vast_env.provider.stop(old.id)  # e.g. stopped by the budget cap, its disk kept
 
     fleet = vast_env.fresh_fleet()  # the executor restarted: nothing created in this session
     run = vast_env.vast_run(fleet, "run-a")
@@ -66,14 +68,14 @@ def test_failed_create_adopts_only_the_instance_it_created(vast_env):
         run.launch(rows)
 
     new = int(run.iid)
-    assert new != old["id"]  # the old instance was not taken for the new one
+    assert new != old.id  # the old instance was not taken for the new one
     assert vast_env.cloud.gone.get(new) == "destroyed"
-    assert vast_env.provider.instance(old["id"])["actual_status"] == "stopped"
-    assert (vast_env.instance_dir(old["id"]) / "runs" / "run-a" / "last.pt").read_bytes() == data
-    assert instance_row(vast_env, old["id"])["destroyed_at"] is None
+    assert vast_env.provider.instance(old.id).status == "stopped"
+    assert (vast_env.instance_dir(old.id) / "runs" / "run-a" / "last.pt").read_bytes() == data
+    assert instance_row(vast_env, old.id)["destroyed_at"] is None
     [ev] = events(vast_env, "instance-destroyed", new)
     assert "no trainer had started on it" in ev["message"]
-    assert [r["id"] for r in vast_env.provider.instances()] == [old["id"]]
+    assert [r.id for r in vast_env.provider.instances()] == [old.id]
     fleet.close()
 
 
@@ -82,29 +84,29 @@ def test_discard_checks_instances_not_created_here_or_with_a_trainer(vast_env):
     started; an earlier one, or one a trainer was started on, goes through destroy."""
     earlier = vast_env.new_instance("run-e", "run-e")  # registered by another Fleet (session)
     data = os.urandom(20_000)
-    write_remote(vast_env, earlier["id"], "run-e/last.pt", data)
+    write_remote(vast_env, earlier.id, "run-e/last.pt", data)
     fleet = vast_env.fresh_fleet()
     fleet.syncer.read_block = corrupt  # nothing can be verified
-    o = fleet.discard(earlier["id"], "launch failed")
+    o = fleet.discard(earlier.id, "launch failed")
     assert not o.destroyed and o.would_lose == ["run-e/last.pt"]
-    assert vast_env.provider.instance(earlier["id"]) is not None
+    assert vast_env.provider.instance(earlier.id) is not None
     fleet.syncer.read_block = lambda f, n: f.read(n)
-    o = fleet.discard(earlier["id"], "launch failed")
+    o = fleet.discard(earlier.id, "launch failed")
     assert o.destroyed and fleet.cas.path(sha(data)).read_bytes() == data
-    assert "every file verified locally" in events(vast_env, "instance-destroyed", earlier["id"])[0]["message"]
+    assert "every file verified locally" in events(vast_env, "instance-destroyed", earlier.id)[0]["message"]
 
     offer = next(o for o in vast_env.provider.offers("num_gpus=1", "dph_total", None, 60) if o.id != 1000)
     mine = vast_env.provider.create(offer.id, "img", 60, label="run-m")
-    fleet.register(mine, "run-m", "run-m", offer.raw)
+    fleet.register(mine, "run-m", "run-m", offer)
     fleet.mark_trainer(mine, "run-m")  # a trainer may have run: its runs directory must be seen
     o = fleet.discard(mine, "launch failed")
     assert not o.destroyed and "runs directory" in o.reason
     assert vast_env.provider.instance(mine) is not None
 
     fresh = vast_env.provider.create(1000, "img", 60, label="run-f")
-    fleet.register(fresh, "run-f", "run-f", {"dph_total": 0.3})
+    fleet.register(fresh, "run-f", "run-f", Offer(1000, 5000, "RTX 4090", 1, 0.3, 0.99, 1000.0, 60.0))
     assert fleet.discard(fresh, "launch failed").destroyed  # created here, no trainer: no SSH needed
-    assert vast_env.cloud.gone[fresh] == "destroyed"
+    assert vast_env.cloud.gone[int(fresh)] == "destroyed"
     fleet.close()
 
 
@@ -211,32 +213,32 @@ class _swap_on_open:
 
 def test_destroy_refused_when_the_runs_directory_is_missing_after_a_trainer(vast_env):
     row = vast_env.new_instance("run-d", "run-d")
-    vast_env.fleet.mark_trainer(row["id"], "run-d")
-    write_remote(vast_env, row["id"], "run-d/train.log", b"epoch 1\n")
-    shutil.rmtree(vast_env.instance_dir(row["id"]) / "runs")  # not where the listing looks any more
-    o = vast_env.fleet.destroy(row["id"])
+    vast_env.fleet.mark_trainer(row.id, "run-d")
+    write_remote(vast_env, row.id, "run-d/train.log", b"epoch 1\n")
+    shutil.rmtree(vast_env.instance_dir(row.id) / "runs")  # not where the listing looks any more
+    o = vast_env.fleet.destroy(row.id)
     assert not o.destroyed and "cannot verify the files on the instance" in o.reason and "runs" in o.reason
-    assert vast_env.provider.instance(row["id"]) is not None
+    assert vast_env.provider.instance(row.id) is not None
 
     # a file on it that cannot be read refuses the destroy as well (it is not left out)
-    unreadable = vast_env.instance_dir(row["id"]) / "runs" / "run-d" / "best.pt"
+    unreadable = vast_env.instance_dir(row.id) / "runs" / "run-d" / "best.pt"
     unreadable.parent.mkdir(parents=True)
     unreadable.symlink_to(vast_env.tmp / "nowhere")
-    o = vast_env.fleet.destroy(row["id"])
+    o = vast_env.fleet.destroy(row.id)
     assert not o.destroyed and "best.pt" in o.reason
-    assert vast_env.provider.instance(row["id"]) is not None
+    assert vast_env.provider.instance(row.id) is not None
 
 
 def test_remote_root_recorded_at_registration_survives_a_settings_change(vast_env):
     row = vast_env.new_instance("run-s", "run-s")
     data = os.urandom(10_000)
-    write_remote(vast_env, row["id"], "run-s/best.pt", data)
-    root = str(vast_env.instance_dir(row["id"]))
-    assert json.loads(instance_row(vast_env, row["id"])["data"])["remote_root"] == root
+    write_remote(vast_env, row.id, "run-s/best.pt", data)
+    root = str(vast_env.instance_dir(row.id))
+    assert json.loads(instance_row(vast_env, row.id)["data"])["remote_root"] == root
     vast_env.settings.remote_base = str(vast_env.tmp / "moved")  # configs/vast.toml edited since
     fleet = vast_env.fresh_fleet()
-    assert fleet.layout(row["id"]).root == root
-    o = fleet.destroy(row["id"])
+    assert fleet.layout(row.id).root == root
+    o = fleet.destroy(row.id)
     assert o.destroyed and fleet.cas.path(sha(data)).read_bytes() == data
     fleet.close()
 
@@ -249,22 +251,22 @@ def test_lost_instance_is_kept_with_an_alert_until_its_files_are_saved(vast_env)
     but the instance is not forgotten (not marked destroyed, still charged, an error event);
     once the host is back, destroy saves the file first."""
     row = vast_env.new_instance("run-l", "run-l")
-    vast_env.fleet.mark_trainer(row["id"], "run-l")
+    vast_env.fleet.mark_trainer(row.id, "run-l")
     data = os.urandom(40_000)
-    write_remote(vast_env, row["id"], "run-l/last.pt", data)
+    write_remote(vast_env, row.id, "run-l/last.pt", data)
     vast_env.fleet.stager(row)  # its host key is known, as for any instance that ran a trainer
     vast_env.settings.max_recoveries = 0
     run = vast_env.vast_run(vast_env.fleet, "run-l")
-    run.iid = str(row["id"])
+    run.iid = str(row.id)
 
-    vast_env.cloud.offline(row["id"])
+    vast_env.cloud.offline(int(row.id))
     rows, _ = vast_env.fleet.poll(enforce=False)
-    result = run.step({str(r["id"]): r for r in rows})
+    result = run.step({r.id: r for r in rows})
     assert result is not None and result.status == "failed" and "lost (offline)" in result.error
 
-    assert vast_env.provider.instance(row["id"])["actual_status"] == "offline"
-    assert instance_row(vast_env, row["id"])["destroyed_at"] is None
-    [kept] = events(vast_env, "instance-kept", row["id"])
+    assert vast_env.provider.instance(row.id).status == "offline"
+    assert instance_row(vast_env, row.id)["destroyed_at"] is None
+    [kept] = events(vast_env, "instance-kept", row.id)
     assert kept["level"] == "error" and "still bills" in kept["message"]
     assert json.loads(kept["data"])["files"] == []  # unknown to state.db: nothing was ever synced
     assert not vast_env.fleet.sweep()  # still ours, not an orphan
@@ -274,10 +276,10 @@ def test_lost_instance_is_kept_with_an_alert_until_its_files_are_saved(vast_env)
     later.close()
     assert vast_env.fleet.ledger.spent() > spent  # its storage is still charged
 
-    vast_env.cloud.online(row["id"])
-    o = vast_env.fleet.destroy(row["id"])
+    vast_env.cloud.online(int(row.id))
+    o = vast_env.fleet.destroy(row.id)
     assert o.destroyed and vast_env.fleet.cas.path(sha(data)).read_bytes() == data
-    assert instance_row(vast_env, row["id"])["destroyed_at"]
+    assert instance_row(vast_env, row.id)["destroyed_at"]
 
 
 def test_changed_host_key_fails_the_run_keeps_the_instance_and_stops_it(vast_env):
@@ -286,29 +288,29 @@ def test_changed_host_key_fails_the_run_keeps_the_instance_and_stops_it(vast_env
     import paramiko
 
     row = vast_env.new_instance("run-k", "run-k")
-    vast_env.fleet.mark_trainer(row["id"], "run-k")
-    write_remote(vast_env, row["id"], "run-k/last.pt", b"unsynced")
+    vast_env.fleet.mark_trainer(row.id, "run-k")
+    write_remote(vast_env, row.id, "run-k/last.pt", b"unsynced")
     vast_env.fleet.stager(row)  # first use: the key is recorded
     hostport = vast_env.fleet.remote(row).target.hostport
-    vast_env.fleet.forget_remote(row["id"])
+    vast_env.fleet.forget_remote(row.id)
     known = vast_env.fleet.known
     known.check_or_trust(hostport, paramiko.RSAKey.generate(1024))  # another key on record now
     run = vast_env.vast_run(vast_env.fleet, "run-k")
-    run.iid = str(row["id"])
+    run.iid = str(row.id)
 
     rows, _ = vast_env.fleet.poll(enforce=False)
-    result = run.step({str(r["id"]): r for r in rows})
+    result = run.step({r.id: r for r in rows})
     assert result.status == "failed" and "HOST KEY HAS CHANGED" in result.error and "kept" in result.error
     assert "stopped (compute no longer bills" in result.error
-    live = vast_env.provider.instance(row["id"])
-    assert live["actual_status"] == "stopped"
-    assert vast_env.cloud.rate(vast_env.cloud.instances[row["id"]]) < live["dph_total"]  # storage only
-    assert (vast_env.instance_dir(row["id"]) / "runs" / "run-k" / "last.pt").read_bytes() == b"unsynced"
-    assert instance_row(vast_env, row["id"])["destroyed_at"] is None
-    [kept] = events(vast_env, "instance-kept", row["id"])
+    live = vast_env.provider.instance(row.id)
+    assert live.status == "stopped"
+    assert vast_env.cloud.rate(vast_env.cloud.instances[int(row.id)]) < live.usd_per_h  # storage only
+    assert (vast_env.instance_dir(row.id) / "runs" / "run-k" / "last.pt").read_bytes() == b"unsynced"
+    assert instance_row(vast_env, row.id)["destroyed_at"] is None
+    [kept] = events(vast_env, "instance-kept", row.id)
     assert "HOST KEY HAS CHANGED" in kept["message"] and "stopped" in kept["message"]
-    [stopped] = events(vast_env, "instance-stopped", row["id"])
-    assert "compute no longer bills" in stopped["message"] and f"vast sync --instance {row['id']}" in stopped["message"]
+    [stopped] = events(vast_env, "instance-stopped", row.id)
+    assert "compute no longer bills" in stopped["message"] and f"vast sync --instance {row.id}" in stopped["message"]
 
 
 # --------------------------------------------------------------------------- 4. the ledger
@@ -323,15 +325,15 @@ def test_ledger_charges_instances_destroyed_or_lost_before_any_poll(vast_env):
     for offer, run_id in zip(offers, ("run-1", "run-2", "run-3")):
         asked = t[0]
         iid = vast_env.provider.create(offer.id, "img", vast_env.settings.disk_gb, label=run_id)
-        fleet.register(iid, run_id, run_id, offer.raw, since=asked)
+        fleet.register(iid, run_id, run_id, offer, since=asked)
         ids.append(iid)
     t[0] += 3600
     assert fleet.discard(ids[0], "launch failed").destroyed  # no row read: the offer's rate
     assert fleet.destroy(ids[1]).destroyed  # the row read before the destroy: its start and rate
     t[0] += 1800
-    vast_env.cloud.vanish(ids[2])
+    vast_env.cloud.vanish(int(ids[2]))
     fleet.poll(enforce=False)  # noticed gone, never seen alive
-    billed = [vast_env.cloud.billed(i) for i in ids]
+    billed = [vast_env.cloud.billed(int(i)) for i in ids]
     assert billed[0] > 0.1 and billed[2] > billed[0]  # an hour and an hour and a half of GPU time
     for iid, usd in zip(ids, billed):
         charged = json.loads(instance_row(vast_env, iid)["data"])
@@ -345,21 +347,21 @@ def test_ledger_charges_instances_destroyed_or_lost_before_any_poll(vast_env):
 
 
 def test_destroy_answered_success_false_is_a_failure(vast_env):
-    from backend.vast.provider import ProviderError
+    from backend.provider import ProviderError
 
     row = vast_env.new_instance("run-u", "run-u")
     vast_env.cloud.faults.destroy_unsuccessful = 1
     with pytest.raises(ProviderError) as e:
-        vast_env.provider.destroy(row["id"])
+        vast_env.provider.destroy(row.id)
     assert "refused" in str(e.value) and "could not be destroyed" in str(e.value)
     vast_env.cloud.faults.destroy_unsuccessful = 1
-    o = vast_env.fleet.destroy(row["id"])
+    o = vast_env.fleet.destroy(row.id)
     assert not o.destroyed and "provider refused" in o.reason
-    assert vast_env.provider.instance(row["id"]) is not None
-    assert instance_row(vast_env, row["id"])["destroyed_at"] is None
-    assert events(vast_env, "destroy-failed", row["id"])
-    assert vast_env.fleet.destroy(row["id"]).destroyed  # the next answer is a real success
-    assert vast_env.provider.instance(row["id"]) is None
+    assert vast_env.provider.instance(row.id) is not None
+    assert instance_row(vast_env, row.id)["destroyed_at"] is None
+    assert events(vast_env, "destroy-failed", row.id)
+    assert vast_env.fleet.destroy(row.id).destroyed  # the next answer is a real success
+    assert vast_env.provider.instance(row.id) is None
 
 
 def test_listing_instances_over_the_cap_only_observes(vast_env, tmp_path):
@@ -370,7 +372,7 @@ def test_listing_instances_over_the_cap_only_observes(vast_env, tmp_path):
     settings, budget = write_user_configs(vast_env, tmp_path, budget="cap_usd = 0.0001\nwarn_usd = 0.0\npoll_interval_s = 60.0")
     common = ["--db", str(vast_env.tmp / "state" / "state.db"), "--settings", str(settings), "--budget", str(budget)]
     known = vast_env.new_instance("run-o", "run-o")
-    write_remote(vast_env, known["id"], "run-o/last.pt", b"unsynced")
+    write_remote(vast_env, known.id, "run-o/last.pt", b"unsynced")
     orphan = vast_env.provider.create(1004, "img", 20, label="by hand")
     time.sleep(0.3)
 
@@ -379,12 +381,12 @@ def test_listing_instances_over_the_cap_only_observes(vast_env, tmp_path):
     out = json.loads(r.stdout)
     assert out["budget"]["over"]
     plan = {p["id"]: p["would"] for p in out["over_cap_policy"]}
-    assert plan[str(known["id"])].startswith("sync, then destroy") and plan[str(orphan)].startswith("stop it")
+    assert plan[str(known.id)].startswith("sync, then destroy") and plan[str(orphan)].startswith("stop it")
     r = CliRunner().invoke(app, ["vast", "instances", *common], catch_exceptions=False)
     assert r.exit_code == 0 and "OVER CAP" in r.stdout and "would, per instance" in r.stdout
     # nothing was synced, stopped or destroyed
-    assert {(i["id"], i["actual_status"]) for i in vast_env.provider.instances()} == {
-        (known["id"], "running"), (orphan, "running")}
+    assert {(i.id, i.status) for i in vast_env.provider.instances()} == {
+        (known.id, "running"), (orphan, "running")}
     assert not vast_env.db.execute("SELECT count(*) FROM artifacts").fetchone()[0]
 
 
@@ -409,14 +411,14 @@ def test_a_changed_checkpoint_keeps_its_last_verified_version_until_the_new_one_
     row = vast_env.new_instance("run-v", "run-v")
     log1 = b"epoch 1\n"
     v1 = ckpt(len(log1), os.urandom(1000))
-    write_remote(vast_env, row["id"], "run-v/last.pt", v1)
-    write_remote(vast_env, row["id"], "run-v/train.log", log1)
+    write_remote(vast_env, row.id, "run-v/last.pt", v1)
+    write_remote(vast_env, row.id, "run-v/train.log", log1)
     fleet = vast_env.fleet
     assert fleet.sync_instance(row, ["run-v"])[0].ok
 
     v2 = ckpt(len(log1) * 2, os.urandom(3 * 1024 * 1024))
-    write_remote(vast_env, row["id"], "run-v/last.pt", v2)
-    write_remote(vast_env, row["id"], "run-v/train.log", log1 * 2)
+    write_remote(vast_env, row.id, "run-v/last.pt", v2)
+    write_remote(vast_env, row.id, "run-v/train.log", log1 * 2)
 
     def dying(f, n):  # the instance goes away during the transfer of the new checkpoint
         if f.tell() >= 1024 * 1024:
@@ -426,7 +428,7 @@ def test_a_changed_checkpoint_keeps_its_last_verified_version_until_the_new_one_
     fleet.syncer.read_block = dying
     rep = fleet.sync_instance(row, ["run-v"])[0]
     assert [e.name for e, _ in rep.failed] == ["last.pt"] and "kept dropping" in rep.failed[0][1]
-    vast_env.cloud.vanish(row["id"])
+    vast_env.cloud.vanish(int(row.id))
 
     a = next(iter(vast_env.db.query("SELECT * FROM artifacts WHERE run_id = 'run-v' AND name = 'last.pt'")))
     assert a["sha256"] == sha(v2) and a["sync_state"] == "remote-only"
@@ -444,7 +446,7 @@ def test_a_changed_checkpoint_keeps_its_last_verified_version_until_the_new_one_
     # once the new version is verified, it is the one to resume from
     fleet.syncer.read_block = lambda f, n: f.read(n)
     again = vast_env.new_instance("run-v", "run-v")
-    write_remote(vast_env, again["id"], "run-v/last.pt", v2)
+    write_remote(vast_env, again.id, "run-v/last.pt", v2)
     assert fleet.sync_instance(again, ["run-v"])[0].ok
     a = next(iter(vast_env.db.query("SELECT * FROM artifacts WHERE run_id = 'run-v' AND name = 'last.pt'")))
     assert a["sync_state"] == "verified" and PREVIOUS not in a["locations"]
@@ -456,8 +458,8 @@ def test_a_checkpoint_hashed_again_brings_the_logs_after_it_up_to_date(vast_env)
     again, and so are the logs listed after it, so the verified train.log is never older than
     the verified last.pt that records its offset (resuming from them would fail)."""
     row = vast_env.new_instance("run-h", "run-h")
-    ckpt = write_remote(vast_env, row["id"], "run-h/last.pt", os.urandom(100_000))
-    log = write_remote(vast_env, row["id"], "run-h/train.log", b"epoch 1\n")
+    ckpt = write_remote(vast_env, row.id, "run-h/last.pt", os.urandom(100_000))
+    log = write_remote(vast_env, row.id, "run-h/train.log", b"epoch 1\n")
     saved = []
 
     def next_epoch(f, n):
@@ -505,8 +507,8 @@ def test_kill_idle_counts_idle_time_from_the_instance_on_its_first_run(vast_env,
     busy = vast_env.new_instance("run-busy", "run-busy")
     fresh = vast_env.new_instance("run-fresh", "run-fresh")
     for row, argv in ((done, ("true",)), (busy, ("sleep", "60"))):
-        vast_env.fleet.mark_trainer(row["id"], row["label"])
-        _runner(vast_env.fleet.stager(row), row["label"], *argv)
+        vast_env.fleet.mark_trainer(row.id, row.label)
+        _runner(vast_env.fleet.stager(row), row.label, *argv)
     st = vast_env.fleet.stager(done)
     deadline = time.monotonic() + 30
     while (ended := rmt.status(st.remote, st.layout, "run-done", st.python)["exit"]) is None:
@@ -516,13 +518,13 @@ def test_kill_idle_counts_idle_time_from_the_instance_on_its_first_run(vast_env,
 
     fleet = vast_env.fresh_fleet(clock)  # a new process: no idle tracking from earlier polls
     outcomes = fleet.kill_idle()
-    assert [(o.instance_id, o.destroyed) for o in outcomes] == [(str(done["id"]), True)]
-    assert vast_env.provider.instance(done["id"]) is None
-    assert {r["id"] for r in vast_env.provider.instances()} == {busy["id"], fresh["id"]}
+    assert [(o.instance_id, o.destroyed) for o in outcomes] == [(str(done.id), True)]
+    assert vast_env.provider.instance(done.id) is None
+    assert {r.id for r in vast_env.provider.instances()} == {busy.id, fresh.id}
     said = "\n".join(vast_env.logs)
-    assert f"instance {done['id']}: idle (GPU below 5% for" in said and "trainer's last activity" in said
-    assert f"instance {fresh['id']}: not idle (GPU low for 0 s only" in said
-    assert f"instance {busy['id']}: not idle" in said
+    assert f"instance {done.id}: idle (GPU below 5% for" in said and "trainer's last activity" in said
+    assert f"instance {fresh.id}: not idle (GPU low for 0 s only" in said
+    assert f"instance {busy.id}: not idle" in said
     fleet.close()
 
 
@@ -537,11 +539,11 @@ def test_log_lines_are_kept_when_the_metrics_read_fails(vast_env):
     from backend.vast.ssh import SSHError
 
     row = vast_env.new_instance()
-    d = vast_env.instance_dir(row["id"]) / "runs" / "run-x"
+    d = vast_env.instance_dir(row.id) / "runs" / "run-x"
     d.mkdir(parents=True)
     (d / "train.log").write_text("epoch 1\nepoch 2\n")
     (d / "metrics.jsonl").mkdir()  # stat works, reading it fails
-    f = LogFollower(vast_env.db, "run-x", vast_env.fleet.layout(row["id"]).run_dir("run-x"), str(row["id"]))
+    f = LogFollower(vast_env.db, "run-x", vast_env.fleet.layout(row.id).run_dir("run-x"), str(row.id))
     with pytest.raises(SSHError, match="metrics.jsonl"):
         f.poll(vast_env.fleet.remote(row))
     assert f.offsets == {"train.log": 0, "metrics.jsonl": 0}
@@ -622,19 +624,19 @@ def test_console_preview_uses_the_destroy_rule_for_a_missing_runs_directory(vast
 
     settings, budget = write_user_configs(vast_env, tmp_path)
     ran = vast_env.new_instance("run-r", "run-r")
-    vast_env.fleet.mark_trainer(ran["id"], "run-r")
+    vast_env.fleet.mark_trainer(ran.id, "run-r")
     never = vast_env.new_instance("run-n", "run-n")
-    assert not (vast_env.instance_dir(ran["id"]) / "runs").exists()
+    assert not (vast_env.instance_dir(ran.id) / "runs").exists()
 
     ops = Ops(vast_env.tmp / "state" / "state.db", settings, budget)
     try:
-        c = ops.preview_destroy(str(ran["id"]))
+        c = ops.preview_destroy(str(ran.id))
         assert c.refusal and "cannot verify the files on the instance" in c.error and "runs" in c.error
         [o] = ops.destroy([c])
-        assert not o.destroyed and vast_env.provider.instance(ran["id"]) is not None
-        c = ops.preview_destroy(str(never["id"]))
+        assert not o.destroyed and vast_env.provider.instance(ran.id) is not None
+        c = ops.preview_destroy(str(never.id))
         assert c.refusal == "" and c.files == 0 and not c.at_risk
         [o] = ops.destroy([c])
-        assert o.destroyed and vast_env.provider.instance(never["id"]) is None
+        assert o.destroyed and vast_env.provider.instance(never.id) is None
     finally:
         ops.close()

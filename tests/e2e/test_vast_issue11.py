@@ -42,7 +42,7 @@ def start_runner(env, row, run_id: str, argv: list[str], extra_env: dict | None 
     ctl, run_dir = st.layout.ctl_dir(run_id), st.layout.run_dir(run_id)
     st.remote.makedirs(ctl)
     st.remote.makedirs(run_dir)
-    fleet.mark_trainer(row["id"], run_id)
+    fleet.mark_trainer(row.id, run_id)
     envs = " ".join(quote(f"{k}={v}") for k, v in (extra_env or {}).items())
     line = (f"cd {quote(st.layout.root)} && nohup setsid env {envs} {quote(sys.executable)} {quote(st.layout.helper)}"
             f" runner {quote(ctl)} 0.2" + (f" --lease-grace {lease_grace:g}" if lease_grace is not None else "")
@@ -60,7 +60,7 @@ def start_runner(env, row, run_id: str, argv: list[str], extra_env: dict | None 
 
 def test_1_hidden_temporary_and_dot_directory_files_are_synced_before_a_destroy(vast_env):
     row = vast_env.new_instance("run-h", "run-h")
-    iid = row["id"]
+    iid = row.id
     vast_env.fleet.mark_trainer(iid, "run-h")
     files = {"run-h/.hydra/config.yaml": b"lr: 0.001\n", "run-h/.notes.txt": b"remember\n",
              "run-h/sub/.cache/x.bin": os.urandom(3000), "run-h/preds.part": b"partial preds\n",
@@ -122,7 +122,7 @@ os.replace(out + ".tmp", out)
 def test_2_the_trainer_is_stopped_and_its_exit_confirmed_before_the_final_sync(vast_env, tmp_path, behaviour):
     vast_env.settings.stop_wait_s = 1.0
     row = vast_env.new_instance("run-w", "run-w")
-    iid = row["id"]
+    iid = row.id
     script = tmp_path / "trainer.py"
     script.write_text(TRAINER)
     last = vast_env.instance_dir(iid) / "runs" / "run-w" / "last.pt"
@@ -151,7 +151,7 @@ def test_2_the_trainer_is_stopped_and_its_exit_confirmed_before_the_final_sync(v
 
 def test_3_a_non_utf8_file_name_refuses_the_destroy_naming_the_file(vast_env):
     row = vast_env.new_instance("run-u", "run-u")
-    iid = row["id"]
+    iid = row.id
     vast_env.fleet.mark_trainer(iid, "run-u")
     write_remote(vast_env, iid, "run-u/train.log", b"epoch 1\n")
     bad = os.fsencode(vast_env.instance_dir(iid) / "runs" / "run-u") + b"/preds\xff.jsonl"
@@ -171,28 +171,29 @@ def test_3_a_non_utf8_file_name_refuses_the_destroy_naming_the_file(vast_env):
 
 
 def test_4_the_cap_is_enforced_on_its_own_timer_during_a_boot_wait(vast_env):
-    from backend.vast.cost import rate
-    from backend.vast.executor import _drive
+    from backend.executor import Stop, drive
+    from backend.vast.executor import VastExecutor
 
     busy = vast_env.new_instance("run-x", "run-x")  # already billing
     vast_env.cloud.boot_s = 25.0  # the next instance takes 25 s to boot: the executor waits for it
     budget = {"poll_interval_s": 2.0}
     fleet = vast_env.fresh_fleet(**budget, cap_usd=50.0, warn_usd=0.0)
     rows, state = fleet.poll(enforce=False)
-    fleet_rate = sum(rate(r) for r in rows) + 0.4  # and the instance about to start (at most $0.4/h)
+    fleet_rate = sum(r.rate for r in rows) + 0.4  # and the instance about to start (at most $0.4/h)
     cap = state.spent_usd + 3 * fleet_rate * 2.0 / 3600
     fleet = vast_env.fresh_fleet(**budget, cap_usd=cap, warn_usd=0.0)
     run = vast_env.vast_run(fleet, "run-boot")
     t0 = time.monotonic()
-    results = _drive(fleet, [run], 1, 0.2, vast_env.logs.append)
+    vex = VastExecutor(fleet, run.ex, None, run.wheel, 0.2, vast_env.logs.append)
+    results = drive(vex, [run.job], 1, 0.2, Stop(), vast_env.logs.append)
     took = time.monotonic() - t0
     assert took < 20, took  # not the 25 s boot: the guard stopped it
     assert results and results[0].status in ("failed", "blocked")
     assert "budget cap reached" in (results[0].error or ""), results[0].error
     # both destroyed (nothing on them to lose), or stopped where the destroy missed the deadline
-    assert all(r["actual_status"] == "stopped" for r in vast_env.provider.instances())
+    assert all(r.status == "stopped" for r in vast_env.provider.instances())
     billed = vast_env.cloud.billed()
-    allowance = 2.0 / 3600 * (sum(rate(r) for r in [busy]) + 0.4)
+    allowance = 2.0 / 3600 * (sum(r.rate for r in [busy]) + 0.4)
     assert billed <= cap + allowance, (billed, cap, allowance)
     assert events(vast_env, "budget-over")
 
@@ -247,7 +248,7 @@ def test_5_the_instance_stops_its_trainer_and_itself_when_its_lease_runs_out(vas
     from backend.vast.guard import write_lease
 
     row = vast_env.new_instance("run-l", "run-l")
-    iid = row["id"]
+    iid = row.id
     script = tmp_path / "trainer.py"
     script.write_text(TRAINER)
     last = vast_env.instance_dir(iid) / "runs" / "run-l" / "last.pt"
@@ -278,17 +279,17 @@ def test_5_each_guard_tick_renews_the_leases_to_the_budgets_runway(vast_env):
     from backend.vast.guard import BudgetGuard, runway_until
 
     row = vast_env.new_instance("run-g", "run-g")
-    vast_env.fleet.mark_trainer(row["id"], "run-g")
+    vast_env.fleet.mark_trainer(row.id, "run-g")
     other = vast_env.new_instance("run-n", "run-n")  # no trainer on it: no lease
     guard = BudgetGuard(db_path(vast_env.db), vast_env.settings, vast_env.budget, vast_env.provider,
                         log=vast_env.logs.append)
     try:
         t0 = time.time()
         state = guard.tick()
-        lease = json.loads((vast_env.instance_dir(row["id"]) / "ctl" / "lease.json").read_text())
+        lease = json.loads((vast_env.instance_dir(row.id) / "ctl" / "lease.json").read_text())
         assert not state.over and not guard.over.is_set()
         assert abs(lease["until"] - runway_until(state, t0)) < 30
-        assert not (vast_env.instance_dir(other["id"]) / "ctl" / "lease.json").exists()
+        assert not (vast_env.instance_dir(other.id) / "ctl" / "lease.json").exists()
     finally:
         guard.stop()
 
@@ -469,11 +470,11 @@ def test_1_a_temporary_file_gone_between_listing_and_pull_is_not_a_failed_sync(v
     from backend.vast.sync import Entry
 
     row = vast_env.new_instance("run-t", "run-t")
-    p = write_remote(vast_env, row["id"], "run-t/last.pt.tmp", b"half a checkpoint")
+    p = write_remote(vast_env, row.id, "run-t/last.pt.tmp", b"half a checkpoint")
     e = Entry("last.pt.tmp", p.stat().st_size, sha(p.read_bytes()))
     p.unlink()  # renamed into place by the trainer after the listing
     st = vast_env.fleet.stager(row)
     rep = vast_env.fleet.syncer.sync_dir(st.remote, st.python, st.layout.helper, "run-t", st.layout.run_dir("run-t"),
-                                         str(row["id"]), entries=[e])
+                                         str(row.id), entries=[e])
     assert rep.ok and not rep.verified
     assert not list(vast_env.db.query("SELECT * FROM artifacts WHERE run_id = 'run-t'"))

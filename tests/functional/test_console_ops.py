@@ -79,7 +79,7 @@ def artifact_state(db, run_id: str, name: str) -> str | None:
 @pytest.mark.asyncio
 async def test_kill_idle_refused_while_unsynced_then_allowed_after_sync(vast_env, console_cfg):
     row = vast_env.new_instance("run-x", "run-x")
-    iid = str(row["id"])
+    iid = str(row.id)
     data = os.urandom(200_000)
     write_remote(vast_env, iid, "run-x/best.pt", data)
     # instance rows and the start of its low GPU utilisation, 0.4 s ago: past the idle window
@@ -146,14 +146,14 @@ async def test_poll_sweep_and_orphan_destroy_refused(vast_env, console_cfg):
         await ready(pilot)
         await pilot.press("3")
         await pilot.press("p")  # poll the account: both instances enter state.db
-        await wait_for(pilot, lambda: {str(known["id"]), orphan} <= {r[0] for r in rows(app, "#instances-table")},
+        await wait_for(pilot, lambda: {str(known.id), orphan} <= {r[0] for r in rows(app, "#instances-table")},
                        what="the polled instances")
         assert any("2 instance(s) on the account" in n for n in app.notes)
 
         await pilot.press("o")
         await wait_for(pilot, lambda: isinstance(app.screen, OrphansScreen), what="the orphan list")
         body = text_of(app.screen, "#orphans-body")
-        assert f"ORPHAN {orphan}" in body and "made by hand" in body and str(known["id"]) not in body
+        assert f"ORPHAN {orphan}" in body and "made by hand" in body and str(known.id) not in body
         await pilot.press("escape")
         await pilot.pause()
 
@@ -178,7 +178,7 @@ async def test_console_polls_the_account_by_itself(vast_env, console_cfg):
         await wait_for(pilot, lambda: "cloud polled" in str(app.cloud), timeout=30, what="the first account poll")
         # Created on the account behind the console's back: only a poll can bring it into state.db.
         iid = str(vast_env.provider.create(1003, "img", 20, label="started elsewhere"))
-        dph = vast_env.provider.instance(iid)["dph_total"]
+        dph = vast_env.provider.instance(iid).usd_per_h
 
         def polled_row() -> list[str] | None:
             return next((r for r in rows(app, "#instances-table") if r[0] == iid and r[3] != "—"), None)
@@ -249,7 +249,7 @@ async def test_actions_without_a_provider_say_so(tmp_path, monkeypatch):
 @pytest.mark.asyncio
 async def test_log_lines_from_a_real_sshd_tail(vast_env, console_cfg):
     row = vast_env.new_instance("run-log", "run-log")
-    iid = str(row["id"])
+    iid = str(row.id)
     store.upsert_run(vast_env.db, "run-log", executor="vast", instance_id=iid, status="running")
     store.add_event(vast_env.db, "trainer started on instance", run_id="run-log", instance_id=iid,
                     kind="trainer-start", source="vast")
@@ -396,7 +396,7 @@ async def test_reopening_a_source_shows_each_line_once(tmp_path, monkeypatch):
 @pytest.mark.asyncio
 async def test_sync_pane_states_alert_and_retry(vast_env, console_cfg):
     row = vast_env.new_instance("run-s", "run-s")
-    iid = str(row["id"])
+    iid = str(row.id)
     store.upsert_run(vast_env.db, "run-s", executor="vast", instance_id=iid, status="running")
     weights, log = os.urandom(300_000), b"epoch 1\nepoch 2\n"
     write_remote(vast_env, iid, "run-s/best.pt", weights)

@@ -12,13 +12,16 @@ import pytest
 
 from backend import executor_local
 from state import store
-from backend.executor_local import ExecutorError, LocalExecutor, _Job, load_and_resolve, register_matrix, run_matrix
+from backend.executor import ExecutorError, Job
+from backend.executor_local import LocalExecutor, Trainer
+from backend.matrix_run import load_and_resolve, register_matrix, run_matrix
 from backend.matrix import config_sha256
 from backend.promote import promote
 from backend.runs import import_run, register_bundle, verify_bundle
 from backend.vast.remote import remote_config, run_inputs
 from backend_helpers import make_corpus, matrix_dict, write_bundle
 from models.config import load_config
+from state import store
 
 REF = "ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ"
 
@@ -164,24 +167,25 @@ def test_poll_stores_every_output_line_and_advances_only_over_them(tmp_path, mon
     mpath, m, ident, corpus = _matrix(tmp_path, ["r"])
     db = store.open_db(tmp_path / "state.db")
     ex = LocalExecutor(m, ident, db)
-    job = _Job(m.run("r"), {}, tmp_path / "run", "r", out_file=tmp_path / "r.out")
+    job = Job(m.run("r"), {}, tmp_path / "run")
+    t = ex.trainers["r"] = Trainer(None, tmp_path / "r.out")
     monkeypatch.setattr(executor_local, "LOG_CHUNK", 4096)  # many chunks in one poll
     lines = [f"line {i} " + "x" * 50 for i in range(500)]
-    job.out_file.write_text("\n".join(lines) + "\npartial")
+    t.out_file.write_text("\n".join(lines) + "\npartial")
 
     def logged() -> list[str]:
         return [r["message"] for r in db.query("SELECT message FROM events WHERE kind = 'log' ORDER BY id")]
 
-    ex.poll(job)
+    ex.ingest(job)
     done = len(("\n".join(lines) + "\n").encode())
     assert logged() == lines
-    assert job.out_offset == store.get_run(db, "r")["log_offset"] == done  # the partial line waits
+    assert t.out_offset == store.get_run(db, "r")["log_offset"] == done  # the partial line waits
 
-    with open(job.out_file, "a") as f:
+    with open(t.out_file, "a") as f:
         f.write(" now complete\n" + "y" * 10_000 + "\n")  # a line longer than a chunk: stored in pieces
-    ex.poll(job)
+    ex.ingest(job)
     new = logged()[500:]
     assert new[0] == "partial now complete" and len(new) == 4 and all(s.startswith("y") for s in new[1:])
-    assert job.out_offset == job.out_file.stat().st_size
-    ex.poll(job)
+    assert t.out_offset == t.out_file.stat().st_size
+    ex.ingest(job)
     assert len(logged()) == 504

@@ -306,7 +306,8 @@ def test_runs_import_cli_and_promote(bundle, tmp_path):
 def test_matrix_runs_satisfied_by_imports_including_one_without_manifest(bundle, tmp_path):
     import shutil
 
-    from backend.executor_local import ExecutorError, run_matrix
+    from backend.executor import ExecutorError
+    from backend.matrix_run import run_matrix
 
     bare = tmp_path / "published" / "nko-base-s1"  # like a run from before manifests existed
     shutil.copytree(bundle["out"] / "nko-base-s1", bare)

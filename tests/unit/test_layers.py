@@ -19,8 +19,6 @@ REPO = Path(__file__).resolve().parents[2]
 # when one of them is gone, so that its entry is deleted (as import-linter does for an
 # ignore_imports entry that no longer matches).
 KNOWN_CYCLES = {
-    frozenset({"backend.executor_local", "backend.vast.executor"}):
-        "removed by issue 12 (helper H5): one executor interface, no cycle between local and Vast",
     frozenset({"models.features", "models.whisper_weights"}):
         "not assigned in issue 12: whisper_weights takes FeatureError from features, features "
         "imports whisper_weights inside functions",
