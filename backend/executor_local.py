@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Callable
 
 from state import store
+from state.data import record_snapshot, record_split
 from backend.matrix import Identity, Matrix, MatrixError, RunSpec, config_sha256, load_matrix, resolve
 from backend.runs import Bundle, BundleError, import_run, recorded_hashes, register_bundle, verify_bundle
 
@@ -461,11 +462,9 @@ def register_matrix(db, m: Matrix, ident: Identity) -> None:
             "updated_at = excluded.updated_at",
             (m.matrix_id, str(m.path), m.file_sha256, ident.snapshot_sha256, ident.split_sha256, ident.recipe_hash,
              store.now()))
-        db.conn.execute("INSERT OR IGNORE INTO snapshots(sha256, path, rows) VALUES (?,?,?)",
-                        (ident.snapshot_sha256, m.snapshot, ident.snapshot_rows))
-        db.conn.execute("INSERT OR IGNORE INTO splits(sha256, snapshot_sha256, path, train, val, test) "
-                        "VALUES (?,?,?,?,?,?)", (ident.split_sha256, ident.snapshot_sha256, m.split,
-                                                 *(ident.split_sizes.get(p) for p in ("train", "val", "test"))))
+        record_snapshot(db, ident.snapshot_sha256, m.snapshot, ident.snapshot_rows)
+        record_split(db, ident.split_sha256, ident.snapshot_sha256, path=m.split,
+                     **{p: ident.split_sizes.get(p) for p in ("train", "val", "test")})
 
 
 def load_and_resolve(matrix_path: str | Path) -> tuple[Matrix, Identity]:

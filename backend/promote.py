@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 from state import store
+from state.promotions import record_promotion
 from backend.matrix import MatrixError, load_matrix, resolve
 from backend.runs import recorded_hashes, verify_bundle
 
@@ -129,12 +130,7 @@ def promote(run_id: str, db_path: str | Path = "state.db", out_dir: str | Path =
             if not p.exists() or p.read_text(encoding="utf-8") != body:
                 _write(p, body)
         sha = hashlib.sha256(text.encode()).hexdigest()
-        with store.transaction(db):
-            if db.conn.execute("SELECT 1 FROM promotions WHERE run_id = ? AND path = ? AND record_sha256 = ?",
-                               (run_id, str(path), sha)).fetchone() is None:
-                db.conn.execute("INSERT INTO promotions(run_id, path, record_sha256) VALUES (?,?,?)",
-                                (run_id, str(path), sha))
-                store.add_event(db, f"promoted: {path}", run_id=run_id, kind="promotion", source="promote")
+        record_promotion(db, run_id, str(path), sha)
         return path
     finally:
         db.close()

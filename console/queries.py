@@ -1,4 +1,5 @@
-"""Everything the console reads from (and the one thing it writes to) ``state.db``.
+"""Everything the console reads from ``state.db``: read-only queries (the console's one write,
+a review verdict, goes through ``state.agp.add_review``).
 
 Plain functions over a ``sqlite_utils.Database`` from ``state.store.open_db``; they run in
 Textual thread workers, never on the UI thread. Each returns small frozen dataclasses so a
@@ -19,8 +20,6 @@ from pathlib import Path
 from typing import Iterator
 
 import sqlite_utils
-
-from state.store import transaction
 
 # The nine files of a complete run bundle (CONTRACTS §3).
 BUNDLE = ("results.json", "train.log", "run.log", "split.json", "vocab.json", "best.pt",
@@ -219,23 +218,6 @@ def gate_decisions(db: sqlite_utils.Database, flt: GateFilter = GateFilter()) ->
                     r[14], r[15], r[16])
         for r in db.execute(sql, [*args, flt.limit, flt.offset]).fetchall())
     return GatePage(flt, total, rows)
-
-
-def record_review(db: sqlite_utils.Database, decision_id: int, verdict: str, note: str = "",
-                  reviewer: str = "") -> int:
-    """Store a human verdict on a gate decision; returns the review id.
-
-    An override needs a note saying why (that note is what tunes the policy later)."""
-    if verdict not in ("agree", "override"):
-        raise ValueError(f"verdict: expected 'agree' or 'override', got {verdict!r}")
-    if verdict == "override" and not note.strip():
-        raise ValueError("note: an override needs a note saying why")
-    with transaction(db):
-        if db.execute("SELECT 1 FROM gate_decisions WHERE id = ?", [decision_id]).fetchone() is None:
-            raise ValueError(f"decision_id: no gate decision {decision_id}")
-        cur = db.execute("INSERT INTO reviews(decision_id, verdict, note, reviewer) VALUES (?, ?, ?, ?)",
-                         [decision_id, verdict, note.strip() or None, reviewer or None])
-        return int(cur.lastrowid)
 
 
 # --------------------------------------------------------------------------- instances, cost

@@ -341,7 +341,7 @@ def _thunder(p: Paths, log, hang: bool) -> None:
 def _hung_run(cluster, db, log) -> None:
     from backend.thunder.launch import launch
     from backend.thunder.monitor import Monitor
-    from backend.thunder.records import get_adapter_run
+    from state.adapters import get_adapter_run
 
     cfg = cluster(train={"iters": 100000, "steps_per_report": 1, "steps_per_eval": 100000, "save_every": 100000},
                   watchdog={"window_s": 8.0, "startup_window_s": 600, "poll_s": 0.5, "stop_grace_s": 1})
