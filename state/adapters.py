@@ -12,11 +12,12 @@ from typing import Any, Iterable
 
 import sqlite_utils
 
-from state.records import AdapterRun
+from state.records import AdapterRun, AdapterStatus
 from state.store import StoreError, add_events, now, parse_ts, transaction
 
-STATUSES = ("planned", "running", "completed", "failed", "hung", "cancelled")
-TERMINAL = ("completed", "failed", "hung", "cancelled")
+STATUSES = tuple(s.value for s in AdapterStatus)
+TERMINAL = tuple(s.value for s in (AdapterStatus.COMPLETED, AdapterStatus.FAILED, AdapterStatus.HUNG,
+                                   AdapterStatus.CANCELLED))
 OWNER_KIND = "adapter_run"
 # metrics-line fields that are bookkeeping, not metrics
 _NOT_METRICS = {"kind", "rank", "attempt", "time", "iteration", "pid", "world_size"}

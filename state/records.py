@@ -18,6 +18,17 @@ class RunStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+class AdapterStatus(StrEnum):
+    """Status of a Thunder adapter run (``hung``: the watchdog stopped it)."""
+
+    PLANNED = "planned"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    HUNG = "hung"
+    CANCELLED = "cancelled"
+
+
 class SyncState(StrEnum):
     LOCAL = "local"
     REMOTE_ONLY = "remote-only"
@@ -106,7 +117,7 @@ class AdapterRun:
 
     id: str
     name: str | None = None
-    status: str = "planned"
+    status: AdapterStatus = AdapterStatus.PLANNED
     hosts: Any = None
     model: str | None = None
     world_size: int | None = None
@@ -127,6 +138,7 @@ class AdapterRun:
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "AdapterRun":
         values = _pick(cls, row)
+        values["status"] = AdapterStatus(values.get("status") or AdapterStatus.PLANNED)
         values["hosts"] = _loads(values.get("hosts"), None)
         values["offsets"] = _loads(values.get("offsets"), {})
         values["agp_eval"] = _loads(values.get("agp_eval"), None)

@@ -15,7 +15,7 @@ from state import store
 from state.adapters import add_metric_lines, attempt_progress, adapter_run, set_status
 from state.data import record_snapshot, record_split
 from state.promotions import record_promotion
-from state.records import AdapterRun, Artifact, GateDecision, Proposal, Review, Run, RunStatus, SyncState
+from state.records import AdapterRun, AdapterStatus, Artifact, GateDecision, Proposal, Review, Run, RunStatus, SyncState
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -203,7 +203,7 @@ def test_adapter_runs_read_back_typed_and_metrics_are_idempotent(db):
     assert add_metric_lines(db, "ad1", lines, iteration=10) == 2
     assert db["adapter_metrics"].count == 1
     run = adapter_run(db, "ad1")
-    assert isinstance(run, AdapterRun) and run.status == "running" and run.iteration == 10
+    assert isinstance(run, AdapterRun) and run.status is AdapterStatus.RUNNING and run.iteration == 10
     assert run.hosts == ["a", "b"] and run.offsets == {"0": 10} and adapter_run(db, "none") is None
 
 
