@@ -268,7 +268,8 @@ def instances(db: sqlite_utils.Database, now: float) -> list[InstanceRow]:
     """
     sql = """
         SELECT i.id, i.label, i.run_id, i.gpu_name, i.num_gpus, i.dph_total, i.actual_status,
-               i.cur_state, i.destroyed_at, i.start_date, i.gpu_util, i.data,
+               i.cur_state, i.destroyed_at, i.start_date, i.gpu_util,
+               CASE WHEN json_valid(i.data) THEN json_extract(i.data, '$.low_util_since') END AS low_since,
                (SELECT c.total_usd FROM cost_samples c WHERE c.instance_id = i.id
                   ORDER BY c.ts DESC, c.id DESC LIMIT 1) AS spend,
                (SELECT r.heartbeat_at FROM runs r WHERE r.id = i.run_id) AS heartbeat
@@ -277,14 +278,13 @@ def instances(db: sqlite_utils.Database, now: float) -> list[InstanceRow]:
     beats = dict(db.execute("SELECT instance_id, max(heartbeat_at) FROM runs "
                             "WHERE instance_id IS NOT NULL GROUP BY instance_id").fetchall())
     out = []
-    for (iid, label, run_id, gpu, n_gpus, dph, actual, cur, destroyed, start, util, data, spend,
+    for (iid, label, run_id, gpu, n_gpus, dph, actual, cur, destroyed, start, util, low_since, spend,
          beat) in db.execute(sql).fetchall():
         beat = max((b for b in (beat, beats.get(iid)) if b), default=None)
         status = "destroyed" if destroyed else (actual or cur or "?")
         live = not destroyed
         uptime = now - start if (start and live) else None
         idle = None
-        low_since = json.loads(data or "{}").get("low_util_since")
         if live and status == "running" and low_since is not None:
             since = max(x for x in (_ts(beat), low_since) if x is not None)
             idle = max(0.0, now - since)
