@@ -24,8 +24,8 @@ def _errors_exit(fn: Callable) -> Callable:
     from agp.gate import GateError
     from agp.partition import PartitionError
     from agp.proposers import LaneDown, ProposerError
-    from agp.records import ReviewError
     from models.bundle import RowError
+    from state.agp import ReviewError
 
     known = (RowError, PartitionError, GateError, CorpusError, EvalError, ReviewError, LaneDown, ProposerError,
              FileNotFoundError, ValueError)
@@ -371,7 +371,8 @@ def review_cmd(
     db: Path = typer.Option(Path("state.db"), help="State store."),
 ) -> None:
     """Record a human verdict on a gate decision, or list pending ones."""
-    from agp.records import add_review, pending_reviews
+    from agp.records import pending_reviews
+    from state.agp import add_review
     from state.store import open_db, user
 
     conn = open_db(db, read_only=pending)  # listing only reads

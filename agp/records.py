@@ -1,5 +1,6 @@
-"""The AGP lane's records in the state store (``state.store``): proposals, gate decisions
-and human review verdicts (agree / override + note), and their export for policy tuning."""
+"""The AGP lane's records in the state store: proposals and gate decisions (written through
+``state.agp``), the reviews still to do and the export of review verdicts for policy tuning.
+Reviews themselves are stored by ``state.agp.add_review``."""
 
 from __future__ import annotations
 
@@ -11,66 +12,30 @@ import sqlite_utils
 
 from agp.gate import Decision, from_json_float
 from agp.rows import write_jsonl
-from state.store import transaction
 from models.text import row_edits
-
-VERDICTS = ("agree", "override")
-
-
-class ReviewError(ValueError):
-    pass
+from state import agp as state_agp
+from state.records import GateDecision, Proposal
 
 
 def record_decisions(db: sqlite_utils.Database, run_id: str | None, proposals: Sequence[dict],
                      decisions: Sequence[Decision], references: dict[str, str]) -> list[int]:
-    """Insert each proposal (as submitted) and its decision, linked, in one transaction.
-    ``proposals[i]`` (``feat_id``, ``proposal``, optional ``proposer``) produced ``decisions[i]``.
-    The reference is stored beside the decision for reviewers; the gate never read it.
-    A decision already recorded for the same run and row with the same witness (so the same
-    policy and proposal) is not stored again: its id is returned, and reruns keep their reviews."""
+    """Store each proposal (as submitted) and its decision, linked, in one transaction
+    (``state.agp.record_decisions``). ``proposals[i]`` (``feat_id``, ``proposal``, optional
+    ``proposer``) produced ``decisions[i]``. The reference is stored beside the decision for
+    reviewers; the gate never read it. A decision already recorded for the same run and row
+    with the same witness (so the same policy and proposal) is not stored again: its id is
+    returned, and reruns keep their reviews."""
     if len(proposals) != len(decisions):
         raise ValueError(f"{len(proposals)} proposals but {len(decisions)} decisions")
-    ids = []
-    with transaction(db):
-        conn = db.conn
-        for p, d in zip(proposals, decisions):
-            if p["feat_id"] != d.feat_id:
-                raise ValueError(f"proposal for {p['feat_id']!r} paired with decision for {d.feat_id!r}")
-            known = conn.execute("SELECT id FROM gate_decisions WHERE run_id IS ? AND feat_id = ? AND witness = ?",
-                                 (run_id, d.feat_id, d.witness)).fetchone()
-            if known:
-                ids.append(known[0])
-                continue
-            cur = conn.execute("INSERT INTO proposals(feat_id, run_id, proposer, proposal) VALUES (?,?,?,?)",
-                               (p["feat_id"], run_id, p.get("proposer") or "file", p["proposal"]))
-            ref = references.get(d.feat_id)
-            change = row_edits(ref, d.proposal)[0] - row_edits(ref, d.asr_text)[0] if ref is not None else None
-            cur = conn.execute(
-                "INSERT INTO gate_decisions(feat_id, run_id, proposal_id, partition, accepted, rules, edit_distance, "
-                "policy_hash, witness, asr_text, proposal, reference_text, acoustic_delta, acoustic_margin, "
-                "ref_edit_change) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (d.feat_id, run_id, cur.lastrowid, d.partition, int(d.accepted), json.dumps(list(d.rules)),
-                 d.edit_distance, d.policy_hash, d.witness, d.asr_text, d.proposal, ref,
-                 from_json_float(d.acoustic_delta), from_json_float(d.acoustic_margin), change))
-            ids.append(cur.lastrowid)
-    return ids
-
-
-def add_review(db: sqlite_utils.Database, decision_id: int, verdict: str, note: str = "",
-               reviewer: str = "") -> int:
-    """Store a reviewer's verdict on a gate decision: ``agree`` with it, or ``override`` it
-    (a note saying why is required)."""
-    if verdict not in VERDICTS:
-        raise ReviewError(f"verdict must be one of {', '.join(VERDICTS)}; got {verdict!r}")
-    if verdict == "override" and not note.strip():
-        raise ReviewError("an override needs a note saying why the gate was wrong")
-    with transaction(db):
-        found = db.conn.execute("SELECT 1 FROM gate_decisions WHERE id = ?", (decision_id,)).fetchone()
-        if not found:
-            raise ReviewError(f"no gate decision with id {decision_id}")
-        cur = db.conn.execute("INSERT INTO reviews(decision_id, verdict, note, reviewer) VALUES (?,?,?,?)",
-                              (decision_id, verdict, note, reviewer))
-    return cur.lastrowid
+    pairs = []
+    for p, d in zip(proposals, decisions):
+        ref = references.get(d.feat_id)
+        change = row_edits(ref, d.proposal)[0] - row_edits(ref, d.asr_text)[0] if ref is not None else None
+        pairs.append((Proposal(p["feat_id"], p["proposal"], run_id, p.get("proposer") or "file"),
+                      GateDecision(d.feat_id, d.accepted, run_id, d.partition, tuple(d.rules), d.edit_distance,
+                                   d.policy_hash, d.witness, d.asr_text, d.proposal, ref,
+                                   from_json_float(d.acoustic_delta), from_json_float(d.acoustic_margin), change)))
+    return state_agp.record_decisions(db, pairs)
 
 
 def pending_reviews(db: sqlite_utils.Database, run_id: str | None = None, limit: int = 20) -> list[dict]:

@@ -21,6 +21,8 @@ import json
 from pathlib import Path
 
 from state import store
+from state.promotions import record_promotion
+from state.records import Run, RunStatus
 from backend.matrix import MatrixError, load_matrix, resolve
 from backend.runs import recorded_hashes, verify_bundle
 
@@ -34,13 +36,13 @@ def _dump(obj) -> str:
 
 
 def promotion_record(run_id: str, db) -> dict:
-    row = store.get_run(db, run_id)
+    row = store.run(db, run_id)
     if row is None:
         raise PromoteError(f"no run {run_id!r} in the state store")
-    if row["status"] != "completed" or not row["out_dir"]:
-        raise PromoteError(f"run {run_id!r} is {row['status']}, not completed: only completed runs are promoted")
-    d = Path(row["out_dir"])
-    b = verify_bundle(d, row["snapshot_sha256"], row["split_sha256"], row["recipe_hash"],
+    if row.status != RunStatus.COMPLETED or not row.out_dir:
+        raise PromoteError(f"run {run_id!r} is {row.status}, not completed: only completed runs are promoted")
+    d = Path(row.out_dir)
+    b = verify_bundle(d, row.snapshot_sha256, row.split_sha256, row.recipe_hash,
                       recorded=recorded_hashes(db, run_id))
     if not b.ok:
         raise PromoteError(f"run {run_id!r}: its bundle in {d} does not verify:\n  " + "\n  ".join(b.problems))
@@ -49,11 +51,10 @@ def promotion_record(run_id: str, db) -> dict:
     metric_keys = ("test_cer", "test_toneless_cer", "test_rows", "test_reference_chars", "test_edits",
                    "best_val_loss", "best_epoch", "epochs_run", "stop_reason", "steps", "train_time_s",
                    "wall_time_s", "params")
-    flags = json.loads(row["flags"] or "{}")
     return {
-        "run_id": run_id, "matrix_id": row["matrix_id"], "script": r.get("script"), "mode": r.get("mode"),
-        "seed": r.get("seed"), "run_dir": str(d.resolve()), "source": row["executor"],
-        "sanity": flags.get("sanity"),
+        "run_id": run_id, "matrix_id": row.matrix_id, "script": r.get("script"), "mode": r.get("mode"),
+        "seed": r.get("seed"), "run_dir": str(d.resolve()), "source": row.executor,
+        "sanity": row.flags.get("sanity"),
         "snapshot_sha256": r.get("snapshot_sha256"), "split_sha256": r.get("split_sha256"),
         "feature_recipe": r.get("feature_recipe"), "feature_recipe_hash": r.get("feature_recipe_hash"),
         "partition_policy_sha256": r.get("partition_policy_sha256"),
@@ -67,26 +68,26 @@ def promotion_record(run_id: str, db) -> dict:
     }
 
 
-def _local_paths(db, row: dict) -> dict:
+def _local_paths(db, row: Run) -> dict:
     """{path field: path on this machine} for a run's config: from its matrix when that still
     resolves to the run's snapshot, split and recipe, else from the config an executor
     launched it with (state.db); {} when neither is known."""
     from backend.vast.remote import PATH_FIELDS  # the fields the Vast executor rewrites
 
-    mrow = next(iter(db.query("SELECT path FROM matrices WHERE id = ?", [row["matrix_id"]])), None)
+    mrow = next(iter(db.query("SELECT path FROM matrices WHERE id = ?", [row.matrix_id])), None)
     if mrow and mrow["path"]:
         try:
             m = load_matrix(mrow["path"])
-            spec = m.run(row["id"])
+            spec = m.run(row.id)
         except MatrixError:
             m = None
         if m is not None:
             ident = resolve(m)
             if not ident.problems and (ident.snapshot_sha256, ident.split_sha256, ident.recipe_hash) == (
-                    row["snapshot_sha256"], row["split_sha256"], row["recipe_hash"]):
+                    row.snapshot_sha256, row.split_sha256, row.recipe_hash):
                 cfg = m.run_config(spec)
                 return {k: cfg[k] for k in PATH_FIELDS}
-    cfg = json.loads(row["config"]) if row["config"] else {}
+    cfg = row.config or {}
     return {k: cfg[k] for k in PATH_FIELDS if k in cfg}
 
 
@@ -113,7 +114,7 @@ def promote(run_id: str, db_path: str | Path = "state.db", out_dir: str | Path =
             "git_checkout": f"git checkout {rec['environment'].get('git_commit')}",
         }
         config = rec["config"]
-        moved = {k: v for k, v in _local_paths(db, store.get_run(db, run_id)).items()
+        moved = {k: v for k, v in _local_paths(db, store.run(db, run_id)).items()
                  if isinstance(config, dict) and k in config and config[k] != v}
         if moved:
             rec["reproduce"]["config_paths"] = moved
@@ -129,12 +130,7 @@ def promote(run_id: str, db_path: str | Path = "state.db", out_dir: str | Path =
             if not p.exists() or p.read_text(encoding="utf-8") != body:
                 _write(p, body)
         sha = hashlib.sha256(text.encode()).hexdigest()
-        with store.transaction(db):
-            if db.conn.execute("SELECT 1 FROM promotions WHERE run_id = ? AND path = ? AND record_sha256 = ?",
-                               (run_id, str(path), sha)).fetchone() is None:
-                db.conn.execute("INSERT INTO promotions(run_id, path, record_sha256) VALUES (?,?,?)",
-                                (run_id, str(path), sha))
-                store.add_event(db, f"promoted: {path}", run_id=run_id, kind="promotion", source="promote")
+        record_promotion(db, run_id, str(path), sha)
         return path
     finally:
         db.close()

@@ -238,6 +238,7 @@ def register_bundle(db, bundle: Bundle, run_id: str, executor: str, matrix_id: s
     """Record a verified bundle: run row (completed, metrics from results.json), snapshot and
     split rows, artifacts, the run's learning curve from metrics.jsonl, and an event."""
     from state import store
+    from state.data import record_snapshot, record_split
 
     r = bundle.results
     cfg = r.get("config") if isinstance(r.get("config"), dict) else {}
@@ -262,15 +263,14 @@ def register_bundle(db, bundle: Bundle, run_id: str, executor: str, matrix_id: s
                                                              if k in ("test_cer", "test_toneless_cer",
                                                                       "best_val_loss", "best_epoch")}}])
         if bundle.snapshot_sha256:
-            db.conn.execute("INSERT OR IGNORE INTO snapshots(sha256) VALUES (?)", (bundle.snapshot_sha256,))
+            record_snapshot(db, bundle.snapshot_sha256)
         split_file = bundle.dir / "split.json"
         if bundle.split_sha256 and split_file.is_file():
             from models.split import Split
 
             s = Split.load(split_file)
-            db.conn.execute("INSERT OR IGNORE INTO splits(sha256, snapshot_sha256, seed, train, val, test) "
-                            "VALUES (?,?,?,?,?,?)", (s.sha256, s.snapshot_sha256 or bundle.snapshot_sha256,
-                                                     s.seed, len(s.train), len(s.val), len(s.test)))
+            record_split(db, s.sha256, s.snapshot_sha256 or bundle.snapshot_sha256, seed=s.seed,
+                         train=len(s.train), val=len(s.val), test=len(s.test))
 
 
 def recorded_hashes(db, run_id: str) -> dict[str, dict] | None:
@@ -278,11 +278,10 @@ def recorded_hashes(db, run_id: str) -> dict[str, dict] | None:
     them at import (verify_bundle's ``recorded``); None for every other run."""
     from state import store
 
-    row = store.get_run(db, run_id)
-    if not row or json.loads(row["flags"] or "{}").get("manifest") != "absent":
+    if db.execute("SELECT 1 FROM runs WHERE id = ? AND json_extract(flags, '$.manifest') = 'absent'",
+                  [run_id]).fetchone() is None:
         return None
-    return {a["name"]: {"sha256": a["sha256"], "size": a["size"]} for a in db.query(
-        "SELECT name, sha256, size FROM artifacts WHERE owner_kind = 'run' AND run_id = ?", [run_id])}
+    return {a.name: {"sha256": a.sha256, "size": a.size} for a in store.artifacts(db, run_id)}
 
 
 def import_run(db, run_dir: str | Path, run_id: str | None = None, matrix=None, identity=None,

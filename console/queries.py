@@ -1,4 +1,5 @@
-"""Everything the console reads from (and the one thing it writes to) ``state.db``.
+"""Everything the console reads from ``state.db``: read-only queries (the console's one write,
+a review verdict, goes through ``state.agp.add_review``).
 
 Plain functions over a ``sqlite_utils.Database`` from ``state.store.open_db``; they run in
 Textual thread workers, never on the UI thread. Each returns small frozen dataclasses so a
@@ -21,7 +22,6 @@ from typing import Iterator
 import sqlite_utils
 
 from models.bundle import BUNDLE_FILES
-from state.store import transaction
 
 # Worst first: a run's sync column leads with the state that needs attention.
 SYNC_ORDER = ("missing", "remote-only", "transferring", "local", "verified", "mirrored")
@@ -218,23 +218,6 @@ def gate_decisions(db: sqlite_utils.Database, flt: GateFilter = GateFilter()) ->
     return GatePage(flt, total, rows)
 
 
-def record_review(db: sqlite_utils.Database, decision_id: int, verdict: str, note: str = "",
-                  reviewer: str = "") -> int:
-    """Store a human verdict on a gate decision; returns the review id.
-
-    An override needs a note saying why (that note is what tunes the policy later)."""
-    if verdict not in ("agree", "override"):
-        raise ValueError(f"verdict: expected 'agree' or 'override', got {verdict!r}")
-    if verdict == "override" and not note.strip():
-        raise ValueError("note: an override needs a note saying why")
-    with transaction(db):
-        if db.execute("SELECT 1 FROM gate_decisions WHERE id = ?", [decision_id]).fetchone() is None:
-            raise ValueError(f"decision_id: no gate decision {decision_id}")
-        cur = db.execute("INSERT INTO reviews(decision_id, verdict, note, reviewer) VALUES (?, ?, ?, ?)",
-                         [decision_id, verdict, note.strip() or None, reviewer or None])
-        return int(cur.lastrowid)
-
-
 # --------------------------------------------------------------------------- instances, cost
 
 @dataclass(frozen=True)
@@ -283,7 +266,8 @@ def instances(db: sqlite_utils.Database, now: float) -> list[InstanceRow]:
     """
     sql = """
         SELECT i.id, i.label, i.run_id, i.gpu_name, i.num_gpus, i.dph_total, i.actual_status,
-               i.cur_state, i.destroyed_at, i.start_date, i.gpu_util, i.data,
+               i.cur_state, i.destroyed_at, i.start_date, i.gpu_util,
+               CASE WHEN json_valid(i.data) THEN json_extract(i.data, '$.low_util_since') END AS low_since,
                (SELECT c.total_usd FROM cost_samples c WHERE c.instance_id = i.id
                   ORDER BY c.ts DESC, c.id DESC LIMIT 1) AS spend,
                (SELECT r.heartbeat_at FROM runs r WHERE r.id = i.run_id) AS heartbeat
@@ -292,14 +276,13 @@ def instances(db: sqlite_utils.Database, now: float) -> list[InstanceRow]:
     beats = dict(db.execute("SELECT instance_id, max(heartbeat_at) FROM runs "
                             "WHERE instance_id IS NOT NULL GROUP BY instance_id").fetchall())
     out = []
-    for (iid, label, run_id, gpu, n_gpus, dph, actual, cur, destroyed, start, util, data, spend,
+    for (iid, label, run_id, gpu, n_gpus, dph, actual, cur, destroyed, start, util, low_since, spend,
          beat) in db.execute(sql).fetchall():
         beat = max((b for b in (beat, beats.get(iid)) if b), default=None)
         status = "destroyed" if destroyed else (actual or cur or "?")
         live = not destroyed
         uptime = now - start if (start and live) else None
         idle = None
-        low_since = json.loads(data or "{}").get("low_util_since")
         if live and status == "running" and low_since is not None:
             since = max(x for x in (_ts(beat), low_since) if x is not None)
             idle = max(0.0, now - since)

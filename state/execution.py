@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from state import store
+from state.data import record_snapshot, record_split
 from state.records import RunStatus, SyncState
 
 SANITY_PREFIX = "_sanity/"
@@ -64,11 +65,9 @@ def register_matrix(db, matrix_id: str, path: str, file_sha256: str, recipe_hash
             "updated_at = excluded.updated_at",
             (matrix_id, path, file_sha256, snapshot_sha256, split_sha256, recipe_hash,
              store.now()))
-        db.conn.execute("INSERT OR IGNORE INTO snapshots(sha256, path, rows) VALUES (?,?,?)",
-                        (snapshot_sha256, snapshot_path, snapshot_rows))
-        db.conn.execute("INSERT OR IGNORE INTO splits(sha256, snapshot_sha256, path, train, val, test) "
-                        "VALUES (?,?,?,?,?,?)", (split_sha256, snapshot_sha256, split_path,
-                                                 *(split_sizes.get(p) for p in ("train", "val", "test"))))
+        record_snapshot(db, snapshot_sha256, snapshot_path, snapshot_rows)
+        record_split(db, split_sha256, snapshot_sha256, path=split_path,
+                     **{p: split_sizes.get(p) for p in ("train", "val", "test")})
 
 
 def synced_artifacts(db, run_id: str) -> list[dict]:

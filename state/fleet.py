@@ -116,6 +116,12 @@ def mark_instance_gone(db, iid: str, at: str, status: str, data: dict) -> None:
                     (at, status, json.dumps(data), store.now(), str(iid)))
 
 
+def mark_destroyed(db, iid: str, at: str) -> None:
+    """Record that an instance was destroyed at ``at`` (kept as first recorded if it already was)."""
+    db.conn.execute("UPDATE instances SET destroyed_at = ?, actual_status = 'destroyed', updated_at = ? "
+                    "WHERE id = ? AND destroyed_at IS NULL", (at, store.now(), str(iid)))
+
+
 def is_ours(db, iid: str) -> bool:
     """Whether this project created the instance (for a run)."""
     return db.execute("SELECT 1 FROM instances WHERE id = ? AND run_id IS NOT NULL", [str(iid)]).fetchone() is not None

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator
 
 import sqlite_utils
 
-from state.records import RunStatus, SyncState
+from state.records import Artifact, Run, RunStatus, SyncState
 
 BUSY_TIMEOUT_S = 60.0
 TS_SQL = "(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"  # same format as now()
@@ -414,6 +414,12 @@ def get_run(db: sqlite_utils.Database, run_id: str) -> dict | None:
     return rows[0] if rows else None
 
 
+def run(db: sqlite_utils.Database, run_id: str) -> Run | None:
+    """The run as a typed record (None when there is no such run)."""
+    row = get_run(db, run_id)
+    return Run.from_row(row) if row else None
+
+
 def set_run_status(db: sqlite_utils.Database, run_id: str, status: str, message: str = "",
                    source: str = "executor", **fields: Any) -> None:
     """Change a run's status and record the change as an event, atomically."""
@@ -498,3 +504,9 @@ def record_artifacts(db: sqlite_utils.Database, run_id: str, files: Iterable[dic
                 "sync_state = excluded.sync_state, verified_at = excluded.verified_at, updated_at = excluded.updated_at",
                 (owner_kind, run_id, f["name"], f.get("path"), f.get("sha256"), f.get("size"),
                  _json(locations), state, f.get("verified_at", stamp), stamp))
+
+
+def artifacts(db: sqlite_utils.Database, run_id: str, owner_kind: str = "run") -> list[Artifact]:
+    """A run's (or adapter run's) artifacts as typed records, by name."""
+    return [Artifact.from_row(r) for r in db.query(
+        "SELECT * FROM artifacts WHERE owner_kind = ? AND run_id = ? ORDER BY name", [owner_kind, run_id])]

@@ -341,7 +341,7 @@ def _thunder(p: Paths, log, hang: bool) -> None:
 def _hung_run(cluster, db, log) -> None:
     from backend.thunder.launch import launch
     from backend.thunder.monitor import Monitor
-    from backend.thunder.records import get_adapter_run
+    from state.adapters import get_adapter_run
 
     cfg = cluster(train={"iters": 100000, "steps_per_report": 1, "steps_per_eval": 100000, "save_every": 100000},
                   watchdog={"window_s": 8.0, "startup_window_s": 600, "poll_s": 0.5, "stop_grace_s": 1})
@@ -487,7 +487,7 @@ def stop(root: str | Path = DEFAULT_ROOT, log: Callable[[str], None] = print) ->
 def _destroy_all(p: Paths, url: str) -> list[str]:
     """Destroy every instance on the emulated account (the emulator kills what runs on its
     disk) and record it in the sandbox's state.db."""
-    from state import store
+    from state import fleet as fleet_state, store
     from backend.provider import ProviderError
     from backend.vast.provider import VastProvider
 
@@ -505,8 +505,7 @@ def _destroy_all(p: Paths, url: str) -> list[str]:
         db = store.open_db(p.db)
         try:
             for row in rows:
-                db.execute("UPDATE instances SET destroyed_at = ?, actual_status = 'destroyed' WHERE id = ? "
-                           "AND destroyed_at IS NULL", [store.now(), row.id])
+                fleet_state.mark_destroyed(db, row.id, store.now())
                 store.add_event(db, f"instance {row.id} destroyed: sandbox stopped", instance_id=row.id,
                                 kind="instance-destroyed", source="sandbox")
             db.conn.commit()

@@ -36,7 +36,7 @@ def _errors_exit(fn: Callable) -> Callable:
 def _cluster_of(db, run_id: str, config: Optional[Path]):
     """The run's own config (stored at launch) unless ``--config`` names another."""
     from backend.thunder.config import load_config, parse_config
-    from backend.thunder.records import get_adapter_run
+    from state.adapters import get_adapter_run
 
     row = get_adapter_run(db, run_id)
     if row is None:
@@ -81,7 +81,7 @@ def _stale_line(run_id: str, stale: list[tuple[int, float, float]]) -> str:
 
 
 def _report(db, run_id: str, status: str) -> None:
-    from backend.thunder.records import get_adapter_run
+    from state.adapters import get_adapter_run
 
     row = get_adapter_run(db, run_id)
     typer.echo("", err=True)
@@ -177,7 +177,7 @@ def status_cmd(run_id: Optional[str] = typer.Argument(None), db: str = DB,
                as_json: bool = typer.Option(False, "--json")) -> None:
     """Adapter runs (or one run in detail: per-rank latest metrics, artifacts, AGP eval)."""
     from state.store import open_db
-    from backend.thunder.records import get_adapter_run, latest_metrics
+    from state.adapters import get_adapter_run, latest_metrics
 
     conn = open_db(db)
     try:

@@ -35,7 +35,7 @@ import sqlite_utils
 
 from backend.thunder.config import ClusterConfig, config_json
 from backend.thunder.hosts import Host, cluster_hosts
-from backend.thunder.records import TERMINAL, get_adapter_run, log_event, set_status, update_adapter_run
+from state.adapters import TERMINAL, get_adapter_run, log_event, set_status, update_adapter_run
 
 HOSTFILE = "hostfile.json"
 OUT_LOG = "launch.out.log"

@@ -12,7 +12,7 @@ validation pass every ``steps_per_eval``).
 
 A monitor that attaches to a running run (``thunder monitor`` after ``launch --detach``, or
 after the launching shell went away) starts from what state.db knows of the current attempt
-(``records.attempt_progress``): each rank's window counts from its last recorded report and
+(``state.adapters.attempt_progress``): each rank's window counts from its last recorded report and
 a rank that already reported gets ``window_s``, so a run that hung while nobody watched is
 caught at once. Lines no monitor has read yet count as new when first read.
 """
@@ -33,7 +33,7 @@ from backend.thunder.config import SAFE_SHAPE, ClusterConfig
 from backend.thunder.hosts import cluster_hosts
 from backend.thunder.launch import (ERR_LOG, RC_FILE, _pid_alive, adapter_dir, adapter_files, metrics_path,
                                     stop_launcher, stop_ranks)
-from backend.thunder.records import (OWNER_KIND, TERMINAL, add_metric_lines, attempt_progress, get_adapter_run,
+from state.adapters import (OWNER_KIND, TERMINAL, add_metric_lines, attempt_progress, get_adapter_run,
                                      log_event, set_status, update_adapter_run)
 
 METAL_TIMEOUT = re.compile(r"Command buffer execution failed:.*(?:GPU Timeout|kIOGPUCommandBufferCallbackErrorTimeout)"

@@ -16,6 +16,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Input, Label, Static
 
+from state import agp as state_agp
 from state import store
 from console import bidi, queries
 from console.queries import DecisionRow, GateFilter, GatePage
@@ -269,7 +270,7 @@ class GatePane(Pane):
     @work(thread=True, group="review")
     def _record(self, decision_id: int, verdict: str, note: str) -> None:
         review = self.app.write(  # type: ignore[attr-defined]
-            lambda db: queries.record_review(db, decision_id, verdict, note, self.reviewer))
+            lambda db: state_agp.add_review(db, decision_id, verdict, note, self.reviewer))
         if review is not None:
             self.app.call_from_thread(self._recorded, decision_id, verdict)
 

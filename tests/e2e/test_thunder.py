@@ -22,7 +22,7 @@ from backend.thunder.config import SAFE_SHAPE, ConfigError, config_json, load_co
 from backend.thunder.launch import LaunchError, hostfile, latest_checkpoint, launch
 from backend.thunder.monitor import Monitor, classify_failure
 from backend.thunder.preflight import CODE, run_preflight
-from backend.thunder.records import add_metric_lines, get_adapter_run, log_event, series, set_status
+from state.adapters import add_metric_lines, get_adapter_run, log_event, series, set_status
 from thunder_helpers import REPO, build_fixture, local_cluster
 
 os.environ["HF_HUB_OFFLINE"] = "1"

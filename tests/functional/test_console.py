@@ -300,17 +300,18 @@ def test_gate_filters(state):
 
 
 def test_record_review_validates_and_stores(state):
+    from state.agp import add_review
     from state.store import open_db
 
     db = open_db(state)
     with pytest.raises(ValueError, match="note"):
-        queries.record_review(db, 1, "override", "  ")
+        add_review(db, 1, "override", "  ")
     with pytest.raises(ValueError, match="verdict"):
-        queries.record_review(db, 1, "maybe")
+        add_review(db, 1, "maybe")
     with pytest.raises(ValueError, match="decision_id"):
-        queries.record_review(db, 999, "agree")
+        add_review(db, 999, "agree")
     assert db.execute("SELECT count(*) FROM reviews").fetchone()[0] == 0
-    queries.record_review(db, 1, "override", "tone mark was right", "ana")
+    add_review(db, 1, "override", "tone mark was right", "ana")
     unreviewed = queries.gate_decisions(db, queries.GateFilter(unreviewed=True))
     assert unreviewed.total == 4 and 1 not in [d.id for d in unreviewed.rows]
 

@@ -8,9 +8,10 @@ from agp.evaluate import EvalError, evaluate, format_table
 from agp.gate import Gate, load_gate_policy, load_witness_key
 from agp.lexicon import Lexicon
 from agp.pipeline import run_lexicon_lane
-from agp.records import ReviewError, add_review, export_reviews, pending_reviews, record_decisions
+from agp.records import export_reviews, pending_reviews, record_decisions
 from agp_helpers import PAIRS, make_row, row_dict, sample_rows, text_only_policy, write_rows_file
 from backend.cli import app
+from state.agp import ReviewError, add_review
 from state.store import open_db
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"

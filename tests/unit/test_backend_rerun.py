@@ -142,7 +142,9 @@ def test_promote_completes_a_promotion_interrupted_before_its_row(tmp_path, monk
     def fail(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(store, "add_event", fail)  # the last step fails: its transaction rolls back
+    import state.promotions
+
+    monkeypatch.setattr(state.promotions, "add_event", fail)  # the last step fails: its transaction rolls back
     with pytest.raises(RuntimeError, match="disk full"):
         promote("p", dbp, out)
     monkeypatch.undo()

@@ -1,6 +1,7 @@
-"""Thunder runs in the state store: ``adapter_runs`` (one row per run), ``adapter_metrics``
-(one row per rank, iteration and metric), status changes as ``events`` and the run's files
-in ``artifacts`` (owner_kind ``adapter_run``)."""
+"""Thunder (MLX LoRA adapter) runs in state.db: ``adapter_runs`` (one row per run),
+``adapter_metrics`` (one row per rank, iteration and metric), status changes as ``events``
+and the run's files in ``artifacts`` (owner_kind ``adapter_run``). The one writer of
+``adapter_runs`` and ``adapter_metrics``; ``adapter_run`` reads a row as an ``AdapterRun``."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from typing import Any, Iterable
 
 import sqlite_utils
 
+from state.records import AdapterRun, AdapterStatus
 from state.store import StoreError, add_events, now, parse_ts, transaction
 
-STATUSES = ("planned", "running", "completed", "failed", "hung", "cancelled")
-TERMINAL = ("completed", "failed", "hung", "cancelled")
+STATUSES = tuple(s.value for s in AdapterStatus)
+TERMINAL = tuple(s.value for s in (AdapterStatus.COMPLETED, AdapterStatus.FAILED, AdapterStatus.HUNG,
+                                   AdapterStatus.CANCELLED))
 OWNER_KIND = "adapter_run"
 # metrics-line fields that are bookkeeping, not metrics
 _NOT_METRICS = {"kind", "rank", "attempt", "time", "iteration", "pid", "world_size"}
@@ -27,6 +30,11 @@ def _encode(v: Any) -> Any:
 def get_adapter_run(db: sqlite_utils.Database, run_id: str) -> dict | None:
     rows = list(db.query("SELECT * FROM adapter_runs WHERE id = ?", [run_id]))
     return rows[0] if rows else None
+
+
+def adapter_run(db: sqlite_utils.Database, run_id: str) -> AdapterRun | None:
+    row = get_adapter_run(db, run_id)
+    return AdapterRun.from_row(row) if row else None
 
 
 def update_adapter_run(db: sqlite_utils.Database, run_id: str, **fields: Any) -> None:
@@ -129,6 +137,18 @@ def _epoch(ts: str | None) -> float | None:
     return parse_ts(ts).timestamp() if ts else None
 
 
+# The rank events (start/loaded/done/error) of one attempt since its launch: an event without
+# an attempt number counts for the current one; one whose rank is not an integer is no rank's.
+_RANK_EVENTS = """
+    SELECT ts, json_extract(data, '$.rank'), json_extract(data, '$.kind'),
+           CASE WHEN json_type(data, '$.error') IS NULL THEN 'error' ELSE json_extract(data, '$.error') END
+    FROM events
+    WHERE adapter_run_id = ?1 AND kind = 'rank' AND ts >= ?2 AND json_valid(data)
+      AND json_type(data, '$.rank') = 'integer'
+      AND (json_type(data, '$.attempt') IS NULL OR json_extract(data, '$.attempt') = ?3)
+    ORDER BY id"""
+
+
 def attempt_progress(db: sqlite_utils.Database, run_id: str, attempt: int, world_size: int) -> AttemptProgress:
     """Per rank: the newest report of the current attempt and whether it was a train/val one.
 
@@ -152,17 +172,12 @@ def attempt_progress(db: sqlite_utils.Database, run_id: str, attempt: int, world
                                "GROUP BY rank", [run_id, started_ts]).fetchall():
         out.reporting.add(rank)
         out.last_report[rank] = min(_epoch(ts), cap)
-    for ts, data in db.execute("SELECT ts, data FROM events WHERE adapter_run_id = ? AND kind = 'rank' AND ts >= ? "
-                               "ORDER BY id", [run_id, started_ts]).fetchall():
-        d = json.loads(data or "{}")
-        if d.get("attempt", attempt) != attempt or not isinstance(d.get("rank"), int):
-            continue
-        rank = d["rank"]
+    for ts, rank, kind, error in db.execute(_RANK_EVENTS, [run_id, started_ts, attempt]).fetchall():
         out.last_report[rank] = max(out.last_report.get(rank, 0.0), _epoch(ts))
-        if d.get("kind") == "done":
+        if kind == "done":
             out.done.add(rank)
-        elif d.get("kind") == "error":
-            out.errors[rank] = d.get("error", "error")
+        elif kind == "error":
+            out.errors[rank] = error
     for rank in range(world_size):
         out.last_report[rank] = max(out.last_report.get(rank, out.started), out.started)
     return out
