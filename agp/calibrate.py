@@ -29,7 +29,6 @@ calibrated one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import tomllib
@@ -38,7 +37,8 @@ from pathlib import Path
 from typing import Sequence
 
 from agp.partition import PartitionError, PartitionPolicy, load_partition_policy, parse_partition_policy
-from agp.rows import PARTITIONS, Row, load_rows, write_text
+from agp.rows import PARTITIONS, Row, load_rows
+from models.files import atomic_write_text, sha256_file
 
 MIN_ROWS = 50
 MAX_CANDIDATES = 400  # thresholds tried per key: every distinct value, or this many quantiles
@@ -194,7 +194,7 @@ def calibrate(rows_path: Path | str, base_path: Path | str | None = None,
             warnings.append(f"[{part}] no condition left: no row goes to {part}")
             policy["order"].remove(part)
             del policy[part]
-    digest = hashlib.sha256(Path(rows_path).read_bytes()).hexdigest()
+    digest = sha256_file(rows_path)
     policy["name"] = f"{base.policy.get('name', 'partition')}-val-{digest[:8]}"
     calibrated = parse_partition_policy({"source": "policy", **policy}, "calibrated policy")
     return Calibration(policy, str(rows_path), digest, base.path, targets, val_cer, _slices(base, rows),
@@ -244,7 +244,7 @@ def write(c: Calibration, out: Path | str) -> str:
     parsed = parse_partition_policy(tomllib.loads(text), str(out))
     if parsed.policy != c.policy:
         raise PartitionError(f"{out}: the written policy does not read back as computed")
-    write_text(out, text)
+    atomic_write_text(out, text)
     return parsed.identity
 
 

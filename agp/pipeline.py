@@ -11,7 +11,8 @@ from agp.gate import Decision, Gate, GatePolicy, load_gate_policy
 from agp.lexicon import Lexicon
 from agp.partition import PartitionPolicy, load_partition_policy, partition_counts
 from agp.proposers import LexiconProposer, propose_all
-from agp.rows import Row, RowError, load_rows, read_jsonl, write_json, write_jsonl, write_text
+from agp.rows import Row, RowError, load_rows, read_jsonl, write_jsonl
+from models.files import atomic_write_json, atomic_write_text
 
 PROPOSAL_FIELDS = {"feat_id": str, "proposal": str}
 DECISION_FIELDS = {"feat_id": str, "accepted": bool, "rules": list, "proposal": str, "partition": str,
@@ -144,8 +145,8 @@ def run_lane(predictions_jsonl: Path | str, proposer, lexicon: Lexicon, out_dir:
                     "files": {name: str(out / name) for name in names}})
     if hasattr(proposer, "settings"):
         summary["proposer_settings"] = proposer.settings()
-    write_json(out / "agp_eval.json", summary)
-    write_text(out / "agp_eval.txt", format_table(summary) + "\n")
+    atomic_write_json(out / "agp_eval.json", summary, sort_keys=True)
+    atomic_write_text(out / "agp_eval.txt", format_table(summary) + "\n")
     return summary
 
 
@@ -210,7 +211,7 @@ def write_gate_policy(policy: GatePolicy, path: Path | str, comments: Sequence[s
     back = parse_gate_policy(tomllib.loads(text), str(path))
     if back.as_dict() != policy.as_dict():
         raise ValueError(f"{path}: the written gate policy does not read back as computed")
-    write_text(path, text)
+    atomic_write_text(path, text)
     return Path(path)
 
 
@@ -329,10 +330,10 @@ def run_demo_lane(matrix_path: Path | str, split_path: Path | str, snapshot: Pat
                                source, scorer=scorer)
             if gate_cal:
                 summary["gate_calibration"] = gate_cal
-                write_json(lane_dir / name / "agp_eval.json", summary)
+                atomic_write_json(lane_dir / name / "agp_eval.json", summary, sort_keys=True)
             summaries[name] = summary
         out[run.run_id] = {"run_id": run.run_id, "proposers": summaries, "partition_calibration": calibration}
-        write_json(lane_dir / "agp_eval.json", out[run.run_id])
+        atomic_write_json(lane_dir / "agp_eval.json", out[run.run_id], sort_keys=True)
     if not out:
         raise FileNotFoundError(f"{matrix_path}: no completed N'Ko run with test_predictions.jsonl under {m.out_root}")
     return out

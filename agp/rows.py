@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from models.files import atomic_write_text
 from models.jsonl import iter_objects
 from models.summary_keys import SUMMARY_KEYS
 from models.text import normalize, row_edits
@@ -176,40 +175,10 @@ def load_rows(path: Path | str, script: str | None = None) -> list[Row]:
 
 
 def write_jsonl(path: Path | str, records: Iterable[dict]) -> int:
-    """Write JSON lines atomically (temp file + rename): readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return n
-
-
-def write_text(path: Path | str, text: str) -> None:
-    """Write a text file atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def write_json(path: Path | str, obj: object) -> None:
-    """Write one JSON document atomically."""
-    write_text(path, json.dumps(obj, ensure_ascii=False, indent=1, sort_keys=True) + "\n")
+    """Write JSON lines atomically (models.files): readers never see half a file."""
+    lines = [json.dumps(rec, ensure_ascii=False) + "\n" for rec in records]
+    atomic_write_text(path, "".join(lines))
+    return len(lines)
 
 
 def write_rows(path: Path | str, rows: Iterable[Row]) -> int:

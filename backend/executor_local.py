@@ -47,6 +47,7 @@ from typing import Callable
 from state import store
 from backend.matrix import Identity, Matrix, MatrixError, RunSpec, config_sha256, load_matrix, resolve
 from backend.runs import Bundle, BundleError, import_run, recorded_hashes, register_bundle, verify_bundle
+from models.files import atomic_write_json
 
 POLL_S = 1.0
 LOG_CHUNK = 1 << 20  # bytes of trainer output read at a time
@@ -125,13 +126,6 @@ def same_config(have: dict | None, want: dict) -> bool:
         return {k: v for k, v in (cfg or {}).items() if k not in PATH_FIELDS}
 
     return strip(have) == strip(want)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 class LocalExecutor:
@@ -233,7 +227,7 @@ class LocalExecutor:
 
     def launch(self, job: _Job, slots: int | None = None) -> None:
         cfg_path = self.config_path(job.spec, job.sanity)
-        _write_json(cfg_path, job.cfg)
+        atomic_write_json(cfg_path, job.cfg, sort_keys=True)
         job.out_file = self.root / "_executor" / f"{job.spec.run_id}{'.sanity' if job.sanity else ''}.out"
         job.out_file.parent.mkdir(parents=True, exist_ok=True)
         job.out_offset = job.out_file.stat().st_size if job.out_file.exists() else 0
@@ -491,7 +485,7 @@ def write_agp_dumps(m: Matrix, db) -> Path | None:
             entries.append({"run_id": rid, "script": row["script"], "mode": row["mode"], "predictions": art["path"],
                             "sha256": art["sha256"], "size": art["size"]})
     path = Path(m.out_root) / "agp_dumps.json"
-    _write_json(path, {"matrix_id": m.matrix_id, "runs": entries})
+    atomic_write_json(path, {"matrix_id": m.matrix_id, "runs": entries}, sort_keys=True)
     return path
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from models.jsonl import iter_objects
 from models.runid import run_id_problem
-from models.snapshot import sha256_file
+from models.files import sha256_file
 
 BUNDLE_FILES = ("results.json", "train.log", "run.log", "split.json", "vocab.json", "best.pt",
                 "test_predictions.jsonl", "test_references.jsonl", "test_metrics_by_partition.json")

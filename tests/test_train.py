@@ -22,7 +22,7 @@ from backend.cli import app
 from models.config import ConfigError, load_config, parse_config
 from models.data import DataError
 from models.decode import PARTITIONS, RECORD_KEYS, SUMMARY_KEYS, load_policy, partition
-from models.snapshot import sha256_file
+from models.files import sha256_file
 from models.split import PARTS, make_split
 from models.text import row_edits, toneless
 from models.train import ARTIFACTS, evaluate_run, train
