@@ -122,14 +122,14 @@ class _BudgetEntry(ConfigModel):
     @classmethod
     def _share(cls, v: float) -> float:
         if not 0 <= v <= 1:
-            raise ValueError(f"must be between 0 and 1, got {v!r}")
+            raise ValueError("must be between 0 and 1")
         return v
 
     @field_validator("floor")
     @classmethod
     def _floor(cls, v: int) -> int:
         if v < 0:
-            raise ValueError(f"must be an integer >= 0, got {v!r}")
+            raise ValueError("must be an integer >= 0")
         return v
 
 
@@ -168,7 +168,7 @@ class GatePolicyFile(ConfigModel):
     @classmethod
     def _version(cls, v: int) -> int:
         if v != 1:
-            raise ValueError(f"this gate understands version 1; got {v!r}")
+            raise ValueError("this gate understands version 1")
         return v
 
     @field_validator("allowed_punctuation")

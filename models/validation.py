@@ -29,6 +29,9 @@ _MUST = {
 }
 
 
+_FIRST = {"extra_forbidden": 0, "missing": 1}
+
+
 class ConfigModel(BaseModel):
     """Base of the config file models: unknown keys are errors, types are not coerced
     (a string is no number, true is no number; an integer is accepted for a float)."""
@@ -64,16 +67,18 @@ def describe(err: dict, model: type[BaseModel] | None = None) -> str:
     if kind in _MUST:
         return f"{where}: {_MUST[kind]}, got {err['input']!r}"
     msg = err["msg"]
-    if kind == "value_error":  # our own validators: the message says it all
-        return f"{where}: {msg.removeprefix('Value error, ')}"
+    if kind == "value_error":  # our own validators say what the field must be; the input follows
+        msg = msg.removeprefix("Value error, ")
+        return f"{where}: {msg}, got {err['input']!r}"
     if msg.startswith("Input should be "):
         msg = "must be " + msg.removeprefix("Input should be ")
     return f"{where}: {msg}, got {err['input']!r}"
 
 
 def message(e: ValidationError, where: str, model: type[BaseModel] | None = None) -> str:
-    """``FILE: field 'path': message`` for the first error (the count of the others after it)."""
-    errors = e.errors(include_url=False)
+    """``FILE: field 'path': message`` for the first error (the count of the others after it):
+    unknown fields first, then missing ones, then the rest in the order of the fields."""
+    errors = sorted(e.errors(include_url=False), key=lambda err: _FIRST.get(err["type"], 2))
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{where}: {describe(errors[0], model)}{more}" if where else f"{describe(errors[0], model)}{more}"
 
