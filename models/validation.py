@@ -23,7 +23,8 @@ _MUST = {
     "float_type": "must be a number", "float_parsing": "must be a number",
     "finite_number": "must be a finite number",
     "int_type": "must be an integer", "int_parsing": "must be an integer", "int_from_float": "must be an integer",
-    "string_type": "must be a string", "bool_type": "must be true or false", "bool_parsing": "must be true or false",
+    "string_type": "must be a string", "path_type": "must be a string (a path)",
+    "bool_type": "must be true or false", "bool_parsing": "must be true or false",
     "list_type": "must be a list", "tuple_type": "must be a list",
     "dict_type": "must be a table", "model_type": "must be a table", "model_attributes_type": "must be a table",
 }
