@@ -159,13 +159,15 @@ class LogsPane(Pane):
         worker = get_current_worker()
         app = self.app
 
+        ops = app.ops  # type: ignore[attr-defined]
+
         def plan(db: sqlite_utils.Database, now: float) -> tuple[TailPlan, TrainLogTail | None, str]:
             with queries.read_snapshot(db):  # history and the log offset of one moment
                 p = queries.tail_plan(db, source.kind, source.id)
                 if not p.ssh_host:
                     return p, None, ""
                 try:  # the SSH session comes from the console's ops, like every cloud action
-                    return p, app.ops.train_log_tail(db, p.run_id, p.instance_id, p.ssh_host, p.ssh_port), ""  # type: ignore[attr-defined]
+                    return p, ops.train_log_tail(db, p.run_id, p.instance_id, p.ssh_host, p.ssh_port), ""
                 except OpsUnavailable as e:  # a bad configs/vast.toml: events only, and say why
                     return p, None, str(e)
 
