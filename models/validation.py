@@ -56,6 +56,12 @@ def _known(model: type[BaseModel], loc: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
+def _shown(value: Any) -> str:
+    """The input as the message quotes it (a long table or list is cut: the line stays one line)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def describe(err: dict, model: type[BaseModel] | None = None) -> str:
     """One pydantic error as ``field 'a.b': message``."""
     loc, kind = tuple(err["loc"]), err["type"]
@@ -66,14 +72,14 @@ def describe(err: dict, model: type[BaseModel] | None = None) -> str:
         known = _known(model, loc) if model is not None else []
         return f"{where}: unknown field" + (f" (known: {', '.join(known)})" if known else "")
     if kind in _MUST:
-        return f"{where}: {_MUST[kind]}, got {err['input']!r}"
+        return f"{where}: {_MUST[kind]}, got {_shown(err['input'])}"
     msg = err["msg"]
     if kind == "value_error":  # our own validators say what the field must be; the input follows
         msg = msg.removeprefix("Value error, ")
-        return f"{where}: {msg}, got {err['input']!r}"
+        return f"{where}: {msg}, got {_shown(err['input'])}"
     if msg.startswith("Input should be "):
         msg = "must be " + msg.removeprefix("Input should be ")
-    return f"{where}: {msg}, got {err['input']!r}"
+    return f"{where}: {msg}, got {_shown(err['input'])}"
 
 
 def message(e: ValidationError, where: str, model: type[BaseModel] | None = None) -> str:
