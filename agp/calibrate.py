@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Sequence
 
 from agp.partition import PartitionError, PartitionPolicy, load_partition_policy, parse_partition_policy
-from agp.rows import write_text
+from models.files import atomic_write_text
 from models.bundle import PARTITIONS, PredictionRow, read_predictions
 
 MIN_ROWS = 50
@@ -245,7 +245,7 @@ def write(c: Calibration, out: Path | str) -> str:
     parsed = parse_partition_policy(tomllib.loads(text), str(out))
     if parsed.policy != c.policy:
         raise PartitionError(f"{out}: the written policy does not read back as computed")
-    write_text(out, text)
+    atomic_write_text(out, text)
     return parsed.identity
 
 

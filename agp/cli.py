@@ -132,7 +132,7 @@ def build_corpus_cmd(
     """mlx-lm chat corpus from real ASR error pairs."""
     from agp.corpus import build_corpus
     from agp.pipeline import lane_rows
-    from models.snapshot import sha256_file
+    from models.files import sha256_file
 
     rs, _ = lane_rows(rows, policy, source)
     manifest = build_corpus(rs, out, seed=seed, valid_fraction=valid_fraction, test_fraction=test_fraction,
@@ -335,7 +335,7 @@ def eval_cmd(
     from agp.evaluate import evaluate, format_table
     from agp.gate import load_witness_key
     from agp.pipeline import lane_rows, load_decisions
-    from agp.rows import write_json
+    from models.files import atomic_write_json
 
     ds = load_decisions(decisions)
     used = sorted({d.get("partition_source", "model") for d in ds})
@@ -354,7 +354,7 @@ def eval_cmd(
 
         typer.echo(f"frontier -> {plot_frontier(summary, frontier)}")
     if json_out:
-        write_json(json_out, summary)
+        atomic_write_json(json_out, summary, sort_keys=True)
         typer.echo(f"-> {json_out}")
 
 

@@ -21,7 +21,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from agp.rows import write_json, write_jsonl
+from agp.rows import write_jsonl
+from models.files import atomic_write_json
 from models.bundle import PredictionRow
 from models.text import NASAL_MARK, NKO_VOWELS, SYLLABIC_N, TONE_MARKS
 
@@ -267,5 +268,5 @@ def build_corpus(rows: Sequence[PredictionRow], out_dir: Path | str, seed: int =
         "split_feat_ids": {k: sorted(v) for k, v in ids.items()},
         "files": {name: hashlib.sha256((out / file).read_bytes()).hexdigest() for name, file in SPLIT_FILES.items()},
     }
-    write_json(out / "corpus.json", manifest)
+    atomic_write_json(out / "corpus.json", manifest, sort_keys=True)
     return manifest

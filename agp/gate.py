@@ -26,7 +26,9 @@ import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from pydantic import field_validator
 from rapidfuzz.distance import Levenshtein
 
 from agp.lexicon import Lexicon
@@ -34,6 +36,7 @@ from models.bundle import PARTITIONS, PredictionRow
 from models.text import normalize
 from models.text import VALIDITY_CLASSES, char_class
 from models.tomlfile import read_toml
+from models.validation import ConfigModel, validate
 
 DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "configs" / "agp" / "gate.toml"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -112,88 +115,125 @@ def from_json_float(x) -> float | None:
     return float(x) if isinstance(x, str) else x
 
 
-def parse_gate_policy(data: dict, path: str = "") -> GatePolicy:
-    def fail(key: str, message: str) -> GateError:
-        return GateError(f"{path}: key '{key}': {message}")
+class _BudgetEntry(ConfigModel):
+    relative: float
+    floor: int
 
-    optional = {"script_classes"}
-    known = {"version", "allowed_punctuation", "frozen", "quarantine", "lexicon_checked", "length_ratio", "budget"}
-    for key in data:
-        if key not in known | optional | {"acoustic"}:
-            raise fail(key, "unknown key")
-    for key in known:
-        if key not in data:
-            raise fail(key, "missing")
-    if data["version"] != 1:
-        raise fail("version", f"this gate understands version 1; got {data['version']!r}")
-    punct = data["allowed_punctuation"]
-    if not isinstance(punct, str) or any(ch.isspace() or ch.isalnum() for ch in punct):
-        raise fail("allowed_punctuation", "must be a string of punctuation characters (no letters, digits, spaces)")
-    lists = {}
-    for key in ("frozen", "quarantine", "lexicon_checked"):
-        v = data[key]
-        if not isinstance(v, list) or any(p not in PARTITIONS for p in v):
-            raise fail(key, f"must be a list of partitions from {', '.join(PARTITIONS)}")
-        lists[key] = tuple(v)
-    lr = data["length_ratio"]
-    if (not isinstance(lr, dict) or set(lr) != {"min", "max"}
-            or not all(isinstance(lr[k], (int, float)) and not isinstance(lr[k], bool) for k in lr)
-            or not 0 < lr["min"] <= 1 <= lr["max"]):
+    @field_validator("relative")
+    @classmethod
+    def _share(cls, v: float) -> float:
+        if not 0 <= v <= 1:
+            raise ValueError("must be between 0 and 1")
+        return v
+
+    @field_validator("floor")
+    @classmethod
+    def _floor(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be an integer >= 0")
+        return v
+
+
+class _LengthRatio(ConfigModel):
+    min: float
+    max: float
+
+
+class _Acoustic(ConfigModel):
+    checked: list[str]
+    margin: dict[str, Any]  # partition -> float, or the strings "inf" / "-inf" (checked below)
+
+
+def _partition_list(v: list[str]) -> list[str]:
+    if any(p not in PARTITIONS for p in v):
+        raise ValueError(f"must be a list of partitions from {', '.join(PARTITIONS)}")
+    return v
+
+
+class GatePolicyFile(ConfigModel):
+    """The schema of ``configs/agp/gate.toml`` (structure and types); the rules that tie
+    fields together (CONTRACTS §4, budgets of editable partitions, margins) are checked by
+    ``parse_gate_policy``."""
+
+    version: int
+    allowed_punctuation: str
+    frozen: list[str]
+    quarantine: list[str]
+    lexicon_checked: list[str]
+    length_ratio: _LengthRatio
+    budget: dict[str, _BudgetEntry]
+    script_classes: list[str] = []
+    acoustic: _Acoustic | None = None
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("this gate understands version 1")
+        return v
+
+    @field_validator("allowed_punctuation")
+    @classmethod
+    def _punct(cls, v: str) -> str:
+        if any(ch.isspace() or ch.isalnum() for ch in v):
+            raise ValueError("must be a string of punctuation characters (no letters, digits, spaces)")
+        return v
+
+    _partitions = field_validator("frozen", "quarantine", "lexicon_checked")(_partition_list)
+
+    @field_validator("script_classes")
+    @classmethod
+    def _classes(cls, v: list[str]) -> list[str]:
+        choosable = [c for c in VALIDITY_CLASSES if c not in ("nko", "control")]
+        if any(c not in choosable for c in v):
+            raise ValueError(f"must be a list of validity classes from {', '.join(choosable)} "
+                             "(N'Ko is always accepted; controls never are)")
+        return v
+
+
+def parse_gate_policy(data: dict, path: str = "") -> GatePolicy:
+    """A gate policy from a parsed TOML document; errors name ``path`` and the field."""
+    def fail(key: str, message: str) -> GateError:
+        return GateError(f"{path}: field '{key}': {message}" if path else f"field '{key}': {message}")
+
+    f = validate(GatePolicyFile, data, path, GateError)
+    lr = f.length_ratio
+    if not 0 < lr.min <= 1 <= lr.max:
         raise fail("length_ratio", "must be {min, max} with 0 < min <= 1 <= max")
-    budgets = {}
-    raw_budgets = data["budget"]
-    if not isinstance(raw_budgets, dict):
-        raise fail("budget", "must be a table of partition -> {relative, floor}")
-    for part, b in raw_budgets.items():
+    for part in f.budget:
         if part not in PARTITIONS:
             raise fail(f"budget.{part}", "not a partition")
-        if (not isinstance(b, dict) or set(b) != {"relative", "floor"}
-                or not isinstance(b["relative"], (int, float)) or isinstance(b["relative"], bool)
-                or not 0 <= b["relative"] <= 1 or not isinstance(b["floor"], int) or isinstance(b["floor"], bool)
-                or b["floor"] < 0):
-            raise fail(f"budget.{part}", "must be {relative: 0..1, floor: integer >= 0}")
-        budgets[part] = Budget(float(b["relative"]), b["floor"])
-    if MUST_FREEZE not in lists["frozen"]:
+    if MUST_FREEZE not in f.frozen:
         raise fail("frozen", f"must include {MUST_FREEZE!r}: stable rows are kept unchanged (CONTRACTS §4)")
-    if MUST_QUARANTINE not in lists["quarantine"]:
+    if MUST_QUARANTINE not in f.quarantine:
         raise fail("quarantine", f"must include {MUST_QUARANTINE!r}: novelty rows get no rewriting (CONTRACTS §4)")
-    editable = [p for p in PARTITIONS if p not in lists["frozen"] and p not in lists["quarantine"]]
-    for p in editable:
-        if p not in budgets:
+    for p in PARTITIONS:
+        if p not in f.frozen and p not in f.quarantine and p not in f.budget:
             raise fail(f"budget.{p}", f"partition {p!r} may be edited, so it needs an edit budget")
-    classes = data.get("script_classes", [])
-    choosable = [c for c in VALIDITY_CLASSES if c not in ("nko", "control")]
-    if not isinstance(classes, list) or any(c not in choosable for c in classes):
-        raise fail("script_classes", f"must be a list of validity classes from {', '.join(choosable)} "
-                                     "(N'Ko is always accepted; controls never are)")
-    checked, margins = _parse_acoustic(data.get("acoustic"), fail)
-    return GatePolicy(1, punct, lists["frozen"], lists["quarantine"], lists["lexicon_checked"],
-                      float(lr["min"]), float(lr["max"]), budgets, path, tuple(sorted(set(classes))), checked, margins)
+    budgets = {part: Budget(float(b.relative), b.floor) for part, b in f.budget.items()}
+    checked, margins = _parse_acoustic(f.acoustic, fail)
+    return GatePolicy(1, f.allowed_punctuation, tuple(f.frozen), tuple(f.quarantine), tuple(f.lexicon_checked),
+                      float(lr.min), float(lr.max), budgets, path, tuple(sorted(set(f.script_classes))),
+                      checked, margins)
 
 
-def _parse_acoustic(table, fail) -> tuple[tuple[str, ...], tuple[tuple[str, float], ...]]:
+def _parse_acoustic(table: _Acoustic | None, fail) -> tuple[tuple[str, ...], tuple[tuple[str, float], ...]]:
     """``[acoustic] checked = [...]`` with ``[acoustic.margin] <partition> = float`` (may be inf/-inf:
     -inf accepts nothing there, inf accepts any scored proposal). Absent: the rule is off."""
     if table is None:
         return (), ()
-    if not isinstance(table, dict) or set(table) != {"checked", "margin"}:
-        raise fail("acoustic", "must be a table with 'checked' (list of partitions) and 'margin' (partition -> float)")
-    checked = table["checked"]
-    if not isinstance(checked, list) or any(p not in PARTITIONS for p in checked):
+    if any(p not in PARTITIONS for p in table.checked):
         raise fail("acoustic.checked", f"must be a list of partitions from {', '.join(PARTITIONS)}")
-    raw = table["margin"]
-    if not isinstance(raw, dict):
-        raise fail("acoustic.margin", "must be a table of partition -> float")
     margins = {}
-    for part, m in raw.items():
+    for part, m in table.margin.items():
         m = from_json_float(m) if m in ("inf", "-inf") else m
         if part not in PARTITIONS or not isinstance(m, (int, float)) or isinstance(m, bool) or math.isnan(m):
             raise fail(f"acoustic.margin.{part}", "must be a partition with a number (inf / -inf allowed)")
         margins[part] = float(m)
-    for part in checked:
+    for part in table.checked:
         if part not in margins:
             raise fail(f"acoustic.margin.{part}", f"partition {part!r} is acoustically checked, so it needs a margin")
-    return tuple(checked), tuple(sorted(margins.items()))
+    return tuple(table.checked), tuple(sorted(margins.items()))
 
 
 def load_gate_policy(path: Path | str | None = None) -> GatePolicy:

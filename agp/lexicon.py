@@ -15,7 +15,7 @@ from typing import Iterable
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
-from agp.rows import write_text
+from models.files import atomic_write_text
 from models.text import target_text
 
 
@@ -55,7 +55,7 @@ class Lexicon:
         return cls(counts)
 
     def save(self, path: Path | str) -> None:
-        write_text(path, "".join(f"{w}\t{self.counts[w]}\n" for w in self._ranked))
+        atomic_write_text(path, "".join(f"{w}\t{self.counts[w]}\n" for w in self._ranked))
 
     def __contains__(self, word: str) -> bool:
         return word in self.counts

@@ -12,7 +12,8 @@ from agp.gate import Decision, Gate, GatePolicy, load_gate_policy
 from agp.lexicon import Lexicon
 from agp.partition import PartitionPolicy, load_partition_policy, partition_counts
 from agp.proposers import LexiconProposer, propose_all
-from agp.rows import read_jsonl, write_json, write_jsonl, write_text
+from agp.rows import read_jsonl, write_jsonl
+from models.files import atomic_write_json, atomic_write_text
 from models.bundle import PREDICTIONS, PredictionRow, RowError, read_predictions
 
 PROPOSAL_FIELDS = {"feat_id": str, "proposal": str}
@@ -148,8 +149,8 @@ def run_lane(predictions_jsonl: Path | str, proposer, lexicon: Lexicon, out_dir:
                     "files": {name: str(out / name) for name in names}})
     if hasattr(proposer, "settings"):
         summary["proposer_settings"] = proposer.settings()
-    write_json(out / "agp_eval.json", summary)
-    write_text(out / "agp_eval.txt", format_table(summary) + "\n")
+    atomic_write_json(out / "agp_eval.json", summary, sort_keys=True)
+    atomic_write_text(out / "agp_eval.txt", format_table(summary) + "\n")
     return summary
 
 
@@ -214,7 +215,7 @@ def write_gate_policy(policy: GatePolicy, path: Path | str, comments: Sequence[s
     back = parse_gate_policy(tomllib.loads(text), str(path))
     if back.as_dict() != policy.as_dict():
         raise ValueError(f"{path}: the written gate policy does not read back as computed")
-    write_text(path, text)
+    atomic_write_text(path, text)
     return Path(path)
 
 
@@ -303,7 +304,7 @@ def run_bundles_lane(bundles: Sequence[LaneBundle], split_path: Path | str, snap
         policy, calibration = calibrate_on_val(bundle.dir, lane_dir) if calibrate else (None, None)
         summaries = _lane_proposers(bundle, lane_dir, db_path, policy, calibrate, proposers, shared)
         out[bundle.run_id] = {"run_id": bundle.run_id, "proposers": summaries, "partition_calibration": calibration}
-        write_json(lane_dir / "agp_eval.json", out[bundle.run_id])
+        atomic_write_json(lane_dir / "agp_eval.json", out[bundle.run_id], sort_keys=True)
     return out
 
 
@@ -337,7 +338,7 @@ def _lane_proposers(bundle: LaneBundle, lane_dir: Path, db_path: Path | str, pol
                            gpolicy, policy, source, scorer=scorer)
         if gate_cal:
             summary["gate_calibration"] = gate_cal
-            write_json(lane_dir / name / "agp_eval.json", summary)
+            atomic_write_json(lane_dir / name / "agp_eval.json", summary, sort_keys=True)
         summaries[name] = summary
     return summaries
 

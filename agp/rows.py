@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable
 
 from models.bundle import PredictionRow, RowError
-from models.files import atomic_write_json, atomic_write_text
+from models.files import atomic_write_text
 from models.jsonl import iter_objects
 
 
@@ -20,16 +20,6 @@ def write_jsonl(path: Path | str, records: Iterable[dict]) -> int:
     lines = [json.dumps(rec, ensure_ascii=False) + "\n" for rec in records]
     atomic_write_text(path, "".join(lines))
     return len(lines)
-
-
-def write_text(path: Path | str, text: str) -> None:
-    """Write a text file atomically."""
-    atomic_write_text(path, text)
-
-
-def write_json(path: Path | str, obj: object) -> None:
-    """Write one JSON document atomically."""
-    atomic_write_json(path, obj, indent=1, sort_keys=True)
 
 
 def write_rows(path: Path | str, rows: Iterable[PredictionRow]) -> int:

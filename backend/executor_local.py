@@ -52,6 +52,7 @@ from backend.runs import Bundle, import_run, recorded_hashes, register_bundle, v
 from backend.vast.remote import PATH_FIELDS  # the fields the Vast executor rewrites
 from models.bundle import BundleError
 from models.config import RunConfig
+from models.files import atomic_write_json
 from models.split import Split
 from state import execution, store
 from state.execution import RunStatus
@@ -93,13 +94,6 @@ def same_config(have: dict | None, want: dict) -> bool:
         return {k: v for k, v in (cfg or {}).items() if k not in PATH_FIELDS}
 
     return strip(have) == strip(want)
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 class LocalExecutor:
@@ -225,7 +219,7 @@ class LocalExecutor:
     def launch(self, job: Job, slots: int) -> RunResult | None:
         self.log(f"{job.state_id}: {'sanity run' if job.sanity else job.how} -> {job.out_dir}")
         cfg_path = self.config_path(job.spec, job.sanity)
-        write_json(cfg_path, job.cfg)
+        atomic_write_json(cfg_path, job.cfg, sort_keys=True)
         out_file = self.root / "_executor" / f"{job.spec.run_id}{'.sanity' if job.sanity else ''}.out"
         out_file.parent.mkdir(parents=True, exist_ok=True)
         # metrics are re-read from the start: the trainer truncates metrics.jsonl on resume

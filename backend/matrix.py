@@ -314,7 +314,8 @@ class Identity:
 
 
 def _snapshot_sha(path: str) -> tuple[str, int]:
-    from models.snapshot import pairs_path, sha256_file
+    from models.files import sha256_file
+    from models.snapshot import pairs_path
 
     p = pairs_path(Path(path))
     if not p.exists():

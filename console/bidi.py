@@ -1,18 +1,19 @@
-"""Visual ordering of right-to-left text for a terminal.
+"""Visual ordering of right-to-left text for a terminal: the project's glue around python-bidi.
 
 Terminals draw cells left to right in the order they receive them and do no bidi
 processing, so an N'Ko string (stored in logical order, first letter first) would show
-mirrored. Before display we reorder it into *visual* order ourselves: split the text into
-grapheme clusters (a base character plus the combining marks that follow it), give each
-cluster an embedding level (the Unicode Bidirectional Algorithm for one paragraph without
-explicit embeddings: weak rules W2-W7 for numbers and their separators, neutrals N1/N2,
-implicit levels I1/I2), then reverse runs from the highest level down (rule L2). Reversing
-whole clusters rather than code points keeps each tone mark (U+07EB..U+07F3) and the
-nasalisation mark attached to its own base letter.
+mirrored. Before display we put it in *visual* order ourselves. The Unicode Bidirectional
+Algorithm is python-bidi's (``bidi.algorithm``: paragraph level P2/P3, weak types W1-W7,
+neutrals N1/N2, implicit levels I1/I2, run reversal L2, mirrored glyphs from its table for
+L4). What stays here is what a terminal needs on top of it:
 
-Text that wraps is broken into lines in logical order first and each line is reordered on
-its own (``visual_lines``): reordering a whole paragraph and letting the terminal wrap it
-would put the end of a right-to-left sentence on its first screen line.
+* Reordering is done on grapheme clusters (a base character plus the combining marks that
+  follow it, each cluster at its base's level), so every tone mark (U+07EB..U+07F3) and the
+  nasalisation mark stays after its own base letter (UBA L3 leaves that to the renderer).
+* Text that wraps is broken into lines in logical order first and each line is reordered on
+  its own (``visual_lines``), with the levels of the whole paragraph: reordering a whole
+  paragraph and letting the terminal wrap it would put the end of a right-to-left sentence
+  on its first screen line.
 
 N'Ko is also a joining script; terminals do not shape it, so letters show in their
 isolated forms. Only the order is fixed here.
@@ -21,15 +22,16 @@ isolated forms. Only the order is fixed here.
 from __future__ import annotations
 
 import unicodedata
-from typing import Sequence, TypeVar
+from typing import Sequence
 
+from bidi import algorithm as uba
+from bidi.mirror import MIRRORED
 from rich.cells import cell_len
 
 from models.text import normalize
 
-T = TypeVar("T")
-
-_MIRROR = dict(zip("()[]{}<>«»‹›", ")(][}{><»«›‹"))
+__all__ = ["normalize", "clusters", "has_rtl", "paragraph_is_rtl", "units", "breaks", "visual_lines",
+           "visual_clusters", "visual"]
 
 
 def clusters(text: str) -> list[str]:
@@ -50,12 +52,6 @@ def _is_mark(ch: str) -> bool:
     return unicodedata.category(ch) in ("Mn", "Mc", "Me") or ch in ("\u200d",)
 
 
-def _class(cluster: str) -> str:
-    """The bidi class of a cluster's base character; every neutral class reads 'N'."""
-    cls = unicodedata.bidirectional(cluster[0])
-    return cls if cls in ("L", "R", "AL", "EN", "AN", "ES", "ET", "CS") else "N"
-
-
 def has_rtl(text: str) -> bool:
     """True when ``text`` holds a right-to-left letter (N'Ko, Arabic, Hebrew...)."""
     return any(unicodedata.bidirectional(ch) in ("R", "AL") for ch in text)
@@ -63,95 +59,31 @@ def has_rtl(text: str) -> bool:
 
 def paragraph_is_rtl(text: str) -> bool:
     """True when the first strong letter is right-to-left (UBA rules P2/P3)."""
-    for ch in text:
-        cls = unicodedata.bidirectional(ch)
-        if cls in ("R", "AL", "L"):
-            return cls != "L"
-    return False
+    return uba.get_base_level(text) == 1
 
 
-def levels(units: Sequence[str], rtl: bool) -> list[int]:
-    """Embedding level of each cluster in a paragraph of the given direction.
-
-    Weak types first: a number after an Arabic letter is an Arabic number (W2); a single
-    ``+``/``-`` between European digits, or ``.``/``,``/``:`` between digits of one kind,
-    joins them (W4: "12.5"); ``%``, ``$``, ``°``... next to European digits count as digits
-    (W5: "50%", "$5"); other separators are neutral (W6); European digits after a Latin
-    letter are Latin (W7: "abc 12"). Then a run of neutrals between two same-direction
-    neighbours takes that direction, numbers counting as R (N1), else the paragraph's (N2).
-    Levels (I1/I2): R letters odd, Latin the paragraph's even level, numbers 2 so their
-    digits keep left-to-right order in either paragraph.
-    """
-    t = [_class(u) for u in units]
-    n = len(t)
-    sos = "R" if rtl else "L"
-    last = sos  # W2, W3
-    for i, c in enumerate(t):
-        if c in ("L", "R", "AL"):
-            last = c
-        elif c == "EN" and last == "AL":
-            t[i] = "AN"
-    t = ["R" if c == "AL" else c for c in t]
-    for i in range(1, n - 1):  # W4
-        if t[i] == "ES" and t[i - 1] == t[i + 1] == "EN":
-            t[i] = "EN"
-        elif t[i] == "CS" and t[i - 1] == t[i + 1] and t[i - 1] in ("EN", "AN"):
-            t[i] = t[i - 1]
-    i = 0
-    while i < n:  # W5: a run of terminators touching a European number joins it
-        if t[i] != "ET":
-            i += 1
-            continue
-        j = i
-        while j < n and t[j] == "ET":
-            j += 1
-        if (i > 0 and t[i - 1] == "EN") or (j < n and t[j] == "EN"):
-            t[i:j] = ["EN"] * (j - i)
-        i = j
-    t = ["N" if c in ("ES", "ET", "CS") else c for c in t]  # W6
-    last = sos  # W7
-    for i, c in enumerate(t):
-        if c in ("L", "R"):
-            last = c
-        elif c == "EN" and last == "L":
-            t[i] = "L"
-    i = 0
-    while i < n:  # N1, N2
-        if t[i] != "N":
-            i += 1
-            continue
-        j = i
-        while j < n and t[j] == "N":
-            j += 1
-        before = sos if i == 0 else ("L" if t[i - 1] == "L" else "R")
-        after = sos if j == n else ("L" if t[j] == "L" else "R")
-        t[i:j] = [before if before == after else sos] * (j - i)
-        i = j
-    if rtl:
-        return [1 if c == "R" else 2 for c in t]
-    return [{"L": 0, "R": 1}.get(c, 2) for c in t]
+def _levels(text: str) -> list[int]:
+    """The resolved embedding level of every code point of one paragraph (UBA up to I2)."""
+    storage = uba.get_empty_storage()
+    base = uba.get_base_level(text)
+    storage["base_level"], storage["base_dir"] = base, "LR"[base]
+    uba.get_embedding_levels(text, storage)
+    uba.explicit_embed_and_overrides(storage)
+    uba.resolve_weak_types(storage)
+    uba.resolve_neutral_types(storage, False)
+    uba.resolve_implicit_levels(storage, False)
+    return [ch["level"] for ch in storage["chars"]]
 
 
-def reorder(units: Sequence[T], lv: Sequence[int]) -> list[T]:
-    """Rule L2: from the highest level down to the lowest odd level, reverse every
-    maximal run of units at that level or higher."""
-    items = list(zip(units, lv))
-    if not items:
+def _reorder(indices: Sequence[int], lv: Sequence[int]) -> list[int]:
+    """UBA L2 on one line: ``indices`` (logical, with levels ``lv``) in visual order."""
+    if not indices:
         return []
-    top = max(lv)
-    lowest_odd = min((x for x in lv if x % 2), default=top + 1)
-    for level in range(top, lowest_odd - 1, -1):
-        i = 0
-        while i < len(items):
-            if items[i][1] >= level:
-                j = i
-                while j < len(items) and items[j][1] >= level:
-                    j += 1
-                items[i:j] = items[i:j][::-1]
-                i = j
-            else:
-                i += 1
-    return [u for u, _ in items]
+    items = [{"ch": i, "level": lv[i]} for i in indices]
+    top = max(it["level"] for it in items)
+    lowest_odd = min((it["level"] for it in items if it["level"] % 2), default=top + 1)
+    uba.reverse_contiguous_sequence(items, 0, len(items) - 1, top, lowest_odd)
+    return [it["ch"] for it in items]
 
 
 def units(text: str) -> list[str]:
@@ -191,17 +123,18 @@ def visual_lines(text: str, width: int | None = None) -> list[list[tuple[str, in
     Levels are resolved on the whole paragraph, lines are broken in logical order and each
     is reordered on its own (UBA, "reordering resolved levels"), so the first line holds
     the beginning of the text. The logical index lets a caller style clusters (e.g. a diff)
-    before reordering. Right-to-left clusters that are mirrored characters are swapped for
-    their mirror.
+    before reordering. Clusters at a right-to-left level that are mirrored characters are
+    swapped for their mirror (L4).
     """
     units_ = units(text)
-    lv = levels(units_, paragraph_is_rtl("".join(units_)))
+    point_levels = _levels("".join(units_))
+    lv, at = [], 0
+    for u in units_:  # a cluster is at its base's level (W1 gives its marks the same one)
+        lv.append(point_levels[at])
+        at += len(u)
     spans = [(0, len(units_))] if width is None else breaks(units_, max(1, width))
-    out = []
-    for start, stop in spans:
-        order = reorder(list(range(start, stop)), lv[start:stop])
-        out.append([(_MIRROR.get(units_[i], units_[i]) if lv[i] % 2 else units_[i], i) for i in order])
-    return out
+    return [[(MIRRORED.get(units_[i], units_[i]) if lv[i] % 2 else units_[i], i)
+             for i in _reorder(range(start, stop), lv)] for start, stop in spans]
 
 
 def visual_clusters(text: str) -> list[tuple[str, int]]:

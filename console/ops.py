@@ -15,6 +15,9 @@ Kill idle and destroy are two steps: ``preview_*`` says, per instance, which fil
 disk have no verified copy in the local store (hashed on the instance now, compared with
 the store), and ``destroy`` acts only on a preview with nothing at risk; ``Fleet.destroy``
 then syncs and verifies once more at that moment and refuses if anything changed.
+
+``train_log_tail`` opens the Logs pane's SSH reading of a live run's ``train.log``: the
+pane asks for it here and only shows the lines (no SSH session is built in the panes).
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from state import store
 from backend.vast.config import VastConfigError, VastSettings, load_budget, load_settings, state_dir_for
 from backend.vast.fleet import DestroyOutcome, Fleet
 from backend.provider import Instance, ProviderError
+from backend.vast.logs import LogFollower
 from backend.vast.provider import provider_from_settings
-from backend.vast.remote import StageError
-from backend.vast.ssh import HostKeyChanged, SSHError
+from backend.vast.remote import Layout, StageError
+from backend.vast.ssh import HostKeyChanged, KnownHosts, Remote, SSHError, SSHTarget
 from backend.vast.sync import SyncError, SyncReport, remote_entries
 
 # What a cloud action can fail with; each is shown as one line, the console keeps running.
@@ -123,6 +127,33 @@ class Candidate:
         return ""
 
 
+class ScreenTail(LogFollower):
+    """train.log's new complete lines for the screen, from the offset the lane stored: the
+    follower's reading (offsets, truncation after a resume, partial lines) without its
+    writing into state.db."""
+
+    def lines(self, remote: Remote) -> list[str]:
+        raw, end = self._read_new(remote, "train.log")
+        self.offsets["train.log"] = end  # shown, not stored: nothing to commit first
+        return [line.decode("utf-8", errors="replace") for line in raw]
+
+
+class TrainLogTail:
+    """A live run's ``train.log`` on its instance, read over SSH for the Logs pane. Blocking
+    (SSH): call ``lines`` from a thread worker; it raises ``SSHError`` (``HostKeyChanged``
+    when the host key changed: never retry that one) and the caller closes it when done."""
+
+    def __init__(self, follower: ScreenTail, remote: Remote) -> None:
+        self.follower, self.remote = follower, remote
+        self.where = f"SSH {remote.target} {follower.remote_dir}/train.log"
+
+    def lines(self) -> list[str]:
+        return self.follower.lines(self.remote)
+
+    def close(self) -> None:
+        self.remote.close()
+
+
 class Ops:
     def __init__(self, db_path: str | Path, settings_path: str | Path | None = "configs/vast.toml",
                  budget_path: str | Path | None = "configs/budget.toml") -> None:
@@ -187,6 +218,19 @@ class Ops:
         """Seconds between the console's own account polls: the budget's poll_interval_s
         (``OpsUnavailable`` when no provider is configured)."""
         return self.fleet().ledger.budget.poll_interval_s
+
+    def train_log_tail(self, db, run_id: str, instance_id: str, ssh_host: str, ssh_port: int) -> TrainLogTail:
+        """The SSH tail of ``run_id``'s train.log on instance ``instance_id`` (at
+        ``ssh_host:ssh_port``), from the log offset ``db`` holds. Connects lazily (on the first
+        ``lines``); ``OpsUnavailable`` when configs/vast.toml cannot be read."""
+        try:
+            settings = self.settings()
+        except VastConfigError as e:
+            raise OpsUnavailable(f"VastConfigError: {e}") from None
+        layout = Layout.for_instance(settings.remote_base, instance_id)
+        follower = ScreenTail(db, run_id, layout.run_dir(run_id), instance_id)
+        target = SSHTarget(ssh_host, ssh_port, settings.ssh_user, settings.ssh_key)
+        return TrainLogTail(follower, Remote(target, KnownHosts(settings.known_hosts), timeout=settings.ssh_timeout_s))
 
     # ------------------------------------------------------------------ actions
 

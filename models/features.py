@@ -53,6 +53,7 @@ import whisper
 from whisper.audio import HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
 from whisper.model import AudioEncoder
 
+from models.files import atomic_write_text
 from models.audio import load_audio
 
 if TYPE_CHECKING:
@@ -356,12 +357,7 @@ class FeatureWriter:
         index = {"format": STORE_FORMAT, "version": STORE_VERSION, "recipe": self.recipe, "dim": self.dim,
                  "dtype": "float16", "shards": self._shards, "sources": self._sources,
                  "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "items": self._items}
-        tmp = self.root / f".{INDEX_FILE}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(index, f, ensure_ascii=False, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.root / INDEX_FILE)
+        atomic_write_text(self.root / INDEX_FILE, json.dumps(index, ensure_ascii=False, separators=(",", ":")))
         _fsync_dir(self.root)
         self._has_index, self._dirty = True, False
 

@@ -4,12 +4,12 @@ for audio, ``audio/<feat_id>.<ext>`` (or a row field ``"audio"`` relative to the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from models.files import sha256_file
 from models.jsonl import iter_objects
 from models.text import nko_offences
 
@@ -20,14 +20,6 @@ AUDIO_EXTS = (".ogg", ".opus", ".flac", ".wav")
 
 class SnapshotError(ValueError):
     pass
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def pairs_path(path: Path) -> Path:

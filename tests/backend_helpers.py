@@ -9,7 +9,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from models.snapshot import sha256_file
+from models.files import sha256_file
 from models.split import make_split
 from models.text import row_edits, toneless
 from models.features import FeatureWriter, recipe_hash

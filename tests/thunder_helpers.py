@@ -13,7 +13,7 @@ from agp.tiny_model import build_tiny_llama
 from agp_helpers import PAIRS, row_dict, sample_rows, write_rows_file
 from backend.localssh import free_port_pair
 from backend.thunder.config import ClusterConfig, parse_config
-from models.snapshot import sha256_file
+from models.files import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 

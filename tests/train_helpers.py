@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from models.features import FeatureWriter, recipe_hash
-from models.snapshot import sha256_file
+from models.files import sha256_file
 from models.split import make_split
 from models.text import latin_to_nko
 

@@ -301,7 +301,7 @@ def _thunder(p: Paths, log, hang: bool) -> None:
     from backend.thunder.config import parse_config
     from backend.thunder.launch import launch
     from backend.thunder.monitor import Monitor
-    from models.snapshot import sha256_file
+    from models.files import sha256_file
 
     t = p.root / "thunder"
     rows_path = p.root / "runs" / RUN_ID / "test_predictions.jsonl"

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from backend.sandbox import MARKER
+from models.files import atomic_write_text
 
 
 def start_time(pid: int) -> int | None:
@@ -45,9 +46,7 @@ class Record:
             {"kind": "nko-ops sandbox", "created_at": time.time(), "processes": {}, "ports": {}}
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(self.data, indent=1))
 
     def add_process(self, name: str, pid: int, port: int | None = None) -> None:
         self.data["processes"][name] = {"pid": pid, "started": start_time(pid)}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import socket
@@ -37,8 +36,9 @@ from agp.lexicon import Lexicon
 from agp.partition import load_partition_policy
 from agp.pipeline import gate_all
 from agp.proposers import ChatProposer, propose_all
-from agp.rows import write_json, write_jsonl, write_text
+from agp.rows import write_jsonl
 from models.bundle import PredictionRow, read_predictions
+from models.files import atomic_write_json, atomic_write_text, sha256_file
 
 
 class AgpEvalError(RuntimeError):
@@ -62,7 +62,7 @@ def heldout_rows(rows_path: Path | str, corpus_dir: Path | str, partition_policy
     if not want_sha:
         raise AgpEvalError(f"{manifest_path}: field 'rows_sha256' is empty, so the eval rows cannot be checked "
                            f"against the rows the corpus was built from{rebuild} --rows ...")
-    got_sha = _sha256(Path(rows_path))
+    got_sha = sha256_file(Path(rows_path))
     if got_sha != want_sha:
         raise AgpEvalError(f"{rows_path}: sha256 {got_sha[:16]} differs from {manifest_path} field 'rows_sha256' "
                            f"{want_sha[:16]}: not the rows file the corpus was built from (eval.rows)")
@@ -125,10 +125,6 @@ def serve(model: str, adapter: str, max_tokens: int, log: Path, startup_s: float
             proc.wait()
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def damage_line(summary: dict) -> str:
     c = summary["already_correct"]
     return (f"already-correct rows: {c['rows']}, damaged by accepted edits: {c['worse']} "
@@ -176,7 +172,7 @@ def evaluate_adapter(model: str, adapter: str, corpus: str, rows: str, out: Path
         score_proposals(proposals, test_rows, acoustic_run)
     summary, decisions, policy_hash = score(test_rows, proposals, lexicon, ppolicy.identity, gate_policy)
     summary.update({
-        "split": "test", "model": model, "adapter": adapter, "adapter_sha256": _sha256(adapter_file),
+        "split": "test", "model": model, "adapter": adapter, "adapter_sha256": sha256_file(adapter_file),
         "corpus": corpus, "corpus_files": manifest.get("files", {}), "rows": rows, "rows_sha256": manifest["rows_sha256"],
         "proposer": "chat (mlx_lm.server + adapter)", "max_tokens": max_tokens, "policy_hash": policy_hash,
         "partition_source": ppolicy.identity, "lexicon_words": len(lexicon), "propose_seconds": round(propose_s, 2),
@@ -185,8 +181,8 @@ def evaluate_adapter(model: str, adapter: str, corpus: str, rows: str, out: Path
     })
     write_jsonl(out / "proposals.jsonl", proposals)
     write_jsonl(out / "decisions.jsonl", decisions)
-    write_text(out / "agp_eval.txt", format_table(summary) + "\n" + damage_line(summary) + "\n")
-    write_json(out / "agp_eval.json", summary)
+    atomic_write_text(out / "agp_eval.txt", format_table(summary) + "\n" + damage_line(summary) + "\n")
+    atomic_write_json(out / "agp_eval.json", summary, sort_keys=True)
     return summary
 
 

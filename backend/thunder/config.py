@@ -16,9 +16,10 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from models.tomlfile import read_toml
+from models.validation import validate
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "thunder" / "cluster.toml"
 SAFE_SHAPE = {"batch_size": 1, "num_layers": 4, "lora_rank": 8, "learning_rate": 1e-6, "max_seq_length": 256}
@@ -168,19 +169,8 @@ class ClusterConfig(_Section):
         raise ConfigError(f"no host named {name!r} (hosts: {', '.join(h.name for h in self.hosts)})")
 
 
-def _format_errors(e: ValidationError, where: str) -> str:
-    lines = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"  field '{loc}': {err['msg']}")
-    return f"{where}: invalid Thunder cluster config\n" + "\n".join(lines)
-
-
 def parse_config(data: dict, where: str = "<config>") -> ClusterConfig:
-    try:
-        return ClusterConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_errors(e, where)) from None
+    return validate(ClusterConfig, data, where, ConfigError)
 
 
 def load_config(path: Path | str | None = None) -> ClusterConfig:

@@ -8,13 +8,14 @@ it. It is held in memory only: never written to state.db, logs, artifacts or a c
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, get_type_hints
+from typing import Annotated, Any
+
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from models.tomlfile import read_toml
+from models.validation import ConfigModel, validate
 
 DEFAULT_QUERY = ("num_gpus=1 gpu_ram>=24 reliability>0.98 inet_down>200 disk_space>=60 "
                  "cuda_max_good>=12.1 rented=False")
@@ -24,24 +25,44 @@ class VastConfigError(ValueError):
     pass
 
 
-@dataclass
-class IdleSettings:
+class _Settings(ConfigModel):
+    """A settings table: strict types, finite numbers. Read from a file, a problem is a
+    VastConfigError naming the file and field; built in code, pydantic's ValidationError."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+def _positive(v: float) -> float:
+    if not v > 0:
+        raise ValueError("must be positive")
+    return v
+
+
+def _not_negative(v: float) -> float:
+    if v < 0:
+        raise ValueError("must not be negative")
+    return v
+
+
+class IdleSettings(_Settings):
     """Idle = GPU utilisation below ``gpu_util_below`` (percent) for ``window_s`` AND no
     trainer heartbeat for ``heartbeat_timeout_s``."""
 
     gpu_util_below: float = 5.0
     window_s: float = 900.0
     heartbeat_timeout_s: float = 600.0
-    section: ClassVar[str] = "idle."
 
-    def __post_init__(self) -> None:
-        _check(self, "gpu_util_below", 0 <= self.gpu_util_below <= 100, "must be between 0 and 100")
-        _check(self, "window_s", self.window_s >= 0, "must not be negative")
-        _check(self, "heartbeat_timeout_s", self.heartbeat_timeout_s >= 0, "must not be negative")
+    @field_validator("gpu_util_below")
+    @classmethod
+    def _percent(cls, v: float) -> float:
+        if not 0 <= v <= 100:
+            raise ValueError("must be between 0 and 100")
+        return v
+
+    _not_negative = field_validator("window_s", "heartbeat_timeout_s")(_not_negative)
 
 
-@dataclass
-class MirrorSettings:
+class MirrorSettings(_Settings):
     """A second SSH remote that receives a copy of every verified artifact."""
 
     host: str
@@ -49,14 +70,16 @@ class MirrorSettings:
     port: int = 22
     user: str = "root"
     key: str = "~/.ssh/id_ed25519"
-    section: ClassVar[str] = "mirror."
 
-    def __post_init__(self) -> None:
-        _check(self, "port", 0 < self.port < 65536, "must be a TCP port (1-65535)")
+    @field_validator("port")
+    @classmethod
+    def _port(cls, v: int) -> int:
+        if not 0 < v < 65536:
+            raise ValueError("must be a TCP port (1-65535)")
+        return v
 
 
-@dataclass
-class VastSettings:
+class VastSettings(_Settings):
     server_url: str | None = None  # None: the SDK's default (VAST_URL or https://console.vast.ai)
     query: str = DEFAULT_QUERY
     order: str = "dph_total"
@@ -64,7 +87,7 @@ class VastSettings:
     disk_gb: float = 60.0
     remote_base: str = "/workspace/nko-ops"
     remote_python: str = "python3"
-    remote_env: dict[str, str] = field(default_factory=dict)
+    remote_env: dict[str, str] = {}
     ssh_user: str = "root"
     ssh_key: str = "~/.ssh/id_ed25519"
     ssh_timeout_s: float = 20.0
@@ -73,15 +96,13 @@ class VastSettings:
     sync_every_s: float = 300.0
     max_recoveries: int = 2
     stop_wait_s: float = 60.0  # before a destroy: how long a trainer gets to exit after SIGTERM
-    idle: IdleSettings = field(default_factory=IdleSettings)
+    idle: IdleSettings = IdleSettings()
     mirror: MirrorSettings | None = None
-    state_dir: Path = Path(".nko-ops")
-    section: ClassVar[str] = ""
+    state_dir: Annotated[Path, Field(strict=False)] = Path(".nko-ops")
 
-    def __post_init__(self) -> None:
-        for name in ("disk_gb", "ssh_timeout_s", "boot_timeout_s", "heartbeat_s", "sync_every_s", "stop_wait_s"):
-            _check(self, name, getattr(self, name) > 0, "must be positive")
-        _check(self, "max_recoveries", self.max_recoveries >= 0, "must not be negative")
+    _positive = field_validator("disk_gb", "ssh_timeout_s", "boot_timeout_s", "heartbeat_s", "sync_every_s",
+                                "stop_wait_s")(_positive)
+    _not_negative = field_validator("max_recoveries")(_not_negative)
 
     @property
     def known_hosts(self) -> Path:
@@ -96,73 +117,37 @@ class VastSettings:
         return self.state_dir / "vast" / "dist"
 
 
-@dataclass
-class BudgetSettings:
+class _BudgetTable(_Settings):
+    """The ``[budget]`` table of a budget file."""
+
     cap_usd: float = 100.0
     warn_usd: float | None = None  # None: 80% of the cap
     poll_interval_s: float = 60.0
     name: str = "default"
-    source: str = ""
-    section: ClassVar[str] = "budget."
 
-    def __post_init__(self) -> None:
-        for name in ("cap_usd", "warn_usd", "poll_interval_s"):
-            v = getattr(self, name)
-            _check(self, name, v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                             and math.isfinite(v)), "must be a finite number")
-        _check(self, "cap_usd", self.cap_usd > 0, "must be positive")
+    _positive = field_validator("cap_usd", "poll_interval_s")(_positive)
+
+    @field_validator("warn_usd")
+    @classmethod
+    def _warn(cls, v: float | None, info: ValidationInfo) -> float | None:
+        cap = info.data.get("cap_usd")
+        if v is not None and cap is not None and not 0 <= v <= cap:
+            raise ValueError(f"must be between 0 and cap_usd ({cap:g})")
+        return v
+
+    @model_validator(mode="after")
+    def _default_warn(self) -> "_BudgetTable":
         if self.warn_usd is None:
             self.warn_usd = 0.8 * self.cap_usd
-        _check(self, "warn_usd", 0 <= self.warn_usd <= self.cap_usd, f"must be between 0 and cap_usd ({self.cap_usd})")
-        _check(self, "poll_interval_s", self.poll_interval_s > 0, "must be positive")
+        return self
 
 
-def _check(obj, name: str, ok: bool, why: str) -> None:
-    if not ok:
-        raise VastConfigError(f"field '{obj.section}{name}': {why}, got {getattr(obj, name)!r}")
+class BudgetSettings(_BudgetTable):
+    source: str = ""  # the file it came from (not a key of the file)
 
 
-def _type_problem(kind: Any, value: Any) -> str | None:
-    """Why ``value`` (as read from TOML) does not fit the annotation ``kind``; None if it does."""
-    if kind in (float, float | None):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok and not math.isfinite(value):
-            return f"must be a finite number, got {value!r}"
-        return None if ok else f"must be a number, got {value!r}"
-    if kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        return None if ok else f"must be an integer, got {value!r}"
-    if kind in (str, Path, str | None):
-        return None if isinstance(value, str) else f"must be a string, got {value!r}"
-    if kind == dict[str, str]:
-        if not isinstance(value, dict):
-            return f"must be a table of strings, got {value!r}"
-        bad = next((k for k, v in value.items() if not isinstance(v, str)), None)
-        return None if bad is None else f"must be a table of strings ({bad!r} is {value[bad]!r})"
-    return None
-
-
-def _build(cls, data: Any, where: str, section: str = ""):
-    """``cls`` from one table of a settings file; every error names the file and the field."""
-    if not isinstance(data, dict):
-        raise VastConfigError(f"{where}: field '{section.rstrip('.')}': must be a table, got {data!r}")
-    hints = get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise VastConfigError(f"{where}: unknown field(s) {', '.join(section + u for u in unknown)} "
-                              f"(known: {', '.join(sorted(known))})")
-    for f in fields(cls):
-        if f.name not in data and f.default is MISSING and f.default_factory is MISSING:
-            raise VastConfigError(f"{where}: field '{section}{f.name}': required")
-    for name, value in data.items():
-        why = _type_problem(hints[name], value)
-        if why:
-            raise VastConfigError(f"{where}: field '{section}{name}': {why}")
-    try:
-        return cls(**data)
-    except VastConfigError as e:
-        raise VastConfigError(f"{where}: {e}") from None
+class _BudgetFile(ConfigModel):
+    budget: _BudgetTable
 
 
 def load_settings(path: str | Path | None = "configs/vast.toml", state_dir: str | Path | None = None,
@@ -172,10 +157,7 @@ def load_settings(path: str | Path | None = "configs/vast.toml", state_dir: str 
     data: dict = {}
     if path is not None and Path(path).exists():
         data = read_toml(path, VastConfigError, "Vast config")
-    idle = _build(IdleSettings, data.pop("idle", {}), str(path), "idle.")
-    mirror = data.pop("mirror", None)
-    mirror = _build(MirrorSettings, mirror, str(path), "mirror.") if mirror is not None else None
-    s = _build(VastSettings, {**data, "idle": idle, "mirror": mirror}, str(path))
+    s = validate(VastSettings, data, str(path), VastConfigError)
     for k, v in overrides.items():
         if v is not None:
             setattr(s, k, v)
@@ -183,9 +165,6 @@ def load_settings(path: str | Path | None = "configs/vast.toml", state_dir: str 
         s.state_dir = Path(state_dir)
     s.state_dir = Path(s.state_dir)
     return s
-
-
-BUDGET_FIELDS = ("cap_usd", "warn_usd", "poll_interval_s", "name")
 
 
 def load_budget(path: str | Path = "configs/budget.toml") -> BudgetSettings:
@@ -199,21 +178,10 @@ def load_budget(path: str | Path = "configs/budget.toml") -> BudgetSettings:
         raise VastConfigError(f"{path}: budget file not found; the Vast lane spends money only under a cap "
                               "(a [budget] table with cap_usd)")
     data = read_toml(path, VastConfigError, "budget file")
-    unknown = sorted(set(data) - {"budget"})
-    if unknown:
-        raise VastConfigError(f"{path}: unknown table(s) or key(s) {', '.join(unknown)} (only [budget])")
-    if "budget" not in data:
-        raise VastConfigError(f"{path}: no [budget] table (it must set cap_usd)")
-    budget = data["budget"]
-    if not isinstance(budget, dict):
-        raise VastConfigError(f"{path}: field 'budget': must be a table, got {budget!r}")
-    extra = sorted(set(budget) - set(BUDGET_FIELDS))
-    if extra:
-        raise VastConfigError(f"{path}: unknown field(s) {', '.join('budget.' + k for k in extra)} "
-                              f"(known: {', '.join(BUDGET_FIELDS)})")
-    if "cap_usd" not in budget:
+    if isinstance(data.get("budget"), dict) and "cap_usd" not in data["budget"]:  # no silent default cap
         raise VastConfigError(f"{path}: field 'budget.cap_usd': required (the most this budget may spend, USD)")
-    return _build(BudgetSettings, {**budget, "source": str(path)}, str(path), "budget.")
+    table = validate(_BudgetFile, data, str(path), VastConfigError).budget
+    return BudgetSettings(**table.model_dump(), source=str(path))
 
 
 def state_dir_for(db_path: str | Path) -> Path:

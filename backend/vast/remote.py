@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.files import sha256_file
 from backend.vast.ssh import Remote, SSHError, quote
 
 HELPER = Path(__file__).with_name("remote_helper.py")
@@ -34,14 +35,6 @@ PACKAGES = ("backend", "models", "agp", "console")
 
 class StageError(RuntimeError):
     pass
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

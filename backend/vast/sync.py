@@ -24,7 +24,6 @@ run without a verified checkpoint.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import posixpath
@@ -35,6 +34,7 @@ from typing import Callable
 
 import paramiko
 
+from models.files import sha256_file
 from backend.vast.ssh import KnownHosts, Remote, SSHError, SSHTarget
 from state import fleet as fleet_state
 from state import store
@@ -79,7 +79,7 @@ class CAS:
         p = self.path(sha)
         if not p.is_file():
             return False
-        return not verify or _sha256_file(p) == sha
+        return not verify or sha256_file(p) == sha
 
     def partial(self, sha: str) -> Path:
         return self.tmp / f"{sha}.part"
@@ -115,7 +115,7 @@ class CAS:
 
     def put_file(self, src: Path) -> tuple[str, Path]:
         """Add a local file (used for inputs and tests); returns (sha256, blob path)."""
-        sha = _sha256_file(src)
+        sha = sha256_file(src)
         if not self.has(sha):
             self.tmp.mkdir(parents=True, exist_ok=True)
             part = self.tmp / f"{sha}.local.part"
@@ -126,14 +126,6 @@ class CAS:
                 os.fsync(b.fileno())
             self.commit(part, sha)
         return sha, self.path(sha)
-
-
-def _sha256_file(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -334,7 +326,7 @@ class Syncer:
 
     def _commit_verified(self, part: Path, e: Entry) -> None:
         """Move a complete transfer into the store once its bytes hash as the instance said."""
-        got = _sha256_file(part)
+        got = sha256_file(part)
         if got != e.sha256:
             part.unlink()
             raise IntegrityError(f"{e.name}: received bytes hash to {got[:12]}…, the instance reported "

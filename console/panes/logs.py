@@ -25,10 +25,9 @@ from textual.timer import Timer
 from textual.widgets import DataTable, Input, RichLog, Static
 from textual.worker import get_current_worker
 
-from backend.vast.logs import LogFollower
-from backend.vast.remote import Layout
-from backend.vast.ssh import HostKeyChanged, KnownHosts, Remote, SSHError, SSHTarget
+from backend.vast.ssh import HostKeyChanged, SSHError
 from console import bidi, queries
+from console.ops import OpsUnavailable, TrainLogTail
 from console.queries import LogEvent, LogSource, TailPlan
 from console.widgets import EmptyState, Pane, Table, bidi_lines, styled
 
@@ -38,17 +37,6 @@ SSH_POLL_S = 0.25
 EVENTS_POLL_S = 0.5
 MAX_LINES = 5000
 SETTLE_S = 0.3  # a source is opened once the cursor rests on it this long (arrowing past opens nothing)
-
-
-class ScreenTail(LogFollower):
-    """train.log's new complete lines for the screen, from the offset the lane stored: the
-    follower's reading (offsets, truncation after a resume, partial lines) without its
-    writing into state.db."""
-
-    def lines(self, remote: Remote) -> list[str]:
-        raw, end = self._read_new(remote, "train.log")
-        self.offsets["train.log"] = end  # shown, not stored: nothing to commit first
-        return [line.decode("utf-8", errors="replace") for line in raw]
 
 
 @dataclass(frozen=True)
@@ -170,30 +158,27 @@ class LogsPane(Pane):
     def _tail(self, source: LogSource, gen: int) -> None:
         worker = get_current_worker()
         app = self.app
-        settings, config_error = None, ""
-        try:
-            settings = app.ops.settings()  # type: ignore[attr-defined]
-        except Exception as e:  # noqa: BLE001 - a bad configs/vast.toml: events only, and say why
-            config_error = f"{type(e).__name__}: {e}"
 
-        def plan(db: sqlite_utils.Database, now: float) -> tuple[TailPlan, ScreenTail | None]:
+        ops = app.ops  # type: ignore[attr-defined]
+
+        def plan(db: sqlite_utils.Database, now: float) -> tuple[TailPlan, TrainLogTail | None, str]:
             with queries.read_snapshot(db):  # history and the log offset of one moment
                 p = queries.tail_plan(db, source.kind, source.id)
-                tail = None
-                if p.ssh_host and settings is not None:
-                    layout = Layout.for_instance(settings.remote_base, p.instance_id)
-                    tail = ScreenTail(db, p.run_id, layout.run_dir(p.run_id), p.instance_id)
-                return p, tail
+                if not p.ssh_host:
+                    return p, None, ""
+                try:  # the SSH session comes from the console's ops, like every cloud action
+                    return p, ops.train_log_tail(db, p.run_id, p.instance_id, p.ssh_host, p.ssh_port), ""
+                except OpsUnavailable as e:  # a bad configs/vast.toml: events only, and say why
+                    return p, None, str(e)
 
         got = app.read(plan)  # type: ignore[attr-defined]
         if got is None or worker.is_cancelled:
+            if got is not None and got[1] is not None:
+                got[1].close()
             return
-        p, tail = got
-        remote = None
-        if tail is not None:
-            target = SSHTarget(p.ssh_host, p.ssh_port, settings.ssh_user, settings.ssh_key)
-            remote = Remote(target, KnownHosts(settings.known_hosts), timeout=settings.ssh_timeout_s)
-            mode = f"SSH {target} {tail.remote_dir}/train.log + events"
+        p, remote, config_error = got
+        if remote is not None:
+            mode = f"{remote.where} + events"
         else:
             why = f" (no SSH: {config_error})" if config_error and p.ssh_host else ""
             mode = "events in state.db" + why
@@ -214,7 +199,7 @@ class LogsPane(Pane):
                 if remote is not None and now >= retry_at:
                     retry_at = now + SSH_POLL_S
                     try:
-                        lines = tail.lines(remote)
+                        lines = remote.lines()
                         if lines and not post(self._append, gen, [Line(x) for x in lines]):
                             break
                         if self.problem:

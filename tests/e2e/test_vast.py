@@ -349,8 +349,8 @@ def test_mirror_push(vast_env, sshd, tmp_path):
     from backend.vast.config import MirrorSettings
     from backend.vast.fleet import Fleet
 
-    vast_env.settings.mirror = MirrorSettings("127.0.0.1", str(tmp_path / "mirror"), sshd.port, "root",
-                                              str(sshd.client_key))
+    vast_env.settings.mirror = MirrorSettings(host="127.0.0.1", path=str(tmp_path / "mirror"), port=sshd.port,
+                                              user="root", key=str(sshd.client_key))
     fleet = Fleet(vast_env.db, vast_env.settings, vast_env.budget, vast_env.provider, log=vast_env.logs.append)
     row = vast_env.new_instance()
     data = os.urandom(10_000)

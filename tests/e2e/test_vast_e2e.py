@@ -4,7 +4,6 @@ the API key appears in no file. The recovery run (instance lost mid-run) is mark
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -80,7 +79,7 @@ def test_matrix_on_emulated_cloud_end_to_end(vast_env, tmp_path):
 
     # sync at the first poll after the start: the tiny run can finish within the fixture's 3 s
     # sync interval on a quiet machine, and the in-flight check needs a sync while it trains
-    settings = dataclasses.replace(vast_env.settings, sync_every_s=0.5)
+    settings = vast_env.settings.model_copy(update={"sync_every_s": 0.5})
     t0 = time.monotonic()
     results = run_matrix(matrix, vast_env.tmp / "state" / "state.db", executor="vast", skip_sanity=True, poll_s=0.5,
                               log=log, settings=settings, budget=vast_env.budget,

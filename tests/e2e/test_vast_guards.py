@@ -574,13 +574,13 @@ def test_settings_and_budget_are_type_checked_naming_file_and_field(tmp_path):
         "max_recoveries = -1": "field 'max_recoveries': must not be negative, got -1",
         "sync_every_s = 0": "field 'sync_every_s': must be positive, got 0",
         'ssh_key = 5': "field 'ssh_key': must be a string, got 5",
-        "[remote_env]\nOMP_NUM_THREADS = 8": "field 'remote_env': must be a table of strings ('OMP_NUM_THREADS' is 8)",
+        "[remote_env]\nOMP_NUM_THREADS = 8": "field 'remote_env.OMP_NUM_THREADS': must be a string, got 8",
         '[idle]\nwindow_s = "x"': "field 'idle.window_s': must be a number, got 'x'",
         "[idle]\ngpu_util_below = 150": "field 'idle.gpu_util_below': must be between 0 and 100, got 150",
         "idle = 3": "field 'idle': must be a table, got 3",
         '[mirror]\nhost = "h"': "field 'mirror.path': required",
         '[mirror]\nhost = "h"\npath = "/p"\nport = "22"': "field 'mirror.port': must be an integer, got '22'",
-        "[idle]\nwindow = 3": "unknown field(s) idle.window",
+        "[idle]\nwindow = 3": "field 'idle.window': unknown field (known: gpu_util_below, heartbeat_timeout_s, window_s)",
     }
     for text, want in bad_settings.items():
         vast.write_text(text + "\n")

@@ -238,6 +238,30 @@ def test_visual_lines_break_in_logical_order_then_reorder_each_line():
     assert shown("", 10) == []
 
 
+def test_mixed_nko_latin_digit_line_is_shown_in_uba_order():
+    """One log-like line: N'Ko words, a Latin run id, a number with its separator and %, in
+    the order UBA gives (python-bidi): the paragraph is right-to-left (first strong letter is
+    N'Ko), Latin and numbers keep left-to-right order inside it."""
+    line = "ߛߊ߲ run-7 ߦߋ 12.5% ok 3 ߓߊ"
+    assert bidi.visual(line) == "ߊߓ ok 3 12.5% ߋߦ run-7 ߊ߲ߛ"
+    # left-to-right paragraph: a number after N'Ko continues the right-to-left run (N1), as UBA says
+    assert bidi.visual("epoch 3: ߛߊ߲ 40%") == "epoch 3: 40% ߊ߲ߛ"
+
+
+mixed_letters = st.sampled_from([chr(c) for c in range(0x07CA, 0x07EB)] + list("ab12 .%$-+:,"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=mixed_letters, max_size=30))
+def test_visual_agrees_with_python_bidi_display_without_marks(text):
+    """Without combining marks (which we keep after their base, unlike a plain L2 reversal)
+    the console shows what python-bidi's own get_display shows for the normalised line."""
+    from bidi import algorithm
+
+    flat = bidi.normalize(text)
+    assert bidi.visual(text) == algorithm.get_display(flat)
+
+
 nko_letters = st.sampled_from([chr(c) for c in range(0x07CA, 0x07EB)] + [" ", "ߒ", "1", "a"])
 nko_marks = st.lists(st.sampled_from([chr(c) for c in range(0x07EB, 0x07F4)]), max_size=2)
 

@@ -267,9 +267,9 @@ def test_decision_fields_and_witness():
 def test_a_policy_cannot_unfreeze_stable_or_unquarantine_novelty():
     raw = POLICY.as_dict()
     budgets = {p: {"relative": 0.5, "floor": 5} for p in ("stable", "boundary", "uncertain", "novelty")}
-    with pytest.raises(GateError, match="key 'frozen': must include 'stable'"):
+    with pytest.raises(GateError, match="field 'frozen': must include 'stable'"):
         parse_gate_policy({**raw, "frozen": [], "budget": budgets}, "g.toml")
-    with pytest.raises(GateError, match="key 'quarantine': must include 'novelty'"):
+    with pytest.raises(GateError, match="field 'quarantine': must include 'novelty'"):
         parse_gate_policy({**raw, "quarantine": [], "budget": budgets}, "g.toml")
 
 
@@ -295,11 +295,11 @@ def test_policy_hash_covers_policy_lexicon_and_partition_source(tmp_path):
 
 def test_policy_errors_name_the_key():
     raw = POLICY.as_dict()
-    with pytest.raises(GateError, match="key 'budget.uncertain'.*needs an edit budget"):
+    with pytest.raises(GateError, match="field 'budget.uncertain'.*needs an edit budget"):
         parse_gate_policy({**raw, "budget": {"boundary": raw["budget"]["boundary"]}}, "g.toml")
-    with pytest.raises(GateError, match="key 'length_ratio'"):
+    with pytest.raises(GateError, match="field 'length_ratio'"):
         parse_gate_policy({**raw, "length_ratio": {"min": 2, "max": 3}}, "g.toml")
-    with pytest.raises(GateError, match="key 'colour': unknown"):
+    with pytest.raises(GateError, match="field 'colour': unknown field"):
         parse_gate_policy({**raw, "colour": "red"}, "g.toml")
 
 
@@ -359,5 +359,5 @@ def test_script_classes_choose_what_else_a_proposal_may_contain():
         assert strict_gate.decide(row, proposal).rules == strict, proposal
         assert typo.decide(row, proposal).rules == widened, proposal
     for bad in (["control"], ["nko"], ["emoji"], "latin"):
-        with pytest.raises(GateError, match="key 'script_classes'"):
+        with pytest.raises(GateError, match="field 'script_classes'"):
             parse_gate_policy({**raw, "script_classes": bad}, "g.toml")

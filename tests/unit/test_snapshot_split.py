@@ -5,7 +5,8 @@ import pytest
 from typer.testing import CliRunner
 
 from backend.cli import app
-from models.snapshot import SnapshotError, describe, load, sha256_file
+from models.files import sha256_file
+from models.snapshot import SnapshotError, describe, load
 from models.split import Split, make_split
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"

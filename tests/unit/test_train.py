@@ -23,7 +23,7 @@ from models.config import ConfigError, load_config, parse_config
 from models.data import DataError
 from models.bundle import BUNDLE_FILES, PARTITIONS, PREDICTION_FIELDS
 from models.decode import SUMMARY_KEYS, load_policy, partition
-from models.snapshot import sha256_file
+from models.files import sha256_file
 from models.split import PARTS, make_split
 from models.text import row_edits, toneless
 from models.train import evaluate_run, train

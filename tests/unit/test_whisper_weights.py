@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from models import whisper_weights as ww
 from models.audio import load_audio
+from models.files import sha256_file
 from models.features import (ENCODER_DIMS, FeatureError, FeatureStore, encode, extract, featurize, load_encoder,
                              make_recipe)
 from test_features import SR, make_snapshot, tone
@@ -125,7 +126,7 @@ def test_ct2_dir_matches_ctranslate2_encode(ct2_models: dict[str, Path], storage
     weights = ww.load_ct2_dir(ct2_models[storage])
     assert weights.dims == {"n_mels": 80, "n_audio_ctx": 1500, "n_audio_state": 40, "n_audio_head": 5,
                             "n_audio_layer": 3}
-    assert storage in weights.name and weights.sha256 == ww.file_sha256(ct2_models[storage] / "model.bin")
+    assert storage in weights.name and weights.sha256 == sha256_file(ct2_models[storage] / "model.bin")
     raw = ww.read_ct2(ct2_models[storage] / "model.bin")
     assert raw.dtypes["encoder/layer_0/ffn/linear_0/weight"] == storage
     if storage in ("int8", "int16"):
@@ -146,7 +147,7 @@ def test_cli_extract_from_ct2_dir_and_checkpoint(ct2_models: dict[str, Path], tm
     assert res.exit_code == 0, res.output
     store = FeatureStore.open(tmp_path / "c")
     assert store.recipe["name"] == "whisper-ct2" and store.dim == 40
-    assert store.weights["sha256"] == ww.file_sha256(ct2_models["int8"] / "model.bin")
+    assert store.weights["sha256"] == sha256_file(ct2_models["int8"] / "model.bin")
     res = runner.invoke(app, ["features", "describe", str(tmp_path / "c")])
     assert res.exit_code == 0 and f"sha256:{store.weights['sha256']}" in res.output
     # another checkpoint in the same store is refused: the weights are part of the recipe
@@ -180,7 +181,7 @@ def test_checkpoint_dims_come_from_the_file(tmp_path: Path) -> None:
     weights = ww.load_checkpoint(path)
     assert weights.dims == {"n_mels": 80, "n_audio_ctx": 1500, "n_audio_state": 48, "n_audio_head": 3,
                             "n_audio_layer": 2}
-    assert weights.sha256 == ww.file_sha256(path) and "odd.pt" in weights.name
+    assert weights.sha256 == sha256_file(path) and "odd.pt" in weights.name
     reference = whisper.load_model(str(path), device="cpu").encoder  # openai-whisper's own loader
     mel = padded_mel(sample_clip())
     with torch.no_grad():
