@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from agp.rows import Row, write_json, write_jsonl
+from models.errors import NkoOpsError
 from models.text import NASAL_MARK, NKO_VOWELS, SYLLABIC_N, TONE_MARKS
 
 SYSTEM_PROMPT = ("You correct N'Ko (Bambara) speech-recognition output. Reply with the corrected "
@@ -32,7 +33,7 @@ _SWAPS = {"e_swap": {"ߋ": "ߍ", "ߍ": "ߋ"}, "o_swap": {"ߏ": "ߐ", "ߐ": "ߏ"}
 _NKO_TONES = sorted(TONE_MARKS)
 
 
-class CorpusError(ValueError):
+class CorpusError(NkoOpsError, ValueError):
     pass
 
 

@@ -14,10 +14,11 @@ from typing import Sequence
 
 from agp.gate import verify_witness
 from agp.rows import PARTITIONS, Row, normalize
+from models.errors import NkoOpsError
 from models.text import row_edits, toneless
 
 
-class EvalError(ValueError):
+class EvalError(NkoOpsError, ValueError):
     pass
 
 

@@ -31,6 +31,7 @@ from rapidfuzz.distance import Levenshtein
 
 from agp.lexicon import Lexicon
 from agp.rows import PARTITIONS, Row, normalize
+from models.errors import NkoOpsError
 from models.text import VALIDITY_CLASSES, char_class
 from models.tomlfile import read_toml
 
@@ -47,7 +48,7 @@ MUST_FREEZE, MUST_QUARANTINE = "stable", "novelty"  # CONTRACTS §4
 _TONE = re.compile(f"[{NKO_TONES}]")
 
 
-class GateError(ValueError):
+class GateError(NkoOpsError, ValueError):
     pass
 
 

@@ -12,12 +12,13 @@ import sqlite_utils
 from agp.gate import Decision, from_json_float
 from agp.rows import write_jsonl
 from state.store import transaction
+from models.errors import NkoOpsError
 from models.text import row_edits
 
 VERDICTS = ("agree", "override")
 
 
-class ReviewError(ValueError):
+class ReviewError(NkoOpsError, ValueError):
     pass
 
 

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from models.errors import NkoOpsError
 from models.jsonl import iter_objects
 from models.summary_keys import SUMMARY_KEYS
 from models.text import normalize, row_edits
@@ -36,7 +37,7 @@ REQUIRED = ("feat_id", "audio_id", "split", "script", "mode", "asr_text", "refer
 OPTIONAL = ("model_partition", "partition_source")
 
 
-class RowError(ValueError):
+class RowError(NkoOpsError, ValueError):
     """Bad prediction rows; ``problems`` holds one ``path:line N: field 'x': ...`` per issue."""
 
     def __init__(self, path: str, problems: list[str]):

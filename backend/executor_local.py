@@ -20,7 +20,7 @@ Order of work, nothing written (not state.db, not out_root) before step 2 has pa
 4. Full runs, at most ``parallel`` at a time, each with cores / parallel torch threads
    (on a busy 2-core machine, two torch threads per trainer made epochs erratic and often
    many times slower than one):
-   ``python -m backend.cli train --config …``
+   ``python -m models.train_cli train --config …``
    with stdout/stderr to ``out_root/_executor/<run_id>.out``. Every poll: new
    ``metrics.jsonl`` lines into ``metrics``, new output lines into ``events``, a heartbeat
    into ``runs``. Exit 0 + a verified bundle = completed; anything else = failed (with the
@@ -47,12 +47,13 @@ from typing import Callable
 from state import store
 from backend.matrix import Identity, Matrix, MatrixError, RunSpec, config_sha256, load_matrix, resolve
 from backend.runs import Bundle, BundleError, import_run, recorded_hashes, register_bundle, verify_bundle
+from models.errors import NkoOpsError
 
 POLL_S = 1.0
 LOG_CHUNK = 1 << 20  # bytes of trainer output read at a time
 
 
-class ExecutorError(RuntimeError):
+class ExecutorError(NkoOpsError, RuntimeError):
     """The matrix cannot run as asked; the message says why (nothing was started)."""
 
 
@@ -242,7 +243,7 @@ class LocalExecutor:
         threads = str(max(1, (os.cpu_count() or 1) // (slots or self.parallel)))  # no oversubscription
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env.setdefault(var, threads)
-        cmd = [sys.executable, "-m", "backend.cli", "train", "--config", str(cfg_path)]
+        cmd = [sys.executable, "-m", "models.train_cli", "train", "--config", str(cfg_path)]
         with open(job.out_file, "ab") as out:
             job.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                         start_new_session=True,

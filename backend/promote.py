@@ -23,9 +23,10 @@ from pathlib import Path
 from state import store
 from backend.matrix import MatrixError, load_matrix, resolve
 from backend.runs import recorded_hashes, verify_bundle
+from models.errors import NkoOpsError
 
 
-class PromoteError(ValueError):
+class PromoteError(NkoOpsError, ValueError):
     pass
 
 

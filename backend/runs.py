@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from models.errors import NkoOpsError
 from models.jsonl import iter_objects
 from models.runid import run_id_problem
 from models.snapshot import sha256_file
@@ -28,7 +29,7 @@ PREDICTION_KEYS = ("feat_id", "audio_id", "split", "script", "mode", "asr_text",
 PARTITIONS = ("stable", "boundary", "uncertain", "novelty")
 
 
-class BundleError(ValueError):
+class BundleError(NkoOpsError, ValueError):
     pass
 
 

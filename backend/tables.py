@@ -31,13 +31,14 @@ import numpy as np
 from backend import stats
 from backend.matrix import Matrix, RunSpec, load_matrix
 from backend.runs import PARTITIONS, recorded_hashes, verify_bundle
+from models.errors import NkoOpsError
 
 SCRIPTS = ("nko", "latin")
 MODES = ("baseline", "trajectory", "tar", "ttt")
 SCRIPT_NAMES = {"nko": "N'Ko", "latin": "Latin"}
 
 
-class TablesError(ValueError):
+class TablesError(NkoOpsError, ValueError):
     pass
 
 

@@ -36,6 +36,7 @@ from backend.vast.provider import ProviderError, provider_from_settings
 from backend.vast.remote import StageError
 from backend.vast.ssh import HostKeyChanged, SSHError
 from backend.vast.sync import SyncError, SyncReport, remote_entries
+from models.errors import NkoOpsError
 
 # What a cloud action can fail with; each is shown as one line, the console keeps running.
 ERRORS = (VastConfigError, ProviderError, SSHError, SyncError, StageError)
@@ -75,7 +76,7 @@ class OpsBusy(RuntimeError):
     pass
 
 
-class OpsError(RuntimeError):
+class OpsError(NkoOpsError, RuntimeError):
     pass
 
 

@@ -54,6 +54,7 @@ from whisper.audio import HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
 from whisper.model import AudioEncoder
 
 from models.audio import load_audio
+from models.errors import NkoOpsError
 
 if TYPE_CHECKING:
     from models.whisper_weights import Weights
@@ -78,7 +79,7 @@ ENCODER_DIMS = {
 LARGE_V3_FILE = "large-v3.pt"
 
 
-class FeatureError(ValueError):
+class FeatureError(NkoOpsError, ValueError):
     """Bad input to the feature store; the message names the feat_id or file at fault."""
 
 

@@ -45,6 +45,7 @@ from models.config import RunConfig
 from models.data import RunData, collate, make_batches, padding_waste, prepare, spec_augment
 from models.decode import (DEFAULT_POLICY, decode_utterances, jsonl_bytes, load_policy, metrics_by_partition,
                            policy_sha256)
+from models.errors import NkoOpsError
 from models.model import CTCModel, Dims
 from models.trajectory import tar_loss
 
@@ -55,7 +56,7 @@ TAR_DEFINITION = ("L = L_CTC + tar.weight * mean_t ||A(h_t) - sg(z_{t+1})||^2/7 
                   "A = linear anticipation head (models/trajectory.py)")
 
 
-class RunError(RuntimeError):
+class RunError(NkoOpsError, RuntimeError):
     pass
 
 

@@ -11,7 +11,7 @@ from agp.pipeline import run_lexicon_lane
 from agp.records import ReviewError, add_review, export_reviews, pending_reviews, record_decisions
 from agp_helpers import (PAIRS, agp_home, make_row, row_dict, sample_rows, text_only_policy,  # noqa: F401
                          write_rows_file)
-from backend.cli import app
+from cli.root import app
 from state.store import open_db
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"

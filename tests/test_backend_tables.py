@@ -16,7 +16,7 @@ from backend.matrix import parse_matrix
 from backend.promote import PromoteError, promote
 from backend.runs import BundleError, import_run, verify_bundle
 from backend.tables import write_tables
-from backend.cli import app
+from cli.root import app
 from backend_helpers import make_corpus, matrix_dict, noisy, write_bundle
 
 runner = CliRunner()

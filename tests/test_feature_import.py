@@ -123,7 +123,7 @@ def test_missing_rows_need_allow_missing_and_frames_can_be_required(cache, tmp_p
 
 
 def test_cli_import_and_describe(cache, tmp_path: Path) -> None:
-    from backend.cli import app
+    from cli.root import app
 
     snap, src, _ = cache
     runner = CliRunner()

@@ -286,7 +286,7 @@ def test_extract_empty_transcript_names_feat_id(snapshot: Path, tmp_path: Path) 
 
 
 def test_cli_extract_and_describe(snapshot: Path, tmp_path: Path) -> None:
-    from backend.cli import app
+    from cli.root import app
 
     runner = CliRunner()
     out = tmp_path / "feats"

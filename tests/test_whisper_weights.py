@@ -137,7 +137,7 @@ def test_ct2_dir_matches_ctranslate2_encode(ct2_models: dict[str, Path], storage
 
 
 def test_cli_extract_from_ct2_dir_and_checkpoint(ct2_models: dict[str, Path], tmp_path: Path) -> None:
-    from backend.cli import app
+    from cli.root import app
 
     snap = make_snapshot(tmp_path / "snap", [("bam_a", 0.8, SR), ("bam_b", 1.5, SR)], fmt="WAV")
     runner = CliRunner()
@@ -223,7 +223,7 @@ def test_truncated_or_foreign_model_bin_is_a_one_line_error(tmp_path: Path) -> N
 
 
 def test_cli_names_the_bad_model_file(tmp_path: Path) -> None:
-    from backend.cli import app
+    from cli.root import app
 
     snap = make_snapshot(tmp_path / "snap", [("bam_a", 0.5, SR)], fmt="WAV")
     (tmp_path / "bad").mkdir()

@@ -38,9 +38,10 @@ from agp.partition import load_partition_policy
 from agp.pipeline import gate_all
 from agp.proposers import ChatProposer, propose_all
 from agp.rows import Row, load_rows, write_json, write_jsonl, write_text
+from models.errors import NkoOpsError
 
 
-class AgpEvalError(RuntimeError):
+class AgpEvalError(NkoOpsError, RuntimeError):
     pass
 
 

@@ -14,13 +14,14 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, get_type_hints
 
+from models.errors import NkoOpsError
 from models.tomlfile import read_toml
 
 DEFAULT_QUERY = ("num_gpus=1 gpu_ram>=24 reliability>0.98 inet_down>200 disk_space>=60 "
                  "cuda_max_good>=12.1 rented=False")
 
 
-class VastConfigError(ValueError):
+class VastConfigError(NkoOpsError, ValueError):
     pass
 
 

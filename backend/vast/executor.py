@@ -45,12 +45,13 @@ from backend.vast.logs import LogFollower
 from backend.vast.provider import ProviderError, VastProvider, provider_from_settings
 from backend.vast.ssh import HostKeyChanged, SSHError
 from backend.vast.sync import Entry, SyncError
+from models.errors import NkoOpsError
 
 RESUME_FILES = ("last.pt", "best.pt", "train.log", "run.log", "metrics.jsonl")
 POLL_S = 10.0
 
 
-class LaunchError(RuntimeError):
+class LaunchError(NkoOpsError, RuntimeError):
     pass
 
 

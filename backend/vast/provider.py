@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import requests
+from models.errors import NkoOpsError
 
 TRANSIENT = {429, 500, 502, 503, 504}
 GONE_STATUSES = ("exited", "offline", "unknown")
 
 
-class ProviderError(RuntimeError):
+class ProviderError(NkoOpsError, RuntimeError):
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
         self.status = status

@@ -37,11 +37,12 @@ import paramiko
 
 from state import store
 from backend.vast.ssh import KnownHosts, Remote, SSHError, SSHTarget
+from models.errors import NkoOpsError
 
 CHUNK = 1 << 20
 
 
-class SyncError(RuntimeError):
+class SyncError(NkoOpsError, RuntimeError):
     pass
 
 

@@ -1,5 +1,7 @@
 """``nko-ops sandbox [start|console|status|stop]``: every console pane alive on this machine
-alone (backend/sandbox/build.py). Errors are one line on stderr, exit 2."""
+alone. ``backend/sandbox/build.py`` builds and stops the sandbox; opening the console on it
+joins the console and the backend, so the command lives here, at the CLI root. Errors are one
+line on stderr, exit 2."""
 
 from __future__ import annotations
 
