@@ -77,11 +77,12 @@ def load(name: str) -> TyperCommand | TyperGroup:
     """The click command for sub-app NAME, importing its module now."""
     sub = SUBCOMMANDS[name]
     obj = getattr(importlib.import_module(sub.module), sub.attr)
-    if not isinstance(obj, typer.Typer):  # a single command function
+    if isinstance(obj, typer.Typer):  # a sub-app: a group, even with one command (as add_typer made it)
+        cmd = typer.main.get_group(obj)
+    else:  # a single command function
         single = typer.Typer()
         single.command(name)(obj)
-        obj = single
-    cmd = typer.main.get_command(obj)
+        cmd = typer.main.get_command(single)
     cmd.name = name
     return cmd
 
@@ -90,7 +91,8 @@ _LOADED: dict[str, TyperCommand | TyperGroup] = {}  # sub-apps imported so far, 
 
 
 def one_line_error(e: BaseException) -> str:
-    """What a user sees for an error no command handled itself: one line, naming the file."""
+    """The line a user sees for a user error: its message, which names the file and the field.
+    The standard library's own errors get the file in front where they know it."""
     if isinstance(e, NkoOpsError):
         return str(e)
     if isinstance(e, UnicodeDecodeError):
@@ -99,7 +101,7 @@ def one_line_error(e: BaseException) -> str:
         return f"{e.filename}: {e.strerror or e}"
     if isinstance(e, sqlite3.Error):
         return f"state store: {e}"
-    return f"{type(e).__name__}: {e}"
+    return str(e) or type(e).__name__  # e.g. FileNotFoundError("prediction rows not found: PATH")
 
 
 # Bad input that reaches the standard library (a missing or unreadable file, bytes that do not
@@ -147,7 +149,7 @@ app = typer.Typer(help="nko-ops: N'Ko / Latin Bambara ASR operations.", no_args_
 
 
 @app.callback()
-def root() -> None:
+def nko_ops() -> None:
     pass  # a callback makes the root a group (its commands are all in SUBCOMMANDS)
 
 
