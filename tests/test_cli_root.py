@@ -58,6 +58,29 @@ def test_light_commands_import_no_torch_and_no_other_area(args):
         assert "ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ" in done.stdout
 
 
+@pytest.mark.parametrize("args", [["sample", "--help"], ["features", "describe", "STORE"], ["matrix", "--help"],
+                                  ["agp", "--help"], ["vast", "--help"], ["thunder", "--help"]])
+def test_commands_that_need_no_torch_do_not_import_it(args, tmp_path):
+    if "STORE" in args:
+        from models.features import FeatureWriter, make_recipe
+
+        with FeatureWriter(tmp_path / "store", make_recipe("log-mel", "trimmed", 2)) as w:
+            w.add("a", __import__("numpy").zeros((3, 80), dtype="float16"))
+        args = [str(tmp_path / "store") if a == "STORE" else a for a in args]
+    done, mods = imported("cli", *args)
+    assert done.returncode == 0, done.stderr
+    assert not mods & set(HEAVY), sorted(mods & set(HEAVY))
+
+
+def test_the_features_constants_are_whispers():
+    import whisper.audio
+
+    from models import features
+
+    for name in ("SAMPLE_RATE", "N_FFT", "HOP_LENGTH", "N_SAMPLES", "N_FRAMES"):
+        assert getattr(features, name) == getattr(whisper.audio, name), name
+
+
 def test_root_help_lists_every_area_without_loading_it():
     done, mods = imported_modules("cli", "--help")
     for name in SUBCOMMANDS:
