@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from backend import executor_local, store
+from backend import executor_local
+from state import store
 from backend.executor_local import ExecutorError, LocalExecutor, _Job, load_and_resolve, register_matrix, run_matrix
 from backend.matrix import config_sha256
 from backend.promote import promote

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from backend import stats, store
+from backend import stats
+from state import store
 from backend.claims import (DISCLAIMER, INCONCLUSIVE, INSUFFICIENT, REFUTED, SUPPORTED, ClaimsError, check_claims, load_claims,
                             report)
 from backend.matrix import parse_matrix
