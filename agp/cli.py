@@ -1,12 +1,12 @@
-"""``nko-ops agp ...``: the AGP corrective lane from the command line."""
+"""``nko-ops agp ...``: the AGP corrective lane from the command line. Bad input or a down
+service (``NkoOpsError``) reaches the CLI root: one clear line on stderr, exit 2, nothing
+half-written."""
 
 from __future__ import annotations
 
-import functools
 import json
-import sqlite3
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 
@@ -17,39 +17,11 @@ _PARTITION_POLICY = typer.Option(None, "--partition-policy", help="Partition pol
 _PARTITION_SOURCE = typer.Option(None, "--partition-source", help="model (keep the run's partition) or policy (re-partition); overrides the policy file.")
 
 
-def _errors_exit(fn: Callable) -> Callable:
-    """Bad input or a down service: one clear line on stderr, exit 2, nothing half-written."""
-    from agp.corpus import CorpusError
-    from agp.evaluate import EvalError
-    from agp.gate import GateError
-    from agp.partition import PartitionError
-    from agp.proposers import LaneDown, ProposerError
-    from models.bundle import RowError
-    from state.agp import ReviewError
-
-    known = (RowError, PartitionError, GateError, CorpusError, EvalError, ReviewError, LaneDown, ProposerError,
-             FileNotFoundError, ValueError)
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except known as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
-        except sqlite3.Error as e:
-            typer.echo(f"error: state store: {type(e).__name__}: {e}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
 def _default_run_id(rows: Path) -> str:
     return rows.resolve().parent.name
 
 
 @agp_app.command("partition")
-@_errors_exit
 def partition_cmd(
     rows: Path = typer.Option(..., "--rows", help="Prediction rows (test_predictions.jsonl)."),
     out: Path = typer.Option(..., "--out", help="Where to write the rows with their effective partition."),
@@ -68,7 +40,6 @@ def partition_cmd(
 
 
 @agp_app.command("calibrate-partition")
-@_errors_exit
 def calibrate_partition_cmd(
     rows: Path = typer.Option(..., "--rows", help="Validation rows: `nko-ops evaluate --run RUN --split val --out F`."),
     out: Path = typer.Option(..., "--out", help="Where to write the calibrated policy TOML."),
@@ -94,7 +65,6 @@ def calibrate_partition_cmd(
 
 
 @agp_app.command("lexicon")
-@_errors_exit
 def lexicon_cmd(
     out: Path = typer.Option(..., "--out", help="Lexicon TSV to write (word<TAB>count)."),
     snapshot: Optional[Path] = typer.Option(None, "--snapshot", help="Snapshot dir or pairs.jsonl (with --split)."),
@@ -118,7 +88,6 @@ def lexicon_cmd(
 
 
 @agp_app.command("build-corpus")
-@_errors_exit
 def build_corpus_cmd(
     rows: Path = typer.Option(..., "--rows", help="Prediction rows (test_predictions.jsonl)."),
     out: Path = typer.Option(..., "--out", help="Directory for train/valid/test.jsonl and corpus.json."),
@@ -144,7 +113,6 @@ def build_corpus_cmd(
 
 
 @agp_app.command("propose")
-@_errors_exit
 def propose_cmd(
     rows: Path = typer.Option(..., "--rows", help="Prediction rows (test_predictions.jsonl)."),
     out: Path = typer.Option(..., "--out", help="Proposals JSONL to write ({feat_id, proposal, proposer})."),
@@ -220,7 +188,6 @@ def propose_cmd(
 
 
 @agp_app.command("score")
-@_errors_exit
 def score_cmd(
     rows: Path = typer.Option(..., "--rows", help="Prediction rows the proposals are for."),
     proposals: Path = typer.Option(..., "--proposals", help="Proposals JSONL (from any proposer)."),
@@ -247,7 +214,6 @@ def score_cmd(
 
 
 @agp_app.command("calibrate-gate")
-@_errors_exit
 def calibrate_gate_cmd(
     rows: Path = typer.Option(..., "--rows", help="Validation rows: `nko-ops evaluate --run RUN --split val --out F`."),
     proposals: Path = typer.Option(..., "--proposals", help="Scored proposals for those rows (agp propose --run / agp score)."),
@@ -279,7 +245,6 @@ def calibrate_gate_cmd(
 
 
 @agp_app.command("gate")
-@_errors_exit
 def gate_cmd(
     rows: Path = typer.Option(..., "--rows", help="Prediction rows (test_predictions.jsonl)."),
     proposals: Path = typer.Option(..., "--proposals", help="Proposals JSONL: {feat_id, proposal[, proposer]} per line."),
@@ -320,7 +285,6 @@ def gate_cmd(
 
 
 @agp_app.command("eval")
-@_errors_exit
 def eval_cmd(
     rows: Path = typer.Option(..., "--rows", help="Prediction rows (test_predictions.jsonl), with references."),
     decisions: Path = typer.Option(..., "--decisions", help="Decisions JSONL from `nko-ops agp gate`."),
@@ -359,7 +323,6 @@ def eval_cmd(
 
 
 @agp_app.command("review")
-@_errors_exit
 def review_cmd(
     decision: Optional[int] = typer.Option(None, "--decision", help="Gate decision id (see --pending)."),
     verdict: Optional[str] = typer.Option(None, "--verdict", help="agree | override"),
@@ -398,7 +361,6 @@ def review_cmd(
 
 
 @agp_app.command("export-reviews")
-@_errors_exit
 def export_reviews_cmd(
     out: Path = typer.Option(..., "--out", help="JSONL to write (one review with its decision per line)."),
     db: Path = typer.Option(Path("state.db"), help="State store."),

@@ -24,6 +24,7 @@ from typing import Sequence
 from agp.rows import write_jsonl
 from models.files import atomic_write_json
 from models.bundle import PredictionRow
+from models.errors import NkoOpsError
 from models.text import NASAL_MARK, NKO_VOWELS, SYLLABIC_N, TONE_MARKS
 
 SYSTEM_PROMPT = ("You correct N'Ko (Bambara) speech-recognition output. Reply with the corrected "
@@ -34,7 +35,7 @@ _SWAPS = {"e_swap": {"ߋ": "ߍ", "ߍ": "ߋ"}, "o_swap": {"ߏ": "ߐ", "ߐ": "ߏ"}
 _NKO_TONES = sorted(TONE_MARKS)
 
 
-class CorpusError(ValueError):
+class CorpusError(NkoOpsError, ValueError):
     pass
 
 

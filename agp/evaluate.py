@@ -15,10 +15,11 @@ from typing import Sequence
 from agp.gate import verify_witness
 from models.bundle import PARTITIONS, PredictionRow
 from models.text import normalize
+from models.errors import NkoOpsError
 from models.text import row_edits, toneless
 
 
-class EvalError(ValueError):
+class EvalError(NkoOpsError, ValueError):
     pass
 
 

@@ -34,6 +34,7 @@ from rapidfuzz.distance import Levenshtein
 from agp.lexicon import Lexicon
 from models.bundle import PARTITIONS, PredictionRow
 from models.text import normalize
+from models.errors import NkoOpsError
 from models.text import VALIDITY_CLASSES, char_class
 from models.tomlfile import read_toml
 from models.validation import ConfigModel, validate
@@ -51,7 +52,7 @@ MUST_FREEZE, MUST_QUARANTINE = "stable", "novelty"  # CONTRACTS §4
 _TONE = re.compile(f"[{NKO_TONES}]")
 
 
-class GateError(ValueError):
+class GateError(NkoOpsError, ValueError):
     pass
 
 

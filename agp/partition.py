@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Sequence
 
 from models.bundle import PARTITIONS, PredictionRow
+from models.errors import NkoOpsError
 from models.tomlfile import read_toml
 
 DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "configs" / "agp" / "partition.toml"
 SOURCES = ("model", "policy")
 
 
-class PartitionError(ValueError):
+class PartitionError(NkoOpsError, ValueError):
     pass
 
 

@@ -22,13 +22,14 @@ import httpx
 
 from agp.lexicon import Lexicon
 from models.bundle import PredictionRow
+from models.errors import NkoOpsError
 
 
-class LaneDown(RuntimeError):
+class LaneDown(NkoOpsError, RuntimeError):
     """The proposer service could not be reached or kept failing."""
 
 
-class ProposerError(RuntimeError):
+class ProposerError(NkoOpsError, RuntimeError):
     """The service answered, but not with a usable proposal (4xx, bad JSON)."""
 
 

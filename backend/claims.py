@@ -35,13 +35,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from backend import stats
 from backend.matrix import load_matrix
 from backend.tables import SCRIPT_NAMES, RunData, load_runs
+from models.errors import NkoOpsError
 from models.tomlfile import read_toml
 
 SUPPORTED, REFUTED, INCONCLUSIVE, INSUFFICIENT = "SUPPORTED", "REFUTED", "INCONCLUSIVE", "INSUFFICIENT EVIDENCE"
 VERDICTS = (SUPPORTED, REFUTED, INCONCLUSIVE, INSUFFICIENT)
 
 
-class ClaimsError(ValueError):
+class ClaimsError(NkoOpsError, ValueError):
     pass
 
 

@@ -128,7 +128,8 @@ def _features(m, snap, console) -> None:
     import json
     import shutil
 
-    from models.features import FeatureError, check_same_snapshot, extract
+    from models.errors import FeatureError
+    from models.features import check_same_snapshot, extract
 
     try:
         check_same_snapshot(Path(m.features), f"{SAMPLE} sha256:{snap.sha256}", snap.feat_ids)

@@ -23,11 +23,12 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
+from models.errors import NkoOpsError
 from backend.matrix import RunSpec
 from state import execution
 
 
-class ExecutorError(RuntimeError):
+class ExecutorError(NkoOpsError, RuntimeError):
     """The matrix cannot run as asked; the message says why (nothing was started)."""
 
 

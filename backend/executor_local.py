@@ -22,7 +22,7 @@ Order of work, nothing written (not state.db, not out_root) before step 2 has pa
 4. Full runs, at most ``parallel`` at a time, each with cores / parallel torch threads
    (on a busy 2-core machine, two torch threads per trainer made epochs erratic and often
    many times slower than one):
-   ``python -m backend.cli train --config …``
+   ``python -m models.train_cli train --config …``
    with stdout/stderr to ``out_root/_executor/<run_id>.out``. Every poll: new
    ``metrics.jsonl`` lines into ``metrics``, new output lines into ``events``, a heartbeat
    into ``runs``. Exit 0 + a verified bundle = completed; anything else = failed (with the
@@ -228,7 +228,7 @@ class LocalExecutor:
         threads = str(max(1, (os.cpu_count() or 1) // slots))  # no oversubscription
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env.setdefault(var, threads)
-        cmd = [sys.executable, "-m", "backend.cli", "train", "--config", str(cfg_path)]
+        cmd = [sys.executable, "-m", "models.train_cli", "train", "--config", str(cfg_path)]
         with open(out_file, "ab") as out:
             t.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                       start_new_session=True,

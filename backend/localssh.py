@@ -14,10 +14,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.errors import NkoOpsError
+
 PRIVSEP_DIR = Path("/run/sshd")  # sshd refuses to start without it, even as a plain user
 
 
-class LocalSSHError(RuntimeError):
+class LocalSSHError(NkoOpsError, RuntimeError):
     pass
 
 

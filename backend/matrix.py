@@ -31,13 +31,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from models.errors import NkoOpsError
 from models.runid import RUN_ID_RE as _RUN_ID, RUN_ID_RULE  # one run id pattern everywhere
 
 IDENTITY_FIELDS = (("snapshot", "snapshot_sha256"), ("split", "split_sha256"), ("features", "recipe_hash"))
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
-class MatrixError(ValueError):
+class MatrixError(NkoOpsError, ValueError):
     pass
 
 

@@ -1,6 +1,6 @@
 """CLI for the backend core: `matrix plan|run|validate`, `runs import|list`, `tables`,
-`claims check`, `promote`. Errors in the input are printed as one clear message (exit 2),
-never as a traceback."""
+`claims check`, `promote`. Errors in the input (``NkoOpsError``) reach the CLI root, which
+prints them as one clear line (exit 2), never as a traceback."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from typing import List, Optional
 
 import typer
 
+from models.errors import NkoOpsError
+
 matrix_app = typer.Typer(help="Run matrices: validate, plan, run.", no_args_is_help=True)
 runs_app = typer.Typer(help="Run directories in the state store.", no_args_is_help=True)
 claims_app = typer.Typer(help="Claims backed by measured CER.", no_args_is_help=True)
@@ -17,32 +19,12 @@ claims_app = typer.Typer(help="Claims backed by measured CER.", no_args_is_help=
 DB = typer.Option("state.db", "--db", help="State store path.")
 
 
-def _fail(e: Exception, code: int = 2) -> None:
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(code)
-
-
-def _user_errors() -> tuple:
-    from backend.claims import ClaimsError
-    from backend.executor import ExecutorError
-    from backend.matrix import MatrixError
-    from backend.promote import PromoteError
-    from models.bundle import BundleError
-    from state.store import StoreError
-    from backend.tables import TablesError
-
-    return MatrixError, ExecutorError, BundleError, TablesError, ClaimsError, PromoteError, StoreError
-
-
 @matrix_app.command("validate")
 def validate_cmd(file: Path) -> None:
     """Check a matrix file against the schema (no files hashed, nothing written)."""
-    from backend.matrix import MatrixError, load_matrix
+    from backend.matrix import load_matrix
 
-    try:
-        m = load_matrix(file)
-    except MatrixError as e:
-        _fail(e)
+    m = load_matrix(file)
     typer.echo(f"{file}: valid matrix {m.matrix_id!r} with {len(m.runs)} runs")
 
 
@@ -54,10 +36,7 @@ def plan_cmd(file: Path, db: str = DB,
     """The runs, what already exists for each, and a time/cost forecast."""
     from backend.plan import format_plan, plan_matrix
 
-    try:
-        p = plan_matrix(file, db)
-    except _user_errors() as e:
-        _fail(e)
+    p = plan_matrix(file, db)
     if as_json:
         typer.echo(json.dumps({"matrix_id": p.matrix.matrix_id, "identity_problems": p.identity.problems,
                                "epoch_seconds": p.epoch_seconds, "epoch_seconds_source": p.epoch_seconds_source,
@@ -79,12 +58,8 @@ def run_cmd(file: Path,
     """Run a matrix: sanity step, then every run not complete yet (resuming interrupted ones)."""
     from backend.matrix_run import run_matrix
 
-    try:
-        results = run_matrix(file, db, executor=executor, parallel=parallel, skip_sanity=skip_sanity,
-                             with_optional=with_optional, only=only or None,
-                             log=lambda s: typer.echo(s, err=True))
-    except _user_errors() as e:
-        _fail(e)
+    results = run_matrix(file, db, executor=executor, parallel=parallel, skip_sanity=skip_sanity,
+                         with_optional=with_optional, only=only or None, log=lambda s: typer.echo(s, err=True))
     for r in results:
         typer.echo(str(r))
     statuses = {r.status for r in results}
@@ -106,25 +81,22 @@ def import_cmd(run_dir: Path, run_id: Optional[str] = typer.Option(None, "--run-
     from backend.runs import import_run
     from state.store import open_db
 
-    try:
-        m = ident = None
-        if matrix is not None:
-            from backend.matrix_run import load_and_resolve
+    m = ident = None
+    if matrix is not None:
+        from backend.matrix_run import load_and_resolve
 
-            m, ident = load_and_resolve(matrix)
-        created = not Path(db).exists()
-        handle = open_db(db)
-        try:
-            b = import_run(handle, run_dir, run_id, m, ident, allow_no_manifest)
-        except BaseException:
-            handle.close()
-            if created:  # refused: leave no state store behind that only this attempt made
-                for suffix in ("", "-wal", "-shm"):
-                    Path(f"{db}{suffix}").unlink(missing_ok=True)
-            raise
+        m, ident = load_and_resolve(matrix)
+    created = not Path(db).exists()
+    handle = open_db(db)
+    try:
+        b = import_run(handle, run_dir, run_id, m, ident, allow_no_manifest)
+    except BaseException:
         handle.close()
-    except _user_errors() as e:
-        _fail(e)
+        if created:  # refused: leave no state store behind that only this attempt made
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db}{suffix}").unlink(missing_ok=True)
+        raise
+    handle.close()
     typer.echo(f"imported {run_id or b.run_id} from {run_dir}: test CER {b.results.get('test_cer')}, "
                f"snapshot {b.snapshot_sha256[:12]}, split {b.split_sha256[:12]}, {len(b.files)} files "
                + ("verified against manifest.json" if b.manifest == "verified" else "hashed (no manifest)"))
@@ -137,7 +109,7 @@ def list_cmd(matrix_id: Optional[str] = typer.Option(None, "--matrix-id"), db: s
     from state.store import open_db
 
     if not Path(db).exists():
-        _fail(FileNotFoundError(f"state store not found: {db}"))
+        raise NkoOpsError(f"state store not found: {db}")
     handle = open_db(db, read_only=True)
     sql = "SELECT id, matrix_id, script, mode, seed, status, executor, epoch, heartbeat_at, test_cer, out_dir FROM runs"
     rows = list(handle.query(sql + (" WHERE matrix_id = ?" if matrix_id else "") + " ORDER BY id",
@@ -163,10 +135,7 @@ def tables_cmd(matrix: Path = typer.Option(..., "--matrix", help="Matrix file.")
     """Markdown, LaTeX and CSV tables and PNG figures of a matrix, from its artifacts."""
     from backend.tables import write_tables
 
-    try:
-        paths = write_tables(matrix, out, db, reference)
-    except _user_errors() as e:
-        _fail(e)
+    paths = write_tables(matrix, out, db, reference)
     for p in paths:
         typer.echo(str(p))
 
@@ -179,10 +148,7 @@ def claims_check_cmd(claims: Path = typer.Option(Path("configs/claims.toml"), "-
     from backend.claims import DISCLAIMER, check_claims, report
     from backend.matrix import load_matrix
 
-    try:
-        verdicts = check_claims(claims, matrix, db)
-    except _user_errors() as e:
-        _fail(e)
+    verdicts = check_claims(claims, matrix, db)
     if as_json:
         typer.echo(json.dumps([v.as_dict() for v in verdicts], indent=1, ensure_ascii=False))
     else:
@@ -195,16 +161,6 @@ def promote_cmd(run: str = typer.Argument(..., help="Run id."), db: str = DB,
     """Write a promotion record: hashes, metrics, manifest, reproduction commands."""
     from backend.promote import promote
 
-    try:
-        path = promote(run, db, out)
-    except _user_errors() as e:
-        _fail(e)
+    path = promote(run, db, out)
     typer.echo(str(path))
 
-
-def register_backend(app: typer.Typer) -> None:
-    app.add_typer(matrix_app, name="matrix")
-    app.add_typer(runs_app, name="runs")
-    app.add_typer(claims_app, name="claims")
-    app.command("tables")(tables_cmd)
-    app.command("promote")(promote_cmd)

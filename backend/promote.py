@@ -25,9 +25,10 @@ from state.promotions import record_promotion
 from state.records import Run, RunStatus
 from backend.matrix import MatrixError, load_matrix, resolve
 from backend.runs import recorded_hashes, verify_bundle
+from models.errors import NkoOpsError
 
 
-class PromoteError(ValueError):
+class PromoteError(NkoOpsError, ValueError):
     pass
 
 

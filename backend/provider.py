@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+from models.errors import NkoOpsError
 
-class ProviderError(RuntimeError):
+
+class ProviderError(NkoOpsError, RuntimeError):
     """A provider call failed (``status``: the HTTP status, when there was one)."""
 
     def __init__(self, message: str, status: int | None = None):

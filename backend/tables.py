@@ -33,11 +33,12 @@ from backend.matrix import Matrix, RunSpec, load_matrix
 from backend.runs import recorded_hashes, verify_bundle
 from models.bundle import MODES, PARTITIONS, SCRIPTS, learning_curve
 from models.files import atomic_write_text
+from models.errors import NkoOpsError
 
 SCRIPT_NAMES = {"nko": "N'Ko", "latin": "Latin"}
 
 
-class TablesError(ValueError):
+class TablesError(NkoOpsError, ValueError):
     pass
 
 

@@ -41,6 +41,7 @@ from backend.vast.provider import provider_from_settings
 from backend.vast.remote import Layout, StageError
 from backend.vast.ssh import HostKeyChanged, KnownHosts, Remote, SSHError, SSHTarget
 from backend.vast.sync import SyncError, SyncReport, remote_entries
+from models.errors import NkoOpsError
 
 # What a cloud action can fail with; each is shown as one line, the console keeps running.
 ERRORS = (VastConfigError, ProviderError, SSHError, SyncError, StageError)
@@ -80,7 +81,7 @@ class OpsBusy(RuntimeError):
     pass
 
 
-class OpsError(RuntimeError):
+class OpsError(NkoOpsError, RuntimeError):
     pass
 
 

@@ -11,11 +11,12 @@ import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
+from models.errors import NkoOpsError
 
 SAMPLE_RATE = 16000
 
 
-class AudioError(ValueError):
+class AudioError(NkoOpsError, ValueError):
     """Audio that cannot be used; the message starts with the feat_id when one is known."""
 
 

@@ -86,13 +86,9 @@ def cer(ref: str = typer.Option(..., "--ref"), hyp: str = typer.Option(..., "--h
 @snapshot_app.command("describe")
 def describe(path: Path, as_json: bool = typer.Option(False, "--json")) -> None:
     """Rows, sha256, duplicates, empty texts, invalid N'Ko rows, lengths. Exit 1 if broken."""
-    from models.snapshot import SnapshotError, describe as describe_snapshot
+    from models.snapshot import describe as describe_snapshot
 
-    try:
-        info = describe_snapshot(path)
-    except SnapshotError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(2)
+    info = describe_snapshot(path)
     if as_json:
         typer.echo(json.dumps(info, ensure_ascii=False, indent=1))
     else:

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from models.errors import NkoOpsError
 
 MODES = ("baseline", "trajectory", "tar", "ttt")
 
 
-class ConfigError(ValueError):
+class ConfigError(NkoOpsError, ValueError):
     pass
 
 

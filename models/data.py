@@ -11,6 +11,7 @@ import torch
 
 from models import text as T
 from models.config import RunConfig
+from models.errors import NkoOpsError
 from models.model import Dims, ctc_min_frames, make_dims, output_lengths
 from models.snapshot import Snapshot
 from models.snapshot import load as load_snapshot
@@ -18,7 +19,7 @@ from models.split import PARTS, Split
 from models.vocab import Vocab
 
 
-class DataError(ValueError):
+class DataError(NkoOpsError, ValueError):
     pass
 
 

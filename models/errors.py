@@ -9,3 +9,8 @@ from __future__ import annotations
 
 class NkoOpsError(Exception):
     """A refusal or bad input, reported to the user as one line; never a bug."""
+
+
+class FeatureError(NkoOpsError, ValueError):
+    """Bad input to the feature store or to the Whisper weight readers (models/features.py,
+    models/whisper_weights.py); the message names the feat_id or file at fault."""

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.features import FeatureError, FeatureWriter, check_same_snapshot, recipe_hash
+from models.errors import FeatureError
+from models.features import FeatureWriter, check_same_snapshot, recipe_hash
 
 IMPORT_SUFFIXES = (".npy", ".pt")
 FLOAT16_MAX = float(np.finfo(np.float16).max)

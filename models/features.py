@@ -47,17 +47,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-import whisper
-from whisper.audio import HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
-from whisper.model import AudioEncoder
 
 from models.files import atomic_write_text
-from models.audio import load_audio
+from models.errors import FeatureError
 
 if TYPE_CHECKING:
+    import torch
+    from whisper.model import AudioEncoder
+
     from models.whisper_weights import Weights
+
+# whisper.audio's constants, written out so that reading a store (`nko-ops features describe`,
+# the trainer's FeatureStore) does not import torch and whisper; tests/test_cli_root.py checks
+# they are whisper's.
+SAMPLE_RATE = 16000
+N_FFT = 400
+HOP_LENGTH = 160
+N_SAMPLES = 30 * SAMPLE_RATE  # one 30 s window
+N_FRAMES = N_SAMPLES // HOP_LENGTH
 
 INDEX_FILE = "index.json"
 LOCK_FILE = ".lock"
@@ -77,10 +84,6 @@ ENCODER_DIMS = {
     "tiny-random": {"n_mels": 80, "n_audio_ctx": 1500, "n_audio_state": 64, "n_audio_head": 4, "n_audio_layer": 2},
 }
 LARGE_V3_FILE = "large-v3.pt"
-
-
-class FeatureError(ValueError):
-    """Bad input to the feature store; the message names the feat_id or file at fault."""
 
 
 # ---------------------------------------------------------------- recipes
@@ -105,6 +108,8 @@ def recipe_weights(recipe: dict) -> dict | None:
 
 
 def _large_v3_sha256() -> str:
+    import whisper
+
     return whisper._MODELS["large-v3"].split("/")[-2]  # whisper's URLs carry the checkpoint sha256
 
 
@@ -405,6 +410,9 @@ def whisper_cache_dir() -> Path:
 def random_encoder(dims: dict, seed: int = 0) -> AudioEncoder:
     """``whisper.model.AudioEncoder`` with seeded weights: matrices uniform in
     +-1/sqrt(fan_in), biases 0, LayerNorm gains 1; identical on every device."""
+    import torch
+    from whisper.model import AudioEncoder
+
     enc = AudioEncoder(dims["n_mels"], dims["n_audio_ctx"], dims["n_audio_state"], dims["n_audio_head"],
                        dims["n_audio_layer"])
     g = torch.Generator().manual_seed(seed)
@@ -427,6 +435,9 @@ def load_encoder(recipe: dict, device: str | torch.device = "cpu", weights_dir: 
     tiny.en the packaged weights; whisper-ct2 / whisper-checkpoint take ``weights`` (already
     loaded) or load them from ``weights_dir`` (the directory / .pt file). Weights whose
     sha256 is not the recipe's are refused."""
+    import torch
+    import whisper
+
     from models import whisper_weights as ww
 
     name = recipe["name"]
@@ -476,6 +487,8 @@ def load_encoder(recipe: dict, device: str | torch.device = "cpu", weights_dir: 
 def encode(encoder: AudioEncoder, mel: torch.Tensor) -> torch.Tensor:
     """``AudioEncoder.forward`` for inputs of any length up to the window: the positional
     embedding is sliced to the input's frame count instead of asserting the full 1500."""
+    import torch.nn.functional as F
+
     x = F.gelu(encoder.conv1(mel))
     x = F.gelu(encoder.conv2(x))
     x = x.permute(0, 2, 1)
@@ -491,6 +504,9 @@ def encode(encoder: AudioEncoder, mel: torch.Tensor) -> torch.Tensor:
 def mean_pool(x: torch.Tensor, factor: int) -> torch.Tensor:
     """``[frames, dim]`` -> ``[ceil(frames / factor), dim]``; a short last group is averaged
     over the frames it has."""
+    import torch
+    import torch.nn.functional as F
+
     if factor == 1:
         return x
     n = x.shape[0]
@@ -521,6 +537,9 @@ def _mel(wave: torch.Tensor, recipe: dict) -> torch.Tensor:
     """Log-mel ``[n_mels, T]``. Padded: Whisper's 30 s window. Trimmed: the audio
     zero-padded to ``T`` frames plus one FFT window, so the first ``T`` frames (and the
     normalisation peak) equal the padded window's."""
+    import torch.nn.functional as F
+    import whisper
+
     n_mels = recipe["n_mels"]
     if recipe["mode"] == "padded":
         return whisper.log_mel_spectrogram(whisper.pad_or_trim(wave), n_mels)
@@ -535,6 +554,8 @@ def featurize(recipe: dict, waves: list[np.ndarray], feat_ids: list[str], encode
               batch_size: int = 16, device: str | torch.device = "cpu") -> list[np.ndarray]:
     """Features ``[frames, dim]`` (float16) for 16 kHz waveforms, in input order. Trimmed
     clips are batched with others of the same padded length."""
+    import torch
+
     limit = None if (recipe["name"] == "log-mel" and recipe["mode"] == "trimmed") else N_SAMPLES
     for fid, w in zip(feat_ids, waves):
         if len(w) == 0:
@@ -568,6 +589,8 @@ def featurize(recipe: dict, waves: list[np.ndarray], feat_ids: list[str], encode
 
 
 def resolve_device(device: str) -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -601,6 +624,8 @@ def extract(snapshot_dir: str | Path, out_dir: str | Path, recipe_name: str, mod
     row's audio file up front; errors name the feat_id. Returns a summary dict."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
+
+    from models.audio import load_audio
 
     from models.snapshot import SnapshotError, load
 

@@ -36,9 +36,7 @@ def extract_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Compute features for every row of SNAPSHOT into OUT; skips ids already stored."""
-    from models.audio import AudioError
-    from models.features import FeatureError, extract
-    from models.snapshot import SnapshotError
+    from models.features import extract
 
     chosen = [x for x in (whisper, whisper_checkpoint, whisper_ct2) if x is not None]
     if len(chosen) != 1:
@@ -53,26 +51,18 @@ def extract_cmd(
         import torch
 
         torch.set_num_threads(threads)
-    try:
-        summary = extract(snapshot, out, whisper, mode=mode, batch_size=batch_size, device=device, limit=limit,
-                          subsample=subsample, compute_dtype=dtype, weights_dir=weights_dir, workers=workers,
-                          progress=progress)
-    except (AudioError, FeatureError, SnapshotError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+    summary = extract(snapshot, out, whisper, mode=mode, batch_size=batch_size, device=device, limit=limit,
+                      subsample=subsample, compute_dtype=dtype, weights_dir=weights_dir, workers=workers,
+                      progress=progress)
     typer.echo(json.dumps(summary))
 
 
 @features_app.command("describe")
 def describe_cmd(path: Path, as_json: bool = typer.Option(False, "--json")) -> None:
     """Recipe, hash, utterances, frame counts and shards of the store at PATH."""
-    from models.features import FeatureError, FeatureStore
+    from models.features import FeatureStore
 
-    try:
-        info = FeatureStore.open(path).describe()
-    except (FeatureError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+    info = FeatureStore.open(path).describe()
     if as_json:
         typer.echo(json.dumps(info, ensure_ascii=False, indent=1))
         return
@@ -120,13 +110,7 @@ def import_cmd(
     them into the float16 feature store OUT with an "imported" recipe (pooling, model, the
     source's sha256). Nothing is written unless every file passes."""
     from models.feature_import import import_features
-    from models.features import FeatureError
-    from models.snapshot import SnapshotError
 
-    try:
-        summary = import_features(src, snapshot, out, pooling=pool, model=model, frame_rate=frame_rate, key=key,
-                                  frames=frames, dim=dim, allow_missing=allow_missing)
-    except (FeatureError, SnapshotError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+    summary = import_features(src, snapshot, out, pooling=pool, model=model, frame_rate=frame_rate, key=key,
+                              frames=frames, dim=dim, allow_missing=allow_missing)
     typer.echo(json.dumps(summary))

@@ -56,7 +56,6 @@ import numpy as np
 import soundfile as sf
 import typer
 
-from models.audio import resample
 from models.text import NORMALIZATION_VERSION, is_valid_nko, latin_to_nko, normalize_latin, target_text
 from models.vocab import Vocab
 
@@ -188,6 +187,8 @@ def ogg_subtype() -> str:
 
 
 def _render(job: tuple[str, str, int, int, str]) -> float:
+    from models.audio import resample  # torch: only when rendering, not for `nko-ops sample --help`
+
     feat_id, text, rate, pitch, audio_dir = job
     audio, sr = synthesize(text, rate, pitch)
     audio = resample(audio, sr, SAMPLE_RATE)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from models import text as T
+from models.errors import NkoOpsError
 from models.features import FeatureStore
 from models.model import CTCModel, ctc_min_frames
 from models.vocab import Vocab
@@ -41,7 +42,7 @@ from models.vocab import Vocab
 NORMALISATION = "per_frame"
 
 
-class ScoreError(ValueError):
+class ScoreError(NkoOpsError, ValueError):
     pass
 
 

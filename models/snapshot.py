@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.files import sha256_file
+from models.errors import NkoOpsError
 from models.jsonl import iter_objects
 from models.text import nko_offences
 
@@ -18,7 +19,7 @@ META_FILE = "snapshot_meta.json"  # optional: how the snapshot's text was made (
 AUDIO_EXTS = (".ogg", ".opus", ".flac", ".wav")
 
 
-class SnapshotError(ValueError):
+class SnapshotError(NkoOpsError, ValueError):
     pass
 
 

@@ -49,6 +49,7 @@ from models.config import RunConfig
 from models.data import RunData, collate, make_batches, padding_waste, prepare, spec_augment
 from models.decode import DEFAULT_POLICY, decode_utterances, load_policy, metrics_by_partition, policy_sha256
 from models.files import atomic_write_bytes, atomic_write_json, sha256_file
+from models.errors import NkoOpsError
 from models.model import CTCModel, Dims
 from models.trajectory import tar_loss
 
@@ -57,7 +58,7 @@ TAR_DEFINITION = ("L = L_CTC + tar.weight * mean_t ||A(h_t) - sg(z_{t+1})||^2/7 
                   "A = linear anticipation head (models/trajectory.py)")
 
 
-class RunError(RuntimeError):
+class RunError(NkoOpsError, RuntimeError):
     pass
 
 

@@ -1,4 +1,9 @@
-"""``nko-ops train`` and ``nko-ops evaluate`` (heavy imports happen inside the commands)."""
+"""``nko-ops train`` and ``nko-ops evaluate`` (heavy imports happen inside the commands).
+
+This module is also the trainer's own entry point: executors (local, Vast, torchrun) start
+``python -m models.train_cli train --config RUN.json``, which loads the training code and
+nothing of backend/, agp/, console/ or the CLI root (a GPU box needs models/ alone). So the
+commands report their own errors here (one line; a bad config exits 2, a failed run 1)."""
 
 from __future__ import annotations
 
@@ -107,3 +112,12 @@ def evaluate_cmd(
                    f"CER {report['cer']:.4f}")
     if split == "test" and not ttt and not report["identical"]:
         sys.exit(1)
+
+
+app = typer.Typer(help="The trainer alone (what executors start): train, evaluate.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+app.command("train")(train_cmd)
+app.command("evaluate")(evaluate_cmd)
+
+if __name__ == "__main__":
+    app()

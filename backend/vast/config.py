@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from models.errors import NkoOpsError
 from models.tomlfile import read_toml
 from models.validation import ConfigModel, validate
 
@@ -21,7 +22,7 @@ DEFAULT_QUERY = ("num_gpus=1 gpu_ram>=24 reliability>0.98 inet_down>200 disk_spa
                  "cuda_max_good>=12.1 rented=False")
 
 
-class VastConfigError(ValueError):
+class VastConfigError(NkoOpsError, ValueError):
     pass
 
 

@@ -46,12 +46,13 @@ from models.config import load_config
 from models.split import Split
 from state import execution, store
 from state.execution import RunStatus
+from models.errors import NkoOpsError
 
 RESUME_FILES = ("last.pt", "best.pt", "train.log", "run.log", "metrics.jsonl")
 POLL_S = 10.0
 
 
-class LaunchError(RuntimeError):
+class LaunchError(NkoOpsError, RuntimeError):
     pass
 
 

@@ -27,13 +27,14 @@ from pathlib import Path
 
 from models.files import sha256_file
 from backend.vast.ssh import Remote, SSHError, quote
+from models.errors import NkoOpsError
 
 HELPER = Path(__file__).with_name("remote_helper.py")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("backend", "models", "agp", "console")
+PACKAGES = ("backend", "models", "agp", "console", "state", "cli")
 
 
-class StageError(RuntimeError):
+class StageError(NkoOpsError, RuntimeError):
     pass
 
 
@@ -255,7 +256,7 @@ def start_trainer(remote: Remote, layout: Layout, run_id: str, cfg_remote: dict,
         Path(tmp.name).unlink()
     remote.rename(cfg_path + ".part", cfg_path)
     full_env = {"PYTHONPATH": app, "PYTHONUNBUFFERED": "1", **env}
-    argv = [python, "-m", "backend.cli", "train", "--config", cfg_path]
+    argv = [python, "-m", "models.train_cli", "train", "--config", cfg_path]
     line = (f"cd {quote(layout.root)} && nohup setsid env "
             + " ".join(quote(f"{k}={v}") for k, v in full_env.items())
             + f" {quote(python)} {quote(layout.helper)} runner {quote(ctl)} {heartbeat_s:g}"

@@ -27,9 +27,10 @@ from typing import Sequence
 import paramiko
 
 from backend.vast.config import expand
+from models.errors import NkoOpsError
 
 
-class SSHError(RuntimeError):
+class SSHError(NkoOpsError, RuntimeError):
     pass
 
 

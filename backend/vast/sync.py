@@ -38,11 +38,12 @@ from models.files import sha256_file
 from backend.vast.ssh import KnownHosts, Remote, SSHError, SSHTarget
 from state import fleet as fleet_state
 from state import store
+from models.errors import NkoOpsError
 
 CHUNK = 1 << 20
 
 
-class SyncError(RuntimeError):
+class SyncError(NkoOpsError, RuntimeError):
     pass
 
 

@@ -138,7 +138,7 @@ def test_killing_the_executor_mid_run_resumes_from_last_pt(tmp_path, monkeypatch
     runs = [{"run_id": "long", "script": "nko", "mode": "trajectory", "seed": 7}]
     mpath = make_matrix(tmp_path, runs, epochs=40)
     dbp = tmp_path / "state.db"
-    ex = subprocess.Popen([sys.executable, "-m", "backend.cli", "matrix", "run", str(mpath), "--db", str(dbp),
+    ex = subprocess.Popen([sys.executable, "-m", "cli", "matrix", "run", str(mpath), "--db", str(dbp),
                            "--skip-sanity"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         def progressed():

@@ -331,7 +331,7 @@ def test_two_rank_ring_trains_records_and_evaluates(fx, tmp_path):
     assert any(m.startswith("AGP eval on the held-out split") for m in events)
 
     # the CLI reads the same state
-    from backend.cli import app
+    from cli.root import app
 
     out = CliRunner().invoke(app, ["thunder", "status", "ring-1", "--db", str(tmp_path / "state.db")])
     assert out.exit_code == 0, out.output
@@ -452,7 +452,7 @@ def recorded_run(tmp_path):
 
 
 def test_monitor_reattached_to_a_run_hung_since_counts_from_its_last_report(recorded_run):
-    from backend.cli import app
+    from cli.root import app
 
     run = recorded_run
     run.launched(0, ago=3000)
@@ -478,7 +478,7 @@ def test_monitor_reattached_to_a_run_hung_since_counts_from_its_last_report(reco
 
 
 def test_monitor_reattached_to_a_resumed_run_ignores_the_earlier_attempt(recorded_run):
-    from backend.cli import app
+    from cli.root import app
 
     run = recorded_run
     run.launched(0, ago=3000)
@@ -496,7 +496,7 @@ def test_monitor_reattached_to_a_resumed_run_ignores_the_earlier_attempt(recorde
 
 
 def test_cli_launch_refuses_a_failed_preflight_and_reports_a_rank_error(fx, tmp_path):
-    from backend.cli import app
+    from cli.root import app
 
     cfg = local_cluster(fx, tmp_path / "runs", tmp_path / "local", data=str(tmp_path / "no-corpus"))
     path = tmp_path / "cluster.toml"
@@ -550,7 +550,7 @@ def test_resume_after_a_hang_continues_from_the_checkpoint(fx, tmp_path):
 
 @pytest.mark.slow
 def test_cli_launch_detached_then_stop(fx, tmp_path):
-    from backend.cli import app
+    from cli.root import app
 
     cfg = local_cluster(fx, tmp_path / "runs", tmp_path / "local",
                         train={"iters": 100000, "steps_per_report": 1, "steps_per_eval": 100000, "save_every": 50})

@@ -544,7 +544,7 @@ def test_budget_property_simulated_clock(tmp_path):
 def test_cli_commands_against_the_emulator(vast_env, tmp_path):
     from typer.testing import CliRunner
 
-    from backend.cli import app
+    from cli.root import app
 
     settings, budget = write_user_configs(vast_env, tmp_path, "[idle]\nwindow_s = 0.2\nheartbeat_timeout_s = 1.0")
     db = str(vast_env.tmp / "state" / "state.db")

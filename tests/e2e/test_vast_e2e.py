@@ -235,7 +235,7 @@ def test_cli_launch_detach_logs_and_reattach_with_an_odd_run_id(vast_env, tmp_pa
     re-attaches, finishes, verifies and auto-destroys."""
     from typer.testing import CliRunner
 
-    from backend.cli import app
+    from cli.root import app
     from backend.vast import remote as rmt
 
     settings, budget = write_user_configs(vast_env, tmp_path, 'heartbeat_s = 0.5\nsync_every_s = 2.0\n'
@@ -282,7 +282,7 @@ def test_matrix_cli_dispatches_to_vast_and_needs_a_key(tmp_path, monkeypatch):
     cleanly (nothing rented, no traceback) when no API key is configured."""
     from typer.testing import CliRunner
 
-    from backend.cli import app
+    from cli.root import app
 
     matrix = _matrix(tmp_path, "dispatch-run", epochs=1)
     monkeypatch.delenv("VAST_API_KEY", raising=False)
@@ -299,7 +299,7 @@ def test_vast_executor_refuses_parallel_below_one(tmp_path, monkeypatch):
     up front, before any key or instance is needed."""
     from typer.testing import CliRunner
 
-    from backend.cli import app
+    from cli.root import app
     from backend.executor import ExecutorError
     from backend.matrix_run import run_matrix
 

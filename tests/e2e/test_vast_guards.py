@@ -367,7 +367,7 @@ def test_destroy_answered_success_false_is_a_failure(vast_env):
 def test_listing_instances_over_the_cap_only_observes(vast_env, tmp_path):
     from typer.testing import CliRunner
 
-    from backend.cli import app
+    from cli.root import app
 
     settings, budget = write_user_configs(vast_env, tmp_path, budget="cap_usd = 0.0001\nwarn_usd = 0.0\npoll_interval_s = 60.0")
     common = ["--db", str(vast_env.tmp / "state" / "state.db"), "--settings", str(settings), "--budget", str(budget)]
@@ -564,7 +564,7 @@ def test_log_lines_are_kept_when_the_metrics_read_fails(vast_env):
 def test_settings_and_budget_are_type_checked_naming_file_and_field(tmp_path):
     from typer.testing import CliRunner
 
-    from backend.cli import app
+    from cli.root import app
     from backend.vast.config import VastConfigError, load_budget, load_settings
 
     vast, budget = tmp_path / "vast.toml", tmp_path / "budget.toml"

@@ -89,7 +89,7 @@ def test_1_run_ids_follow_one_pattern_wherever_they_enter(tmp_path):
         parse_config(cfg)
     from typer.testing import CliRunner
 
-    from backend.cli import app
+    from cli.root import app
 
     for verb in (["vast", "logs", "../etc"], ["vast", "sync", ".hidden"]):
         r = CliRunner().invoke(app, [*verb, "--db", str(tmp_path / "state.db")])
@@ -302,7 +302,7 @@ def test_5_each_guard_tick_renews_the_leases_to_the_budgets_runway(vast_env):
 def _cli(*args: str):
     from typer.testing import CliRunner
 
-    from backend.cli import app
+    from cli.root import app
 
     return CliRunner().invoke(app, list(args))
 

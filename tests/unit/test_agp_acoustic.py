@@ -19,7 +19,7 @@ from agp.frontier import calibrate_margins, frontier
 from agp.nbest import CharNgram, EOS, build_lm, prefix_beam_search, public_texts
 from models.bundle import read_predictions
 from agp_helpers import make_row
-from backend.cli import app
+from cli.root import app
 from models.config import parse_config
 from models.score import Scorer
 from models.train import evaluate_run, train

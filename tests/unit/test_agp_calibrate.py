@@ -14,7 +14,7 @@ from agp.calibrate import Targets, calibrate, write
 from agp.partition import PartitionError, load_partition_policy
 from models.bundle import read_predictions
 from agp_helpers import row_dict, write_rows_file
-from backend.cli import app
+from cli.root import app
 
 REFERENCE = "ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ ߞߊ ߞߎߟߎ ߓߌߝߊߟߏ"
 LETTERS = [i for i, ch in enumerate(REFERENCE) if ch != " "]

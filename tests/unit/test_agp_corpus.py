@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from agp.corpus import PERTURBATIONS, CorpusError, build_corpus, perturb, prompt_messages, split_rows
 from models.bundle import read_predictions
 from agp_helpers import PAIRS, make_row, row_dict, sample_rows, write_rows_file
-from backend.cli import app
+from cli.root import app
 from models.text import NASAL_MARK, TONE_MARKS
 
 

@@ -10,7 +10,7 @@ from agp.lexicon import Lexicon
 from agp.pipeline import run_lexicon_lane
 from agp.records import export_reviews, pending_reviews, record_decisions
 from agp_helpers import PAIRS, make_row, row_dict, sample_rows, text_only_policy, write_rows_file
-from backend.cli import app
+from cli.root import app
 from state.agp import ReviewError, add_review
 from state.store import open_db
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from agp.lexicon import Lexicon
 from agp.proposers import HttpProposer, LaneDown, LexiconProposer, ProposerError, public_row, propose_all
 from agp_helpers import make_row, sample_rows, write_rows_file
-from backend.cli import app
+from cli.root import app
 
 
 class Service:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from typer.testing import CliRunner
 
-from backend.cli import app
+from cli.root import app
 from backend.matrix import MatrixError, load_matrix, parse_matrix, resolve
 from backend_helpers import make_corpus, matrix_dict
 

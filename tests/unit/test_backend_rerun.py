@@ -21,7 +21,6 @@ from backend.runs import import_run, register_bundle, verify_bundle
 from backend.vast.remote import remote_config, run_inputs
 from backend_helpers import make_corpus, matrix_dict, write_bundle
 from models.config import load_config
-from state import store
 
 REF = "ߌ ߦߋ ߛߊ߲ ߖߏߟߌ ߦߋ"
 

@@ -18,7 +18,7 @@ from backend.promote import PromoteError, promote
 from backend.runs import import_run, verify_bundle
 from models.bundle import BundleError
 from backend.tables import write_tables
-from backend.cli import app
+from cli.root import app
 from backend_helpers import make_corpus, matrix_dict, noisy, write_bundle
 
 runner = CliRunner()

@@ -14,7 +14,7 @@ import pytest
 from agp_helpers import sample_rows, write_rows_file
 from typer.testing import CliRunner
 
-from backend.cli import app
+from cli.root import app
 
 # what a bad file can be: name -> (how to make it at path)
 BAD = {

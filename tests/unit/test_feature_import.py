@@ -12,7 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from models.feature_import import import_features
-from models.features import FeatureError, FeatureStore
+from models.errors import FeatureError
+from models.features import FeatureStore
 
 IDS = ["bam_a", "bam_b", "bam_c", "bam_d"]
 POOL = "mean 4: 1500 -> 375 (padded 30 s window)"
@@ -123,7 +124,7 @@ def test_missing_rows_need_allow_missing_and_frames_can_be_required(cache, tmp_p
 
 
 def test_cli_import_and_describe(cache, tmp_path: Path) -> None:
-    from backend.cli import app
+    from cli.root import app
 
     snap, src, _ = cache
     runner = CliRunner()

@@ -12,7 +12,8 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from models.audio import AudioError, load_audio, resample
-from models.features import (FeatureError, FeatureStore, FeatureWriter, content_frames, extract, featurize,
+from models.errors import FeatureError
+from models.features import (FeatureStore, FeatureWriter, content_frames, extract, featurize,
                              load_encoder, make_recipe, recipe_hash)
 from models.snapshot import SnapshotError
 
@@ -286,7 +287,7 @@ def test_extract_empty_transcript_names_feat_id(snapshot: Path, tmp_path: Path) 
 
 
 def test_cli_extract_and_describe(snapshot: Path, tmp_path: Path) -> None:
-    from backend.cli import app
+    from cli.root import app
 
     runner = CliRunner()
     out = tmp_path / "feats"

@@ -15,16 +15,6 @@ import grimp
 
 REPO = Path(__file__).resolve().parents[2]
 
-# Import cycles the tree has today, each removed by another part of issue 12. The test fails
-# when one of them is gone, so that its entry is deleted (as import-linter does for an
-# ignore_imports entry that no longer matches).
-KNOWN_CYCLES = {
-    frozenset({"models.features", "models.whisper_weights"}):
-        "not assigned in issue 12: whisper_weights takes FeatureError from features, features "
-        "imports whisper_weights inside functions",
-}
-
-
 def root_packages() -> list[str]:
     """pyproject's import-linter root packages, plus the CLI root once it exists."""
     names = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["importlinter"][
@@ -102,10 +92,7 @@ def test_state_takes_only_the_leaf_helpers_of_models():
 def test_no_import_cycles():
     graph = grimp.build_graph(*root_packages(), cache_dir=None)
     cycles = import_cycles(graph)
-    new = [sorted(c) for c in cycles if c not in KNOWN_CYCLES]
-    assert not new, f"import cycles: {new}"
-    gone = [sorted(c) for c in KNOWN_CYCLES if c not in cycles]
-    assert not gone, f"these cycles are gone: delete their KNOWN_CYCLES entries: {gone}"
+    assert not cycles, f"import cycles: {[sorted(c) for c in cycles]}"
 
 
 def test_the_cycle_finder_sees_a_function_local_cycle(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 from typer.testing import CliRunner
 
-from backend.cli import app
+from cli.root import app
 from models import sample as S
 from models.audio import resample
 from models.snapshot import describe, load

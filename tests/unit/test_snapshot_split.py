@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from backend.cli import app
+from cli.root import app
 from models.files import sha256_file
 from models.snapshot import SnapshotError, describe, load
 from models.split import Split, make_split

@@ -68,7 +68,7 @@ def test_the_cli_and_the_console_store_reviews_the_same_way(tmp_path):
     from typer.testing import CliRunner
 
     import console.queries
-    from backend.cli import app
+    from cli.root import app
 
     path = tmp_path / "state.db"
     db = store.open_db(path)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from typer.testing import CliRunner
 
-from backend.cli import app
+from cli.root import app
 from models import text as T
 from models.vocab import Vocab
 

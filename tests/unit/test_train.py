@@ -18,7 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 import train_helpers as H
-from backend.cli import app
+from cli.root import app
 from models.config import ConfigError, load_config, parse_config
 from models.data import DataError
 from models.bundle import BUNDLE_FILES, PARTITIONS, PREDICTION_FIELDS
@@ -204,7 +204,7 @@ def test_killed_process_resumes_to_the_same_result(base, tmp_path):
     cfg = variant(base, "killed", **long)
     path = tmp_path / "run.json"
     path.write_text(json.dumps(cfg))
-    cmd = [sys.executable, "-m", "backend.cli", "train", "--config", str(path)]
+    cmd = [sys.executable, "-m", "models.train_cli", "train", "--config", str(path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = Path(cfg["out_dir"]) / "metrics.jsonl"
@@ -370,7 +370,7 @@ def test_ddp_two_cpu_ranks_under_torchrun(base, tmp_path):
     path = tmp_path / "run.json"
     path.write_text(json.dumps(cfg))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "backend.cli", "train", "--config", str(path)]
+           "-m", "models.train_cli", "train", "--config", str(path)]
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

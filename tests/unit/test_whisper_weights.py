@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 from models import whisper_weights as ww
 from models.audio import load_audio
 from models.files import sha256_file
-from models.features import (ENCODER_DIMS, FeatureError, FeatureStore, encode, extract, featurize, load_encoder,
+from models.errors import FeatureError
+from models.features import (ENCODER_DIMS, FeatureStore, encode, extract, featurize, load_encoder,
                              make_recipe)
 from test_features import SR, make_snapshot, tone
 
@@ -138,7 +139,7 @@ def test_ct2_dir_matches_ctranslate2_encode(ct2_models: dict[str, Path], storage
 
 
 def test_cli_extract_from_ct2_dir_and_checkpoint(ct2_models: dict[str, Path], tmp_path: Path) -> None:
-    from backend.cli import app
+    from cli.root import app
 
     snap = make_snapshot(tmp_path / "snap", [("bam_a", 0.8, SR), ("bam_b", 1.5, SR)], fmt="WAV")
     runner = CliRunner()
@@ -224,7 +225,7 @@ def test_truncated_or_foreign_model_bin_is_a_one_line_error(tmp_path: Path) -> N
 
 
 def test_cli_names_the_bad_model_file(tmp_path: Path) -> None:
-    from backend.cli import app
+    from cli.root import app
 
     snap = make_snapshot(tmp_path / "snap", [("bam_a", 0.5, SR)], fmt="WAV")
     (tmp_path / "bad").mkdir()

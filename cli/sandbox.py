@@ -1,5 +1,7 @@
 """``nko-ops sandbox [start|console|status|stop]``: every console pane alive on this machine
-alone (backend/sandbox/build.py). Errors are one line on stderr, exit 2."""
+alone. ``backend/sandbox/build.py`` builds and stops the sandbox; opening the console on it
+joins the console and the backend, so the command lives here, at the CLI root. Errors are one
+line on stderr, exit 2."""
 
 from __future__ import annotations
 
@@ -11,17 +13,13 @@ from pathlib import Path
 import typer
 
 from backend.sandbox.build import DEFAULT_ROOT
+from models.errors import NkoOpsError
 
 sandbox_app = typer.Typer(help="A local cloud sandbox: emulated Vast account, sshd instance, MLX ring, gate review. "
                                "Without a command: build it, open the console on it (on a terminal) and stop "
                                "everything when the console closes.", invoke_without_command=True)
 
 DIR = typer.Option(DEFAULT_ROOT, "--dir", help="The sandbox's directory (its own state.db, keys, settings, disks).")
-
-
-def _fail(e: Exception) -> None:
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(2)
 
 
 @sandbox_app.callback()
@@ -58,8 +56,6 @@ def _start(root: Path, open_console: bool, rows: int, epochs: int, hang: bool, l
     try:
         sb = build.start(root, log=lambda s: typer.echo(s, err=True), rows=rows, epochs=epochs, hang=hang,
                          live_epochs=live_epochs)
-    except build.SandboxError as e:
-        _fail(e)
     except KeyboardInterrupt:
         typer.echo("interrupted: the sandbox was stopped", err=True)
         raise typer.Exit(130)
@@ -82,7 +78,7 @@ def _console(root: Path) -> None:
 
     p = build.paths(root)
     if not p.marker.exists():
-        _fail(FileNotFoundError(f"no sandbox in {p.root}: run `nko-ops sandbox start` first"))
+        raise NkoOpsError(f"no sandbox in {p.root}: run `nko-ops sandbox start` first")
     # the emulator's key for the console's provider; vastai's config directory inside the
     # sandbox, so the user's own key file is never read
     os.environ.update(build.sandbox_env(p))
@@ -124,9 +120,6 @@ def stop_cmd(root: Path = DIR) -> None:
     """Destroy the emulated instances and stop every process the sandbox started (by pid)."""
     from backend.sandbox import build
 
-    try:
-        stopped = build.stop(root, log=lambda s: typer.echo(s))
-    except build.SandboxError as e:
-        _fail(e)
+    stopped = build.stop(root, log=lambda s: typer.echo(s))
     if not stopped:
         typer.echo("nothing was running")
