@@ -4,7 +4,7 @@ Each entry of ``SUBCOMMANDS`` names the module and attribute of a sub-app (a ``t
 or of a single command function, with the one-line help the root lists. Nothing is imported
 until a command is invoked: ``nko-ops --help`` lists from this table alone, and ``nko-ops
 text to-nko`` imports ``models.cli`` and ``models.text`` only (no torch, textual or cloud SDK).
-``tests/test_cli_root.py`` checks that each listed help line is the sub-app's own.
+``tests/unit/test_cli_root.py`` checks that each listed help line is the sub-app's own.
 
 Errors: a ``models.errors.NkoOpsError`` (every user-fixable error class subclasses it) ends
 as ONE line on stderr, ``error: <message>`` (the message names the file and the field), exit 2.
@@ -37,7 +37,7 @@ class Sub:
 
 # In the order `nko-ops --help` lists them (as before the root loaded lazily). `help` is what
 # the listing shows; it must stay the sub-app's own help (a command's docstring, its lines
-# joined): tests/test_cli_root.py checks.
+# joined): tests/unit/test_cli_root.py checks.
 SUBCOMMANDS: dict[str, Sub] = {
     "train": Sub("models.train_cli", "train_cmd",
                  "Train one run (resumes from OUT_DIR/last.pt when the run is not complete)."),

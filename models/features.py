@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from models.whisper_weights import Weights
 
 # whisper.audio's constants, written out so that reading a store (`nko-ops features describe`,
-# the trainer's FeatureStore) does not import torch and whisper; tests/test_cli_root.py checks
+# the trainer's FeatureStore) does not import torch and whisper; tests/unit/test_cli_root.py checks
 # they are whisper's.
 SAMPLE_RATE = 16000
 N_FFT = 400
