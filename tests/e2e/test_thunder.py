@@ -451,12 +451,17 @@ def recorded_run(tmp_path):
     launcher.wait()
 
 
-def test_monitor_reattached_to_a_run_hung_since_counts_from_its_last_report(recorded_run):
+def test_monitor_reattached_to_a_run_hung_since_counts_from_its_last_report(recorded_run, monkeypatch):
     from cli.root import app
+    from backend.thunder import monitor
 
     run = recorded_run
     run.launched(0, ago=3000)
     run.ingested(0, ago=900, iteration=40)  # both ranks reported, then nothing for 15 minutes
+    # the wall clock stops here, so a slow machine still reads the ages as 900 s, not 901 s
+    frozen = time.time()
+    monkeypatch.setattr(monitor, "time", SimpleNamespace(time=lambda: frozen, monotonic=time.monotonic,
+                                                         sleep=time.sleep))
     # nothing follows the run: `thunder status` says so from the store alone
     out = CliRunner().invoke(app, ["thunder", "status", "att-1", "--db", run.path])
     assert out.exit_code == 0, out.output
