@@ -16,12 +16,9 @@ import grimp
 REPO = Path(__file__).resolve().parents[2]
 
 def root_packages() -> list[str]:
-    """pyproject's import-linter root packages, plus the CLI root once it exists."""
-    names = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["importlinter"][
+    """pyproject's import-linter root packages."""
+    return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["importlinter"][
         "root_packages"]
-    if (REPO / "cli" / "__init__.py").exists() and "cli" not in names:
-        names = [*names, "cli"]
-    return names
 
 
 def import_cycles(graph) -> list[frozenset[str]]:
@@ -70,10 +67,8 @@ def import_cycles(graph) -> list[frozenset[str]]:
 
 
 def test_import_linter_contracts_hold():
-    configured = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["importlinter"]
-    if (REPO / "cli" / "__init__.py").exists():  # its optional layer is checked only when listed
-        assert "cli" in configured["root_packages"], \
-            'add "cli" to [tool.importlinter] root_packages and to the forbidden contracts\' lists'
+    packages = {p.name for p in REPO.iterdir() if (p / "__init__.py").exists()}
+    assert packages == set(root_packages()), "every top-level package must be in the contracts' root_packages"
     exe = Path(sys.executable).with_name("lint-imports")
     cmd = [str(exe) if exe.exists() else shutil.which("lint-imports") or "lint-imports", "--no-cache"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
