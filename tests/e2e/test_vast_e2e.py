@@ -135,19 +135,27 @@ def test_lost_instance_is_relaunched_and_resumes(vast_env, tmp_path):
     cloud = vast_env.cloud
     vanished: list[int] = []
     lines: list[str] = []
+    # the trainer is frozen at its first checkpoint, so a fast machine cannot finish the run
+    # inside one sync interval, before a checkpoint was verified and the host could die
+    pause = _PauseAtFirstCheckpoint(vast_env, run_id)
+    pause.start()
 
     def log(line: str) -> None:
         lines.append(line)
         # once a checkpoint is verified locally, the host dies
-        if not vanished and "checkpoint sync" in line and "last.pt" in json.dumps(
-                [a["name"] for a in vast_env.db.query("SELECT name FROM artifacts WHERE run_id = ? AND "
-                                                      "sync_state = 'verified'", [run_id])]):
+        if pause.paused.is_set() and not vanished and "checkpoint sync" in line and vast_env.db.execute(
+                "SELECT 1 FROM artifacts WHERE run_id = ? AND name = 'last.pt' AND sync_state = 'verified'",
+                [run_id]).fetchone():
             iid = next(iter(cloud.instances))
             vanished.append(iid)
-            cloud.vanish(iid)
+            cloud.vanish(iid)  # kills the frozen trainer too
 
-    results = run_matrix(matrix, vast_env.tmp / "state" / "state.db", executor="vast", skip_sanity=False, poll_s=0.5, log=log,
-                              settings=vast_env.settings, budget=vast_env.budget, provider=vast_env.provider)
+    try:
+        results = run_matrix(matrix, vast_env.tmp / "state" / "state.db", executor="vast", skip_sanity=False,
+                             poll_s=0.5, log=log, settings=vast_env.settings, budget=vast_env.budget,
+                             provider=vast_env.provider)
+    finally:
+        pause.done.set()
     assert vanished, "\n".join(lines[-30:])
     assert [r.status for r in results] == ["completed"], "\n".join(lines[-30:]) + str(results)
     _check_completed(vast_env, run_id, tmp_path / "runs" / run_id)
