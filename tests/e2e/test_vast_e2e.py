@@ -132,30 +132,11 @@ def test_lost_instance_is_relaunched_and_resumes(vast_env, tmp_path):
     run_id = "e2e-recover"
     matrix = _matrix(tmp_path, run_id, epochs=8)
     vast_env.settings.sync_every_s = 1.0
-    cloud = vast_env.cloud
-    vanished: list[int] = []
-    lines: list[str] = []
-    # the trainer is frozen at its first checkpoint, so a fast machine cannot finish the run
-    # inside one sync interval, before a checkpoint was verified and the host could die
-    pause = _PauseAtFirstCheckpoint(vast_env, run_id)
-    pause.start()
-
-    def log(line: str) -> None:
-        lines.append(line)
-        # once a checkpoint is verified locally, the host dies
-        if pause.paused.is_set() and not vanished and "checkpoint sync" in line and vast_env.db.execute(
-                "SELECT 1 FROM artifacts WHERE run_id = ? AND name = 'last.pt' AND sync_state = 'verified'",
-                [run_id]).fetchone():
-            iid = next(iter(cloud.instances))
-            vanished.append(iid)
-            cloud.vanish(iid)  # kills the frozen trainer too
-
-    try:
+    with _HostDiesAtFirstCheckpoint(vast_env, run_id) as host:
         results = run_matrix(matrix, vast_env.tmp / "state" / "state.db", executor="vast", skip_sanity=False,
-                             poll_s=0.5, log=log, settings=vast_env.settings, budget=vast_env.budget,
+                             poll_s=0.5, log=host.log, settings=vast_env.settings, budget=vast_env.budget,
                              provider=vast_env.provider)
-    finally:
-        pause.done.set()
+    vanished, lines = host.vanished, host.lines
     assert vanished, "\n".join(lines[-30:])
     assert [r.status for r in results] == ["completed"], "\n".join(lines[-30:]) + str(results)
     _check_completed(vast_env, run_id, tmp_path / "runs" / run_id)
@@ -188,6 +169,34 @@ class _PauseAtFirstCheckpoint(threading.Thread):
             time.sleep(0.005)
 
 
+class _HostDiesAtFirstCheckpoint:
+    """The run's host vanishes once its first last.pt is verified locally. The trainer is
+    frozen at that checkpoint (so a fast machine cannot finish the run inside one sync
+    interval first); vanishing the instance kills it. Use ``log`` as the executor's log."""
+
+    def __init__(self, env, run_id: str):
+        self.env, self.run_id = env, run_id
+        self.vanished: list[int] = []
+        self.lines: list[str] = []
+        self.pause = _PauseAtFirstCheckpoint(env, run_id)
+
+    def __enter__(self) -> "_HostDiesAtFirstCheckpoint":
+        self.pause.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pause.done.set()
+
+    def log(self, line: str) -> None:
+        self.lines.append(line)
+        if self.pause.paused.is_set() and not self.vanished and "checkpoint sync" in line and self.env.db.execute(
+                "SELECT 1 FROM artifacts WHERE run_id = ? AND name = 'last.pt' AND sync_state = 'verified'",
+                [self.run_id]).fetchone():
+            iid = next(iter(self.env.cloud.instances))
+            self.vanished.append(iid)
+            self.env.cloud.vanish(iid)
+
+
 @pytest.mark.slow
 def test_rerun_after_a_failed_relaunch_resumes_from_the_store(vast_env, tmp_path):
     """The instance vanishes after a checkpoint was verified and no relaunch is allowed, so
@@ -199,27 +208,11 @@ def test_rerun_after_a_failed_relaunch_resumes_from_the_store(vast_env, tmp_path
     matrix = _matrix(tmp_path, run_id, epochs=8)
     vast_env.settings.sync_every_s = 1.0
     vast_env.settings.max_recoveries = 0
-    cloud = vast_env.cloud
-    vanished: list[int] = []
-    lines: list[str] = []
-    pause = _PauseAtFirstCheckpoint(vast_env, run_id)
-    pause.start()
-
-    def log(line: str) -> None:
-        lines.append(line)
-        if pause.paused.is_set() and not vanished and "checkpoint sync" in line and vast_env.db.execute(
-                "SELECT 1 FROM artifacts WHERE run_id = ? AND name = 'last.pt' AND sync_state = 'verified'",
-                [run_id]).fetchone():
-            iid = next(iter(cloud.instances))
-            vanished.append(iid)
-            cloud.vanish(iid)  # kills the frozen trainer too
-
     db = vast_env.tmp / "state" / "state.db"
     kw = {"poll_s": 0.5, "settings": vast_env.settings, "budget": vast_env.budget, "provider": vast_env.provider}
-    try:
-        first = run_matrix(matrix, db, executor="vast", skip_sanity=True, log=log, **kw)
-    finally:
-        pause.done.set()
+    with _HostDiesAtFirstCheckpoint(vast_env, run_id) as host:
+        first = run_matrix(matrix, db, executor="vast", skip_sanity=True, log=host.log, **kw)
+    vanished, lines = host.vanished, host.lines
     assert vanished and [r.status for r in first] == ["failed"], "\n".join(lines[-30:]) + str(first)
     assert "giving up" in first[0].error and not (tmp_path / "runs" / run_id / "last.pt").exists()
 
